@@ -1,0 +1,1 @@
+"""Numba hot loops over plain arrays. Installed as `fastinfer.kernels`."""

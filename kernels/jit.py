@@ -1,0 +1,83 @@
+"""The JIT policy, in one place: fastmath flags, the on-disk cache and threading.
+
+Every kernel module decorates with `kernel` from here, so flags and caching never drift apart.
+"""
+import hashlib
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numba
+
+from fastinfer.paths import home
+
+# fastmath without nnan/ninf: attention masks with -inf and must stay exact.
+FASTMATH = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
+
+
+def _source_digest() -> str:
+    """Hash of every module that holds jitted code.
+
+    Numba's cache is keyed on the decorated function's own file, so a cached model graph would not
+    notice an edited kernel it calls. Keying the whole cache directory on all jitted sources does.
+    """
+    pkg = Path(__file__).resolve().parent
+    roots = [pkg, pkg.parent / "fastinfer" / "models", pkg.parent / "models"]
+    h = hashlib.sha256(numba.__version__.encode())
+    for root in roots:
+        if root.is_dir():
+            for f in sorted(root.glob("*.py")):
+                h.update(f.name.encode())
+                h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+if not os.environ.get("NUMBA_CACHE_DIR"):
+    CACHE_DIR = home() / "numba" / _source_digest()
+    numba.config.CACHE_DIR = str(CACHE_DIR)
+else:
+    CACHE_DIR = Path(os.environ["NUMBA_CACHE_DIR"])
+
+
+def kernel(fn=None, *, parallel=False):
+    """Decorate a hot loop: njit, cached on disk, explicit fastmath, numpy error model."""
+    deco = numba.njit(cache=True, fastmath=set(FASTMATH), parallel=parallel,
+                      error_model="numpy", nogil=True)
+    return deco if fn is None else deco(fn)
+
+
+def set_threads(n: int | None) -> int:
+    """Set the kernel thread count (None: all cores numba sees). Returns the count in use."""
+    limit = numba.config.NUMBA_NUM_THREADS
+    if n is None:
+        n = limit
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"threads must be a positive integer, got {n!r}")
+    numba.set_num_threads(min(n, limit))
+    return numba.get_num_threads()
+
+
+@contextmanager
+def compile_notice(tag: str):
+    """Print one line while kernels compile for the first time on this machine.
+
+    A marker file in the cache directory records that `tag` has been compiled once; later
+    processes load the cached machine code and print nothing.
+    """
+    marker = CACHE_DIR / f"compiled-{tag}"
+    first = not marker.exists()
+    t0 = time.perf_counter()
+    if first:
+        print("fastinfer: compiling kernels (first run on this machine, about a minute)...",
+              file=sys.stderr, flush=True)
+    yield
+    if first:
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(f"{time.perf_counter() - t0:.1f}s\n")
+            print(f"fastinfer: kernels compiled in {time.perf_counter() - t0:.1f} s (cached for next time)",
+                  file=sys.stderr, flush=True)
+        except OSError:
+            pass

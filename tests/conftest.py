@@ -1,0 +1,23 @@
+"""Shared fixtures. Tests never read ../shared: data they need lives in tests/data."""
+import os
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF, fetched into the cache on first use.
+
+    In CI (CI=true) a missing model is a failure; elsewhere the tests that need it are skipped.
+    """
+    from fastinfer.weights.fetch import default_model
+
+    try:
+        return default_model(download=True)
+    except (OSError, RuntimeError) as e:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"default model not available: {e}")
