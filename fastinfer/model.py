@@ -1,0 +1,219 @@
+"""The Python API: `load`, `Model` and `Session`."""
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numba
+import numpy as np
+import tokenizers
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .generate import TextStream, generate_ids
+from .kernels.jit import compile_notice, set_threads
+from .models import llama
+from .sampling import SamplingParams
+from .weights.checkpoint import check_dtype, open_checkpoint
+from .weights.fetch import default_model
+
+PREFILL_CHUNK = 64   # tokens per compiled prefill call; bounds the scratch and logits buffers
+DEFAULT_CTX = 4096   # context allocated by default, capped by the model's own
+
+
+def load(source: str | Path | None = None, dtype: str = "auto", threads: int | None = None,
+         n_ctx: int | None = None) -> "Model":
+    """Load a GGUF file, an HF checkpoint directory, or (source=None) the default model.
+
+    dtype "auto" keeps the file's formats; "f32" expands every weight to float32.
+    n_ctx is the longest sequence a session holds (default: min(4096, the model's context)).
+    """
+    check_dtype(dtype)
+    threads = set_threads(threads)
+    path = default_model() if source is None else Path(source)
+    ckpt = open_checkpoint(path, dtype)
+    return Model(ckpt, threads, n_ctx)
+
+
+class Model:
+    def __init__(self, ckpt, threads: int, n_ctx: int | None = None):
+        ctx_limit = int(ckpt.config["max_seq_len"])
+        n_ctx = min(DEFAULT_CTX, ctx_limit) if n_ctx is None else int(n_ctx)
+        if not 1 <= n_ctx <= ctx_limit:
+            raise ValueError(f"n_ctx must be between 1 and the model's context length {ctx_limit}; got {n_ctx}")
+        self.n_ctx, self.threads = n_ctx, threads
+        self.args, self.weights = llama.build(ckpt, n_ctx)
+        self.config = self.args
+        self.tokenizer: tokenizers.Tokenizer = ckpt.tokenizer
+        self.bos_id, self.eos_ids = ckpt.bos_id, list(ckpt.eos_ids)
+        self.chat_template = ckpt.chat_template
+        self.generation_defaults = dict(ckpt.generation)
+        self.source = ckpt.source
+        self._w = self.weights.args()
+        with compile_notice("llama-forward"):
+            Session(self, 2).prefill([0, 0])
+
+    # -- forward passes ----------------------------------------------------------------------
+    def forward(self, ids: Sequence[int]) -> np.ndarray:
+        """float32 logits (len(ids), vocab_size) for every position. Keeps no state."""
+        ids = self._check_ids(ids, self.n_ctx)
+        return Session(self, len(ids)).append(ids)
+
+    def session(self, n_ctx: int | None = None) -> "Session":
+        """A sequence with its own KV cache, to extend step by step without recomputing."""
+        return Session(self, self.n_ctx if n_ctx is None else n_ctx)
+
+    # -- text ---------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=True).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """Render messages with the model's chat template, in a sandbox as HF does."""
+        if not self.chat_template:
+            raise ValueError(f"{self.source} has no chat template")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
+                                                     for m in messages):
+            raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts")
+
+        def raise_exception(msg):
+            raise TemplateError(msg)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        tok = lambda i: None if i is None else self.tokenizer.id_to_token(i)  # noqa: E731
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=tok(self.bos_id) or "", eos_token=tok(self.eos_ids[0] if self.eos_ids else None) or "")
+        except TemplateError as e:
+            raise ValueError(f"chat template failed: {e}") from None
+
+    # -- generation ---------------------------------------------------------------------------
+    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 256, temperature: float = 0.8,
+                 top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repetition_penalty: float = 1.0,
+                 stop: Sequence[str] | str | None = None, seed: int | None = None) -> str | list[int]:
+        """Continue a prompt. A str prompt returns the new text; a list of ids returns the new ids."""
+        if isinstance(prompt, str):
+            return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, top_p, min_p,
+                                       repetition_penalty, stop, seed))
+        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        ids = self._check_ids(prompt, self.n_ctx - 1)
+        self._check_count(max_new_tokens)
+        return list(generate_ids(self.session(), ids, max_new_tokens, params, self.eos_ids))
+
+    def stream(self, prompt: str, max_new_tokens: int = 256, temperature: float = 0.8, top_k: int = 40,
+               top_p: float = 0.95, min_p: float = 0.05, repetition_penalty: float = 1.0,
+               stop: Sequence[str] | str | None = None, seed: int | None = None) -> Iterator[str]:
+        """Yield the continuation of a text prompt piece by piece, as tokens are decoded."""
+        if not isinstance(prompt, str):
+            raise ValueError("stream takes a text prompt; use generate for token ids")
+        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        self._check_count(max_new_tokens)
+        return self._stream_ids(self.encode(prompt), max_new_tokens, params, stop)
+
+    def chat(self, messages: list[dict[str, str]], **kwargs: Any) -> str:
+        """Reply to a conversation, rendered through the model's chat template."""
+        return "".join(self.stream_chat(messages, **kwargs))
+
+    def stream_chat(self, messages: list[dict[str, str]], max_new_tokens: int = 256, temperature: float = 0.8,
+                    top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repetition_penalty: float = 1.0,
+                    stop: Sequence[str] | str | None = None, seed: int | None = None) -> Iterator[str]:
+        """`chat`, piece by piece."""
+        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        self._check_count(max_new_tokens)
+        # The template writes its own special tokens, so the tokenizer must not add BOS again.
+        ids = self.tokenizer.encode(self.apply_chat_template(messages), add_special_tokens=False).ids
+        return self._stream_ids(ids, max_new_tokens, params, stop)
+
+    def _stream_ids(self, ids: list[int], max_new_tokens: int, params: SamplingParams,
+                    stop: Sequence[str] | str | None) -> Iterator[str]:
+        ids = self._check_ids(ids, self.n_ctx - 1)
+        out = TextStream(self.tokenizer, [stop] if isinstance(stop, str) else list(stop or ()))
+
+        def pieces():
+            for tok in generate_ids(self.session(), ids, max_new_tokens, params, self.eos_ids):
+                piece = out.push(tok)
+                if piece:
+                    yield piece
+                if out.stopped:
+                    return
+            tail = out.flush()
+            if tail:
+                yield tail
+        return pieces()
+
+    # -- input checks -------------------------------------------------------------------------
+    def _check_ids(self, ids: Sequence[int], limit: int) -> list[int]:
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) > limit:
+            raise ValueError(f"the prompt is {len(ids)} tokens; the context holds {self.n_ctx} "
+                             f"(load with a larger n_ctx, up to {self.args.max_seq_len})")
+        bad = [i for i in ids if not 0 <= i < self.args.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.args.vocab_size - 1})")
+        return ids
+
+    @staticmethod
+    def _check_count(max_new_tokens: int) -> None:
+        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer; got {max_new_tokens!r}")
+
+
+class Session:
+    """A KV cache over one growing sequence.
+
+    prefill(ids) -> logits (vocab,) of the last position; append(ids) -> logits (len(ids), vocab).
+    """
+
+    def __init__(self, model: Model, n_ctx: int):
+        if not 1 <= n_ctx <= model.args.max_seq_len:
+            raise ValueError(f"n_ctx must be between 1 and {model.args.max_seq_len}; got {n_ctx}")
+        self.model, self.max_seq, self.pos = model, n_ctx, 0
+        self.state = llama.State(model.args, n_ctx, min(PREFILL_CHUNK, n_ctx), model.threads)
+        self._st = self.state.args()
+        self._one = np.zeros(1, np.int64)  # the decode step's input, reused every token
+
+    def prefill(self, ids: Sequence[int]) -> np.ndarray:
+        """Add ids to the sequence; return the logits after the last one."""
+        ids = self._take(ids)
+        for c in range(0, len(ids), self.state.chunk):
+            self._run(ids[c:c + self.state.chunk], all_logits=False)
+        return self.state.logits[0].copy()
+
+    def append(self, ids: Sequence[int]) -> np.ndarray:
+        """Add ids to the sequence; return the logits (len(ids), vocab) at each of them."""
+        ids = self._take(ids)
+        out = np.empty((len(ids), self.model.args.vocab_size), np.float32)
+        for c in range(0, len(ids), self.state.chunk):
+            n = self._run(ids[c:c + self.state.chunk], all_logits=True)
+            out[c:c + n] = self.state.logits[:n]
+        return out
+
+    def decode_step(self, token: int) -> np.ndarray:
+        """Add one token; return a view of its logits (valid until the next call)."""
+        if self.pos >= self.max_seq:
+            raise ValueError(f"the context is full ({self.max_seq} tokens)")
+        self._one[0] = token
+        self._run(self._one, all_logits=False)
+        return self.state.logits[0]
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def _take(self, ids) -> np.ndarray:
+        if len(ids) > self.max_seq - self.pos:
+            raise ValueError(f"{len(ids)} more tokens do not fit: the session holds {self.pos} of "
+                             f"{self.max_seq} (ask for a larger n_ctx)")
+        return np.asarray(self.model._check_ids(ids, self.max_seq), dtype=np.int64)
+
+    def _run(self, ids: np.ndarray, all_logits: bool) -> int:
+        a = self.model.args
+        numba.set_num_threads(self.model.threads)
+        llama.forward(ids, self.pos, all_logits, self.model._w, self._st, a.n_heads, a.n_kv_heads,
+                      float(a.norm_eps))
+        self.pos += len(ids)
+        return len(ids)

@@ -1,0 +1,218 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2, SmolLM2): arguments, weights and forward pass.
+
+    x = embed(ids)
+    for each layer:
+        h = rmsnorm(x) ; q, k, v = h Wq + bq, h Wk + bk, h Wv + bv ; rope(q, k)
+        x += attention(q, K cache, V cache) Wo
+        h = rmsnorm(x) ; x += (silu(h W1) * (h W3)) W2
+    logits = rmsnorm(x) Wout
+
+`forward` is one compiled call over all layers, for one token (decode) or a chunk (prefill).
+"""
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from fastinfer.kernels import linear as L
+from fastinfer.kernels import ops
+from fastinfer.kernels.jit import kernel
+from fastinfer.weights.checkpoint import Checkpoint
+from fastinfer.weights.tensors import QMatrix, readonly, stack
+
+
+@dataclass
+class ModelArgs:
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    hidden_dim: int
+    vocab_size: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_seq_len: int = 2048
+    arch: str = "llama"
+
+    def __post_init__(self):
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+
+
+@dataclass
+class Weights:
+    tok_embeddings: QMatrix   # (1, vocab, dim)
+    attention_norm: np.ndarray  # (L, dim)
+    wq: QMatrix               # (L, n_heads * head_dim, dim)
+    wk: QMatrix               # (L, n_kv_heads * head_dim, dim)
+    wv: QMatrix               # (L, n_kv_heads * head_dim, dim)
+    wo: QMatrix               # (L, dim, n_heads * head_dim)
+    bq: np.ndarray            # (L, n_heads * head_dim), zeros when the model has no bias
+    bk: np.ndarray            # (L, n_kv_heads * head_dim)
+    bv: np.ndarray            # (L, n_kv_heads * head_dim)
+    ffn_norm: np.ndarray      # (L, dim)
+    w1: QMatrix               # (L, hidden_dim, dim) gate
+    w2: QMatrix               # (L, dim, hidden_dim) down
+    w3: QMatrix               # (L, hidden_dim, dim) up
+    norm: np.ndarray          # (dim,)
+    output: QMatrix           # (1, vocab, dim), the embedding table when tied
+    cos: np.ndarray           # (max_seq, head_dim // 2)
+    sin: np.ndarray           # (max_seq, head_dim // 2)
+
+    def args(self) -> tuple:
+        """Everything `forward` reads, as one tuple of arrays and weight tuples."""
+        ro = readonly
+        return (self.tok_embeddings.args(), ro(self.attention_norm), self.wq.args(), self.wk.args(),
+                self.wv.args(), self.wo.args(), ro(self.bq), ro(self.bk), ro(self.bv), ro(self.ffn_norm),
+                self.w1.args(), self.w2.args(), self.w3.args(), ro(self.norm), self.output.args(),
+                ro(self.cos), ro(self.sin))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.nbytes for v in vars(self).values() if isinstance(v, (QMatrix, np.ndarray)))
+
+
+def rope_tables(args: ModelArgs, max_seq: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin (max_seq, head_dim // 2), computed in float32 the way HF does."""
+    hd = args.head_dim
+    inv_freq = (1.0 / (args.rope_theta ** (np.arange(0, hd, 2, dtype=np.int64).astype(np.float32) / hd))
+                ).astype(np.float32)
+    pos = np.arange(max_seq, dtype=np.float32)
+    sc = args.rope_scaling or {}
+    kind = sc.get("rope_type")
+    if kind == "llama3":
+        factor, lo, hi = sc["factor"], sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
+        old = sc.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old / wavelen - lo) / (hi - lo)
+        scaled = np.where(wavelen > old / lo, inv_freq / factor, inv_freq)
+        mid = (wavelen <= old / lo) & (wavelen >= old / hi)
+        inv_freq = np.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled).astype(np.float32)
+    elif kind == "linear":
+        pos = pos / np.float32(sc["factor"])
+    if "freq_factors" in sc:  # GGUF's rope_freqs tensor carries llama3 scaling precomputed
+        inv_freq = (inv_freq / sc["freq_factors"]).astype(np.float32)
+    ang = np.outer(pos, inv_freq).astype(np.float32)
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+def build(ckpt: Checkpoint, max_seq: int) -> tuple[ModelArgs, Weights]:
+    """Stack a checkpoint's per-layer tensors into the arrays `forward` reads."""
+    args = ModelArgs(**{k: v for k, v in ckpt.config.items()})
+    t = ckpt.tensors
+    missing = [n for n in ("tok_embeddings", "norm") if n not in t]
+    missing += [f"layers.{i}.{w}" for i in range(args.n_layers)
+                for w in ("attention_norm", "ffn_norm", "wq", "wk", "wv", "wo", "w1", "w2", "w3")
+                if f"layers.{i}.{w}" not in t]
+    if missing:
+        raise ValueError(f"{ckpt.source}: checkpoint lacks tensors: {', '.join(missing[:6])}"
+                         f"{' ...' if len(missing) > 6 else ''}")
+
+    def layers(name):
+        return [t[f"layers.{i}.{name}"] for i in range(args.n_layers)]
+
+    def vectors(name, size):
+        got = [t.get(f"layers.{i}.{name}") for i in range(args.n_layers)]
+        return np.stack([np.zeros(size, np.float32) if g is None else g for g in got]).astype(np.float32)
+
+    qd, kvd = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    expect = {"wq": (qd, args.dim), "wk": (kvd, args.dim), "wv": (kvd, args.dim), "wo": (args.dim, qd),
+              "w1": (args.hidden_dim, args.dim), "w2": (args.dim, args.hidden_dim),
+              "w3": (args.hidden_dim, args.dim)}
+    mats = {}
+    for name, shape in expect.items():
+        mats[name] = stack(layers(name))
+        if (mats[name].rows, mats[name].cols) != shape:
+            raise ValueError(f"{ckpt.source}: {name} has shape {(mats[name].rows, mats[name].cols)}; "
+                             f"expected {shape} from the model's config")
+    emb = t["tok_embeddings"]
+    if (emb.rows, emb.cols) != (args.vocab_size, args.dim):
+        raise ValueError(f"{ckpt.source}: token embeddings have shape {(emb.rows, emb.cols)}; "
+                         f"expected {(args.vocab_size, args.dim)}")
+    if "rope_freqs" in t:
+        args.rope_scaling = dict(args.rope_scaling or {}, freq_factors=t["rope_freqs"].astype(np.float32))
+    cos, sin = rope_tables(args, max_seq)
+    w = Weights(tok_embeddings=emb, attention_norm=np.stack(layers("attention_norm")).astype(np.float32),
+                bq=vectors("bq", qd), bk=vectors("bk", kvd), bv=vectors("bv", kvd),
+                ffn_norm=np.stack(layers("ffn_norm")).astype(np.float32),
+                norm=np.asarray(t["norm"], np.float32), output=t.get("output", emb), cos=cos, sin=sin, **mats)
+    return args, w
+
+
+class State:
+    """Everything one sequence needs at run time, allocated once: KV cache and scratch buffers."""
+
+    def __init__(self, args: ModelArgs, max_seq: int, chunk: int, threads: int):
+        qd, kvd = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+        self.max_seq, self.chunk = max_seq, chunk
+        # np.zeros maps pages lazily, so a long context costs memory only as it fills.
+        self.k_cache = np.zeros((args.n_layers, args.n_kv_heads, max_seq, args.head_dim), np.float32)
+        self.v_cache = np.zeros_like(self.k_cache)
+        self.x = np.zeros((chunk, args.dim), np.float32)          # residual stream
+        self.xb = np.zeros((chunk, args.dim), np.float32)         # normed input / branch output
+        self.q = np.zeros((chunk, qd), np.float32)
+        self.k = np.zeros((chunk, kvd), np.float32)
+        self.v = np.zeros((chunk, kvd), np.float32)
+        self.att = np.zeros((chunk, qd), np.float32)              # attention output per head
+        self.hb = np.zeros((chunk, args.hidden_dim), np.float32)  # gate, then silu(gate) * up
+        self.hb2 = np.zeros((chunk, args.hidden_dim), np.float32)  # up
+        self.logits = np.zeros((chunk, args.vocab_size), np.float32)
+        widest = max(args.dim, qd, args.hidden_dim)
+        self.lin_scratch = np.zeros((threads, L.scratch_size(widest, chunk)), np.float32)
+        self.att_scratch = np.zeros((threads, max_seq), np.float32)
+
+    def args(self) -> tuple:
+        return (self.k_cache, self.v_cache, self.x, self.xb, self.q, self.k, self.v, self.att,
+                self.hb, self.hb2, self.logits, self.lin_scratch, self.att_scratch)
+
+
+@kernel
+def forward(ids, pos0, all_logits, w, st, n_heads, n_kv_heads, eps):
+    """Run tokens ids (T,) at positions pos0.. through every layer, filling the KV cache.
+
+    Writes logits for every position (all_logits) or only the last one into st.logits[:T or 1].
+    """
+    (emb, attention_norm, wq, wk, wv, wo, bq, bk, bv, ffn_norm, w1, w2, w3, norm, output,
+     cos, sin) = w
+    (k_cache, v_cache, x_all, xb_all, q_all, k_all, v_all, att_all, hb_all, hb2_all, logits,
+     lin, att_scratch) = st
+    T = ids.shape[0]
+    hd = k_cache.shape[3]
+    x, xb, hb, hb2 = x_all[:T], xb_all[:T], hb_all[:T], hb2_all[:T]
+    q, k, v, att = q_all[:T], k_all[:T], v_all[:T], att_all[:T]
+    q3 = q.reshape((T, n_heads, hd))
+    k3 = k.reshape((T, n_kv_heads, hd))
+    v3 = v.reshape((T, n_kv_heads, hd))
+    att3 = att.reshape((T, n_heads, hd))
+    ops.embed(x, ids, emb)
+    for l in range(attention_norm.shape[0]):
+        ops.rmsnorm(xb, x, attention_norm[l], eps)
+        L.linear(q, xb, wq, l, lin)
+        L.linear(k, xb, wk, l, lin)
+        L.linear(v, xb, wv, l, lin)
+        for t in range(T):
+            q[t] += bq[l]
+            k[t] += bk[l]
+            v[t] += bv[l]
+        ops.rope(q3, cos, sin, pos0)
+        ops.rope(k3, cos, sin, pos0)
+        ops.store_kv(k_cache, v_cache, k3, v3, l, pos0)
+        ops.attention(att3, q3, k_cache, v_cache, l, pos0, att_scratch)
+        L.linear(xb, att, wo, l, lin)
+        ops.add_(x, xb)
+        ops.rmsnorm(xb, x, ffn_norm[l], eps)
+        L.linear(hb, xb, w1, l, lin)
+        L.linear(hb2, xb, w3, l, lin)
+        ops.silu_mul(hb, hb2)
+        L.linear(xb, hb, w2, l, lin)
+        ops.add_(x, xb)
+    if all_logits:
+        ops.rmsnorm(xb, x, norm, eps)
+        L.linear(logits[:T], xb, output, 0, lin)
+    else:
+        ops.rmsnorm(xb[T - 1:], x[T - 1:], norm, eps)
+        L.linear(logits[:1], xb[T - 1:], output, 0, lin)

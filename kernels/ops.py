@@ -1,0 +1,121 @@
+"""Per-token operations of a transformer layer: norms, RoPE, activation, embedding, attention."""
+import math
+
+import numpy as np
+from numba import get_thread_id, prange
+
+from .jit import kernel
+from .linear import dequant_row
+
+
+@kernel
+def rmsnorm(out, x, w, eps):
+    """x (T, n) -> out (T, n) = x / sqrt(mean(x^2) + eps) * w."""
+    T, n = x.shape
+    for t in range(T):
+        ss = np.float32(0.0)
+        for i in range(n):
+            ss += x[t, i] * x[t, i]
+        inv = np.float32(1.0) / np.sqrt(ss / np.float32(n) + np.float32(eps))
+        for i in range(n):
+            out[t, i] = x[t, i] * inv * w[i]
+
+
+@kernel
+def rope(x, cos, sin, pos0):
+    """Rotate x (T, heads, head_dim) in place at positions pos0.. (HF rotate-half pairing).
+
+    cos, sin (max_seq, head_dim // 2). Pair i is (x[i], x[i + head_dim // 2]).
+    """
+    T, H, hd = x.shape
+    half = hd // 2
+    for t in range(T):
+        c = cos[pos0 + t]
+        s = sin[pos0 + t]
+        for h in range(H):
+            v = x[t, h]
+            for i in range(half):
+                a = v[i]
+                b = v[i + half]
+                v[i] = a * c[i] - b * s[i]
+                v[i + half] = b * c[i] + a * s[i]
+
+
+@kernel
+def silu_mul(gate, up):
+    """gate (T, n) <- silu(gate) * up, in place."""
+    T, n = gate.shape
+    for t in range(T):
+        for i in range(n):
+            g = gate[t, i]
+            gate[t, i] = g / (np.float32(1.0) + np.exp(-g)) * up[t, i]
+
+
+@kernel
+def add_(x, y):
+    """x += y, for (T, n) arrays."""
+    T, n = x.shape
+    for t in range(T):
+        for i in range(n):
+            x[t, i] += y[t, i]
+
+
+@kernel
+def embed(out, ids, w):
+    """Rows ids (T,) of the embedding table w (layer 0 of a stacked weight) -> out (T, dim)."""
+    for t in range(ids.shape[0]):
+        dequant_row(out[t], w, 0, ids[t])
+
+
+@kernel
+def store_kv(k_cache, v_cache, k, v, l, pos0):
+    """k, v (T, kv_heads, head_dim) -> caches (L, kv_heads, max_seq, head_dim) at pos0.."""
+    T, Hkv, hd = k.shape
+    for t in range(T):
+        for h in range(Hkv):
+            k_cache[l, h, pos0 + t, :] = k[t, h]
+            v_cache[l, h, pos0 + t, :] = v[t, h]
+
+
+@kernel(parallel=True)
+def attention(out, q, k_cache, v_cache, l, pos0, scratch):
+    """Causal grouped-query attention against the cache.
+
+    q (T, heads, head_dim) at positions pos0..pos0+T-1; caches (L, kv_heads, max_seq, head_dim)
+    already hold positions 0..pos0+T-1; out (T, heads, head_dim). scratch f32 (threads, max_seq)
+    holds one row of scores per thread. Query head h reads kv head h // (heads // kv_heads).
+    """
+    T, H, hd = q.shape
+    group = H // k_cache.shape[1]
+    scale = np.float32(1.0 / math.sqrt(hd))
+    for item in prange(T * H):
+        t = item // H
+        h = item % H
+        kv = h // group
+        n = pos0 + t + 1
+        sc = scratch[get_thread_id(), :n]
+        qv = q[t, h]
+        mx = -np.inf
+        for j in range(n):
+            kj = k_cache[l, kv, j]
+            acc = np.float32(0.0)
+            for i in range(hd):
+                acc += qv[i] * kj[i]
+            acc *= scale
+            sc[j] = acc
+            mx = max(mx, acc)
+        total = np.float32(0.0)
+        for j in range(n):
+            e = np.exp(sc[j] - mx)
+            sc[j] = e
+            total += e
+        o = out[t, h]
+        o[:] = 0.0
+        for j in range(n):
+            p = sc[j]
+            vj = v_cache[l, kv, j]
+            for i in range(hd):
+                o[i] += p * vj[i]
+        inv = np.float32(1.0) / total
+        for i in range(hd):
+            o[i] *= inv

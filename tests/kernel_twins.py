@@ -1,0 +1,124 @@
+"""Plain-NumPy twins of the Numba kernels in `fastinfer.kernels.{linear,ops}`.
+
+Written from the kernels' docstrings, not their code. Every twin computes in float64 from the
+float32 (or packed) inputs and returns float64, so the tests measure the kernels' float32 error
+alone. Nothing here imports `fastinfer`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import reference as R
+
+# ----------------------------------------------------------------------------------------------
+# weight formats: float32 matrix -> (packed form the engine loads, what that packed form decodes to)
+# ----------------------------------------------------------------------------------------------
+
+FLOAT_FORMATS = ("F32", "F16", "BF16")
+BLOCK_FORMATS = ("Q8_0", "Q4_0", "Q4_1")
+FORMATS = FLOAT_FORMATS + BLOCK_FORMATS
+
+
+def f16_bits(a: np.ndarray) -> np.ndarray:
+    """IEEE half bits (uint16) of float32 `a`, rounded to nearest by numpy."""
+    return np.asarray(a, np.float32).astype(np.float16).view(np.uint16)
+
+
+def f16_decode(bits: np.ndarray) -> np.ndarray:
+    return np.asarray(bits, np.uint16).view(np.float16).astype(np.float32)
+
+
+def bf16_bits(a: np.ndarray) -> np.ndarray:
+    """bfloat16 bits (uint16) of float32 `a`, truncated (the top half of the float32)."""
+    return (np.ascontiguousarray(a, np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+
+def bf16_decode(bits: np.ndarray) -> np.ndarray:
+    return (np.asarray(bits, np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def encode(a: np.ndarray, fmt: str) -> np.ndarray:
+    """float32 (rows, cols) -> the packed payload for `fmt`: float32 itself, uint16 half bits, or
+    uint8 ggml block bytes (rows, row_bytes) from the independent reference quantizer."""
+    a = np.ascontiguousarray(a, np.float32)
+    if fmt == "F32":
+        return a
+    if fmt == "F16":
+        return f16_bits(a)
+    if fmt == "BF16":
+        return bf16_bits(a)
+    return R.quantize(a, fmt)
+
+
+def decode(packed: np.ndarray, fmt: str, cols: int) -> np.ndarray:
+    """The float32 matrix a packed payload from `encode` stands for."""
+    if fmt == "F32":
+        return np.asarray(packed, np.float32)
+    if fmt == "F16":
+        return f16_decode(packed)
+    if fmt == "BF16":
+        return bf16_decode(packed)
+    return R.dequantize(packed, fmt, cols)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels/linear.py
+# ----------------------------------------------------------------------------------------------
+
+def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x (T, n) @ w (rows, n).T -> (T, rows)."""
+    return x.astype(np.float64) @ w.astype(np.float64).T
+
+
+def linear_scale(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """sum_i |x_i w_i| of every output: the natural yardstick of a dot product's rounding error."""
+    return np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64)).T
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels/ops.py
+# ----------------------------------------------------------------------------------------------
+
+def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    x = x.astype(np.float64)
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w.astype(np.float64)
+
+
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, pos0: int) -> np.ndarray:
+    """HF rotate-half: pair i is (x[i], x[i + hd/2]), rotated by cos/sin row pos0 + t."""
+    T, _, hd = x.shape
+    half = hd // 2
+    x = x.astype(np.float64)
+    c = cos[pos0:pos0 + T, None, :].astype(np.float64)
+    s = sin[pos0:pos0 + T, None, :].astype(np.float64)
+    a, b = x[..., :half], x[..., half:]
+    return np.concatenate([a * c - b * s, b * c + a * s], axis=-1)
+
+
+def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    g = gate.astype(np.float64)
+    with np.errstate(over="ignore"):  # exp(-g) -> inf for very negative g: silu -> -0
+        return g / (1.0 + np.exp(-g)) * up.astype(np.float64)
+
+
+def embed(ids: np.ndarray, table: np.ndarray) -> np.ndarray:
+    return table[ids]
+
+
+def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int) -> np.ndarray:
+    """Causal GQA. q (T, H, hd) at positions pos0..; k/v_cache (KV, max_seq, hd) of one layer.
+
+    Scores against every cache position, those after each query's own position masked to -inf,
+    softmax, weighted sum of values: (T, H, hd) float64.
+    """
+    T, H, hd = q.shape
+    KV, S, _ = k_cache.shape
+    kv_of = np.arange(H) // (H // KV)
+    k = k_cache.astype(np.float64)[kv_of]  # (H, S, hd)
+    v = v_cache.astype(np.float64)[kv_of]
+    scores = np.einsum("thd,hsd->ths", q.astype(np.float64), k) / np.sqrt(hd)
+    future = np.arange(S)[None, :] > (pos0 + np.arange(T))[:, None]  # (T, S)
+    scores = np.where(future[:, None, :], -np.inf, scores)
+    p = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    return np.einsum("ths,hsd->thd", p, v)

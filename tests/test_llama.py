@@ -1,0 +1,116 @@
+"""The Llama graph end to end: tiny random checkpoints against the independent NumPy reference,
+KV-cache consistency, and GGUF/HF agreement on the same weights."""
+import numpy as np
+import pytest
+
+import fastinfer
+import reference
+from tiny_models import (TINY_CFG, TINY_CFG_BIAS, TINY_CFG_LLAMA3, TINY_CFG_TIED, as_quantized, as_stored,
+                         gguf_tokenizer_fields, random_llama_weights, tiny_bpe_tokenizer, write_gguf,
+                         write_hf_dir)
+
+IDS = [5, 17, 42, 3, 250, 99, 7, 7, 128, 64, 1, 200, 33]
+CFGS = {"base": TINY_CFG, "tied": TINY_CFG_TIED, "llama3": TINY_CFG_LLAMA3,
+        "qwen2-bias": {**TINY_CFG_BIAS, "model_type": "qwen2"}}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_bpe_tokenizer()
+
+
+def _hf(tmp_path, cfg, tok, dtype="float32", shards=1, seed=0):
+    w = random_llama_weights(cfg, seed=seed)
+    d = write_hf_dir(tmp_path / f"hf-{dtype}-{shards}", cfg, w, tokenizer=tok, dtype=dtype, shards=shards)
+    return d, w
+
+
+def _gguf(tmp_path, cfg, tok, ggml_type, seed=0):
+    w = random_llama_weights(cfg, seed=seed)
+    path = write_gguf(tmp_path / f"m-{ggml_type}.gguf", cfg, w, ggml_type,
+                      tokenizer_vocab=gguf_tokenizer_fields(tok))
+    return path, w
+
+
+@pytest.mark.parametrize("name", CFGS)
+def test_hf_f32_matches_reference(tmp_path, tok, name):
+    cfg = CFGS[name]
+    d, w = _hf(tmp_path, cfg, tok)
+    got = fastinfer.load(d).forward(IDS)
+    want = reference.llama_forward(w, cfg, IDS)
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dtype,shards", [("float16", 1), ("bfloat16", 2), ("float32", 3)])
+def test_hf_stored_dtypes_and_shards(tmp_path, tok, dtype, shards):
+    d, w = _hf(tmp_path, TINY_CFG, tok, dtype, shards)
+    got = fastinfer.load(d).forward(IDS)
+    want = reference.llama_forward(as_stored(w, dtype), TINY_CFG, IDS)
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("ggml_type", ["F32", "F16", "Q8_0", "Q4_0", "Q4_1"])
+def test_gguf_matches_reference(tmp_path, tok, ggml_type):
+    path, w = _gguf(tmp_path, TINY_CFG, tok, ggml_type)
+    model = fastinfer.load(path)
+    got = model.forward(IDS)
+    want = reference.llama_forward(as_quantized(w, ggml_type), TINY_CFG, IDS)
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=0)
+    # the second, convention-independent route: GGUF order and interleaved RoPE
+    np.testing.assert_allclose(got, reference.llama_forward_gguf(path, IDS), atol=2e-4, rtol=0)
+    # block formats stay packed unless f32 is asked for
+    kinds = {model.weights.wq.kind_name, model.weights.w2.kind_name}
+    assert kinds == {ggml_type}
+    f32 = fastinfer.load(path, dtype="f32")
+    assert f32.weights.wq.kind_name == "F32"
+    np.testing.assert_allclose(f32.forward(IDS), got, atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["base", "tied", "llama3"])
+def test_gguf_and_hf_agree(tmp_path, tok, name):
+    cfg = CFGS[name]
+    d, _ = _hf(tmp_path, cfg, tok, seed=3)
+    path, _ = _gguf(tmp_path, cfg, tok, "F32", seed=3)
+    np.testing.assert_allclose(fastinfer.load(path).forward(IDS), fastinfer.load(d).forward(IDS), atol=1e-4)
+
+
+@pytest.mark.parametrize("ggml_type", ["F32", "Q4_1"])
+def test_session_steps_equal_full_forward(tmp_path, tok, ggml_type):
+    path, _ = _gguf(tmp_path, TINY_CFG, tok, ggml_type)
+    model = fastinfer.load(path)
+    full = model.forward(IDS)
+    s = model.session()
+    first = s.prefill(IDS[:4])
+    np.testing.assert_allclose(first, full[3], atol=1e-5)
+    rows = [s.append([t])[0] for t in IDS[4:9]] + list(s.append(IDS[9:]))
+    np.testing.assert_allclose(np.array(rows), full[4:], atol=1e-5)
+    assert s.pos == len(IDS)
+
+
+def test_prefill_longer_than_one_chunk(tmp_path, tok):
+    # 150 tokens cross the 64-token prefill chunks; positions must carry across them
+    path, w = _gguf(tmp_path, TINY_CFG, tok, "F32")
+    ids = [int(i) for i in np.random.default_rng(1).integers(0, 300, 150)]
+    got = fastinfer.load(path).forward(ids)
+    np.testing.assert_allclose(got, reference.llama_forward(w, TINY_CFG, ids), atol=3e-4, rtol=0)
+
+
+def test_forward_keeps_no_state(tmp_path, tok):
+    path, _ = _gguf(tmp_path, TINY_CFG, tok, "Q8_0")
+    model = fastinfer.load(path)
+    a = model.forward(IDS)
+    model.forward(IDS[::-1])
+    np.testing.assert_array_equal(model.forward(IDS), a)
+
+
+def test_generate_ids_is_greedy_argmax(tmp_path, tok):
+    path, w = _gguf(tmp_path, TINY_CFG, tok, "F32")
+    model = fastinfer.load(path)
+    new = model.generate(IDS[:5], max_new_tokens=6, temperature=0)
+    seq = list(IDS[:5])
+    for _ in range(6):
+        nxt = int(np.argmax(reference.llama_forward(w, TINY_CFG, seq)[-1]))
+        if nxt in model.eos_ids:
+            break
+        seq.append(nxt)
+    assert new == seq[5:]

@@ -1,0 +1,106 @@
+"""The real SmolLM2-135M-Instruct against an independent NumPy forward pass and known facts."""
+import numpy as np
+import pytest
+
+import fastinfer
+import reference
+from conftest import DATA
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    "In 1815, the Duke of Wellington and Napoleon met at Waterloo; the battle",
+    "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n",
+]
+
+
+@pytest.fixture(scope="module")
+def f32(smollm2_gguf):
+    return fastinfer.load(smollm2_gguf, dtype="f32")
+
+
+@pytest.fixture(scope="module")
+def auto(smollm2_gguf):
+    return fastinfer.load(smollm2_gguf)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_f32_logits_match_numpy_reference(f32, smollm2_gguf, prompt):
+    ids = f32.encode(prompt)
+    got = f32.forward(ids)
+    want = reference.llama_forward_gguf(smollm2_gguf, ids)
+    assert got.shape == (len(ids), 49152) and got.dtype == np.float32
+    np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+    assert np.abs(got - want).max() <= 5e-3
+
+
+def test_f32_greedy_continuation_matches_reference(f32, smollm2_gguf):
+    ids = f32.encode("Once upon a time, in a small village,")
+    got = f32.generate(ids, max_new_tokens=64, temperature=0)
+    seq = list(ids)
+    for _ in range(64):
+        nxt = int(reference.llama_forward_gguf(smollm2_gguf, seq)[-1].argmax())
+        if nxt in f32.eos_ids:
+            break
+        seq.append(nxt)
+    assert got == seq[len(ids):]
+
+
+def test_default_dtype_keeps_blocks_and_knows_paris(auto):
+    assert auto.weights.wq.kind_name == "Q4_1" and auto.weights.tok_embeddings.kind_name == "Q8_0"
+    assert auto.generate("The capital of France is", max_new_tokens=4, temperature=0).startswith(" Paris")
+
+
+def test_quantized_logits_stay_close_to_f32(auto, f32):
+    ids = auto.encode(PROMPTS[2])
+    a, b = auto.forward(ids), f32.forward(ids)
+    # both run the same Q4_1 values; only float summation order differs
+    np.testing.assert_allclose(a, b, atol=2e-3, rtol=0)
+
+
+def test_metadata_gives_special_tokens_and_template(auto):
+    tok = auto.tokenizer
+    assert auto.bos_id == tok.token_to_id("<|im_start|>")
+    assert auto.eos_ids == [tok.token_to_id("<|im_end|>")]
+    assert auto.chat_template == (DATA / "smollm2-tokenizer" / "chat_template.jinja").read_text()
+
+
+def test_chat_renders_like_the_template(auto):
+    text = auto.apply_chat_template([{"role": "user", "content": "Hi there"}])
+    assert text == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                    "<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n")
+    reply = auto.chat([{"role": "user", "content": "What is the capital of France?"}],
+                      max_new_tokens=24, temperature=0)
+    assert "Paris" in reply and "<|im_end|>" not in reply
+
+
+def test_seeded_sampling_is_reproducible(auto):
+    kw = dict(max_new_tokens=24, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
+    a = auto.generate("My favourite animal is", seed=7, **kw)
+    assert a == auto.generate("My favourite animal is", seed=7, **kw)
+    others = {auto.generate("My favourite animal is", seed=s, **kw) for s in (8, 9, 10)}
+    assert others - {a}, "different seeds should give different text"
+
+
+def test_stream_pieces_join_to_generate(auto):
+    kw = dict(max_new_tokens=20, temperature=0)
+    pieces = list(auto.stream("The three primary colours are", **kw))
+    assert len(pieces) > 1
+    assert "".join(pieces) == auto.generate("The three primary colours are", **kw)
+
+
+def test_stop_string_truncates(auto):
+    full = auto.generate("The capital of France is", max_new_tokens=20, temperature=0)
+    assert "." in full
+    cut = auto.generate("The capital of France is", max_new_tokens=20, temperature=0, stop=["."])
+    assert cut == full[:full.index(".")]
+
+
+def test_session_continues_a_conversation(auto):
+    ids = auto.encode(PROMPTS[0])
+    s = auto.session()
+    last = s.prefill(ids[:-1])
+    step = s.append(ids[-1:])
+    full = auto.forward(ids)
+    np.testing.assert_allclose(last, full[-2], atol=1e-4)
+    np.testing.assert_allclose(step[0], full[-1], atol=1e-4)

@@ -1,0 +1,163 @@
+"""Hugging Face checkpoint directories -> Checkpoint. The one place that knows HF's names.
+
+Reads config.json, model.safetensors (or shards listed in model.safetensors.index.json),
+tokenizer.json, tokenizer_config.json, chat_template.jinja and generation_config.json.
+"""
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import tokenizers
+
+from fastinfer.kernels import linear as K
+
+from .checkpoint import Checkpoint
+from .safetensors_mmap import read_safetensors
+from .tensors import from_f32, from_half_bits
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+_LAYER_NAMES = {
+    "input_layernorm.weight": "attention_norm", "post_attention_layernorm.weight": "ffn_norm",
+    "self_attn.q_proj.weight": "wq", "self_attn.k_proj.weight": "wk",
+    "self_attn.v_proj.weight": "wv", "self_attn.o_proj.weight": "wo",
+    "self_attn.q_proj.bias": "bq", "self_attn.k_proj.bias": "bk", "self_attn.v_proj.bias": "bv",
+    "mlp.gate_proj.weight": "w1", "mlp.down_proj.weight": "w2", "mlp.up_proj.weight": "w3",
+}
+_GLOBAL_NAMES = {"model.embed_tokens.weight": "tok_embeddings", "model.norm.weight": "norm",
+                 "lm_head.weight": "output"}
+_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+def _canonical(name: str) -> str | None:
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    m = _LAYER.fullmatch(name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    if name.endswith("rotary_emb.inv_freq"):  # a buffer some old checkpoints saved; recomputed
+        return None
+    raise ValueError(f"unexpected tensor {name!r} for a Llama-family checkpoint")
+
+
+def _read_json(path: Path, required: bool = False) -> dict:
+    if not path.is_file():
+        if required:
+            raise FileNotFoundError(f"{path.parent}: missing {path.name}")
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+
+
+def _weight_files(d: Path) -> list[Path]:
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(_read_json(index)["weight_map"].values()))
+        missing = [f for f in files if not (d / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{d}: shards listed in {index.name} are missing: {', '.join(missing)}")
+        return [d / f for f in files]
+    if (d / "model.safetensors").is_file():
+        return [d / "model.safetensors"]
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{d}: no model.safetensors (or sharded *.safetensors with an index) found")
+    return files
+
+
+def _tensor(dtype: str, arr: np.ndarray, name: str):
+    if arr.ndim == 1:
+        return (arr.view(np.uint16).astype(np.uint32) << 16).view(np.float32) if dtype == "BF16" \
+            else np.asarray(arr, dtype=np.float32)
+    if arr.ndim != 2:
+        raise ValueError(f"tensor {name} has shape {arr.shape}; expected a matrix")
+    if dtype == "F16":
+        return from_half_bits(arr.view(np.uint16), K.F16)
+    if dtype == "BF16":
+        return from_half_bits(arr, K.BF16)
+    if dtype in ("F32", "F64"):
+        return from_f32(arr)
+    raise ValueError(f"tensor {name} has dtype {dtype}; expected F32, F16 or BF16")
+
+
+def _config(cfg: dict, d: Path) -> dict:
+    model_type = cfg.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"{d}: unsupported model_type {model_type!r}; fastinfer reads "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    try:
+        dim, n_heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+        rope = cfg.get("rope_scaling") or None
+        if rope is not None:
+            kind = rope.get("rope_type", rope.get("type"))
+            if kind == "default":
+                rope = None
+            elif kind not in ("llama3", "linear"):
+                raise ValueError(f"{d}: unsupported rope_scaling type {kind!r} (supported: llama3, linear)")
+            else:
+                rope = dict(rope, rope_type=kind)
+        return {
+            "arch": "llama",
+            "dim": dim,
+            "n_layers": int(cfg["num_hidden_layers"]),
+            "n_heads": n_heads,
+            "n_kv_heads": int(cfg.get("num_key_value_heads") or n_heads),
+            "head_dim": int(cfg.get("head_dim") or dim // n_heads),
+            "hidden_dim": int(cfg["intermediate_size"]),
+            "vocab_size": int(cfg["vocab_size"]),
+            "norm_eps": float(cfg.get("rms_norm_eps", 1e-6)),
+            "rope_theta": float(cfg.get("rope_theta", 10000.0)),
+            "rope_scaling": rope,
+            "max_seq_len": int(cfg.get("max_position_embeddings", 2048)),
+        }
+    except KeyError as e:
+        raise ValueError(f"{d}/config.json lacks {e.args[0]!r}") from None
+
+
+def read_hf_dir(d: Path) -> Checkpoint:
+    cfg = _read_json(d / "config.json", required=True)
+    config = _config(cfg, d)
+    tensors = {}
+    for f in _weight_files(d):
+        for name, (dtype, arr) in read_safetensors(f).items():
+            key = _canonical(name)
+            if key is not None:
+                tensors[key] = _tensor(dtype, arr, name)
+
+    if cfg.get("tie_word_embeddings", False):  # HF ties even when a stale lm_head was saved
+        tensors.pop("output", None)
+
+    tok_path = d / "tokenizer.json"
+    if not tok_path.is_file():
+        raise FileNotFoundError(f"{d}: missing tokenizer.json")
+    try:
+        tok = tokenizers.Tokenizer.from_file(str(tok_path))
+    except Exception as e:  # tokenizers raises its own Exception type on bad JSON
+        raise ValueError(f"{tok_path} is not a valid tokenizer ({e})") from None
+
+    tcfg = _read_json(d / "tokenizer_config.json")
+    gen = _read_json(d / "generation_config.json")
+    template = tcfg.get("chat_template")
+    if (d / "chat_template.jinja").is_file():
+        template = (d / "chat_template.jinja").read_text(encoding="utf-8")
+
+    def token_id(value):
+        if isinstance(value, dict):  # {"content": "<s>", ...} in older tokenizer_config files
+            value = value.get("content")
+        return tok.token_to_id(value) if isinstance(value, str) else None
+
+    eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
+    if eos is None:
+        eos = token_id(tcfg.get("eos_token"))
+    eos_ids = [int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
+    bos = gen.get("bos_token_id", cfg.get("bos_token_id"))
+    if bos is None:
+        bos = token_id(tcfg.get("bos_token"))
+    generation = {k: gen[k] for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                                      "do_sample", "max_new_tokens") if k in gen}
+    return Checkpoint(config=config, tensors=tensors, tokenizer=tok,
+                      bos_id=None if bos is None else int(bos), eos_ids=eos_ids,
+                      chat_template=template, generation=generation, source=str(d))
