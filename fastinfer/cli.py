@@ -74,8 +74,11 @@ def _load(args):
 
 
 def cmd_generate(args) -> int:
+    from .sampling import SamplingParams
+    # Check the options before spending seconds on loading the model.
+    SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.repeat_penalty, args.seed)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    if not prompt.strip() and not args.chat:
+    if not prompt.strip():
         raise ValueError("the prompt is empty")
     model = _load(args)
     opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

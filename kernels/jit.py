@@ -25,7 +25,9 @@ def _source_digest() -> str:
     """
     pkg = Path(__file__).resolve().parent
     roots = [pkg, pkg.parent / "fastinfer" / "models", pkg.parent / "models"]
-    h = hashlib.sha256(numba.__version__.encode())
+    # The install location is part of the key: numba's index is per source path, so a second
+    # install of the same sources compiles again and should announce it.
+    h = hashlib.sha256(f"{numba.__version__} {pkg}".encode())
     for root in roots:
         if root.is_dir():
             for f in sorted(root.glob("*.py")):

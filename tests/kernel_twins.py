@@ -65,14 +65,29 @@ def decode(packed: np.ndarray, fmt: str, cols: int) -> np.ndarray:
 # kernels/linear.py
 # ----------------------------------------------------------------------------------------------
 
+def offsets(packed: np.ndarray, fmt: str, cols: int) -> np.ndarray:
+    """The additive per-block term of every element (rows, cols): -8 d for Q4_0, m for Q4_1,
+    0 otherwise. A weight is w = d * q + offset."""
+    rows = packed.shape[0]
+    if fmt not in ("Q4_0", "Q4_1"):
+        return np.zeros((rows, cols), np.float32)
+    blocks = np.ascontiguousarray(packed).reshape(rows, cols // R.QK, R.BLOCK_BYTES[fmt])
+    off = -8 * R._fp16_at(blocks, 0) if fmt == "Q4_0" else R._fp16_at(blocks, 2)
+    return np.repeat(off[..., 0], R.QK, axis=1)
+
+
 def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """x (T, n) @ w (rows, n).T -> (T, rows)."""
     return x.astype(np.float64) @ w.astype(np.float64).T
 
 
-def linear_scale(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """sum_i |x_i w_i| of every output: the natural yardstick of a dot product's rounding error."""
-    return np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64)).T
+def linear_scale(x: np.ndarray, w: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """The yardstick of a dot product's float32 rounding error, per output: sum_i |x_i w_i|, with
+    w_i = d q_i + offset_i counted as its two terms |d q_i| + |offset_i|, since a block-format dot
+    product may sum d q x and offset x separately (they can cancel)."""
+    w = w.astype(np.float64)
+    offset = offset.astype(np.float64)
+    return np.abs(x.astype(np.float64)) @ (np.abs(w - offset) + np.abs(offset)).T
 
 
 # ----------------------------------------------------------------------------------------------

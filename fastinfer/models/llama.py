@@ -125,10 +125,11 @@ def build(ckpt: Checkpoint, max_seq: int) -> tuple[ModelArgs, Weights]:
               "w3": (args.hidden_dim, args.dim)}
     mats = {}
     for name, shape in expect.items():
+        for i, m in enumerate(layers(name)):
+            if (m.rows, m.cols) != shape:
+                raise ValueError(f"{ckpt.source}: layers.{i}.{name} has shape {(m.rows, m.cols)}; "
+                                 f"expected {shape} from the model's config")
         mats[name] = stack(layers(name))
-        if (mats[name].rows, mats[name].cols) != shape:
-            raise ValueError(f"{ckpt.source}: {name} has shape {(mats[name].rows, mats[name].cols)}; "
-                             f"expected {shape} from the model's config")
     emb = t["tok_embeddings"]
     if (emb.rows, emb.cols) != (args.vocab_size, args.dim):
         raise ValueError(f"{ckpt.source}: token embeddings have shape {(emb.rows, emb.cols)}; "

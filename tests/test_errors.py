@@ -1,0 +1,176 @@
+"""Bad input gets one clear message: files, architectures, shapes, prompts and options."""
+import json
+import struct
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+
+import fastinfer
+from tiny_models import (TINY_CFG, gguf_tokenizer_fields, random_llama_weights, tiny_bpe_tokenizer, write_gguf,
+                         write_hf_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    tok = tiny_bpe_tokenizer()
+    path = write_gguf(d / "tiny.gguf", TINY_CFG, random_llama_weights(TINY_CFG), "Q8_0",
+                      tokenizer_vocab=gguf_tokenizer_fields(tok))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny):
+    return fastinfer.load(tiny, n_ctx=32)
+
+
+def _hf(tmp_path, **edit):
+    w = random_llama_weights(TINY_CFG)
+    w.update(edit)
+    return write_hf_dir(tmp_path / "hf", TINY_CFG, w, tokenizer=tiny_bpe_tokenizer())
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.gguf"):
+        fastinfer.load(tmp_path / "nope.gguf")
+
+
+def test_corrupt_gguf(tmp_path):
+    p = tmp_path / "bad.gguf"
+    p.write_bytes(b"GGUF" + bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match="bad.gguf"):
+        fastinfer.load(p)
+
+
+def test_truncated_gguf(tmp_path, tiny):
+    p = tmp_path / "cut.gguf"
+    p.write_bytes(tiny.read_bytes()[:-1000])
+    with pytest.raises(ValueError, match="cut.gguf"):
+        fastinfer.load(p)
+
+
+def test_unsupported_gguf_architecture(tmp_path):
+    p = tmp_path / "other.gguf"
+    w = gguf.GGUFWriter(str(p), "mamba")
+    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    with pytest.raises(ValueError, match="unsupported architecture 'mamba'"):
+        fastinfer.load(p)
+
+
+def test_hf_missing_config(tmp_path):
+    d = _hf(tmp_path)
+    (d / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        fastinfer.load(d)
+
+
+def test_hf_unsupported_model_type(tmp_path):
+    d = _hf(tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt_neox"}))
+    with pytest.raises(ValueError, match="unsupported model_type 'gpt_neox'"):
+        fastinfer.load(d)
+
+
+def test_hf_truncated_safetensors(tmp_path):
+    d = _hf(tmp_path)
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="truncated|past the end"):
+        fastinfer.load(d)
+
+
+def test_hf_wrong_shape(tmp_path):
+    d = _hf(tmp_path, **{"model.layers.1.self_attn.q_proj.weight": np.zeros((32, 64), np.float32)})
+    with pytest.raises(ValueError, match=r"layers.1.wq has shape \(32, 64\)"):
+        fastinfer.load(d)
+
+
+def test_hf_unsupported_tensor_dtype(tmp_path):
+    d = _hf(tmp_path)
+    header = {"model.layers.0.self_attn.o_proj.weight": {"dtype": "I32", "shape": [64, 64],
+                                                         "data_offsets": [0, 64 * 64 * 4]}}
+    raw = json.dumps(header).encode()
+    (d / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(64 * 64 * 4))
+    with pytest.raises(ValueError, match="I32"):
+        fastinfer.load(d)
+
+
+def test_bad_dtype(tiny):
+    with pytest.raises(ValueError, match="dtype"):
+        fastinfer.load(tiny, dtype="int3")
+
+
+def test_bad_threads(tiny):
+    with pytest.raises(ValueError, match="threads"):
+        fastinfer.load(tiny, threads=0)
+
+
+def test_prompt_longer_than_context(tiny_model):
+    with pytest.raises(ValueError, match="context"):
+        tiny_model.generate(list(range(40)), max_new_tokens=2)
+    with pytest.raises(ValueError, match="context"):
+        tiny_model.forward(list(range(40)))
+
+
+def test_session_overflow(tiny_model):
+    s = tiny_model.session()
+    s.prefill(list(range(30)))
+    with pytest.raises(ValueError, match="do not fit"):
+        s.append([1, 2, 3])
+
+
+def test_empty_prompt(tiny_model):
+    with pytest.raises(ValueError, match="empty"):
+        tiny_model.generate("", max_new_tokens=2)
+    with pytest.raises(ValueError, match="empty"):
+        tiny_model.generate([], max_new_tokens=2)
+
+
+def test_token_id_out_of_range(tiny_model):
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tiny_model.forward([1, 2, 300])
+
+
+@pytest.mark.parametrize("opt,value", [("top_p", 1.5), ("temperature", -0.1), ("top_k", -1), ("min_p", 2.0),
+                                       ("repetition_penalty", 0.0), ("max_new_tokens", 0)])
+def test_sampling_values_out_of_range(tiny_model, opt, value):
+    with pytest.raises(ValueError, match=opt):
+        tiny_model.generate([1, 2, 3], **{"max_new_tokens": 2, opt: value})
+
+
+def _cli(*args, stdin=""):
+    return subprocess.run([sys.executable, "-m", "fastinfer", *args], input=stdin, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["generate", "hi", "--top-p", "2"], "top_p"),
+    (["generate", "hi", "--temperature", "-1"], "temperature"),
+    (["generate", "hi", "-m", "/no/such/model.gguf"], "/no/such/model.gguf"),
+])
+def test_cli_errors_are_one_line(args, needle):
+    r = _cli(*args)
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("fastinfer: error:")]
+    assert len(lines) == 1 and needle in lines[0]
+
+
+def test_cli_empty_stdin_prompt():
+    r = _cli("generate", "-", stdin="  \n")
+    assert r.returncode == 1 and "empty" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_prompt_too_long(tiny):
+    r = _cli("generate", "word " * 200, "-m", str(tiny), "--ctx", "16")
+    assert r.returncode == 1 and "context" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_usage_error_exit_code():
+    r = _cli("generate", "hi", "-n", "zero")
+    assert r.returncode == 2 and "positive integer" in r.stderr

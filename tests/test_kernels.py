@@ -1,0 +1,425 @@
+"""The Numba kernels (`fastinfer.kernels.linear`, `fastinfer.kernels.ops`) against the plain-NumPy
+twins in tests/kernel_twins.py.
+
+Weights are built the way the engine builds them (`fastinfer.weights.tensors`, read-only
+`QMatrix.args()` tuples); block-format bytes come from the independent quantizer in
+tests/reference.py. Outputs and scratch buffers start out NaN, so an element a kernel forgets to
+write, or a scratch value it reads before writing, shows up as a failure.
+
+Tolerances:
+* decoding a weight (dequant_row, dequant_matrix, embed) is exact: an fp16 block scale times a
+  small integer (plus an fp16 minimum) fits a float32 mantissa, and half/bfloat16 widen exactly;
+* a dot product is held to TOL[format] * sum_i |x_i w_i| per output, float32 accumulation error;
+  for Q4_0 / Q4_1, whose offset (-8 d, m) the kernel may add separately as offset * sum(x), the
+  sum counts |d q_i x_i| and |offset_i x_i| apart (see kernel_twins.linear_scale);
+* the elementwise ops get a few float32 ulps, attention a little more per unit of score size.
+"""
+from __future__ import annotations
+
+import zlib
+
+import numba
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose, assert_array_equal
+
+import kernel_twins as tw
+from fastinfer.kernels import linear as L
+from fastinfer.kernels import ops
+from fastinfer.weights import tensors as WT
+
+THREADS = numba.config.NUMBA_NUM_THREADS
+KIND = {"F32": L.F32, "F16": L.F16, "BF16": L.BF16, "Q8_0": L.Q8_0, "Q4_0": L.Q4_0, "Q4_1": L.Q4_1}
+
+# dot-product error allowed, as a fraction of sum_i |x_i w_i| (float32 eps is 1.2e-7)
+TOL = {"F32": 1e-5, "F16": 1e-5, "BF16": 1e-5, "Q8_0": 1e-5, "Q4_0": 1e-5, "Q4_1": 1e-5}
+
+# (rows, cols): rows off the 16-row task size, odd widths for the float formats
+FLOAT_SHAPES = [(37, 33), (1, 7), (17, 1), (100, 576)]
+BLOCK_SHAPES = [(37, 32), (1, 96), (100, 576)]
+LINEAR_CASES = [(f, r, c) for f in tw.FLOAT_FORMATS for r, c in FLOAT_SHAPES] + \
+               [(f, r, c) for f in tw.BLOCK_FORMATS for r, c in BLOCK_SHAPES]
+TOKENS = [1, 2, 3, 7, 64]  # T <= 2 reads packed rows (F32 and block formats); more expand a tile
+
+
+def rng_for(*key) -> np.random.Generator:
+    """A generator seeded by the test's parameters: every case reproducible, cases independent."""
+    return np.random.default_rng(zlib.crc32(repr(key).encode()))
+
+
+# ----------------------------------------------------------------------------------------------
+# building weights
+# ----------------------------------------------------------------------------------------------
+
+# values each float format must carry through: signed zeros, subnormals, the largest magnitudes
+EDGE_VALUES = {
+    "F32": [0.0, -0.0, 1e-40, -3e-39, 1e6, -1e6],
+    "F16": [0.0, -0.0, 6e-8, -6e-8, 3e-5, -1e-6, 60000.0, -60000.0, 65504.0],
+    "BF16": [0.0, -0.0, 1e-40, -2e-39, 1e30, -1e30],
+}
+
+
+def weight_values(fmt: str, rows: int, cols: int, rng) -> np.ndarray:
+    """Random float32 (rows, cols) with the format's edge cases mixed in.
+
+    Float formats get EDGE_VALUES at random places. Block formats get, in their first blocks, an
+    all-zero block (scale 0), a block of negative zeros, a constant block (Q4_1: d = 0, m = value)
+    and a block with one large outlier."""
+    a = rng.standard_normal((rows, cols)).astype(np.float32)
+    if fmt in EDGE_VALUES:
+        flat = a.reshape(-1)
+        vals = np.array(EDGE_VALUES[fmt], np.float32)
+        at = rng.choice(flat.size, size=min(flat.size, 2 * vals.size), replace=False)
+        flat[at] = np.resize(vals, at.size)
+    else:
+        blocks = a.reshape(-1, L.QK)
+        specials = [np.float32(0.0), np.float32(-0.0), np.float32(0.7)]
+        for b, v in enumerate(specials[:blocks.shape[0]]):
+            blocks[b] = v
+        if blocks.shape[0] > 3:
+            blocks[3, 5] = 1000.0
+    return a
+
+
+def random_block_bytes(fmt: str, rows: int, cols: int, rng) -> np.ndarray:
+    """Block bytes with uniformly random codes (every int8 / nibble value, which a quantizer may
+    never emit, e.g. int8 -128) and sane fp16 scales/minimums."""
+    raw = rng.integers(0, 256, size=(rows, tw.R.row_bytes(fmt, cols)), dtype=np.uint8)
+    blk = raw.reshape(rows, cols // L.QK, tw.R.BLOCK_BYTES[fmt])
+    n_halves = 2 if fmt == "Q4_1" else 1
+    halves = rng.uniform(-0.1, 0.1, size=blk.shape[:2] + (n_halves,)).astype(np.float16)
+    blk[..., :2 * n_halves] = halves.view(np.uint8)
+    return raw
+
+
+def packed_weight(fmt: str, rows: int, cols: int, rng) -> np.ndarray:
+    """The packed payload of a test matrix. Block formats: the reference quantizer's bytes, with
+    the last row (when there are several) replaced by random codes."""
+    packed = tw.encode(weight_values(fmt, rows, cols, rng), fmt)
+    if fmt in tw.BLOCK_FORMATS and rows > 1:
+        packed[-1] = random_block_bytes(fmt, 1, cols, rng)[0]
+    return packed
+
+
+def to_qmatrix(packed: np.ndarray, fmt: str, cols: int) -> WT.QMatrix:
+    if fmt == "F32":
+        return WT.from_f32(packed)
+    if fmt in ("F16", "BF16"):
+        return WT.from_half_bits(packed, KIND[fmt])
+    return WT.from_ggml_blocks(packed, fmt, cols)
+
+
+def make_weight(fmt: str, rows: int, cols: int, rng, layers: int = 1):
+    """(QMatrix stacking `layers` matrices, their float32 values (layers, rows, cols), the
+    per-element block offsets (layers, rows, cols), see kernel_twins.offsets)."""
+    packs = [packed_weight(fmt, rows, cols, rng) for _ in range(layers)]
+    qm = WT.stack([to_qmatrix(p, fmt, cols) for p in packs])
+    assert (qm.kind, qm.rows, qm.cols, qm.n) == (KIND[fmt], rows, cols, layers)
+    dense = np.stack([tw.decode(p, fmt, cols) for p in packs])
+    return qm, dense, np.stack([tw.offsets(p, fmt, cols) for p in packs])
+
+
+# ----------------------------------------------------------------------------------------------
+# running the kernels
+# ----------------------------------------------------------------------------------------------
+
+def nans(*shape) -> np.ndarray:
+    return np.full(shape, np.nan, np.float32)
+
+
+def run_linear(x: np.ndarray, w: tuple, l: int, rows: int) -> np.ndarray:
+    T, n = x.shape
+    out = nans(T, rows)
+    L.linear(out, x, w, l, nans(THREADS, L.scratch_size(n, T)))
+    return out
+
+
+def activations(T: int, n: int, rng) -> np.ndarray:
+    """Random tokens (T, n); when there are three or more, token 1 is all zeros and token 2 large."""
+    x = rng.standard_normal((T, n)).astype(np.float32)
+    if T >= 3:
+        x[1] = 0.0
+        x[2] *= 1000.0
+    return x
+
+
+def assert_dot_close(got: np.ndarray, x: np.ndarray, w: np.ndarray, offset: np.ndarray,
+                     tol: float):
+    """got ~ x @ w.T, each output within tol * sum_i |x_i w_i|. That sum is floored at 1e-30:
+    products in float32's subnormal range (subnormal weights) keep only a few bits."""
+    want = tw.linear(x, w)
+    scale = np.maximum(tw.linear_scale(x, w, offset), 1e-30)
+    assert np.isfinite(got).all(), "non-finite output"
+    assert_allclose(got / scale, want / scale, rtol=0, atol=tol)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels/linear.py
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt,rows,cols", LINEAR_CASES)
+def test_dequant_row(fmt, rows, cols):
+    qm, dense, _ = make_weight(fmt, rows, cols, rng_for("row", fmt, rows, cols), layers=2)
+    w = qm.args()
+    for l in range(2):
+        for r in range(rows):
+            dst = nans(cols)
+            L.dequant_row(dst, w, l, r)
+            assert_array_equal(dst, dense[l, r], err_msg=f"layer {l} row {r}")
+
+
+@pytest.mark.parametrize("fmt,rows,cols", LINEAR_CASES)
+def test_dequant_matrix(fmt, rows, cols):
+    qm, dense, _ = make_weight(fmt, rows, cols, rng_for("matrix", fmt, rows, cols), layers=3)
+    for l in range(3):
+        out = nans(rows, cols)
+        L.dequant_matrix(out, qm.args(), l)
+        assert_array_equal(out, dense[l], err_msg=f"layer {l}")
+
+
+def test_f16_every_finite_value():
+    """All 63488 finite half bit patterns (normals, subnormals, both zeros) decode bit-exactly."""
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    bits = bits[(bits & 0x7C00) != 0x7C00].reshape(62, 1024)  # drop inf / nan
+    out = nans(*bits.shape)
+    L.dequant_matrix(out, WT.from_half_bits(bits, L.F16).args(), 0)
+    assert_array_equal(out.view(np.uint32), tw.f16_decode(bits).view(np.uint32))
+
+
+def test_bf16_every_finite_value():
+    """All 65280 finite bfloat16 bit patterns decode bit-exactly."""
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    bits = bits[(bits & 0x7F80) != 0x7F80].reshape(255, 256)  # drop inf / nan
+    out = nans(*bits.shape)
+    L.dequant_matrix(out, WT.from_half_bits(bits, L.BF16).args(), 0)
+    assert_array_equal(out.view(np.uint32), tw.bf16_decode(bits).view(np.uint32))
+
+
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("fmt,rows,cols", LINEAR_CASES)
+def test_linear(fmt, rows, cols, T):
+    rng = rng_for("linear", fmt, rows, cols, T)
+    qm, dense, offset = make_weight(fmt, rows, cols, rng)
+    x = activations(T, cols, rng)
+    out = run_linear(x, qm.args(), 0, rows)
+    assert_dot_close(out, x, dense[0], offset[0], TOL[fmt])
+
+
+@pytest.mark.parametrize("T", [1, 2, 7])
+@pytest.mark.parametrize("fmt", tw.FORMATS)
+def test_linear_picks_layer(fmt, T):
+    rows, cols = 21, 64
+    rng = rng_for("layers", fmt, T)
+    qm, dense, offset = make_weight(fmt, rows, cols, rng, layers=3)
+    x = activations(T, cols, rng)
+    for l in range(3):
+        out = run_linear(x, qm.args(), l, rows)
+        assert_dot_close(out, x, dense[l], offset[l], TOL[fmt])
+
+
+def test_linear_scratch_size_covers_both_paths():
+    for n, T in [(32, 1), (576, 2), (33, 64), (64, 1000)]:
+        need = 64 + max(L.ROWS_PER_TASK * n, (n // L.QK) * T)
+        assert L.scratch_size(n, T) >= need
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels/ops.py: elementwise
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("T,n", [(1, 1), (1, 7), (4, 33), (2, 576)])
+@pytest.mark.parametrize("eps", [1e-5, 1e-6])
+def test_rmsnorm(T, n, eps):
+    rng = rng_for("rmsnorm", T, n, eps)
+    x = rng.standard_normal((T, n)).astype(np.float32)
+    w = rng.standard_normal(n).astype(np.float32)
+    edge_rows = [np.zeros(n), np.full(n, 1e-20), np.full(n, 3e4), np.eye(1, n).ravel()]
+    x = np.concatenate([x, np.array(edge_rows, np.float32)])
+    out = nans(*x.shape)
+    ops.rmsnorm(out, x, w, eps)
+    assert_allclose(out, tw.rmsnorm(x, w, eps), rtol=2e-6, atol=1e-6 * np.abs(w).max())
+    assert_array_equal(out[T], 0.0)  # an all-zero token stays zero
+
+
+def rope_tables(max_seq: int, hd: int, base: float = 10000.0):
+    inv_freq = base ** (-np.arange(0, hd, 2) / hd)
+    ang = np.arange(max_seq)[:, None] * inv_freq[None, :]
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+@pytest.mark.parametrize("T,H,hd", [(1, 1, 2), (3, 4, 8), (5, 3, 64)])
+@pytest.mark.parametrize("pos0", [0, 9])
+def test_rope(T, H, hd, pos0):
+    rng = rng_for("rope", T, H, hd, pos0)
+    cos, sin = rope_tables(32, hd)
+    x = rng.standard_normal((T, H, hd)).astype(np.float32)
+    want = tw.rope(x, cos, sin, pos0)
+    ops.rope(x, cos, sin, pos0)  # in place
+    assert_allclose(x, want, rtol=1e-6, atol=1e-6)
+
+
+def test_rope_position_zero_is_identity():
+    rng = rng_for("rope0")
+    cos, sin = rope_tables(4, 16)
+    x = rng.standard_normal((1, 2, 16)).astype(np.float32)
+    before = x.copy()
+    ops.rope(x, cos, sin, 0)
+    assert_array_equal(x, before)
+
+
+SILU_EDGES = [0.0, -0.0, 1e-30, -1e-30, 1.0, -1.0, 20.0, -20.0, 88.0, -88.0, 89.0, -89.0,
+              1000.0, -1000.0, 1e30, -1e30]
+
+
+@pytest.mark.parametrize("T,n", [(1, 1), (3, 37), (2, 576)])
+def test_silu_mul(T, n):
+    rng = rng_for("silu", T, n)
+    gate = (rng.standard_normal((T, n)) * 4).astype(np.float32)
+    up = rng.standard_normal((T, n)).astype(np.float32)
+    flat = gate.reshape(-1)
+    flat[:len(SILU_EDGES)] = SILU_EDGES[:flat.size]
+    want = tw.silu_mul(gate, up)
+    ops.silu_mul(gate, up)  # in place
+    assert np.isfinite(gate).all()
+    assert_allclose(gate, want, rtol=2e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("T,n", [(1, 1), (3, 37), (2, 576)])
+def test_add(T, n):
+    rng = rng_for("add", T, n)
+    x = rng.standard_normal((T, n)).astype(np.float32)
+    y = rng.standard_normal((T, n)).astype(np.float32)
+    want = x + y  # one float32 rounding, same as the kernel
+    ops.add_(x, y)
+    assert_array_equal(x, want)
+
+
+@pytest.mark.parametrize("fmt", tw.FORMATS)
+def test_embed(fmt):
+    vocab, dim = 37, (96 if fmt in tw.BLOCK_FORMATS else 33)
+    rng = rng_for("embed", fmt)
+    qm, dense, _ = make_weight(fmt, vocab, dim, rng)
+    for ids in ([0], [36], [0, 36, 5, 5, 17, 36]):
+        ids = np.array(ids, np.int64)
+        out = nans(len(ids), dim)
+        ops.embed(out, ids, qm.args())
+        assert_array_equal(out, tw.embed(ids, dense[0]))
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels/ops.py: KV cache and attention
+# ----------------------------------------------------------------------------------------------
+
+GARBAGE = np.float32(1e4)  # fills cache slots a kernel must not read: any read swamps the result
+
+
+def garbage_caches(layers: int, kv: int, max_seq: int, hd: int):
+    return np.full((layers, kv, max_seq, hd), GARBAGE), np.full((layers, kv, max_seq, hd), -GARBAGE)
+
+
+@pytest.mark.parametrize("T,pos0", [(3, 5), (1, 0), (1, 15), (16, 0)])
+def test_store_kv(T, pos0):
+    Lyr, KV, S, hd, l = 3, 2, 16, 8, 1
+    rng = rng_for("store", T, pos0)
+    k_cache, v_cache = (c.astype(np.float32) for c in garbage_caches(Lyr, KV, S, hd))
+    k = rng.standard_normal((T, KV, hd)).astype(np.float32)
+    v = rng.standard_normal((T, KV, hd)).astype(np.float32)
+    want_k, want_v = k_cache.copy(), v_cache.copy()
+    want_k[l, :, pos0:pos0 + T] = k.transpose(1, 0, 2)
+    want_v[l, :, pos0:pos0 + T] = v.transpose(1, 0, 2)
+    ops.store_kv(k_cache, v_cache, k, v, l, pos0)
+    assert_array_equal(k_cache, want_k)
+    assert_array_equal(v_cache, want_v)
+
+
+def filled_caches(rng, layers: int, kv: int, max_seq: int, hd: int, l: int, used: int):
+    """Caches whose layer l holds random keys/values at positions 0..used-1; everything else
+    (later slots, other layers) is garbage."""
+    k_cache, v_cache = garbage_caches(layers, kv, max_seq, hd)
+    k_cache[l, :, :used] = rng.standard_normal((kv, used, hd))
+    v_cache[l, :, :used] = rng.standard_normal((kv, used, hd))
+    return k_cache.astype(np.float32), v_cache.astype(np.float32)
+
+
+def run_attention(q, k_cache, v_cache, l, pos0):
+    out = nans(*q.shape)
+    ops.attention(out, q, k_cache, v_cache, l, pos0, nans(THREADS, k_cache.shape[2]))
+    return out
+
+
+def assert_attention_close(got, q, k_cache, v_cache, l, pos0, score_scale=1.0):
+    """Against the masked-softmax twin, within a tolerance growing with the score size (a score's
+    rounding error moves its weight by the same relative amount)."""
+    want = tw.attention(q, k_cache[l], v_cache[l], pos0)
+    used = pos0 + q.shape[0]
+    vmax = np.abs(v_cache[l, :, :used]).max()
+    tol = 1e-5 * score_scale
+    assert_allclose(got, want, rtol=tol, atol=tol * vmax)
+
+
+HEADS = [(4, 4), (9, 3), (8, 2)]  # (heads, kv_heads): group 1, 3, 4
+STEPS = [(1, 0), (1, 13), (7, 0), (5, 11)]  # (T, pos0): first token, decode, prefill, chunk
+
+
+@pytest.mark.parametrize("q_scale", [1.0, 30.0])
+@pytest.mark.parametrize("T,pos0", STEPS)
+@pytest.mark.parametrize("hd", [64, 8])
+@pytest.mark.parametrize("H,KV", HEADS)
+def test_attention(H, KV, hd, T, pos0, q_scale):
+    Lyr, l, S = 2, 1, 40  # max_seq well past the positions in use
+    rng = rng_for("attn", H, KV, hd, T, pos0, q_scale)
+    k_cache, v_cache = filled_caches(rng, Lyr, KV, S, hd, l, used=pos0 + T)
+    q = (rng.standard_normal((T, H, hd)) * q_scale).astype(np.float32)
+    out = run_attention(q, k_cache, v_cache, l, pos0)
+    assert_attention_close(out, q, k_cache, v_cache, l, pos0, score_scale=q_scale)
+
+
+def test_attention_first_position_returns_its_value():
+    """At position 0 the softmax has one entry: the output is v[0] of the head's kv group."""
+    rng = rng_for("attn0")
+    H, KV, hd = 6, 2, 8
+    k_cache, v_cache = filled_caches(rng, 1, KV, 4, hd, 0, used=1)
+    q = rng.standard_normal((1, H, hd)).astype(np.float32) * 30
+    out = run_attention(q, k_cache, v_cache, 0, 0)
+    want = v_cache[0, np.arange(H) // (H // KV), 0]
+    assert_allclose(out[0], want, rtol=1e-6, atol=0)
+
+
+def test_attention_ties_average_values():
+    """Identical keys give a uniform softmax: every query returns the mean of the values."""
+    rng = rng_for("attn-ties")
+    H, KV, hd, T = 4, 2, 8, 6
+    k_cache, v_cache = filled_caches(rng, 1, KV, 8, hd, 0, used=T)
+    k_cache[0, :, :T] = k_cache[0, :, :1]
+    q = rng.standard_normal((T, H, hd)).astype(np.float32) * 30
+    out = run_attention(q, k_cache, v_cache, 0, 0)
+    for t in range(T):
+        mean = v_cache[0, np.arange(H) // (H // KV), :t + 1].mean(axis=1)
+        assert_allclose(out[t], mean, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("hd", [64, 8])
+@pytest.mark.parametrize("H,KV", HEADS)
+def test_attention_decode_equals_prefill(H, KV, hd):
+    """Filling the cache with store_kv and attending one token at a time, in two chunks, or all
+    at once gives the same outputs."""
+    Lyr, l, S, T = 2, 1, 24, 9
+    rng = rng_for("decode", H, KV, hd)
+    q = (rng.standard_normal((T, H, hd)) * 3).astype(np.float32)
+    k = rng.standard_normal((T, KV, hd)).astype(np.float32)
+    v = rng.standard_normal((T, KV, hd)).astype(np.float32)
+
+    def run(chunks):
+        k_cache, v_cache = (c.astype(np.float32) for c in garbage_caches(Lyr, KV, S, hd))
+        outs, pos = [], 0
+        for n in chunks:
+            ops.store_kv(k_cache, v_cache, k[pos:pos + n], v[pos:pos + n], l, pos)
+            outs.append(run_attention(q[pos:pos + n], k_cache, v_cache, l, pos))
+            pos += n
+        return np.concatenate(outs), k_cache, v_cache
+
+    prefill, k_cache, v_cache = run([T])
+    assert_attention_close(prefill, q, k_cache, v_cache, l, 0, score_scale=3.0)
+    for chunks in ([1] * T, [4, 5]):
+        got, _, _ = run(chunks)
+        assert_allclose(got, prefill, rtol=1e-6, atol=1e-6, err_msg=f"chunks {chunks}")
