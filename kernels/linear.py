@@ -17,7 +17,7 @@ block scales widened to f32 at load:
     Q4_1  x = d * q + m,    same nibble order
 """
 import numpy as np
-from numba import get_num_threads, get_thread_id, prange
+from numba import get_thread_id, prange
 
 from .jit import kernel
 
@@ -137,7 +137,7 @@ def _linear_rows(out, x, w, l, scratch):
     kind, q, s, m, f = w
     T, n = x.shape
     rows = out.shape[1]
-    tasks = get_num_threads()
+    tasks = scratch.shape[0]  # one per thread (get_num_threads() here would defeat the disk cache)
     for task in prange(tasks):
         xp = scratch[get_thread_id(), :n + n // QK]
         r0 = task * rows // tasks

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import tokenizers
 
-from .tensors import QMatrix, to_f32
+from .tensors import QMatrix
 
-DTYPES = ("auto", "f32")
+DTYPES = ("auto", "f32", "bf16", "int8", "int4")
 
 
 @dataclass
@@ -42,17 +42,33 @@ def check_dtype(dtype: str) -> str:
 
 
 def open_checkpoint(source: str | Path, dtype: str = "auto") -> Checkpoint:
-    """Read a GGUF file or an HF checkpoint directory into a Checkpoint."""
+    """Read a GGUF file, an HF checkpoint directory or a converted checkpoint into a Checkpoint.
+
+    dtype: "auto" keeps the stored formats; "f32", "bf16", "int8" (Q8_0 blocks) and "int4"
+    (Q4_1 blocks; 4-bit sources keep theirs) convert every weight matrix in memory.
+    """
     check_dtype(dtype)
     path = Path(source).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"model not found: {path} (expected a .gguf file or a checkpoint directory)")
     if path.is_dir():
+        from .converted import is_converted, read_converted
         from .hf import read_hf_dir
-        ckpt = read_hf_dir(path)
+        ckpt = read_converted(path) if is_converted(path) else read_hf_dir(path)
     else:
         from .gguf import read_gguf
         ckpt = read_gguf(path)
-    if dtype == "f32":
-        ckpt.tensors = {k: to_f32(v) if isinstance(v, QMatrix) else v for k, v in ckpt.tensors.items()}
+    if dtype != "auto":
+        from .quantize import convert
+        done = {}  # a tied head and the embedding are one matrix: convert it once
+        for k, v in ckpt.tensors.items():
+            if isinstance(v, QMatrix):
+                # int4 puts the embedding table (often also the output head) at 8 bits, as
+                # llama.cpp's 4-bit mixes do: 4-bit embeddings cost far more quality than bytes.
+                # One that is 4-bit already stays as it is.
+                target = dtype
+                if dtype == "int4" and k in ("tok_embeddings", "output") and v.kind_name not in ("Q4_0", "Q4_1"):
+                    target = "int8"
+                done.setdefault(id(v), convert(v, target))
+                ckpt.tensors[k] = done[id(v)]
     return ckpt

@@ -15,8 +15,11 @@ _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.u
            "BOOL": np.bool_}
 
 
-def read_safetensors(path: Path) -> dict[str, tuple[str, np.ndarray]]:
-    """name -> (safetensors dtype string, read-only memory-mapped array)."""
+def read_safetensors(path: Path, with_metadata: bool = False):
+    """name -> (safetensors dtype string, read-only memory-mapped array).
+
+    With with_metadata, returns (that dict, the header's __metadata__ dict).
+    """
     path = Path(path)
     size = path.stat().st_size
     try:
@@ -27,9 +30,9 @@ def read_safetensors(path: Path) -> dict[str, tuple[str, np.ndarray]]:
             header = json.loads(fh.read(n))
     except (struct.error, ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not a valid safetensors file ({e})") from None
-    header.pop("__metadata__", None)
+    meta = header.pop("__metadata__", None) or {}
     if not header:
-        return {}
+        return ({}, meta) if with_metadata else {}
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
     out = {}
     for name, info in header.items():
@@ -41,4 +44,4 @@ def read_safetensors(path: Path) -> dict[str, tuple[str, np.ndarray]]:
             raise ValueError(f"{path}: tensor {name} runs past the end of the file (truncated?)")
         arr = data[start:end].view(_DTYPES[dt]).reshape(info["shape"])
         out[name] = (dt, arr)
-    return out
+    return (out, meta) if with_metadata else out

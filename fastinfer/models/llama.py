@@ -95,7 +95,7 @@ def rope_tables(args: ModelArgs, max_seq: int) -> tuple[np.ndarray, np.ndarray]:
     elif kind == "linear":
         pos = pos / np.float32(sc["factor"])
     if "freq_factors" in sc:  # GGUF's rope_freqs tensor carries llama3 scaling precomputed
-        inv_freq = (inv_freq / sc["freq_factors"]).astype(np.float32)
+        inv_freq = (inv_freq / np.asarray(sc["freq_factors"], np.float32)).astype(np.float32)
     ang = np.outer(pos, inv_freq).astype(np.float32)
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
@@ -104,32 +104,37 @@ def build(ckpt: Checkpoint, max_seq: int) -> tuple[ModelArgs, Weights]:
     """Stack a checkpoint's per-layer tensors into the arrays `forward` reads."""
     args = ModelArgs(**{k: v for k, v in ckpt.config.items()})
     t = ckpt.tensors
-    missing = [n for n in ("tok_embeddings", "norm") if n not in t]
-    missing += [f"layers.{i}.{w}" for i in range(args.n_layers)
-                for w in ("attention_norm", "ffn_norm", "wq", "wk", "wv", "wo", "w1", "w2", "w3")
-                if f"layers.{i}.{w}" not in t]
+    # GGUF and HF checkpoints hold one tensor per layer ("layers.3.wq"); converted checkpoints
+    # hold each role already stacked over layers ("wq").
+    def has(name):
+        return name in t or all(f"layers.{i}.{name}" in t for i in range(args.n_layers))
+
+    missing = [n for n in ("tok_embeddings", "norm", "attention_norm", "ffn_norm",
+                           "wq", "wk", "wv", "wo", "w1", "w2", "w3") if not has(n)]
     if missing:
-        raise ValueError(f"{ckpt.source}: checkpoint lacks tensors: {', '.join(missing[:6])}"
-                         f"{' ...' if len(missing) > 6 else ''}")
+        raise ValueError(f"{ckpt.source}: checkpoint lacks tensors: {', '.join(missing)}")
 
-    def layers(name):
-        return [t[f"layers.{i}.{name}"] for i in range(args.n_layers)]
+    qd, kvd = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
 
-    def vectors(name, size):
+    def vectors(name, size, required=True):
+        if name in t:
+            return np.asarray(t[name], np.float32)
         got = [t.get(f"layers.{i}.{name}") for i in range(args.n_layers)]
         return np.stack([np.zeros(size, np.float32) if g is None else g for g in got]).astype(np.float32)
 
-    qd, kvd = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
     expect = {"wq": (qd, args.dim), "wk": (kvd, args.dim), "wv": (kvd, args.dim), "wo": (args.dim, qd),
               "w1": (args.hidden_dim, args.dim), "w2": (args.dim, args.hidden_dim),
               "w3": (args.hidden_dim, args.dim)}
     mats = {}
     for name, shape in expect.items():
-        for i, m in enumerate(layers(name)):
+        per_layer = [t[name]] if name in t else [t[f"layers.{i}.{name}"] for i in range(args.n_layers)]
+        for i, m in enumerate(per_layer):
             if (m.rows, m.cols) != shape:
                 raise ValueError(f"{ckpt.source}: layers.{i}.{name} has shape {(m.rows, m.cols)}; "
                                  f"expected {shape} from the model's config")
-        mats[name] = stack(layers(name))
+        mats[name] = per_layer[0] if name in t else stack(per_layer)
+        if mats[name].n != args.n_layers:
+            raise ValueError(f"{ckpt.source}: {name} holds {mats[name].n} layers; expected {args.n_layers}")
     emb = t["tok_embeddings"]
     if (emb.rows, emb.cols) != (args.vocab_size, args.dim):
         raise ValueError(f"{ckpt.source}: token embeddings have shape {(emb.rows, emb.cols)}; "
@@ -137,9 +142,9 @@ def build(ckpt: Checkpoint, max_seq: int) -> tuple[ModelArgs, Weights]:
     if "rope_freqs" in t:
         args.rope_scaling = dict(args.rope_scaling or {}, freq_factors=t["rope_freqs"].astype(np.float32))
     cos, sin = rope_tables(args, max_seq)
-    w = Weights(tok_embeddings=emb, attention_norm=np.stack(layers("attention_norm")).astype(np.float32),
+    w = Weights(tok_embeddings=emb, attention_norm=vectors("attention_norm", args.dim),
                 bq=vectors("bq", qd), bk=vectors("bk", kvd), bv=vectors("bv", kvd),
-                ffn_norm=np.stack(layers("ffn_norm")).astype(np.float32),
+                ffn_norm=vectors("ffn_norm", args.dim),
                 norm=np.asarray(t["norm"], np.float32), output=t.get("output", emb), cos=cos, sin=sin, **mats)
     return args, w
 
@@ -152,7 +157,7 @@ class State:
         self.max_seq, self.chunk = max_seq, chunk
         # np.zeros maps pages lazily, so a long context costs memory only as it fills.
         self.k_cache = np.zeros((args.n_layers, args.n_kv_heads, max_seq, args.head_dim), np.float32)
-        self.v_cache = np.zeros_like(self.k_cache)
+        self.v_cache = np.zeros(self.k_cache.shape, np.float32)
         self.x = np.zeros((chunk, args.dim), np.float32)          # residual stream
         self.xb = np.zeros((chunk, args.dim), np.float32)         # normed input / branch output
         self.q = np.zeros((chunk, qd), np.float32)

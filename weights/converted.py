@@ -1,0 +1,143 @@
+"""fastinfer's own checkpoint directory: weights already in the kernels' layout, memory-mapped.
+
+    OUT/config.json             {"format": "fastinfer", "format_version": 1, "dtype": ..., "config": {...},
+                                 "bos_id": ..., "eos_ids": [...], "tied": bool}
+    OUT/model.safetensors       per weight NAME, stacked over layers: NAME.q (U8), NAME.s, NAME.m,
+                                NAME.f (F32), whichever the format uses; the format and matrix shape
+                                in the safetensors metadata as NAME.kind / NAME.shape
+    OUT/tokenizer.json
+    OUT/chat_template.jinja     when the model has one
+    OUT/generation_config.json  generation defaults
+
+Writing goes to a temporary directory beside OUT that is renamed into place at the end, so an
+interrupted conversion leaves no OUT behind.
+"""
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tokenizers
+from safetensors.numpy import save_file
+from tqdm import tqdm
+
+from fastinfer.kernels import linear as K
+
+from .checkpoint import Checkpoint
+from .safetensors_mmap import read_safetensors
+from .tensors import _NO_F32, _NO_U8, QMatrix
+
+FORMAT, FORMAT_VERSION = "fastinfer", 1
+_KIND_BY_NAME = {v: k for k, v in K.KIND_NAMES.items()}
+
+
+def is_converted(d: Path) -> bool:
+    cfg = d / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text(encoding="utf-8")).get("format") == FORMAT
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def write_converted(out: Path, dtype: str, config: dict[str, Any], tensors: dict[str, QMatrix | np.ndarray],
+                    ckpt: Checkpoint, force: bool = False, progress: bool = True) -> Path:
+    """Write a converted checkpoint atomically. tensors are the model's stacked weights by name."""
+    out = Path(out).expanduser()
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; pass --force to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        arrays, meta, seen = {}, {}, {}
+        for name, t in tqdm(tensors.items(), desc="packing", unit="tensor", disable=not progress):
+            if isinstance(t, QMatrix):
+                if id(t) in seen:  # a tied head is the embedding table: store it once
+                    meta[f"{name}.alias"] = seen[id(t)]
+                    continue
+                seen[id(t)] = name
+                meta[f"{name}.kind"] = t.kind_name
+                meta[f"{name}.shape"] = f"{t.rows},{t.cols}"
+                for part in "qsmf":
+                    a = getattr(t, part)
+                    if a.shape[0]:
+                        arrays[f"{name}.{part}"] = np.ascontiguousarray(a)
+            else:
+                arrays[name] = np.ascontiguousarray(t, dtype=np.float32)
+        save_file(arrays, str(tmp / "model.safetensors"), metadata=meta)
+        (tmp / "config.json").write_text(json.dumps({
+            "format": FORMAT, "format_version": FORMAT_VERSION, "dtype": dtype, "config": config,
+            "bos_id": ckpt.bos_id, "eos_ids": ckpt.eos_ids, "source": ckpt.source}, indent=2, default=_jsonable))
+        ckpt.tokenizer.save(str(tmp / "tokenizer.json"))
+        if ckpt.chat_template:
+            (tmp / "chat_template.jinja").write_text(ckpt.chat_template, encoding="utf-8")
+        (tmp / "generation_config.json").write_text(json.dumps(ckpt.generation, indent=2))
+        if out.exists():  # --force: move the old one aside only once the new one is complete
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _jsonable(v):
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    raise TypeError(f"cannot store {type(v).__name__} in config.json")
+
+
+def read_converted(d: Path) -> Checkpoint:
+    """A converted directory -> Checkpoint of stacked, memory-mapped weights (no copy)."""
+    info = json.loads((d / "config.json").read_text(encoding="utf-8"))
+    if info.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{d}: converted with format version {info.get('format_version')}; this fastinfer "
+                         f"reads version {FORMAT_VERSION} (convert the source again)")
+    st = d / "model.safetensors"
+    if not st.is_file():
+        raise FileNotFoundError(f"{d}: missing model.safetensors")
+    arrays, meta = read_safetensors(st, with_metadata=True)
+    tensors: dict[str, QMatrix | np.ndarray] = {}
+    names = {k.rsplit(".", 1)[0] for k in meta if k.endswith(".kind")}
+    for name in names:
+        kind = meta[f"{name}.kind"]
+        if kind not in _KIND_BY_NAME:
+            raise ValueError(f"{st}: tensor {name} has unknown format {kind}")
+        rows, cols = (int(x) for x in meta[f"{name}.shape"].split(","))
+        parts = {}
+        for part, empty in (("q", _NO_U8), ("s", _NO_F32), ("m", _NO_F32), ("f", _NO_F32)):
+            got = arrays.get(f"{name}.{part}")
+            parts[part] = empty if got is None else _aligned(got[1])
+        tensors[name] = QMatrix(_KIND_BY_NAME[kind], parts["q"], parts["s"], parts["m"], parts["f"], rows, cols)
+    for k, target in meta.items():
+        if k.endswith(".alias"):
+            tensors[k[:-len(".alias")]] = tensors[target]
+    for k, (dt, a) in arrays.items():
+        if k.rsplit(".", 1)[0] not in names:
+            tensors[k] = _aligned(a)
+    try:
+        tok = tokenizers.Tokenizer.from_file(str(d / "tokenizer.json"))
+    except Exception as e:  # tokenizers raises a bare Exception on unreadable files
+        raise ValueError(f"{d}/tokenizer.json is missing or invalid ({e})") from None
+    template = d / "chat_template.jinja"
+    gen = d / "generation_config.json"
+    return Checkpoint(config=info["config"], tensors=tensors, tokenizer=tok, bos_id=info.get("bos_id"),
+                      eos_ids=list(info.get("eos_ids") or []),
+                      chat_template=template.read_text(encoding="utf-8") if template.is_file() else None,
+                      generation=json.loads(gen.read_text()) if gen.is_file() else {}, source=str(d))
+
+
+def _aligned(a: np.ndarray) -> np.ndarray:
+    # Kernels want naturally aligned arrays; safetensors places F32 data first so this holds,
+    # but a file written by another tool might not.
+    return a if a.ctypes.data % a.dtype.itemsize == 0 else np.array(a)
