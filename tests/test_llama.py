@@ -80,10 +80,11 @@ def test_session_steps_equal_full_forward(tmp_path, tok, ggml_type):
     model = fastinfer.load(path)
     full = model.forward(IDS)
     s = model.session()
+    # one token at a time reads packed rows, a batch expands tiles: float32 sums in another order
     first = s.prefill(IDS[:4])
-    np.testing.assert_allclose(first, full[3], atol=1e-5)
+    np.testing.assert_allclose(first, full[3], atol=5e-5)
     rows = [s.append([t])[0] for t in IDS[4:9]] + list(s.append(IDS[9:]))
-    np.testing.assert_allclose(np.array(rows), full[4:], atol=1e-5)
+    np.testing.assert_allclose(np.array(rows), full[4:], atol=5e-5)
     assert s.pos == len(IDS)
 
 

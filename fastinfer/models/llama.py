@@ -10,6 +10,7 @@
 `forward` is one compiled call over all layers, for one token (decode) or a chunk (prefill).
 """
 import math
+import mmap
 from dataclasses import dataclass
 
 import numpy as np
@@ -149,6 +150,18 @@ def build(ckpt: Checkpoint, max_seq: int) -> tuple[ModelArgs, Weights]:
     return args, w
 
 
+def lazy_zeros(shape: tuple) -> np.ndarray:
+    """Zeroed f32 memory that the OS fills in page by page as it is written.
+
+    numpy asks for transparent huge pages on big arrays, so the first write to each
+    (layer, head) slab of the cache would fault in 2 MB at once and a short sequence would pay for
+    the whole context. An anonymous mapping of our own uses normal pages: memory grows with use.
+    """
+    n = int(np.prod(shape))
+    buf = mmap.mmap(-1, max(n * 4, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return np.frombuffer(buf, np.float32, count=n).reshape(shape)  # the array keeps buf alive
+
+
 class State:
     """Everything one sequence needs at run time, allocated once: KV cache and scratch buffers."""
 
@@ -156,8 +169,8 @@ class State:
         qd, kvd = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
         self.max_seq, self.chunk = max_seq, chunk
         # np.zeros maps pages lazily, so a long context costs memory only as it fills.
-        self.k_cache = np.zeros((args.n_layers, args.n_kv_heads, max_seq, args.head_dim), np.float32)
-        self.v_cache = np.zeros(self.k_cache.shape, np.float32)
+        self.k_cache = lazy_zeros((args.n_layers, args.n_kv_heads, max_seq, args.head_dim))
+        self.v_cache = lazy_zeros(self.k_cache.shape)
         self.x = np.zeros((chunk, args.dim), np.float32)          # residual stream
         self.xb = np.zeros((chunk, args.dim), np.float32)         # normed input / branch output
         self.q = np.zeros((chunk, qd), np.float32)
