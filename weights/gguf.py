@@ -8,7 +8,7 @@ from gguf import quants
 from fastinfer.kernels import linear as K
 
 from .checkpoint import Checkpoint
-from .gguf_meta import open_gguf, read_metadata
+from .gguf_meta import open_gguf
 from .tensors import GGML_BLOCKS, from_f32, from_ggml_blocks, from_half_bits, permute_rows
 from .tokenizer import tokenizer_from_gguf
 
@@ -53,7 +53,7 @@ def _llama_cpp_rope_order(n_heads: int, head_dim: int) -> np.ndarray:
 def _tensor(t, path: Path):
     """One GGUF tensor -> QMatrix (2-D) or f32 vector (1-D)."""
     kind = T(t.tensor_type)
-    shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists dimensions innermost first
+    shape = t.shape
     data = t.data
     if len(shape) == 1:
         if kind in (T.F32, T.F16):
@@ -78,7 +78,7 @@ def _tensor(t, path: Path):
 
 def read_gguf(path: Path) -> Checkpoint:
     reader = open_gguf(path)
-    meta = read_metadata(reader)
+    meta = reader.metadata
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHS:
         raise ValueError(f"{path}: unsupported architecture {arch!r}; fastinfer reads GGUF architectures "

@@ -110,7 +110,7 @@ SUPPORTED_PRE_TOKENIZERS = tuple(sorted(_PRE_TOKENIZERS))
 
 
 def tokenizer_from_gguf(meta: Mapping[str, Any]) -> Tokenizer:
-    """Build the tokenizer described by GGUF metadata (as from `gguf_meta.read_metadata`).
+    """Build the tokenizer described by GGUF metadata (`gguf_meta.open_gguf(path).metadata`).
 
     Raises ValueError if the metadata has no tokenizer, an unsupported `tokenizer.ggml.model`,
     or inconsistent tokenizer arrays.
