@@ -42,13 +42,26 @@ def rope(x, cos, sin, pos0):
 
 
 @kernel
-def silu_mul(gate, up):
-    """gate (T, n) <- silu(gate) * up, in place."""
-    T, n = gate.shape
+def swiglu(out, gate_up):
+    """gate_up (T, 2n) = [gate | up] -> out (T, n) = silu(gate) * up."""
+    T, n = out.shape
     for t in range(T):
         for i in range(n):
-            g = gate[t, i]
-            gate[t, i] = g / (np.float32(1.0) + np.exp(-g)) * up[t, i]
+            g = gate_up[t, i]
+            out[t, i] = g / (np.float32(1.0) + np.exp(-g)) * gate_up[t, n + i]
+
+
+@kernel
+def split_qkv(q, k, v, qkv, b):
+    """qkv (T, dq + 2 dkv) = [q | k | v] plus bias b (dq + 2 dkv,) -> q (T, dq), k, v (T, dkv)."""
+    T, dq = q.shape
+    dkv = k.shape[1]
+    for t in range(T):
+        for i in range(dq):
+            q[t, i] = qkv[t, i] + b[i]
+        for i in range(dkv):
+            k[t, i] = qkv[t, dq + i] + b[dq + i]
+            v[t, i] = qkv[t, dq + dkv + i] + b[dq + dkv + i]
 
 
 @kernel

@@ -35,7 +35,7 @@ def test_converted_equals_in_memory(tmp_path, sources, kind, dtype):
     assert json.loads((out / "config.json").read_text())["format"] == "fastinfer"
     converted = fastinfer.load(out)
     in_memory = fastinfer.load(sources[kind], dtype=dtype)
-    assert converted.weights.wq.kind_name == in_memory.weights.wq.kind_name
+    assert converted.weights.wqkv.kind_name == in_memory.weights.wqkv.kind_name
     np.testing.assert_array_equal(converted.forward(IDS), in_memory.forward(IDS))
     # and a converted checkpoint converts again (to itself, for auto)
     again = convert(out, tmp_path / "again", "auto", progress=False).out
@@ -44,13 +44,13 @@ def test_converted_equals_in_memory(tmp_path, sources, kind, dtype):
 
 def test_dtype_formats(sources):
     kinds = {d: fastinfer.load(sources["hf"], dtype=d).weights for d in DTYPES}
-    assert kinds["auto"].wq.kind_name == "F32" and kinds["f32"].wq.kind_name == "F32"
-    assert kinds["bf16"].wq.kind_name == "BF16"
-    assert kinds["int8"].wq.kind_name == "Q8_0"
-    assert kinds["int4"].wq.kind_name == "Q4_1"
+    assert kinds["auto"].wqkv.kind_name == "F32" and kinds["f32"].wqkv.kind_name == "F32"
+    assert kinds["bf16"].wqkv.kind_name == "BF16"
+    assert kinds["int8"].wqkv.kind_name == "Q8_0"
+    assert kinds["int4"].wqkv.kind_name == "Q4_1"
     assert kinds["int4"].tok_embeddings.kind_name == "Q8_0"  # embeddings stay at 8 bits
     g = fastinfer.load(sources["gguf"], dtype="int4").weights
-    assert g.wq.kind_name == "Q4_1"  # a 4-bit source keeps its own blocks
+    assert g.wqkv.kind_name == "Q4_1"  # a 4-bit source keeps its own blocks
 
 
 def test_gguf_int4_keeps_source_values(sources):

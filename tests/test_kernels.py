@@ -274,16 +274,30 @@ SILU_EDGES = [0.0, -0.0, 1e-30, -1e-30, 1.0, -1.0, 20.0, -20.0, 88.0, -88.0, 89.
 
 
 @pytest.mark.parametrize("T,n", [(1, 1), (3, 37), (2, 576)])
-def test_silu_mul(T, n):
+def test_swiglu(T, n):
     rng = rng_for("silu", T, n)
     gate = (rng.standard_normal((T, n)) * 4).astype(np.float32)
     up = rng.standard_normal((T, n)).astype(np.float32)
     flat = gate.reshape(-1)
     flat[:len(SILU_EDGES)] = SILU_EDGES[:flat.size]
     want = tw.silu_mul(gate, up)
-    ops.silu_mul(gate, up)  # in place
-    assert np.isfinite(gate).all()
-    assert_allclose(gate, want, rtol=2e-6, atol=1e-30)
+    out = nans(T, n)
+    ops.swiglu(out, np.ascontiguousarray(np.concatenate([gate, up], axis=1)))
+    assert np.isfinite(out).all()
+    assert_allclose(out, want, rtol=2e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("T,dq,dkv", [(1, 8, 4), (3, 64, 32), (2, 576, 192)])
+def test_split_qkv(T, dq, dkv):
+    rng = rng_for("split", T, dq)
+    qkv = rng.standard_normal((T, dq + 2 * dkv)).astype(np.float32)
+    b = rng.standard_normal(dq + 2 * dkv).astype(np.float32)
+    q, k, v = nans(T, dq), nans(T, dkv), nans(T, dkv)
+    ops.split_qkv(q, k, v, qkv, b)
+    want = qkv + b
+    assert_array_equal(q, want[:, :dq])
+    assert_array_equal(k, want[:, dq:dq + dkv])
+    assert_array_equal(v, want[:, dq + dkv:])
 
 
 @pytest.mark.parametrize("T,n", [(1, 1), (3, 37), (2, 576)])

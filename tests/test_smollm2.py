@@ -47,7 +47,7 @@ def test_f32_greedy_continuation_matches_reference(f32, smollm2_gguf):
 
 
 def test_default_dtype_keeps_blocks_and_knows_paris(auto):
-    assert auto.weights.wq.kind_name == "Q4_1" and auto.weights.tok_embeddings.kind_name == "Q8_0"
+    assert auto.weights.wqkv.kind_name == "Q4_1" and auto.weights.tok_embeddings.kind_name == "Q8_0"
     assert auto.generate("The capital of France is", max_new_tokens=4, temperature=0).startswith(" Paris")
 
 

@@ -109,3 +109,20 @@ def stack(ws: list[QMatrix]) -> QMatrix:
     cat = lambda name: getattr(first, name) if getattr(first, name).shape[0] == 0 else \
         np.concatenate([getattr(w, name) for w in ws])  # noqa: E731
     return QMatrix(first.kind, cat("q"), cat("s"), cat("m"), cat("f"), first.rows, first.cols)
+
+
+def concat_rows(ws: list[QMatrix]) -> QMatrix:
+    """Stacks with the same layers and columns joined along their rows (one matmul for several).
+
+    Every format quantizes within a row, so joining rows keeps values exact; mixed formats fall
+    back to f32.
+    """
+    first = ws[0]
+    if any((w.n, w.cols) != (first.n, first.cols) for w in ws):
+        raise ValueError("matrices to join must share their layer count and columns")
+    if any(w.kind != first.kind for w in ws):
+        ws = [to_f32(w) for w in ws]
+        first = ws[0]
+    cat = lambda name: getattr(first, name) if getattr(first, name).shape[0] == 0 else \
+        np.concatenate([getattr(w, name) for w in ws], axis=1)  # noqa: E731
+    return QMatrix(first.kind, cat("q"), cat("s"), cat("m"), cat("f"), sum(w.rows for w in ws), first.cols)

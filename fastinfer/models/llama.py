@@ -2,7 +2,7 @@
 
     x = embed(ids)
     for each layer:
-        h = rmsnorm(x) ; q, k, v = h Wq + bq, h Wk + bk, h Wv + bv ; rope(q, k)
+        h = rmsnorm(x) ; q, k, v = h [Wq Wk Wv] + [bq bk bv] ; rope(q, k)
         x += attention(q, K cache, V cache) Wo
         h = rmsnorm(x) ; x += (silu(h W1) * (h W3)) W2
     logits = rmsnorm(x) Wout
@@ -19,7 +19,7 @@ from fastinfer.kernels import linear as L
 from fastinfer.kernels import ops
 from fastinfer.kernels.jit import kernel
 from fastinfer.weights.checkpoint import Checkpoint
-from fastinfer.weights.tensors import QMatrix, readonly, stack
+from fastinfer.weights.tensors import QMatrix, concat_rows, readonly, stack
 
 
 @dataclass
@@ -46,31 +46,25 @@ class ModelArgs:
 
 @dataclass
 class Weights:
-    tok_embeddings: QMatrix   # (1, vocab, dim)
+    tok_embeddings: QMatrix     # (1, vocab, dim)
     attention_norm: np.ndarray  # (L, dim)
-    wq: QMatrix               # (L, n_heads * head_dim, dim)
-    wk: QMatrix               # (L, n_kv_heads * head_dim, dim)
-    wv: QMatrix               # (L, n_kv_heads * head_dim, dim)
-    wo: QMatrix               # (L, dim, n_heads * head_dim)
-    bq: np.ndarray            # (L, n_heads * head_dim), zeros when the model has no bias
-    bk: np.ndarray            # (L, n_kv_heads * head_dim)
-    bv: np.ndarray            # (L, n_kv_heads * head_dim)
-    ffn_norm: np.ndarray      # (L, dim)
-    w1: QMatrix               # (L, hidden_dim, dim) gate
-    w2: QMatrix               # (L, dim, hidden_dim) down
-    w3: QMatrix               # (L, hidden_dim, dim) up
-    norm: np.ndarray          # (dim,)
-    output: QMatrix           # (1, vocab, dim), the embedding table when tied
-    cos: np.ndarray           # (max_seq, head_dim // 2)
-    sin: np.ndarray           # (max_seq, head_dim // 2)
+    wqkv: QMatrix               # (L, (n_heads + 2 n_kv_heads) * head_dim, dim): Wq, Wk, Wv rows joined
+    bqkv: np.ndarray            # (L, (n_heads + 2 n_kv_heads) * head_dim), zeros without biases
+    wo: QMatrix                 # (L, dim, n_heads * head_dim)
+    ffn_norm: np.ndarray        # (L, dim)
+    w13: QMatrix                # (L, 2 * hidden_dim, dim): gate (W1) rows, then up (W3) rows
+    w2: QMatrix                 # (L, dim, hidden_dim) down
+    norm: np.ndarray            # (dim,)
+    output: QMatrix             # (1, vocab, dim), the embedding table when tied
+    cos: np.ndarray             # (max_seq, head_dim // 2)
+    sin: np.ndarray             # (max_seq, head_dim // 2)
 
     def args(self) -> tuple:
         """Everything `forward` reads, as one tuple of arrays and weight tuples."""
         ro = readonly
-        return (self.tok_embeddings.args(), ro(self.attention_norm), self.wq.args(), self.wk.args(),
-                self.wv.args(), self.wo.args(), ro(self.bq), ro(self.bk), ro(self.bv), ro(self.ffn_norm),
-                self.w1.args(), self.w2.args(), self.w3.args(), ro(self.norm), self.output.args(),
-                ro(self.cos), ro(self.sin))
+        return (self.tok_embeddings.args(), ro(self.attention_norm), self.wqkv.args(), ro(self.bqkv),
+                self.wo.args(), ro(self.ffn_norm), self.w13.args(), self.w2.args(), ro(self.norm),
+                self.output.args(), ro(self.cos), ro(self.sin))
 
     @property
     def nbytes(self) -> int:
@@ -102,40 +96,26 @@ def rope_tables(args: ModelArgs, max_seq: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build(ckpt: Checkpoint, max_seq: int) -> tuple[ModelArgs, Weights]:
-    """Stack a checkpoint's per-layer tensors into the arrays `forward` reads."""
+    """Stack a checkpoint's per-layer tensors into the arrays `forward` reads.
+
+    Q, K and V projections become one matrix, as do gate and up: one pass over the input each,
+    and fewer parallel regions per decoded token.
+    """
     args = ModelArgs(**{k: v for k, v in ckpt.config.items()})
     t = ckpt.tensors
-    # GGUF and HF checkpoints hold one tensor per layer ("layers.3.wq"); converted checkpoints
-    # hold each role already stacked over layers ("wq").
-    def has(name):
-        return name in t or all(f"layers.{i}.{name}" in t for i in range(args.n_layers))
-
-    missing = [n for n in ("tok_embeddings", "norm", "attention_norm", "ffn_norm",
-                           "wq", "wk", "wv", "wo", "w1", "w2", "w3") if not has(n)]
-    if missing:
-        raise ValueError(f"{ckpt.source}: checkpoint lacks tensors: {', '.join(missing)}")
-
     qd, kvd = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
-
-    def vectors(name, size, required=True):
-        if name in t:
-            return np.asarray(t[name], np.float32)
-        got = [t.get(f"layers.{i}.{name}") for i in range(args.n_layers)]
-        return np.stack([np.zeros(size, np.float32) if g is None else g for g in got]).astype(np.float32)
-
-    expect = {"wq": (qd, args.dim), "wk": (kvd, args.dim), "wv": (kvd, args.dim), "wo": (args.dim, qd),
-              "w1": (args.hidden_dim, args.dim), "w2": (args.dim, args.hidden_dim),
-              "w3": (args.hidden_dim, args.dim)}
-    mats = {}
+    if "wqkv" in t:  # a converted checkpoint holds the roles stacked and joined already
+        mats = {n: t[n] for n in ("wqkv", "wo", "w13", "w2")}
+        vec = {n: np.asarray(t[n], np.float32) for n in ("bqkv", "attention_norm", "ffn_norm")}
+    else:  # GGUF and HF: one tensor per layer and role, "layers.3.wq"
+        mats, vec = _stack_layers(ckpt, args, qd, kvd)
+    expect = {"wqkv": (qd + 2 * kvd, args.dim), "wo": (args.dim, qd), "w13": (2 * args.hidden_dim, args.dim),
+              "w2": (args.dim, args.hidden_dim)}
     for name, shape in expect.items():
-        per_layer = [t[name]] if name in t else [t[f"layers.{i}.{name}"] for i in range(args.n_layers)]
-        for i, m in enumerate(per_layer):
-            if (m.rows, m.cols) != shape:
-                raise ValueError(f"{ckpt.source}: layers.{i}.{name} has shape {(m.rows, m.cols)}; "
-                                 f"expected {shape} from the model's config")
-        mats[name] = per_layer[0] if name in t else stack(per_layer)
-        if mats[name].n != args.n_layers:
-            raise ValueError(f"{ckpt.source}: {name} holds {mats[name].n} layers; expected {args.n_layers}")
+        m = mats[name]
+        if (m.n, m.rows, m.cols) != (args.n_layers, *shape):
+            raise ValueError(f"{ckpt.source}: {name} has shape {(m.n, m.rows, m.cols)}; expected "
+                             f"{(args.n_layers, *shape)} from the model's config")
     emb = t["tok_embeddings"]
     if (emb.rows, emb.cols) != (args.vocab_size, args.dim):
         raise ValueError(f"{ckpt.source}: token embeddings have shape {(emb.rows, emb.cols)}; "
@@ -143,11 +123,40 @@ def build(ckpt: Checkpoint, max_seq: int) -> tuple[ModelArgs, Weights]:
     if "rope_freqs" in t:
         args.rope_scaling = dict(args.rope_scaling or {}, freq_factors=t["rope_freqs"].astype(np.float32))
     cos, sin = rope_tables(args, max_seq)
-    w = Weights(tok_embeddings=emb, attention_norm=vectors("attention_norm", args.dim),
-                bq=vectors("bq", qd), bk=vectors("bk", kvd), bv=vectors("bv", kvd),
-                ffn_norm=vectors("ffn_norm", args.dim),
-                norm=np.asarray(t["norm"], np.float32), output=t.get("output", emb), cos=cos, sin=sin, **mats)
+    w = Weights(tok_embeddings=emb, norm=np.asarray(t["norm"], np.float32), output=t.get("output", emb),
+                cos=cos, sin=sin, **mats, **vec)
     return args, w
+
+
+def _stack_layers(ckpt: Checkpoint, args: ModelArgs, qd: int, kvd: int) -> tuple[dict, dict]:
+    t = ckpt.tensors
+    names = ("attention_norm", "ffn_norm", "wq", "wk", "wv", "wo", "w1", "w2", "w3")
+    missing = [n for n in ("tok_embeddings", "norm") if n not in t]
+    missing += [f"layers.{i}.{n}" for i in range(args.n_layers) for n in names if f"layers.{i}.{n}" not in t]
+    if missing:
+        raise ValueError(f"{ckpt.source}: checkpoint lacks tensors: {', '.join(missing[:6])}"
+                         f"{' ...' if len(missing) > 6 else ''}")
+    expect = {"wq": (qd, args.dim), "wk": (kvd, args.dim), "wv": (kvd, args.dim), "wo": (args.dim, qd),
+              "w1": (args.hidden_dim, args.dim), "w2": (args.dim, args.hidden_dim),
+              "w3": (args.hidden_dim, args.dim)}
+    stacked = {}
+    for name, shape in expect.items():
+        per_layer = [t[f"layers.{i}.{name}"] for i in range(args.n_layers)]
+        for i, m in enumerate(per_layer):
+            if (m.rows, m.cols) != shape:
+                raise ValueError(f"{ckpt.source}: layers.{i}.{name} has shape {(m.rows, m.cols)}; "
+                                 f"expected {shape} from the model's config")
+        stacked[name] = stack(per_layer)
+
+    def vectors(name, size):
+        got = [t.get(f"layers.{i}.{name}") for i in range(args.n_layers)]
+        return np.stack([np.zeros(size, np.float32) if g is None else g for g in got]).astype(np.float32)
+
+    mats = {"wqkv": concat_rows([stacked["wq"], stacked["wk"], stacked["wv"]]), "wo": stacked["wo"],
+            "w13": concat_rows([stacked["w1"], stacked["w3"]]), "w2": stacked["w2"]}
+    vec = {"bqkv": np.concatenate([vectors("bq", qd), vectors("bk", kvd), vectors("bv", kvd)], axis=1),
+           "attention_norm": vectors("attention_norm", args.dim), "ffn_norm": vectors("ffn_norm", args.dim)}
+    return mats, vec
 
 
 def lazy_zeros(shape: tuple) -> np.ndarray:
@@ -173,20 +182,21 @@ class State:
         self.v_cache = lazy_zeros(self.k_cache.shape)
         self.x = np.zeros((chunk, args.dim), np.float32)          # residual stream
         self.xb = np.zeros((chunk, args.dim), np.float32)         # normed input / branch output
+        self.qkv = np.zeros((chunk, qd + 2 * kvd), np.float32)  # joined projection output
         self.q = np.zeros((chunk, qd), np.float32)
         self.k = np.zeros((chunk, kvd), np.float32)
         self.v = np.zeros((chunk, kvd), np.float32)
         self.att = np.zeros((chunk, qd), np.float32)              # attention output per head
-        self.hb = np.zeros((chunk, args.hidden_dim), np.float32)  # gate, then silu(gate) * up
-        self.hb2 = np.zeros((chunk, args.hidden_dim), np.float32)  # up
+        self.h13 = np.zeros((chunk, 2 * args.hidden_dim), np.float32)  # [gate | up]
+        self.hb = np.zeros((chunk, args.hidden_dim), np.float32)  # silu(gate) * up
         self.logits = np.zeros((chunk, args.vocab_size), np.float32)
-        widest = max(args.dim, qd, args.hidden_dim)
+        widest = max(args.dim, qd, args.hidden_dim)  # the widest input a matmul reads
         self.lin_scratch = np.zeros((threads, L.scratch_size(widest, chunk)), np.float32)
         self.att_scratch = np.zeros((threads, max_seq), np.float32)
 
     def args(self) -> tuple:
-        return (self.k_cache, self.v_cache, self.x, self.xb, self.q, self.k, self.v, self.att,
-                self.hb, self.hb2, self.logits, self.lin_scratch, self.att_scratch)
+        return (self.k_cache, self.v_cache, self.x, self.xb, self.qkv, self.q, self.k, self.v, self.att,
+                self.h13, self.hb, self.logits, self.lin_scratch, self.att_scratch)
 
 
 @kernel
@@ -195,13 +205,12 @@ def forward(ids, pos0, all_logits, w, st, n_heads, n_kv_heads, eps):
 
     Writes logits for every position (all_logits) or only the last one into st.logits[:T or 1].
     """
-    (emb, attention_norm, wq, wk, wv, wo, bq, bk, bv, ffn_norm, w1, w2, w3, norm, output,
-     cos, sin) = w
-    (k_cache, v_cache, x_all, xb_all, q_all, k_all, v_all, att_all, hb_all, hb2_all, logits,
+    emb, attention_norm, wqkv, bqkv, wo, ffn_norm, w13, w2, norm, output, cos, sin = w
+    (k_cache, v_cache, x_all, xb_all, qkv_all, q_all, k_all, v_all, att_all, h13_all, hb_all, logits,
      lin, att_scratch) = st
     T = ids.shape[0]
     hd = k_cache.shape[3]
-    x, xb, hb, hb2 = x_all[:T], xb_all[:T], hb_all[:T], hb2_all[:T]
+    x, xb, qkv, h13, hb = x_all[:T], xb_all[:T], qkv_all[:T], h13_all[:T], hb_all[:T]
     q, k, v, att = q_all[:T], k_all[:T], v_all[:T], att_all[:T]
     q3 = q.reshape((T, n_heads, hd))
     k3 = k.reshape((T, n_kv_heads, hd))
@@ -210,13 +219,8 @@ def forward(ids, pos0, all_logits, w, st, n_heads, n_kv_heads, eps):
     ops.embed(x, ids, emb)
     for l in range(attention_norm.shape[0]):
         ops.rmsnorm(xb, x, attention_norm[l], eps)
-        L.linear(q, xb, wq, l, lin)
-        L.linear(k, xb, wk, l, lin)
-        L.linear(v, xb, wv, l, lin)
-        for t in range(T):
-            q[t] += bq[l]
-            k[t] += bk[l]
-            v[t] += bv[l]
+        L.linear(qkv, xb, wqkv, l, lin)
+        ops.split_qkv(q, k, v, qkv, bqkv[l])
         ops.rope(q3, cos, sin, pos0)
         ops.rope(k3, cos, sin, pos0)
         ops.store_kv(k_cache, v_cache, k3, v3, l, pos0)
@@ -224,9 +228,8 @@ def forward(ids, pos0, all_logits, w, st, n_heads, n_kv_heads, eps):
         L.linear(xb, att, wo, l, lin)
         ops.add_(x, xb)
         ops.rmsnorm(xb, x, ffn_norm[l], eps)
-        L.linear(hb, xb, w1, l, lin)
-        L.linear(hb2, xb, w3, l, lin)
-        ops.silu_mul(hb, hb2)
+        L.linear(h13, xb, w13, l, lin)
+        ops.swiglu(hb, h13)
         L.linear(xb, hb, w2, l, lin)
         ops.add_(x, xb)
     if all_logits:

@@ -1,0 +1,382 @@
+"""Side-by-side speed of fastinfer and llama.cpp (and HF transformers if installed), in one run.
+
+    pip install -e ".[bench]"
+    python bench/compare.py                       # 2 threads, pp512 / tg128, 5 repetitions
+    python bench/compare.py --threads 2 -p 512 -n 128 -r 5 --dtypes auto int8 --engines fastinfer llama.cpp
+
+llama-bench's method for every engine: pp = one P-token prompt of random token ids evaluated as a
+single batch from an empty cache; tg = N tokens decoded one at a time after a 1-token prompt,
+greedy (argmax of each step's logits is the next input). Throughput is tokens / wall seconds.
+Every engine is loaded once, then the repetitions alternate engines (repetition 0 is a warm-up
+and is not counted; the engine order rotates from one repetition to the next), so slow drifts
+of a noisy machine hit every engine alike.
+
+Writes compare-<date>.md (table), compare-<date>.json (raw timings) and compare-<date>.png
+(bar chart) into --out (default bench/results).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+INSTALL_HINT = 'pip install -e ".[bench]"'
+REF = ("llama.cpp", "Q8_0")  # the row every ratio is taken against
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def cache_home() -> Path:
+    """$FASTINFER_HOME (default ~/.cache/fastinfer), as fastinfer itself resolves it."""
+    return Path(os.environ.get("FASTINFER_HOME") or Path.home() / ".cache" / "fastinfer").expanduser()
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                              text=True, check=True).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def stats(xs: list[float]) -> dict:
+    return {"mean": float(np.mean(xs)), "std": float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0}
+
+
+def note(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -- engines: each runner has .pp(prompt) and .tg(first, n), returning elapsed seconds ---------------
+class FastinferRunner:
+    engine = "fastinfer"
+
+    def __init__(self, path: Path, dtype: str, threads: int, n_ctx: int):
+        import fastinfer
+        self.weights = {"auto": "auto (Q4_1 as shipped)"}.get(dtype, dtype)
+        self.model = fastinfer.load(path, dtype=dtype, threads=threads, n_ctx=n_ctx)
+        self.vocab = int(self.model.args.vocab_size)
+        self.version = getattr(fastinfer, "__version__", None) or _dist_version("fastinfer")
+
+    def pp(self, prompt: list[int]) -> float:
+        s = self.model.session()
+        t0 = time.perf_counter()
+        s.prefill(prompt)
+        return time.perf_counter() - t0
+
+    def tg(self, first: int, n: int) -> float:
+        s = self.model.session()
+        s.prefill([first])
+        tok = first
+        t0 = time.perf_counter()
+        for _ in range(n):
+            tok = int(np.argmax(s.decode_step(tok)))
+        return time.perf_counter() - t0
+
+
+class LlamaCppRunner:
+    """llama.cpp through llama-cpp-python's Llama object (Llama.eval = llama_decode per batch)."""
+    engine = "llama.cpp"
+
+    def __init__(self, path: Path, label: str, threads: int, n_prompt: int, n_gen: int):
+        import llama_cpp
+        self.weights = label
+        self.version = llama_cpp.__version__
+        self.llm = llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads,
+                                   n_ctx=n_prompt + n_gen + 8, n_batch=n_prompt, n_ubatch=n_prompt,
+                                   logits_all=False, verbose=False)
+        self.vocab = int(self.llm.n_vocab())
+
+    def _clear(self) -> None:
+        """Empty the KV cache as well as the Python-side token count (reset() only does the latter)."""
+        self.llm.reset()
+        ctx = self.llm._ctx
+        if hasattr(ctx, "memory_clear"):
+            ctx.memory_clear(True)
+        else:  # older llama-cpp-python
+            ctx.kv_cache_clear()
+
+    def pp(self, prompt: list[int]) -> float:
+        self._clear()
+        t0 = time.perf_counter()
+        self.llm.eval(prompt)  # one llama_decode of the whole prompt (n_batch = n_ubatch = P)
+        return time.perf_counter() - t0
+
+    def tg(self, first: int, n: int) -> float:
+        self._clear()
+        self.llm.eval([first])
+        tok = first
+        t0 = time.perf_counter()
+        for _ in range(n):
+            self.llm.eval([tok])
+            tok = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        return time.perf_counter() - t0
+
+
+class TransformersRunner:
+    """HF transformers float32 on the GGUF (dequantized by transformers' GGUF loader). Only used if
+    transformers and torch are importable."""
+    engine = "transformers"
+
+    def __init__(self, path: Path, threads: int):
+        import torch
+        import transformers
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.weights = "f32 (from Q4_1)"
+        self.version = transformers.__version__
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, torch_dtype=torch.float32).eval()
+        self.vocab = int(self.model.config.vocab_size)
+
+    def pp(self, prompt: list[int]) -> float:
+        ids = self.torch.tensor([prompt])
+        with self.torch.inference_mode():
+            t0 = time.perf_counter()
+            self.model(ids, use_cache=True)
+            return time.perf_counter() - t0
+
+    def tg(self, first: int, n: int) -> float:
+        torch = self.torch
+        with torch.inference_mode():
+            out = self.model(torch.tensor([[first]]), use_cache=True)
+            past, tok = out.past_key_values, first
+            t0 = time.perf_counter()
+            for _ in range(n):
+                out = self.model(torch.tensor([[tok]]), past_key_values=past, use_cache=True)
+                past, tok = out.past_key_values, int(out.logits[0, -1].argmax())
+            return time.perf_counter() - t0
+
+
+def _dist_version(name: str) -> str | None:
+    try:
+        from importlib.metadata import version
+        return version(name)
+    except Exception:
+        return None
+
+
+def q8_0_from(src: Path) -> Path:
+    """A Q8_0 GGUF requantized from src with llama.cpp's quantizer, cached under $FASTINFER_HOME/bench."""
+    import llama_cpp
+    out = cache_home() / "bench" / (src.name.replace(".Q4_1.gguf", "") + ".Q8_0.gguf")
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    params.allow_requantize = True  # the source is already 4-bit
+    params.nthread = os.cpu_count() or 1
+    note(f"quantizing {src.name} -> {out} (Q8_0)")
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+    if rc != 0:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"llama_model_quantize failed with code {rc}")
+    tmp.rename(out)
+    return out
+
+
+# -- main ------------------------------------------------------------------------------------------
+def build_runners(args, model_path: Path) -> tuple[list, list[str]]:
+    runners, notes = [], []
+    n_ctx = args.n_prompt + args.n_gen + 8
+    if "fastinfer" in args.engines:
+        for dt in args.dtypes:
+            note(f"loading fastinfer dtype={dt}")
+            runners.append(FastinferRunner(model_path, dt, args.threads, n_ctx))
+    if "llama.cpp" in args.engines:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            msg = f"llama.cpp skipped: llama-cpp-python is not installed (install it with `{INSTALL_HINT}`)"
+            note(msg)
+            notes.append(msg)
+        else:
+            for label, path in (("Q8_0", None), ("Q4_1", model_path)):
+                path = path or q8_0_from(model_path)
+                note(f"loading llama.cpp {label}")
+                runners.append(LlamaCppRunner(path, label, args.threads, args.n_prompt, args.n_gen))
+    if "transformers" in args.engines:
+        try:
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError:
+            msg = "HF transformers skipped: transformers/torch are not installed"
+            note(msg)
+            notes.append(msg)
+        else:
+            note("loading HF transformers")
+            runners.append(TransformersRunner(model_path, args.threads))
+    return runners, notes
+
+
+def measure(runners: list, args) -> dict[int, dict[str, list[float]]]:
+    """Seconds per repetition for each runner; repetitions alternate runners, order rotating."""
+    rng = np.random.default_rng(0)
+    vocab = min(r.vocab for r in runners)
+    prompt = rng.integers(0, vocab, args.n_prompt).tolist()
+    times = {i: {"pp": [], "tg": []} for i in range(len(runners))}
+    for rep in range(args.repetitions + 1):  # repetition 0 is the warm-up
+        k = rep % len(runners)
+        for i in list(range(len(runners)))[k:] + list(range(len(runners)))[:k]:
+            r = runners[i]
+            t_pp = r.pp(prompt)
+            t_tg = r.tg(prompt[0], args.n_gen)
+            tag = "warm-up" if rep == 0 else f"rep {rep}/{args.repetitions}"
+            note(f"  {tag:>9}  {r.engine:<12} {r.weights:<24} pp {args.n_prompt / t_pp:8.1f} t/s   "
+                 f"tg {args.n_gen / t_tg:7.1f} t/s")
+            if rep:
+                times[i]["pp"].append(t_pp)
+                times[i]["tg"].append(t_tg)
+    return times
+
+
+def rows_from(runners, times, args) -> list[dict]:
+    rows = []
+    for i, r in enumerate(runners):
+        pp = [args.n_prompt / t for t in times[i]["pp"]]
+        tg = [args.n_gen / t for t in times[i]["tg"]]
+        rows.append({"engine": r.engine, "weights": r.weights, "version": r.version,
+                     "pp": stats(pp), "tg": stats(tg), "pp_tps": pp, "tg_tps": tg,
+                     "pp_seconds": times[i]["pp"], "tg_seconds": times[i]["tg"]})
+    ref = next((x for x in rows if (x["engine"], x["weights"]) == REF), None)
+    for x in rows:
+        x["ratio"] = ({k: x[k]["mean"] / ref[k]["mean"] for k in ("pp", "tg")} if ref else None)
+    return rows
+
+
+def markdown(rows, meta, args) -> str:
+    p, n = args.n_prompt, args.n_gen
+    lines = [f"# fastinfer vs llama.cpp, {meta['date']}", "",
+             f"{meta['cpu']}, {args.threads} threads, mean ± std over {args.repetitions} repetitions "
+             f"(warm-up excluded, engines alternating). fastinfer {meta['fastinfer_commit'] or ''}, "
+             f"llama-cpp-python {meta['versions'].get('llama.cpp') or 'not installed'}.", "",
+             f"| engine | weights | pp{p} (t/s) | tg{n} (t/s) | pp{p} vs llama.cpp Q8_0 | tg{n} vs llama.cpp Q8_0 |",
+             "|---|---|---|---|---|---|"]
+    for x in rows:
+        ratio = x["ratio"]
+        rp, rt = (f"{ratio['pp']:.2f}×", f"{ratio['tg']:.2f}×") if ratio else ("–", "–")
+        lines.append(f"| {x['engine']} | {x['weights']} | {x['pp']['mean']:.1f} ± {x['pp']['std']:.1f} | "
+                     f"{x['tg']['mean']:.1f} ± {x['tg']['std']:.1f} | {rp} | {rt} |")
+    if meta["notes"]:
+        lines += [""] + [f"- {s}" for s in meta["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def chart(rows, meta, args, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{x['engine']}\n{x['weights']}" for x in rows]
+    colors = ["#1f77b4" if x["engine"] == "fastinfer" else "#ff7f0e" if x["engine"] == "llama.cpp"
+              else "#2ca02c" for x in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.9 * len(rows) + 2.2))
+    for ax, key, title in ((axes[0], "pp", f"prompt processing pp{args.n_prompt}"),
+                           (axes[1], "tg", f"generation tg{args.n_gen}")):
+        means = [x[key]["mean"] for x in rows]
+        stds = [x[key]["std"] for x in rows]
+        y = np.arange(len(rows))[::-1]
+        ax.barh(y, means, xerr=stds, color=colors, capsize=4)
+        ax.set_yticks(y, labels)
+        ax.set_xlabel("tokens / s (higher is better)")
+        ax.set_title(title)
+        ax.set_xlim(0, max(m + s for m, s in zip(means, stds)) * 1.35)
+        for yi, m, sd, x in zip(y, means, stds, rows):
+            r = f" ({x['ratio'][key]:.2f}×)" if x["ratio"] else ""
+            ax.text(m + sd, yi, f"  {m:.0f}{r}", va="center", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"fastinfer vs llama.cpp — SmolLM2-135M, {args.threads} threads, {meta['cpu']}, {meta['date']}\n"
+                 f"mean ± std of {args.repetitions} repetitions; ratios vs llama.cpp Q8_0", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", "-t", type=int, default=2, help="threads for every engine (default: 2)")
+    ap.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens for pp (default: 512)")
+    ap.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens for tg (default: 128)")
+    ap.add_argument("-r", "--repetitions", type=int, default=5, help="counted repetitions (default: 5)")
+    ap.add_argument("--dtypes", nargs="+", default=["auto", "int8"], help="fastinfer dtypes (default: auto int8)")
+    ap.add_argument("--engines", nargs="+", default=["fastinfer", "llama.cpp", "transformers"],
+                    choices=["fastinfer", "llama.cpp", "transformers"], help="engines to run (default: all)")
+    ap.add_argument("--model", type=Path, default=None,
+                    help="the Q4_1 GGUF (default: $FASTINFER_HOME/models/SmolLM2-135M-Instruct.Q4_1.gguf)")
+    ap.add_argument("--out", type=Path, default=HERE / "results", help="output directory (default: bench/results)")
+    args = ap.parse_args(argv)
+    for name in ("threads", "n_prompt", "n_gen", "repetitions"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be positive")
+
+    model_path = args.model or cache_home() / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not model_path.exists():
+        if args.model:
+            ap.error(f"{model_path} does not exist")
+        from fastinfer.weights.fetch import default_model
+        model_path = default_model()
+
+    runners, notes = build_runners(args, model_path)
+    if not runners:
+        note("nothing to measure")
+        return 1
+    t_start = time.time()
+    times = measure(runners, args)
+    rows = rows_from(runners, times, args)
+
+    now = _dt.datetime.now()
+    meta = {"date": now.strftime("%Y-%m-%d"), "time": now.isoformat(timespec="seconds"), "cpu": cpu_model(),
+            "threads": args.threads, "n_prompt": args.n_prompt, "n_gen": args.n_gen,
+            "repetitions": args.repetitions, "model": str(model_path), "fastinfer_commit": git_commit(),
+            "versions": {r.engine: r.version for r in runners}, "python": platform.python_version(),
+            "measure_seconds": round(time.time() - t_start, 1), "notes": notes}
+    try:
+        import numba
+        meta["numba"] = numba.__version__
+        meta["numba_threading_layer"] = numba.threading_layer()
+    except Exception:
+        pass
+    noisy = [f"{x['engine']} {x['weights']} {k}{args.n_prompt if k == 'pp' else args.n_gen}: "
+             f"std {x[k]['std'] / x[k]['mean']:.0%} of mean"
+             for x in rows for k in ("pp", "tg") if x[k]["std"] > 0.15 * x[k]["mean"]]
+    for s in noisy:
+        note(f"warning: noisy measurement ({s}); consider rerunning on a quiet machine")
+    meta["noisy"] = noisy
+
+    md = markdown(rows, meta, args)
+    print(md)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"compare-{meta['date']}"
+    Path(f"{stem}.md").write_text(md)
+    Path(f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    try:
+        chart(rows, meta, args, Path(f"{stem}.png"))
+    except ImportError:
+        note(f"no chart: matplotlib is not installed (install it with `{INSTALL_HINT}`)")
+    note(f"wrote {stem}.md, .json, .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
