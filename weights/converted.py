@@ -30,7 +30,7 @@ from .checkpoint import Checkpoint
 from .safetensors_mmap import read_safetensors
 from .tensors import _NO_F32, _NO_U8, QMatrix
 
-FORMAT, FORMAT_VERSION = "fastinfer", 1
+FORMAT, FORMAT_VERSION = "fastinfer", 2  # 2: Q/K/V and gate/up stored joined
 _KIND_BY_NAME = {v: k for k, v in K.KIND_NAMES.items()}
 
 
