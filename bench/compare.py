@@ -31,7 +31,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 INSTALL_HINT = 'pip install -e ".[bench]"'
-REF = ("llama.cpp", "Q8_0")  # the row every ratio is taken against
+REF = ("llama.cpp", "Q8_0 (from Q4_1)")  # the row every ratio is taken against
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -50,12 +50,48 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def git_commit() -> str | None:
+def cpu_simd() -> str:
+    """The vector extensions /proc/cpuinfo shows (AVX-512 or not changes llama.cpp's kernels)."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
-                              text=True, check=True).stdout.strip() or None
-    except (OSError, subprocess.CalledProcessError):
-        return None
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+                keep = [f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c")]
+                return " ".join(sorted(keep, key=flags.index)) or "no AVX"
+    except OSError:
+        pass
+    return "unknown"
+
+
+def fastinfer_source() -> dict:
+    """Where the imported fastinfer lives and which commit it is: the git checkout it is imported
+    from (editable install), or the one it was pip-installed from (dist-info direct_url.json).
+    "-dirty" marks uncommitted changes to the engine's sources."""
+    import fastinfer
+    pkg = Path(fastinfer.__file__).resolve().parent
+    info = {"path": str(pkg), "commit": None}
+    candidates = [pkg]
+    try:
+        from importlib.metadata import distribution
+        url = json.loads(distribution("fastinfer").read_text("direct_url.json") or "{}").get("url", "")
+        if url.startswith("file://"):
+            candidates.append(Path(url[len("file://"):]))
+    except Exception:
+        pass
+    for d in candidates:
+        try:
+            git = ["git", "-C", str(d)]
+            commit = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    check=True).stdout.strip()
+            top = subprocess.run(git + ["rev-parse", "--show-toplevel"], capture_output=True, text=True,
+                                 check=True).stdout.strip()
+            dirty = subprocess.run(git + ["status", "--porcelain", "--", "fastinfer", "kernels", "weights"],
+                                   cwd=top, capture_output=True, text=True, check=True).stdout.strip()
+            info.update(commit=commit + ("-dirty" if dirty else ""), checkout=top)
+            break
+        except (OSError, subprocess.CalledProcessError):
+            continue
+    return info
 
 
 def stats(xs: list[float]) -> dict:
@@ -115,6 +151,10 @@ class LlamaCppRunner:
         else:  # older llama-cpp-python
             ctx.kv_cache_clear()
 
+    def _logits(self) -> np.ndarray:
+        """The last evaluated token's logits (llama_get_logits; Llama.eval no longer copies them)."""
+        return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.vocab,))
+
     def pp(self, prompt: list[int]) -> float:
         self._clear()
         t0 = time.perf_counter()
@@ -128,7 +168,7 @@ class LlamaCppRunner:
         t0 = time.perf_counter()
         for _ in range(n):
             self.llm.eval([tok])
-            tok = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            tok = int(np.argmax(self._logits()))
         return time.perf_counter() - t0
 
 
@@ -212,7 +252,7 @@ def build_runners(args, model_path: Path) -> tuple[list, list[str]]:
             note(msg)
             notes.append(msg)
         else:
-            for label, path in (("Q8_0", None), ("Q4_1", model_path)):
+            for label, path in ((REF[1], None), ("Q4_1", model_path)):
                 path = path or q8_0_from(model_path)
                 note(f"loading llama.cpp {label}")
                 runners.append(LlamaCppRunner(path, label, args.threads, args.n_prompt, args.n_gen))
@@ -268,9 +308,9 @@ def rows_from(runners, times, args) -> list[dict]:
 def markdown(rows, meta, args) -> str:
     p, n = args.n_prompt, args.n_gen
     lines = [f"# fastinfer vs llama.cpp, {meta['date']}", "",
-             f"{meta['cpu']}, {args.threads} threads, mean ± std over {args.repetitions} repetitions "
-             f"(warm-up excluded, engines alternating). fastinfer {meta['fastinfer_commit'] or ''}, "
-             f"llama-cpp-python {meta['versions'].get('llama.cpp') or 'not installed'}.", "",
+             f"{meta['cpu']} ({meta['cpu_simd']}), {args.threads} threads, mean ± std over {args.repetitions} repetitions "
+             f"(warm-up excluded, engines alternating). fastinfer {meta['fastinfer']['commit'] or '(commit unknown)'}, "
+             f"llama-cpp-python {meta['versions'].get('llama.cpp') or '(not run)'}.", "",
              f"| engine | weights | pp{p} (t/s) | tg{n} (t/s) | pp{p} vs llama.cpp Q8_0 | tg{n} vs llama.cpp Q8_0 |",
              "|---|---|---|---|---|---|"]
     for x in rows:
@@ -346,11 +386,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = rows_from(runners, times, args)
 
     now = _dt.datetime.now()
-    meta = {"date": now.strftime("%Y-%m-%d"), "time": now.isoformat(timespec="seconds"), "cpu": cpu_model(),
+    meta = {"date": now.strftime("%Y-%m-%d"), "time": now.isoformat(timespec="seconds"), "cpu": cpu_model(), "cpu_simd": cpu_simd(),
             "threads": args.threads, "n_prompt": args.n_prompt, "n_gen": args.n_gen,
-            "repetitions": args.repetitions, "model": str(model_path), "fastinfer_commit": git_commit(),
+            "repetitions": args.repetitions, "model": str(model_path), "fastinfer": fastinfer_source(),
             "versions": {r.engine: r.version for r in runners}, "python": platform.python_version(),
             "measure_seconds": round(time.time() - t_start, 1), "notes": notes}
+    try:
+        import llama_cpp
+        meta["llama_cpp_system_info"] = llama_cpp.llama_print_system_info().decode().strip()
+    except Exception:
+        pass
     try:
         import numba
         meta["numba"] = numba.__version__
