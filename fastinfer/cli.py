@@ -142,6 +142,7 @@ def _stats(xs: list[float]) -> dict:
 
 
 def cmd_bench(args) -> int:
+    args.ctx = args.n_prompt + args.n_gen  # a session just large enough for the test
     model = _load(args)
     a = model.args
     if args.n_prompt + args.n_gen > model.n_ctx:
