@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .models import llama
+from .models import ARCHITECTURES
 from .weights.checkpoint import check_dtype, open_checkpoint
 from .weights.converted import write_converted
 from .weights.tensors import QMatrix, to_f32
@@ -35,13 +35,14 @@ def convert(src: str | Path, out: str | Path, dtype: str = "auto", force: bool =
     if Path(src).expanduser().resolve() == out.resolve():
         raise ValueError("the output directory must differ from the source")
     ckpt = open_checkpoint(src, dtype)
-    args, w = llama.build(ckpt, max_seq=1)
+    arch = ARCHITECTURES[ckpt.config["arch"]]
+    args, w = arch.build(ckpt, max_seq=1)
     tensors = {f.name: getattr(w, f.name) for f in fields(w) if f.name not in ("cos", "sin")}
 
     # The error is measured against the source's own values, tensor by tensor.
     worst = ("-", 0.0, 0.0)
     if dtype != "auto":
-        _, ref = llama.build(open_checkpoint(src, "auto"), max_seq=1)
+        _, ref = arch.build(open_checkpoint(src, "auto"), max_seq=1)
         for name, t in tqdm(tensors.items(), desc="measuring error", unit="tensor", disable=not progress):
             if not isinstance(t, QMatrix):
                 continue

@@ -11,7 +11,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .generate import TextStream, generate_ids
 from .kernels.jit import compile_notice, set_threads
-from .models import llama
+from .models import ARCHITECTURES
 from .sampling import SamplingParams
 from .weights.checkpoint import check_dtype, open_checkpoint
 from .weights.fetch import default_model
@@ -41,7 +41,8 @@ class Model:
         if not 1 <= n_ctx <= ctx_limit:
             raise ValueError(f"n_ctx must be between 1 and the model's context length {ctx_limit}; got {n_ctx}")
         self.n_ctx, self.threads = n_ctx, threads
-        self.args, self.weights = llama.build(ckpt, n_ctx)
+        self.arch = ARCHITECTURES[ckpt.config["arch"]]
+        self.args, self.weights = self.arch.build(ckpt, n_ctx)
         self.config = self.args
         self.tokenizer: tokenizers.Tokenizer = ckpt.tokenizer
         self.bos_id, self.eos_ids = ckpt.bos_id, list(ckpt.eos_ids)
@@ -49,7 +50,7 @@ class Model:
         self.generation_defaults = dict(ckpt.generation)
         self.source = ckpt.source
         self._w = self.weights.args()
-        with compile_notice("llama-forward"):
+        with compile_notice(f"{self.args.arch}-forward"):
             Session(self, 2).prefill([0, 0])
 
     # -- forward passes ----------------------------------------------------------------------
@@ -173,7 +174,7 @@ class Session:
         if not 1 <= n_ctx <= model.args.max_seq_len:
             raise ValueError(f"n_ctx must be between 1 and {model.args.max_seq_len}; got {n_ctx}")
         self.model, self.max_seq, self.pos = model, n_ctx, 0
-        self.state = llama.State(model.args, n_ctx, min(PREFILL_CHUNK, n_ctx), model.threads)
+        self.state = model.arch.State(model.args, n_ctx, min(PREFILL_CHUNK, n_ctx), model.threads)
         self._st = self.state.args()
         self._one = np.zeros(1, np.int64)  # the decode step's input, reused every token
 
@@ -211,9 +212,7 @@ class Session:
         return np.asarray(self.model._check_ids(ids, self.max_seq), dtype=np.int64)
 
     def _run(self, ids: np.ndarray, all_logits: bool) -> int:
-        a = self.model.args
         numba.set_num_threads(self.model.threads)
-        llama.forward(ids, self.pos, all_logits, self.model._w, self._st, a.n_heads, a.n_kv_heads,
-                      float(a.norm_eps))
+        self.model.arch.run(self.model.args, self.model._w, self._st, ids, self.pos, all_logits)
         self.pos += len(ids)
         return len(ids)

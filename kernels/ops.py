@@ -22,6 +22,44 @@ def rmsnorm(out, x, w, eps):
 
 
 @kernel
+def layernorm(out, x, w, b, eps):
+    """x (T, n) -> out (T, n) = (x - mean) / sqrt(var + eps) * w + b (biased variance)."""
+    T, n = x.shape
+    for t in range(T):
+        mean = np.float32(0.0)
+        for i in range(n):
+            mean += x[t, i]
+        mean /= np.float32(n)
+        var = np.float32(0.0)
+        for i in range(n):
+            d = x[t, i] - mean
+            var += d * d
+        inv = np.float32(1.0) / np.sqrt(var / np.float32(n) + np.float32(eps))
+        for i in range(n):
+            out[t, i] = (x[t, i] - mean) * inv * w[i] + b[i]
+
+
+@kernel
+def gelu_new_(x):
+    """x (T, n) <- 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), in place (GPT-2's gelu_new)."""
+    T, n = x.shape
+    c = np.float32(math.sqrt(2.0 / math.pi))
+    for t in range(T):
+        for i in range(n):
+            v = x[t, i]
+            x[t, i] = np.float32(0.5) * v * (np.float32(1.0) + np.tanh(c * (v + np.float32(0.044715) * v * v * v)))
+
+
+@kernel
+def add_bias_(x, b):
+    """x (T, n) += b (n,)."""
+    T, n = x.shape
+    for t in range(T):
+        for i in range(n):
+            x[t, i] += b[i]
+
+
+@kernel
 def rope(x, cos, sin, pos0):
     """Rotate x (T, heads, head_dim) in place at positions pos0.. (HF rotate-half pairing).
 

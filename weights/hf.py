@@ -16,7 +16,7 @@ from .checkpoint import Checkpoint
 from .safetensors_mmap import read_safetensors
 from .tensors import from_f32, from_half_bits
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2")
 
 _LAYER_NAMES = {
     "input_layernorm.weight": "attention_norm", "post_attention_layernorm.weight": "ffn_norm",
@@ -28,6 +28,34 @@ _LAYER_NAMES = {
 _GLOBAL_NAMES = {"model.embed_tokens.weight": "tok_embeddings", "model.norm.weight": "norm",
                  "lm_head.weight": "output"}
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+# GPT-2: (canonical name, transpose?) -- its Conv1D projections are stored (in, out)
+_GPT2_LAYER_NAMES = {
+    "ln_1.weight": ("attention_norm", False), "ln_1.bias": ("attention_norm_bias", False),
+    "attn.c_attn.weight": ("wqkv", True), "attn.c_attn.bias": ("bqkv", False),
+    "attn.c_proj.weight": ("wo", True), "attn.c_proj.bias": ("bo", False),
+    "ln_2.weight": ("ffn_norm", False), "ln_2.bias": ("ffn_norm_bias", False),
+    "mlp.c_fc.weight": ("w1", True), "mlp.c_fc.bias": ("b1", False),
+    "mlp.c_proj.weight": ("w2", True), "mlp.c_proj.bias": ("b2", False),
+}
+_GPT2_GLOBAL_NAMES = {"wte.weight": "tok_embeddings", "wpe.weight": "pos_embeddings", "ln_f.weight": "norm",
+                      "ln_f.bias": "norm_bias"}
+_GPT2_LAYER = re.compile(r"h\.(\d+)\.(.+)")
+
+
+def _gpt2_canonical(name: str) -> tuple[str, bool] | None:
+    name = name.removeprefix("transformer.")
+    if name in _GPT2_GLOBAL_NAMES:
+        return _GPT2_GLOBAL_NAMES[name], False
+    if name == "lm_head.weight":  # GPT-2 always ties its head to wte
+        return None
+    m = _GPT2_LAYER.fullmatch(name)
+    if m and m.group(2) in _GPT2_LAYER_NAMES:
+        key, transpose = _GPT2_LAYER_NAMES[m.group(2)]
+        return f"layers.{m.group(1)}.{key}", transpose
+    if m and m.group(2) in ("attn.bias", "attn.masked_bias"):  # causal-mask buffers of old exports
+        return None
+    raise ValueError(f"unexpected tensor {name!r} for a GPT-2 checkpoint")
 
 
 def _canonical(name: str) -> str | None:
@@ -68,7 +96,9 @@ def _weight_files(d: Path) -> list[Path]:
     return files
 
 
-def _tensor(dtype: str, arr: np.ndarray, name: str):
+def _tensor(dtype: str, arr: np.ndarray, name: str, transpose: bool = False):
+    if transpose:
+        arr = arr.T
     if arr.ndim == 1:
         return (arr.view(np.uint16).astype(np.uint32) << 16).view(np.float32) if dtype == "BF16" \
             else np.asarray(arr, dtype=np.float32)
@@ -83,11 +113,27 @@ def _tensor(dtype: str, arr: np.ndarray, name: str):
     raise ValueError(f"tensor {name} has dtype {dtype}; expected F32, F16 or BF16")
 
 
+def _gpt2_config(cfg: dict, d: Path) -> dict:
+    act = cfg.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"{d}: GPT-2 activation {act!r} is not supported (gelu_new is)")
+    try:
+        dim = int(cfg["n_embd"])
+        return {"arch": "gpt2", "dim": dim, "n_layers": int(cfg["n_layer"]), "n_heads": int(cfg["n_head"]),
+                "hidden_dim": int(cfg.get("n_inner") or 4 * dim), "vocab_size": int(cfg["vocab_size"]),
+                "max_seq_len": int(cfg.get("n_positions") or cfg.get("n_ctx") or 1024),
+                "norm_eps": float(cfg.get("layer_norm_epsilon", 1e-5))}
+    except KeyError as e:
+        raise ValueError(f"{d}/config.json lacks {e.args[0]!r}") from None
+
+
 def _config(cfg: dict, d: Path) -> dict:
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"{d}: unsupported model_type {model_type!r}; fastinfer reads "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    if model_type == "gpt2":
+        return _gpt2_config(cfg, d)
     try:
         dim, n_heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
         rope = cfg.get("rope_scaling") or None
@@ -117,26 +163,47 @@ def _config(cfg: dict, d: Path) -> dict:
         raise ValueError(f"{d}/config.json lacks {e.args[0]!r}") from None
 
 
+def _tokenizer(d: Path) -> tokenizers.Tokenizer:
+    """tokenizer.json, or else GPT-2's vocab.json + merges.txt as a byte-level BPE."""
+    try:
+        if (d / "tokenizer.json").is_file():
+            return tokenizers.Tokenizer.from_file(str(d / "tokenizer.json"))
+        vocab, merges = d / "vocab.json", d / "merges.txt"
+        if not (vocab.is_file() and merges.is_file()):
+            raise FileNotFoundError(f"{d}: no tokenizer: expected tokenizer.json, or vocab.json and merges.txt")
+        tok = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(str(vocab), str(merges)))
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # tokenizers raises a bare Exception on unreadable files
+        raise ValueError(f"{d}: the tokenizer files are not valid ({e})") from None
+    # What HF's GPT2TokenizerFast does with the same two files: byte-level, no prefix space.
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    special = _read_json(d / "special_tokens_map.json")
+    names = {v["content"] if isinstance(v, dict) else v for v in special.values() if isinstance(v, (str, dict))}
+    names |= {"<|endoftext|>"} if tok.token_to_id("<|endoftext|>") is not None else set()
+    tok.add_special_tokens(sorted(n for n in names if tok.token_to_id(n) is not None))
+    return tok
+
+
 def read_hf_dir(d: Path) -> Checkpoint:
     cfg = _read_json(d / "config.json", required=True)
     config = _config(cfg, d)
+    gpt2 = config["arch"] == "gpt2"
     tensors = {}
     for f in _weight_files(d):
         for name, (dtype, arr) in read_safetensors(f).items():
-            key = _canonical(name)
+            if gpt2:
+                key, transpose = _gpt2_canonical(name) or (None, False)
+            else:
+                key, transpose = _canonical(name), False
             if key is not None:
-                tensors[key] = _tensor(dtype, arr, name)
+                tensors[key] = _tensor(dtype, arr, name, transpose)
 
     if cfg.get("tie_word_embeddings", False):  # HF ties even when a stale lm_head was saved
         tensors.pop("output", None)
 
-    tok_path = d / "tokenizer.json"
-    if not tok_path.is_file():
-        raise FileNotFoundError(f"{d}: missing tokenizer.json")
-    try:
-        tok = tokenizers.Tokenizer.from_file(str(tok_path))
-    except Exception as e:  # tokenizers raises its own Exception type on bad JSON
-        raise ValueError(f"{tok_path} is not a valid tokenizer ({e})") from None
+    tok = _tokenizer(d)
 
     tcfg = _read_json(d / "tokenizer_config.json")
     gen = _read_json(d / "generation_config.json")

@@ -1,0 +1,4 @@
+"""One module per architecture: ModelArgs, Weights, build, State, forward and run."""
+from . import gpt2, llama
+
+ARCHITECTURES = {"llama": llama, "gpt2": gpt2}

@@ -238,3 +238,8 @@ def forward(ids, pos0, all_logits, w, st, n_heads, n_kv_heads, eps):
     else:
         ops.rmsnorm(xb[T - 1:], x[T - 1:], norm, eps)
         L.linear(logits[:1], xb[T - 1:], output, 0, lin)
+
+
+def run(args: ModelArgs, w: tuple, st: tuple, ids: np.ndarray, pos0: int, all_logits: bool) -> None:
+    """`forward` with the model's own sizes filled in."""
+    forward(ids, pos0, all_logits, w, st, args.n_heads, args.n_kv_heads, float(args.norm_eps))
