@@ -449,3 +449,42 @@ def test_attention_decode_equals_prefill(H, KV, hd):
     for chunks in ([1] * T, [4, 5]):
         got, _, _ = run(chunks)
         assert_allclose(got, prefill, rtol=1e-6, atol=1e-6, err_msg=f"chunks {chunks}")
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels/ops.py: GPT-2's layer norm, gelu_new and bias (twins from tests/reference_gpt2.py)
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("T,n", [(1, 1), (3, 37), (2, 576)])
+def test_layernorm(T, n):
+    from reference_gpt2 import layer_norm
+    rng = rng_for("layernorm", T, n)
+    x = (rng.standard_normal((T, n)) * 3 + 5).astype(np.float32)  # an offset the mean must remove
+    w = rng.standard_normal(n).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    out = nans(T, n)
+    ops.layernorm(out, x, w, b, 1e-5)
+    want = layer_norm(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), 1e-5)
+    assert_allclose(out, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("T,n", [(1, 1), (3, 37), (2, 576)])
+def test_gelu_new(T, n):
+    from reference_gpt2 import gelu_new
+    rng = rng_for("gelu", T, n)
+    x = (rng.standard_normal((T, n)) * 4).astype(np.float32)
+    flat = x.reshape(-1)
+    flat[:4] = np.array([0.0, -0.0, 30.0, -30.0], np.float32)[:flat.size]
+    want = gelu_new(x.astype(np.float64))
+    ops.gelu_new_(x)
+    assert_allclose(x, want, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("T,n", [(1, 1), (3, 37)])
+def test_add_bias(T, n):
+    rng = rng_for("bias", T, n)
+    x = rng.standard_normal((T, n)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    want = x + b
+    ops.add_bias_(x, b)
+    assert_array_equal(x, want)
