@@ -38,12 +38,13 @@ def _parser() -> argparse.ArgumentParser:
                        description="Continue PROMPT (or chat with --chat), streaming the text to stdout.")
     g.add_argument("prompt", metavar="PROMPT", help="the prompt text, or - to read it from stdin")
     _model_options(g)
-    g.add_argument("-n", "--max-new-tokens", type=_positive_int, default=256, help="tokens to generate (default: 256)")
-    g.add_argument("--temperature", "--temp", type=float, default=0.8, help="0 = greedy (default: 0.8)")
-    g.add_argument("--top-k", type=int, default=40, help="0 disables (default: 40)")
-    g.add_argument("--top-p", type=float, default=0.95, help="1 disables (default: 0.95)")
-    g.add_argument("--min-p", type=float, default=0.05, help="0 disables (default: 0.05)")
-    g.add_argument("--repeat-penalty", type=float, default=1.0, help="1 disables (default: 1.0)")
+    g.add_argument("-n", "--max-new-tokens", type=_positive_int, default=None, help="tokens to generate (default: 256)")
+    g.add_argument("--temperature", "--temp", type=float, default=None,
+                   help="0 = greedy (default: the model's generation_config.json, else 0.8)")
+    g.add_argument("--top-k", type=int, default=None, help="0 disables (default: generation config, else 40)")
+    g.add_argument("--top-p", type=float, default=None, help="1 disables (default: generation config, else 0.95)")
+    g.add_argument("--min-p", type=float, default=None, help="0 disables (default: generation config, else 0.05)")
+    g.add_argument("--repeat-penalty", type=float, default=None, help="1 disables (default: generation config, else 1)")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
     g.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
     g.add_argument("--ctx", type=_positive_int, default=None, help="context length (default: min(4096, model's))")
@@ -99,7 +100,9 @@ def _load(args):
 def cmd_generate(args) -> int:
     from .sampling import SamplingParams
     # Check the options before spending seconds on loading the model.
-    SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.repeat_penalty, args.seed)
+    given = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                 repetition_penalty=args.repeat_penalty)
+    SamplingParams(**{k: v for k, v in given.items() if v is not None})
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt.strip():
         raise ValueError("the prompt is empty")

@@ -1,5 +1,6 @@
 """The Python API: `load`, `Model` and `Session`."""
 from collections.abc import Iterator, Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -92,41 +93,63 @@ class Model:
             raise ValueError(f"chat template failed: {e}") from None
 
     # -- generation ---------------------------------------------------------------------------
-    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 256, temperature: float = 0.8,
-                 top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repetition_penalty: float = 1.0,
+    # Every generation option defaults to None: "the checkpoint's generation_config.json, else
+    # llama.cpp's defaults". HF folders follow HF: greedy unless the config sets do_sample.
+    ENGINE_DEFAULTS = {"max_new_tokens": 256,
+                       **{f.name: f.default for f in fields(SamplingParams) if f.name != "seed"}}
+
+    def _resolve(self, max_new_tokens=None, temperature=None, top_k=None, top_p=None, min_p=None,
+                 repetition_penalty=None, seed=None) -> tuple[int, SamplingParams]:
+        gen = self.generation_defaults
+        if "do_sample" in gen:  # HF semantics: do_sample=False means greedy; HF's own sampling defaults
+            base = {"max_new_tokens": gen.get("max_new_tokens", 256), "repetition_penalty":
+                    gen.get("repetition_penalty", 1.0), "temperature": gen.get("temperature", 1.0)
+                    if gen["do_sample"] else 0.0, "top_k": gen.get("top_k", 50), "top_p": gen.get("top_p", 1.0),
+                    "min_p": gen.get("min_p") or 0.0}
+        else:
+            base = dict(self.ENGINE_DEFAULTS)
+        given = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+                 "min_p": min_p, "repetition_penalty": repetition_penalty}
+        o = {k: base[k] if v is None else v for k, v in given.items()}
+        self._check_count(o["max_new_tokens"])
+        return int(o["max_new_tokens"]), SamplingParams(o["temperature"], o["top_k"], o["top_p"], o["min_p"],
+                                                        o["repetition_penalty"], seed)
+
+    def generate(self, prompt: str | Sequence[int], max_new_tokens: int | None = None,
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 min_p: float | None = None, repetition_penalty: float | None = None,
                  stop: Sequence[str] | str | None = None, seed: int | None = None) -> str | list[int]:
         """Continue a prompt. A str prompt returns the new text; a list of ids returns the new ids."""
         if isinstance(prompt, str):
             return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, top_p, min_p,
                                        repetition_penalty, stop, seed))
-        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        n, params = self._resolve(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed)
         ids = self._check_ids(prompt, self.n_ctx - 1)
-        self._check_count(max_new_tokens)
-        return list(generate_ids(self.session(), ids, max_new_tokens, params, self.eos_ids))
+        return list(generate_ids(self.session(), ids, n, params, self.eos_ids))
 
-    def stream(self, prompt: str, max_new_tokens: int = 256, temperature: float = 0.8, top_k: int = 40,
-               top_p: float = 0.95, min_p: float = 0.05, repetition_penalty: float = 1.0,
-               stop: Sequence[str] | str | None = None, seed: int | None = None) -> Iterator[str]:
+    def stream(self, prompt: str, max_new_tokens: int | None = None, temperature: float | None = None,
+               top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+               repetition_penalty: float | None = None, stop: Sequence[str] | str | None = None,
+               seed: int | None = None) -> Iterator[str]:
         """Yield the continuation of a text prompt piece by piece, as tokens are decoded."""
         if not isinstance(prompt, str):
             raise ValueError("stream takes a text prompt; use generate for token ids")
-        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
-        self._check_count(max_new_tokens)
-        return self._stream_ids(self.encode(prompt), max_new_tokens, params, stop)
+        n, params = self._resolve(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        return self._stream_ids(self.encode(prompt), n, params, stop)
 
     def chat(self, messages: list[dict[str, str]], **kwargs: Any) -> str:
         """Reply to a conversation, rendered through the model's chat template."""
         return "".join(self.stream_chat(messages, **kwargs))
 
-    def stream_chat(self, messages: list[dict[str, str]], max_new_tokens: int = 256, temperature: float = 0.8,
-                    top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repetition_penalty: float = 1.0,
+    def stream_chat(self, messages: list[dict[str, str]], max_new_tokens: int | None = None,
+                    temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                    min_p: float | None = None, repetition_penalty: float | None = None,
                     stop: Sequence[str] | str | None = None, seed: int | None = None) -> Iterator[str]:
         """`chat`, piece by piece."""
-        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
-        self._check_count(max_new_tokens)
+        n, params = self._resolve(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed)
         # The template writes its own special tokens, so the tokenizer must not add BOS again.
         ids = self.tokenizer.encode(self.apply_chat_template(messages), add_special_tokens=False).ids
-        return self._stream_ids(ids, max_new_tokens, params, stop)
+        return self._stream_ids(ids, n, params, stop)
 
     def _stream_ids(self, ids: list[int], max_new_tokens: int, params: SamplingParams,
                     stop: Sequence[str] | str | None) -> Iterator[str]:

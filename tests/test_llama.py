@@ -124,3 +124,23 @@ def test_results_do_not_depend_on_thread_count(tmp_path, tok):
     np.testing.assert_array_equal(one.forward(IDS), two.forward(IDS))
     kw = dict(max_new_tokens=12, temperature=0.9, seed=3)
     assert one.generate(IDS[:4], **kw) == two.generate(IDS[:4], **kw)
+
+
+def test_generation_defaults(tmp_path, tok):
+    import json
+    # GGUF: no generation config, llama.cpp's sampling defaults
+    path, _ = _gguf(tmp_path, TINY_CFG, tok, "F32")
+    n, p = fastinfer.load(path)._resolve()
+    assert (n, p.temperature, p.top_k, p.top_p, p.min_p) == (256, 0.8, 40, 0.95, 0.05)
+    # HF folder without generation_config.json: HF's default, greedy
+    d, _ = _hf(tmp_path, TINY_CFG, tok)
+    (d / "generation_config.json").unlink(missing_ok=True)
+    assert fastinfer.load(d)._resolve()[1].temperature == 0
+    # generation_config.json that samples: its values, HF's defaults for the rest, explicit wins
+    (d / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6,
+                                                          "max_new_tokens": 30}))
+    m = fastinfer.load(d)
+    n, p = m._resolve()
+    assert (n, p.temperature, p.top_k, p.top_p) == (30, 0.6, 50, 1.0)
+    assert m._resolve(temperature=0.0, max_new_tokens=5)[0] == 5
+    assert m._resolve(temperature=0.0)[1].temperature == 0.0

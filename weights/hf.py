@@ -224,7 +224,9 @@ def read_hf_dir(d: Path) -> Checkpoint:
     if bos is None:
         bos = token_id(tcfg.get("bos_token"))
     generation = {k: gen[k] for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-                                      "do_sample", "max_new_tokens") if k in gen}
+                                      "do_sample", "max_new_tokens", "num_beams", "no_repeat_ngram_size",
+                                      "length_penalty", "early_stopping", "min_new_tokens") if k in gen}
+    generation.setdefault("do_sample", False)  # HF's default: greedy unless the folder says otherwise
     return Checkpoint(config=config, tensors=tensors, tokenizer=tok,
                       bos_id=None if bos is None else int(bos), eos_ids=eos_ids,
                       chat_template=template, generation=generation, source=str(d))
