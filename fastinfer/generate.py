@@ -4,12 +4,17 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import tokenizers
 
+from .beam import no_repeat_ngram_ban
 from .sampling import SamplingParams, sample
 
 
 def generate_ids(session, prompt: Sequence[int], max_new_tokens: int, params: SamplingParams,
-                 eos_ids: Sequence[int]) -> Iterator[int]:
-    """Yield new token ids until max_new_tokens, an EOS token or the end of the context."""
+                 eos_ids: Sequence[int], no_repeat_ngram_size: int = 0, min_new_tokens: int = 0) -> Iterator[int]:
+    """Yield new token ids until max_new_tokens, an EOS token or the end of the context.
+
+    As HF's processors on raw logits: no_repeat_ngram_size > 0 bans tokens that would repeat an
+    n-gram of prompt + output; EOS is banned until min_new_tokens tokens have been generated.
+    """
     rng = np.random.default_rng(params.seed)
     # The repetition penalty looks at the prompt and everything generated so far.
     seen = np.empty(len(prompt) + max_new_tokens, np.int64)
@@ -17,6 +22,14 @@ def generate_ids(session, prompt: Sequence[int], max_new_tokens: int, params: Sa
     n_seen = len(prompt)
     logits = session.prefill(prompt)
     for i in range(max_new_tokens):
+        if no_repeat_ngram_size > 0 or (i < min_new_tokens and len(eos_ids)):
+            logits = np.array(logits, dtype=np.float32)
+            if no_repeat_ngram_size > 0:
+                banned = no_repeat_ngram_ban(seen[:n_seen], no_repeat_ngram_size)
+                if banned:
+                    logits[banned] = -np.inf
+            if i < min_new_tokens and len(eos_ids):
+                logits[list(eos_ids)] = -np.inf
         tok = sample(logits, params, rng, seen[:n_seen])
         if tok in eos_ids:
             return
