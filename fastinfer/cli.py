@@ -46,6 +46,15 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--min-p", type=float, default=None, help="0 disables (default: generation config, else 0.05)")
     g.add_argument("--repeat-penalty", type=float, default=None, help="1 disables (default: generation config, else 1)")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
+    g.add_argument("--max-length", type=_positive_int, default=None,
+                   help="HF's bound: prompt plus new tokens (instead of -n)")
+    g.add_argument("--num-beams", type=_positive_int, default=None, help="beam search with N beams (default: 1)")
+    g.add_argument("--length-penalty", type=float, default=None, help="beam score = logprob / length**P (default: 1)")
+    g.add_argument("--early-stopping", choices=["true", "false", "never"], default=None,
+                   help="beam search stopping rule, as HF (default: false)")
+    g.add_argument("--no-repeat-ngram-size", type=int, default=None, metavar="N",
+                   help="never repeat an n-gram of this size (default: 0, off)")
+    g.add_argument("--min-new-tokens", type=int, default=None, metavar="N", help="block EOS before N new tokens")
     g.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
     g.add_argument("--ctx", type=_positive_int, default=None, help="context length (default: min(4096, model's))")
     g.add_argument("--chat", action="store_true", help="send PROMPT as a user message through the chat template")
@@ -107,9 +116,12 @@ def cmd_generate(args) -> int:
     if not prompt.strip():
         raise ValueError("the prompt is empty")
     model = _load(args)
+    early = {"true": True, "false": False, "never": "never", None: None}[args.early_stopping]
     opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repeat_penalty,
-                stop=args.stop, seed=args.seed)
+                stop=args.stop, seed=args.seed, max_length=args.max_length, num_beams=args.num_beams,
+                length_penalty=args.length_penalty, early_stopping=early,
+                no_repeat_ngram_size=args.no_repeat_ngram_size, min_new_tokens=args.min_new_tokens)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                    [{"role": "user", "content": prompt}]
@@ -203,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
+    except BrokenPipeError:  # `fastinfer generate ... | head`: the reader left, nothing to report
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
         sys.stdout.flush()
         print(f"fastinfer: error: {e}", file=sys.stderr)
@@ -210,8 +226,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return 0
 
 
 if __name__ == "__main__":

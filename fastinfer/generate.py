@@ -1,11 +1,24 @@
 """The generation loop: prefill, decode one token at a time, sample, detokenize, stop."""
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import tokenizers
 
 from .beam import no_repeat_ngram_ban
 from .sampling import SamplingParams, sample
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Everything that decides which tokens come out, resolved from a call, a config and defaults."""
+    max_new_tokens: int
+    sampling: SamplingParams
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    no_repeat_ngram_size: int = 0
+    min_new_tokens: int = 0
 
 
 def generate_ids(session, prompt: Sequence[int], max_new_tokens: int, params: SamplingParams,

@@ -10,7 +10,8 @@ import tokenizers
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .generate import TextStream, generate_ids
+from .beam import beam_search
+from .generate import GenerationOptions, TextStream, generate_ids
 from .kernels.jit import compile_notice, set_threads
 from .models import ARCHITECTURES
 from .sampling import SamplingParams
@@ -94,70 +95,109 @@ class Model:
 
     # -- generation ---------------------------------------------------------------------------
     # Every generation option defaults to None: "the checkpoint's generation_config.json, else
-    # llama.cpp's defaults". HF folders follow HF: greedy unless the config sets do_sample.
-    ENGINE_DEFAULTS = {"max_new_tokens": 256,
+    # the engine's defaults" (llama.cpp's for sampling). HF folders follow HF: greedy unless the
+    # config sets do_sample.
+    ENGINE_DEFAULTS = {"max_new_tokens": 256, "num_beams": 1, "length_penalty": 1.0, "early_stopping": False,
+                       "no_repeat_ngram_size": 0, "min_new_tokens": 0,
                        **{f.name: f.default for f in fields(SamplingParams) if f.name != "seed"}}
 
-    def _resolve(self, max_new_tokens=None, temperature=None, top_k=None, top_p=None, min_p=None,
-                 repetition_penalty=None, seed=None) -> tuple[int, SamplingParams]:
+    def _resolve(self, n_prompt: int, max_new_tokens=None, max_length=None, temperature=None, top_k=None,
+                 top_p=None, min_p=None, repetition_penalty=None, seed=None, num_beams=None, length_penalty=None,
+                 early_stopping=None, no_repeat_ngram_size=None, min_new_tokens=None) -> GenerationOptions:
         gen = self.generation_defaults
-        if "do_sample" in gen:  # HF semantics: do_sample=False means greedy; HF's own sampling defaults
-            base = {"max_new_tokens": gen.get("max_new_tokens", 256), "repetition_penalty":
-                    gen.get("repetition_penalty", 1.0), "temperature": gen.get("temperature", 1.0)
-                    if gen["do_sample"] else 0.0, "top_k": gen.get("top_k", 50), "top_p": gen.get("top_p", 1.0),
-                    "min_p": gen.get("min_p") or 0.0}
-        else:
-            base = dict(self.ENGINE_DEFAULTS)
-        given = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
-                 "min_p": min_p, "repetition_penalty": repetition_penalty}
+        base = dict(self.ENGINE_DEFAULTS)
+        if "do_sample" in gen:  # HF semantics and HF's own defaults
+            base.update(temperature=gen.get("temperature", 1.0) if gen["do_sample"] else 0.0,
+                        top_k=gen.get("top_k", 50), top_p=gen.get("top_p", 1.0), min_p=gen.get("min_p") or 0.0)
+            base.update({k: gen[k] for k in ("repetition_penalty", "num_beams", "length_penalty", "early_stopping",
+                                             "no_repeat_ngram_size", "min_new_tokens") if gen.get(k) is not None})
+        given = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                     repetition_penalty=repetition_penalty, num_beams=num_beams, length_penalty=length_penalty,
+                     early_stopping=early_stopping, no_repeat_ngram_size=no_repeat_ngram_size,
+                     min_new_tokens=min_new_tokens)
         o = {k: base[k] if v is None else v for k, v in given.items()}
-        self._check_count(o["max_new_tokens"])
-        return int(o["max_new_tokens"]), SamplingParams(o["temperature"], o["top_k"], o["top_p"], o["min_p"],
-                                                        o["repetition_penalty"], seed)
+        # HF's two ways to bound length: max_new_tokens, or max_length counting the prompt too.
+        if max_new_tokens is None and max_length is None:
+            max_new_tokens, max_length = gen.get("max_new_tokens"), gen.get("max_length")
+        if max_new_tokens is None and max_length is not None:
+            max_new_tokens = int(max_length) - n_prompt
+            if max_new_tokens < 1:
+                raise ValueError(f"max_length {max_length} leaves no room after the {n_prompt}-token prompt")
+        if max_new_tokens is None:
+            max_new_tokens = base["max_new_tokens"]
+        self._check_count(max_new_tokens)
+        for name in ("num_beams", "no_repeat_ngram_size", "min_new_tokens"):
+            v = o[name]
+            if not isinstance(v, (int, np.integer)) or v < (1 if name == "num_beams" else 0):
+                raise ValueError(f"{name} must be an integer >= {1 if name == 'num_beams' else 0}; got {v!r}")
+        if o["early_stopping"] not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never'; got {o['early_stopping']!r}")
+        params = SamplingParams(o["temperature"], o["top_k"], o["top_p"], o["min_p"], o["repetition_penalty"], seed)
+        return GenerationOptions(int(max_new_tokens), params, int(o["num_beams"]), float(o["length_penalty"]),
+                                 o["early_stopping"], int(o["no_repeat_ngram_size"]), int(o["min_new_tokens"]))
 
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int | None = None,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  min_p: float | None = None, repetition_penalty: float | None = None,
-                 stop: Sequence[str] | str | None = None, seed: int | None = None) -> str | list[int]:
-        """Continue a prompt. A str prompt returns the new text; a list of ids returns the new ids."""
-        if isinstance(prompt, str):
-            return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, top_p, min_p,
-                                       repetition_penalty, stop, seed))
-        n, params = self._resolve(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed)
-        ids = self._check_ids(prompt, self.n_ctx - 1)
-        return list(generate_ids(self.session(), ids, n, params, self.eos_ids))
+                 stop: Sequence[str] | str | None = None, seed: int | None = None, *,
+                 max_length: int | None = None, num_beams: int | None = None, length_penalty: float | None = None,
+                 early_stopping: bool | str | None = None, no_repeat_ngram_size: int | None = None,
+                 min_new_tokens: int | None = None) -> str | list[int]:
+        """Continue a prompt. A str prompt returns the new text; a list of ids returns the new ids.
 
-    def stream(self, prompt: str, max_new_tokens: int | None = None, temperature: float | None = None,
-               top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
-               repetition_penalty: float | None = None, stop: Sequence[str] | str | None = None,
-               seed: int | None = None) -> Iterator[str]:
-        """Yield the continuation of a text prompt piece by piece, as tokens are decoded."""
+        Options left as None come from the model's generation_config.json, else the engine's
+        defaults. num_beams > 1 runs HF-style beam search (length_penalty, early_stopping);
+        no_repeat_ngram_size, min_new_tokens, repetition_penalty and max_length follow HF too.
+        """
+        kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                  repetition_penalty=repetition_penalty, seed=seed, max_length=max_length, num_beams=num_beams,
+                  length_penalty=length_penalty, early_stopping=early_stopping,
+                  no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new_tokens)
+        if isinstance(prompt, str):
+            return "".join(self.stream(prompt, stop=stop, **kw))
+        ids = self._check_ids(prompt, self.n_ctx - 1)
+        return self._generate_ids(ids, self._resolve(len(ids), **kw))
+
+    def _generate_ids(self, ids: list[int], o: GenerationOptions) -> list[int]:
+        if o.num_beams > 1:
+            return beam_search(self.session, ids, o.num_beams, o.max_new_tokens, self.eos_ids,
+                               length_penalty=o.length_penalty, early_stopping=o.early_stopping,
+                               no_repeat_ngram_size=o.no_repeat_ngram_size,
+                               repetition_penalty=o.sampling.repetition_penalty, min_new_tokens=o.min_new_tokens)
+        return list(self._token_stream(ids, o))
+
+    def _token_stream(self, ids: list[int], o: GenerationOptions) -> Iterator[int]:
+        return generate_ids(self.session(), ids, o.max_new_tokens, o.sampling, self.eos_ids,
+                            no_repeat_ngram_size=o.no_repeat_ngram_size, min_new_tokens=o.min_new_tokens)
+
+    def stream(self, prompt: str, stop: Sequence[str] | str | None = None, **options: Any) -> Iterator[str]:
+        """Yield the continuation of a text prompt piece by piece, as tokens are decoded.
+
+        Takes generate's options. With num_beams > 1 the text comes in one piece at the end.
+        """
         if not isinstance(prompt, str):
             raise ValueError("stream takes a text prompt; use generate for token ids")
-        n, params = self._resolve(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed)
-        return self._stream_ids(self.encode(prompt), n, params, stop)
+        return self._stream_ids(self.encode(prompt), stop, options)
 
-    def chat(self, messages: list[dict[str, str]], **kwargs: Any) -> str:
+    def chat(self, messages: list[dict[str, str]], **options: Any) -> str:
         """Reply to a conversation, rendered through the model's chat template."""
-        return "".join(self.stream_chat(messages, **kwargs))
+        return "".join(self.stream_chat(messages, **options))
 
-    def stream_chat(self, messages: list[dict[str, str]], max_new_tokens: int | None = None,
-                    temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                    min_p: float | None = None, repetition_penalty: float | None = None,
-                    stop: Sequence[str] | str | None = None, seed: int | None = None) -> Iterator[str]:
+    def stream_chat(self, messages: list[dict[str, str]], stop: Sequence[str] | str | None = None,
+                    **options: Any) -> Iterator[str]:
         """`chat`, piece by piece."""
-        n, params = self._resolve(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed)
         # The template writes its own special tokens, so the tokenizer must not add BOS again.
         ids = self.tokenizer.encode(self.apply_chat_template(messages), add_special_tokens=False).ids
-        return self._stream_ids(ids, n, params, stop)
+        return self._stream_ids(ids, stop, options)
 
-    def _stream_ids(self, ids: list[int], max_new_tokens: int, params: SamplingParams,
-                    stop: Sequence[str] | str | None) -> Iterator[str]:
+    def _stream_ids(self, ids: list[int], stop: Sequence[str] | str | None, options: dict) -> Iterator[str]:
         ids = self._check_ids(ids, self.n_ctx - 1)
+        o = self._resolve(len(ids), **options)  # errors surface here, not at the first next()
         out = TextStream(self.tokenizer, [stop] if isinstance(stop, str) else list(stop or ()))
+        tokens = iter(self._generate_ids(ids, o)) if o.num_beams > 1 else self._token_stream(ids, o)
 
         def pieces():
-            for tok in generate_ids(self.session(), ids, max_new_tokens, params, self.eos_ids):
+            for tok in tokens:
                 piece = out.push(tok)
                 if piece:
                     yield piece

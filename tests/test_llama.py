@@ -130,17 +130,36 @@ def test_generation_defaults(tmp_path, tok):
     import json
     # GGUF: no generation config, llama.cpp's sampling defaults
     path, _ = _gguf(tmp_path, TINY_CFG, tok, "F32")
-    n, p = fastinfer.load(path)._resolve()
-    assert (n, p.temperature, p.top_k, p.top_p, p.min_p) == (256, 0.8, 40, 0.95, 0.05)
+    o = fastinfer.load(path)._resolve(5)
+    p = o.sampling
+    assert (o.max_new_tokens, p.temperature, p.top_k, p.top_p, p.min_p, o.num_beams) == (256, 0.8, 40, 0.95, 0.05, 1)
     # HF folder without generation_config.json: HF's default, greedy
     d, _ = _hf(tmp_path, TINY_CFG, tok)
     (d / "generation_config.json").unlink(missing_ok=True)
-    assert fastinfer.load(d)._resolve()[1].temperature == 0
-    # generation_config.json that samples: its values, HF's defaults for the rest, explicit wins
-    (d / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6,
-                                                          "max_new_tokens": 30}))
+    assert fastinfer.load(d)._resolve(5).sampling.temperature == 0
+    # generation_config.json that samples and searches: its values, HF's defaults for the rest
+    (d / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6, "max_length": 30,
+                                                          "num_beams": 3, "no_repeat_ngram_size": 2}))
     m = fastinfer.load(d)
-    n, p = m._resolve()
-    assert (n, p.temperature, p.top_k, p.top_p) == (30, 0.6, 50, 1.0)
-    assert m._resolve(temperature=0.0, max_new_tokens=5)[0] == 5
-    assert m._resolve(temperature=0.0)[1].temperature == 0.0
+    o = m._resolve(5)
+    assert (o.max_new_tokens, o.sampling.temperature, o.sampling.top_k, o.sampling.top_p) == (25, 0.6, 50, 1.0)
+    assert (o.num_beams, o.no_repeat_ngram_size) == (3, 2)
+    # explicit values win; max_length counts the prompt
+    assert m._resolve(5, max_new_tokens=7, num_beams=1).max_new_tokens == 7
+    assert m._resolve(5, max_length=12).max_new_tokens == 7
+    with pytest.raises(ValueError, match="max_length"):
+        m._resolve(5, max_length=5)
+    with pytest.raises(ValueError, match="num_beams"):
+        m._resolve(5, num_beams=0)
+
+
+def test_beam_search_through_the_api(tmp_path, tok):
+    from fastinfer.beam import beam_search
+    path, _ = _gguf(tmp_path, TINY_CFG, tok, "F32")
+    model = fastinfer.load(path)
+    kw = dict(num_beams=3, no_repeat_ngram_size=2, length_penalty=1.0, early_stopping=True)
+    got = model.generate(IDS[:5], max_new_tokens=10, **kw)
+    assert got == beam_search(model.session, IDS[:5], 3, 10, model.eos_ids, length_penalty=1.0,
+                              early_stopping=True, no_repeat_ngram_size=2)
+    text = model.generate(model.decode(IDS[:5]), max_new_tokens=10, **kw)
+    assert isinstance(text, str)

@@ -224,7 +224,7 @@ def read_hf_dir(d: Path) -> Checkpoint:
     if bos is None:
         bos = token_id(tcfg.get("bos_token"))
     generation = {k: gen[k] for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-                                      "do_sample", "max_new_tokens", "num_beams", "no_repeat_ngram_size",
+                                      "do_sample", "max_new_tokens", "max_length", "num_beams", "no_repeat_ngram_size",
                                       "length_penalty", "early_stopping", "min_new_tokens") if k in gen}
     generation.setdefault("do_sample", False)  # HF's default: greedy unless the folder says otherwise
     return Checkpoint(config=config, tensors=tensors, tokenizer=tok,
