@@ -3,13 +3,21 @@
 Readers (`gguf.py`, `hf.py`) translate their format's names into one set, the only place where
 format-specific names appear:
 
-    config   dict with: arch, dim, n_layers, n_heads, n_kv_heads, head_dim, hidden_dim,
-             vocab_size, norm_eps, rope_theta, rope_scaling, max_seq_len
+    config   dict with arch ("llama" or "gpt2") and that architecture's ModelArgs fields
+             (fastinfer/models/<arch>.py): dim, n_layers, n_heads, hidden_dim, vocab_size, ...
+
+    Llama family:
     tensors  tok_embeddings, norm, output (absent when tied),
              layers.{i}.attention_norm / ffn_norm        f32 vectors
              layers.{i}.wq wk wv wo w1 w2 w3             QMatrix (w1 gate, w2 down, w3 up)
              layers.{i}.bq bk bv                         f32 vectors, optional (Qwen2)
              rope_freqs                                  f32 (head_dim // 2,), optional
+    GPT-2:
+    tensors  tok_embeddings, pos_embeddings, norm, norm_bias,
+             layers.{i}.wqkv wo w1 w2                    QMatrix, already (out, in)
+             layers.{i}.bqkv bo b1 b2, attention_norm(_bias), ffn_norm(_bias)   f32 vectors
+
+Converted checkpoints hold the same roles already stacked over layers (no "layers.{i}." prefix).
 """
 from dataclasses import dataclass, field
 from pathlib import Path
