@@ -21,37 +21,88 @@ class GenerationOptions:
     min_new_tokens: int = 0
 
 
-def generate_ids(session, prompt: Sequence[int], max_new_tokens: int, params: SamplingParams,
-                 eos_ids: Sequence[int], no_repeat_ngram_size: int = 0, min_new_tokens: int = 0) -> Iterator[int]:
-    """Yield new token ids until max_new_tokens, an EOS token or the end of the context.
+class TokenChooser:
+    """One sequence's next-token rule: HF's processors on raw logits, then sampling.
 
-    As HF's processors on raw logits: no_repeat_ngram_size > 0 bans tokens that would repeat an
-    n-gram of prompt + output; EOS is banned until min_new_tokens tokens have been generated.
+    no_repeat_ngram_size > 0 bans tokens that would repeat an n-gram of prompt + output; EOS is
+    banned until min_new_tokens tokens exist; the repetition penalty sees prompt + output.
     """
-    rng = np.random.default_rng(params.seed)
-    # The repetition penalty looks at the prompt and everything generated so far.
-    seen = np.empty(len(prompt) + max_new_tokens, np.int64)
-    seen[:len(prompt)] = prompt
-    n_seen = len(prompt)
-    logits = session.prefill(prompt)
-    for i in range(max_new_tokens):
-        if no_repeat_ngram_size > 0 or (i < min_new_tokens and len(eos_ids)):
+
+    def __init__(self, prompt: Sequence[int], max_new_tokens: int, params: SamplingParams,
+                 eos_ids: Sequence[int], no_repeat_ngram_size: int = 0, min_new_tokens: int = 0):
+        self.params, self.eos_ids = params, list(eos_ids)
+        self.max_new_tokens, self.ngram, self.min_new = max_new_tokens, no_repeat_ngram_size, min_new_tokens
+        self.rng = np.random.default_rng(params.seed)
+        self.seen = np.empty(len(prompt) + max_new_tokens, np.int64)
+        self.seen[:len(prompt)] = prompt
+        self.n_seen, self.n_new = len(prompt), 0
+
+    @property
+    def done(self) -> bool:
+        return self.n_new >= self.max_new_tokens
+
+    def choose(self, logits: np.ndarray) -> int | None:
+        """The next token for these logits (vocab,), or None when the sequence ends with EOS."""
+        if self.ngram > 0 or (self.n_new < self.min_new and self.eos_ids):
             logits = np.array(logits, dtype=np.float32)
-            if no_repeat_ngram_size > 0:
-                banned = no_repeat_ngram_ban(seen[:n_seen], no_repeat_ngram_size)
+            if self.ngram > 0:
+                banned = no_repeat_ngram_ban(self.seen[:self.n_seen], self.ngram)
                 if banned:
                     logits[banned] = -np.inf
-            if i < min_new_tokens and len(eos_ids):
-                logits[list(eos_ids)] = -np.inf
-        tok = sample(logits, params, rng, seen[:n_seen])
-        if tok in eos_ids:
+            if self.n_new < self.min_new and self.eos_ids:
+                logits[self.eos_ids] = -np.inf
+        tok = sample(logits, self.params, self.rng, self.seen[:self.n_seen])
+        if tok in self.eos_ids:
+            return None
+        self.seen[self.n_seen] = tok
+        self.n_seen += 1
+        self.n_new += 1
+        return tok
+
+
+def generate_ids(session, prompt: Sequence[int], max_new_tokens: int, params: SamplingParams,
+                 eos_ids: Sequence[int], no_repeat_ngram_size: int = 0, min_new_tokens: int = 0) -> Iterator[int]:
+    """Yield new token ids until max_new_tokens, an EOS token or the end of the context."""
+    chooser = TokenChooser(prompt, max_new_tokens, params, eos_ids, no_repeat_ngram_size, min_new_tokens)
+    logits = session.prefill(prompt)
+    while True:
+        tok = chooser.choose(logits)
+        if tok is None:
             return
         yield tok
-        seen[n_seen] = tok
-        n_seen += 1
-        if i == max_new_tokens - 1 or session.pos >= session.max_seq:
+        if chooser.done or session.pos >= session.max_seq:
             return
         logits = session.decode_step(tok)
+
+
+def generate_batch(batch, prompts: Sequence[Sequence[int]], max_new_tokens: int, params: SamplingParams,
+                   eos_ids: Sequence[int], no_repeat_ngram_size: int = 0, min_new_tokens: int = 0) -> list[list[int]]:
+    """New token ids for several prompts, decoded together: one compiled step per token for all
+    unfinished sequences, so every weight is read once per step for the whole batch.
+
+    Each sequence gets its own chooser (and, with a seed, its own generator seeded alike), so the
+    result equals generating each prompt alone.
+    """
+    choosers = [TokenChooser(p, max_new_tokens, params, eos_ids, no_repeat_ngram_size, min_new_tokens)
+                for p in prompts]
+    out: list[list[int]] = [[] for _ in prompts]
+    logits = [s.prefill(p) for s, p in zip(batch.sessions, prompts)]
+    active = list(range(len(prompts)))
+    while active:
+        still, tokens = [], []
+        for b, lg in zip(active, logits):
+            tok = choosers[b].choose(lg)
+            if tok is None:
+                continue
+            out[b].append(tok)
+            s = batch.sessions[b]
+            if not choosers[b].done and s.pos < s.max_seq:
+                still.append(b)
+                tokens.append(tok)
+        active = still
+        if active:
+            logits = list(batch.decode(active, tokens))
+    return out
 
 
 class TextStream:

@@ -11,7 +11,7 @@ from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .beam import beam_search
-from .generate import GenerationOptions, TextStream, generate_ids
+from .generate import GenerationOptions, TextStream, generate_batch, generate_ids
 from .kernels.jit import compile_notice, set_threads
 from .models import ARCHITECTURES
 from .sampling import SamplingParams
@@ -136,7 +136,7 @@ class Model:
         return GenerationOptions(int(max_new_tokens), params, int(o["num_beams"]), float(o["length_penalty"]),
                                  o["early_stopping"], int(o["no_repeat_ngram_size"]), int(o["min_new_tokens"]))
 
-    def generate(self, prompt: str | Sequence[int], max_new_tokens: int | None = None,
+    def generate(self, prompt: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int | None = None,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  min_p: float | None = None, repetition_penalty: float | None = None,
                  stop: Sequence[str] | str | None = None, seed: int | None = None, *,
@@ -144,6 +144,7 @@ class Model:
                  early_stopping: bool | str | None = None, no_repeat_ngram_size: int | None = None,
                  min_new_tokens: int | None = None) -> str | list[int]:
         """Continue a prompt. A str prompt returns the new text; a list of ids returns the new ids.
+        A list of prompts (str or id lists) returns one result per prompt, decoded together.
 
         Options left as None come from the model's generation_config.json, else the engine's
         defaults. num_beams > 1 runs HF-style beam search (length_penalty, early_stopping);
@@ -155,8 +156,35 @@ class Model:
                   no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new_tokens)
         if isinstance(prompt, str):
             return "".join(self.stream(prompt, stop=stop, **kw))
+        if len(prompt) and not isinstance(prompt[0], (int, np.integer)):
+            return self._generate_batch(list(prompt), stop, kw)
         ids = self._check_ids(prompt, self.n_ctx - 1)
         return self._generate_ids(ids, self._resolve(len(ids), **kw))
+
+    def _generate_batch(self, prompts: list, stop, kw: dict) -> list:
+        """Several prompts (all str, or all token-id lists) decoded together; one result each."""
+        texts = all(isinstance(p, str) for p in prompts)
+        if not texts and not all(isinstance(p, (list, tuple, np.ndarray)) for p in prompts):
+            raise ValueError("a batch must be a list of str prompts or a list of token-id lists")
+        ids = [self._check_ids(self.encode(p) if texts else p, self.n_ctx - 1) for p in prompts]
+        opts = [self._resolve(len(i), **kw) for i in ids]
+        if opts[0].num_beams > 1:  # beam search keeps its own caches: one prompt after another
+            outs = [self._generate_ids(i, o) for i, o in zip(ids, opts)]
+        else:
+            o = opts[0]
+            n = max(len(i) + op.max_new_tokens for i, op in zip(ids, opts))
+            outs = generate_batch(Batch(self, len(ids), min(n, self.n_ctx)), ids,
+                                  max(op.max_new_tokens for op in opts), o.sampling, self.eos_ids,
+                                  o.no_repeat_ngram_size, o.min_new_tokens)
+            outs = [out[:op.max_new_tokens] for out, op in zip(outs, opts)]
+        if not texts:
+            return outs
+        results = []
+        for out in outs:
+            stream = TextStream(self.tokenizer, [stop] if isinstance(stop, str) else list(stop or ()))
+            pieces = [stream.push(t) for t in out if not stream.stopped]
+            results.append("".join(pieces) + stream.flush())
+        return results
 
     def _generate_ids(self, ids: list[int], o: GenerationOptions) -> list[int]:
         if o.num_beams > 1:
@@ -231,14 +259,21 @@ class Session:
     """A KV cache over one growing sequence.
 
     prefill(ids) -> logits (vocab,) of the last position; append(ids) -> logits (len(ids), vocab).
+    A session owns its cache, or (in a Batch) a stretch of a shared one starting at slot `base`.
     """
 
-    def __init__(self, model: Model, n_ctx: int):
+    def __init__(self, model: Model, n_ctx: int, state=None, base: int = 0):
         if not 1 <= n_ctx <= model.args.max_seq_len:
             raise ValueError(f"n_ctx must be between 1 and {model.args.max_seq_len}; got {n_ctx}")
-        self.model, self.max_seq, self.pos = model, n_ctx, 0
-        self.state = model.arch.State(model.args, n_ctx, min(PREFILL_CHUNK, n_ctx), model.threads)
+        self.model, self.max_seq, self.pos, self.base = model, n_ctx, 0, base
+        self.state = state or model.arch.State(model.args, n_ctx, min(PREFILL_CHUNK, n_ctx), model.threads)
         self._st = self.state.args()
+        chunk = self.state.chunk
+        # Per-token positions, cache slots and stretch starts, filled in place for every call.
+        self._steps = np.arange(chunk, dtype=np.int64)
+        self._positions = np.zeros(chunk, np.int64)
+        self._slots = np.zeros(chunk, np.int64)
+        self._starts = np.full(chunk, base, np.int64)
         self._one = np.zeros(1, np.int64)  # the decode step's input, reused every token
 
     def prefill(self, ids: Sequence[int]) -> np.ndarray:
@@ -275,7 +310,45 @@ class Session:
         return np.asarray(self.model._check_ids(ids, self.max_seq), dtype=np.int64)
 
     def _run(self, ids: np.ndarray, all_logits: bool) -> int:
+        T = len(ids)
+        positions, slots = self._positions[:T], self._slots[:T]
+        np.add(self._steps[:T], self.pos, out=positions)
+        np.add(positions, self.base, out=slots)
         numba.set_num_threads(self.model.threads)
-        self.model.arch.run(self.model.args, self.model._w, self._st, ids, self.pos, all_logits)
-        self.pos += len(ids)
-        return len(ids)
+        self.model.arch.run(self.model.args, self.model._w, self._st, ids, positions, self._starts[:T], slots,
+                            all_logits)
+        self.pos += T
+        return T
+
+
+class Batch:
+    """Several sequences sharing one KV cache, each in its own stretch of n_ctx slots.
+
+    Prompts are prefilled one by one (sessions[b].prefill); `decode` then runs one token of every
+    listed sequence in a single compiled step, reading each weight once for all of them.
+    """
+
+    def __init__(self, model: Model, n: int, n_ctx: int):
+        chunk = max(min(PREFILL_CHUNK, n_ctx), n)
+        self.model, self.n_ctx = model, n_ctx
+        self.state = model.arch.State(model.args, n * n_ctx, chunk, model.threads)
+        self.sessions = [Session(model, n_ctx, state=self.state, base=b * n_ctx) for b in range(n)]
+        self._ids = np.zeros(n, np.int64)
+        self._positions = np.zeros(n, np.int64)
+        self._slots = np.zeros(n, np.int64)
+        self._starts = np.zeros(n, np.int64)
+
+    def decode(self, which: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
+        """Feed tokens[i] to sequence which[i]; return a view of their logits (len(which), vocab)."""
+        T = len(which)
+        for i, (b, tok) in enumerate(zip(which, tokens)):
+            s = self.sessions[b]
+            if s.pos >= s.max_seq:
+                raise ValueError(f"sequence {b}'s context is full ({s.max_seq} tokens)")
+            self._ids[i], self._positions[i] = tok, s.pos
+            self._slots[i], self._starts[i] = s.base + s.pos, s.base
+            s.pos += 1
+        numba.set_num_threads(self.model.threads)
+        self.model.arch.run(self.model.args, self.model._w, self.state.args(), self._ids[:T], self._positions[:T],
+                            self._starts[:T], self._slots[:T], True)
+        return self.state.logits[:T]

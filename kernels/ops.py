@@ -60,16 +60,16 @@ def add_bias_(x, b):
 
 
 @kernel
-def rope(x, cos, sin, pos0):
-    """Rotate x (T, heads, head_dim) in place at positions pos0.. (HF rotate-half pairing).
+def rope(x, cos, sin, positions):
+    """Rotate x (T, heads, head_dim) in place, token t at position positions[t] (HF rotate-half).
 
     cos, sin (max_seq, head_dim // 2). Pair i is (x[i], x[i + head_dim // 2]).
     """
     T, H, hd = x.shape
     half = hd // 2
     for t in range(T):
-        c = cos[pos0 + t]
-        s = sin[pos0 + t]
+        c = cos[positions[t]]
+        s = sin[positions[t]]
         for h in range(H):
             v = x[t, h]
             for i in range(half):
@@ -119,22 +119,24 @@ def embed(out, ids, w):
 
 
 @kernel
-def store_kv(k_cache, v_cache, k, v, l, pos0):
-    """k, v (T, kv_heads, head_dim) -> caches (L, kv_heads, max_seq, head_dim) at pos0.."""
+def store_kv(k_cache, v_cache, k, v, l, slots):
+    """k, v (T, kv_heads, head_dim) -> caches (L, kv_heads, slots_total, head_dim) at slots[t]."""
     T, Hkv, hd = k.shape
     for t in range(T):
         for h in range(Hkv):
-            k_cache[l, h, pos0 + t, :] = k[t, h]
-            v_cache[l, h, pos0 + t, :] = v[t, h]
+            k_cache[l, h, slots[t], :] = k[t, h]
+            v_cache[l, h, slots[t], :] = v[t, h]
 
 
 @kernel(parallel=True)
-def attention(out, q, k_cache, v_cache, l, pos0, scratch):
-    """Causal grouped-query attention against the cache.
+def attention(out, q, k_cache, v_cache, l, starts, slots, scratch):
+    """Grouped-query attention of each token over its own stretch of the cache.
 
-    q (T, heads, head_dim) at positions pos0..pos0+T-1; caches (L, kv_heads, max_seq, head_dim)
-    already hold positions 0..pos0+T-1; out (T, heads, head_dim). scratch f32 (threads, max_seq)
-    holds one row of scores per thread. Query head h reads kv head h // (heads // kv_heads).
+    q (T, heads, head_dim); caches (L, kv_heads, slots_total, head_dim); token t attends to cache
+    slots starts[t]..slots[t] inclusive (causal: its sequence's start up to itself; several
+    sequences share one cache in separate stretches). out (T, heads, head_dim). scratch f32
+    (threads, >= longest stretch) holds one row of scores per thread. Query head h reads kv head
+    h // (heads // kv_heads).
     """
     T, H, hd = q.shape
     group = H // k_cache.shape[1]
@@ -143,12 +145,13 @@ def attention(out, q, k_cache, v_cache, l, pos0, scratch):
         t = item // H
         h = item % H
         kv = h // group
-        n = pos0 + t + 1
+        j0 = starts[t]
+        n = slots[t] + 1 - j0
         sc = scratch[get_thread_id(), :n]
         qv = q[t, h]
         mx = -np.inf
         for j in range(n):
-            kj = k_cache[l, kv, j]
+            kj = k_cache[l, kv, j0 + j]
             acc = np.float32(0.0)
             for i in range(hd):
                 acc += qv[i] * kj[i]
@@ -164,7 +167,7 @@ def attention(out, q, k_cache, v_cache, l, pos0, scratch):
         o[:] = 0.0
         for j in range(n):
             p = sc[j]
-            vj = v_cache[l, kv, j]
+            vj = v_cache[l, kv, j0 + j]
             for i in range(hd):
                 o[i] += p * vj[i]
         inv = np.float32(1.0) / total

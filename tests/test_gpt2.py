@@ -105,3 +105,11 @@ def test_inconsistent_config_is_named(tmp_path):
     (d / "config.json").write_text(json.dumps({**cfg, "activation_function": "relu"}))
     with pytest.raises(ValueError, match="relu"):
         fastinfer.load(d)
+
+
+def test_batched_generation(tmp_path):
+    d = write_gpt2_dir(tmp_path / "g", GPT2_TINY_CFG, random_gpt2_weights(GPT2_TINY_CFG, seed=6))
+    model = fastinfer.load(d)
+    prompts = [IDS[:2], IDS[:7], IDS[3:5]]
+    alone = [model.generate(p, max_new_tokens=6) for p in prompts]  # HF folder: greedy by default
+    assert model.generate(prompts, max_new_tokens=6) == alone

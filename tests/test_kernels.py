@@ -125,6 +125,11 @@ def make_weight(fmt: str, rows: int, cols: int, rng, layers: int = 1):
 # running the kernels
 # ----------------------------------------------------------------------------------------------
 
+def positions(start: int, n: int) -> np.ndarray:
+    """Positions (or cache slots) start..start+n-1 of one sequence, as the kernels take them."""
+    return np.arange(start, start + n, dtype=np.int64)
+
+
 def nans(*shape) -> np.ndarray:
     return np.full(shape, np.nan, np.float32)
 
@@ -256,7 +261,7 @@ def test_rope(T, H, hd, pos0):
     cos, sin = rope_tables(32, hd)
     x = rng.standard_normal((T, H, hd)).astype(np.float32)
     want = tw.rope(x, cos, sin, pos0)
-    ops.rope(x, cos, sin, pos0)  # in place
+    ops.rope(x, cos, sin, positions(pos0, T))  # in place
     assert_allclose(x, want, rtol=1e-6, atol=1e-6)
 
 
@@ -265,7 +270,7 @@ def test_rope_position_zero_is_identity():
     cos, sin = rope_tables(4, 16)
     x = rng.standard_normal((1, 2, 16)).astype(np.float32)
     before = x.copy()
-    ops.rope(x, cos, sin, 0)
+    ops.rope(x, cos, sin, positions(0, 1))
     assert_array_equal(x, before)
 
 
@@ -343,7 +348,7 @@ def test_store_kv(T, pos0):
     want_k, want_v = k_cache.copy(), v_cache.copy()
     want_k[l, :, pos0:pos0 + T] = k.transpose(1, 0, 2)
     want_v[l, :, pos0:pos0 + T] = v.transpose(1, 0, 2)
-    ops.store_kv(k_cache, v_cache, k, v, l, pos0)
+    ops.store_kv(k_cache, v_cache, k, v, l, positions(pos0, T))
     assert_array_equal(k_cache, want_k)
     assert_array_equal(v_cache, want_v)
 
@@ -359,7 +364,9 @@ def filled_caches(rng, layers: int, kv: int, max_seq: int, hd: int, l: int, used
 
 def run_attention(q, k_cache, v_cache, l, pos0):
     out = nans(*q.shape)
-    ops.attention(out, q, k_cache, v_cache, l, pos0, nans(THREADS, k_cache.shape[2]))
+    T = q.shape[0]
+    ops.attention(out, q, k_cache, v_cache, l, np.zeros(T, np.int64), positions(pos0, T),
+                  nans(THREADS, k_cache.shape[2]))
     return out
 
 
@@ -439,7 +446,7 @@ def test_attention_decode_equals_prefill(H, KV, hd):
         k_cache, v_cache = (c.astype(np.float32) for c in garbage_caches(Lyr, KV, S, hd))
         outs, pos = [], 0
         for n in chunks:
-            ops.store_kv(k_cache, v_cache, k[pos:pos + n], v[pos:pos + n], l, pos)
+            ops.store_kv(k_cache, v_cache, k[pos:pos + n], v[pos:pos + n], l, positions(pos, n))
             outs.append(run_attention(q[pos:pos + n], k_cache, v_cache, l, pos))
             pos += n
         return np.concatenate(outs), k_cache, v_cache
@@ -488,3 +495,25 @@ def test_add_bias(T, n):
     want = x + b
     ops.add_bias_(x, b)
     assert_array_equal(x, want)
+
+
+@pytest.mark.parametrize("H,KV", HEADS)
+def test_attention_sequences_in_separate_stretches(H, KV):
+    """Two sequences sharing one cache, each in its own stretch of slots, in one call: each token
+    sees only its own sequence, exactly as if it had the cache to itself."""
+    hd, S, l = 8, 10, 0
+    rng = rng_for("stretch", H, KV)
+    lens = (4, 7)
+    k_cache, v_cache = (c.astype(np.float32) for c in garbage_caches(1, KV, 2 * S, hd))
+    for b, n in enumerate(lens):
+        k_cache[l, :, b * S:b * S + n] = rng.standard_normal((KV, n, hd))
+        v_cache[l, :, b * S:b * S + n] = rng.standard_normal((KV, n, hd))
+    q = rng.standard_normal((2, H, hd)).astype(np.float32)  # the last token of each sequence
+    out = nans(2, H, hd)
+    starts = np.array([0, S], np.int64)
+    slots = np.array([lens[0] - 1, S + lens[1] - 1], np.int64)
+    ops.attention(out, q, k_cache, v_cache, l, starts, slots, nans(THREADS, 2 * S))
+    for b, n in enumerate(lens):
+        alone_k, alone_v = k_cache[:, :, b * S:(b + 1) * S], v_cache[:, :, b * S:(b + 1) * S]
+        want = tw.attention(q[b:b + 1], alone_k[l], alone_v[l], n - 1)
+        assert_allclose(out[b:b + 1], want, rtol=2e-6, atol=2e-6 * np.abs(alone_v).max())

@@ -163,3 +163,31 @@ def test_beam_search_through_the_api(tmp_path, tok):
                               early_stopping=True, no_repeat_ngram_size=2)
     text = model.generate(model.decode(IDS[:5]), max_new_tokens=10, **kw)
     assert isinstance(text, str)
+
+
+@pytest.mark.parametrize("ggml_type", ["F32", "Q4_1"])
+def test_batch_equals_one_by_one(tmp_path, tok, ggml_type):
+    # prompts of different lengths, decoded together, give what each gives alone
+    path, _ = _gguf(tmp_path, TINY_CFG, tok, ggml_type)
+    model = fastinfer.load(path)
+    prompts = [IDS[:3], IDS[:9], IDS[2:4], IDS]
+    for kw in (dict(temperature=0), dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=11),
+               dict(temperature=0, no_repeat_ngram_size=2, min_new_tokens=3)):
+        alone = [model.generate(p, max_new_tokens=9, **kw) for p in prompts]
+        assert model.generate(prompts, max_new_tokens=9, **kw) == alone
+    texts = ["hello there", "a b c d e f"]
+    assert model.generate(texts, max_new_tokens=5, temperature=0) == \
+        [model.generate(t, max_new_tokens=5, temperature=0) for t in texts]
+
+
+def test_batch_decode_logits_match_sessions(tmp_path, tok):
+    from fastinfer.model import Batch
+    path, _ = _gguf(tmp_path, TINY_CFG, tok, "F32")
+    model = fastinfer.load(path)
+    batch = Batch(model, 2, 32)
+    a, b = IDS[:4], IDS[5:12]
+    batch.sessions[0].prefill(a)
+    batch.sessions[1].prefill(b)
+    rows = batch.decode([0, 1], [7, 8]).copy()
+    np.testing.assert_allclose(rows[0], model.forward(a + [7])[-1], atol=5e-5)
+    np.testing.assert_allclose(rows[1], model.forward(b + [8])[-1], atol=5e-5)

@@ -148,8 +148,12 @@ class State:
 
 
 @kernel
-def forward(ids, pos0, all_logits, w, st, n_heads, eps):
-    """Run tokens ids (T,) at positions pos0.. through every layer, filling the KV cache."""
+def forward(ids, positions, starts, slots, all_logits, w, st, n_heads, eps):
+    """Run tokens ids (T,) through every layer, filling the KV cache.
+
+    Token t sits at position positions[t] of its sequence, is stored in cache slot slots[t], and
+    attends to slots starts[t]..slots[t]: one sequence (starts all 0, slots == positions) or
+    several sharing the cache in separate stretches (batched decoding)."""
     (emb, pos_emb, ln1, ln1_b, wqkv, bqkv, wo, bo, ln2, ln2_b, w1, b1, w2, b2, norm, norm_b) = w
     (k_cache, v_cache, x_all, xb_all, qkv_all, q_all, k_all, v_all, att_all, hb_all, logits,
      lin, att_scratch) = st
@@ -163,13 +167,13 @@ def forward(ids, pos0, all_logits, w, st, n_heads, eps):
     att3 = att.reshape((T, n_heads, hd))
     ops.embed(x, ids, emb)
     for t in range(T):
-        x[t] += pos_emb[pos0 + t]
+        x[t] += pos_emb[positions[t]]
     for l in range(ln1.shape[0]):
         ops.layernorm(xb, x, ln1[l], ln1_b[l], eps)
         L.linear(qkv, xb, wqkv, l, lin)
         ops.split_qkv(q, k, v, qkv, bqkv[l])
-        ops.store_kv(k_cache, v_cache, k3, v3, l, pos0)
-        ops.attention(att3, q3, k_cache, v_cache, l, pos0, att_scratch)
+        ops.store_kv(k_cache, v_cache, k3, v3, l, slots)
+        ops.attention(att3, q3, k_cache, v_cache, l, starts, slots, att_scratch)
         L.linear(xb, att, wo, l, lin)
         ops.add_bias_(xb, bo[l])
         ops.add_(x, xb)
@@ -188,6 +192,8 @@ def forward(ids, pos0, all_logits, w, st, n_heads, eps):
         L.linear(logits[:1], xb[T - 1:], emb, 0, lin)
 
 
-def run(args: ModelArgs, w: tuple, st: tuple, ids: np.ndarray, pos0: int, all_logits: bool) -> None:
-    forward(ids, pos0, all_logits, w, st, args.n_heads, float(args.norm_eps))
+def run(args: ModelArgs, w: tuple, st: tuple, ids: np.ndarray, positions: np.ndarray, starts: np.ndarray,
+        slots: np.ndarray, all_logits: bool) -> None:
+    """`forward` with the model's own sizes filled in."""
+    forward(ids, positions, starts, slots, all_logits, w, st, args.n_heads, float(args.norm_eps))
 

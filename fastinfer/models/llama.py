@@ -200,8 +200,12 @@ class State:
 
 
 @kernel
-def forward(ids, pos0, all_logits, w, st, n_heads, n_kv_heads, eps):
-    """Run tokens ids (T,) at positions pos0.. through every layer, filling the KV cache.
+def forward(ids, positions, starts, slots, all_logits, w, st, n_heads, n_kv_heads, eps):
+    """Run tokens ids (T,) through every layer, filling the KV cache.
+
+    Token t sits at position positions[t] of its sequence, is stored in cache slot slots[t], and
+    attends to slots starts[t]..slots[t]: one sequence (starts all 0, slots == positions) or
+    several sharing the cache in separate stretches (batched decoding).
 
     Writes logits for every position (all_logits) or only the last one into st.logits[:T or 1].
     """
@@ -221,10 +225,10 @@ def forward(ids, pos0, all_logits, w, st, n_heads, n_kv_heads, eps):
         ops.rmsnorm(xb, x, attention_norm[l], eps)
         L.linear(qkv, xb, wqkv, l, lin)
         ops.split_qkv(q, k, v, qkv, bqkv[l])
-        ops.rope(q3, cos, sin, pos0)
-        ops.rope(k3, cos, sin, pos0)
-        ops.store_kv(k_cache, v_cache, k3, v3, l, pos0)
-        ops.attention(att3, q3, k_cache, v_cache, l, pos0, att_scratch)
+        ops.rope(q3, cos, sin, positions)
+        ops.rope(k3, cos, sin, positions)
+        ops.store_kv(k_cache, v_cache, k3, v3, l, slots)
+        ops.attention(att3, q3, k_cache, v_cache, l, starts, slots, att_scratch)
         L.linear(xb, att, wo, l, lin)
         ops.add_(x, xb)
         ops.rmsnorm(xb, x, ffn_norm[l], eps)
@@ -240,6 +244,7 @@ def forward(ids, pos0, all_logits, w, st, n_heads, n_kv_heads, eps):
         L.linear(logits[:1], xb[T - 1:], output, 0, lin)
 
 
-def run(args: ModelArgs, w: tuple, st: tuple, ids: np.ndarray, pos0: int, all_logits: bool) -> None:
+def run(args: ModelArgs, w: tuple, st: tuple, ids: np.ndarray, positions: np.ndarray, starts: np.ndarray,
+        slots: np.ndarray, all_logits: bool) -> None:
     """`forward` with the model's own sizes filled in."""
-    forward(ids, pos0, all_logits, w, st, args.n_heads, args.n_kv_heads, float(args.norm_eps))
+    forward(ids, positions, starts, slots, all_logits, w, st, args.n_heads, args.n_kv_heads, float(args.norm_eps))
