@@ -81,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("-p", "--n-prompt", type=_positive_int, default=512, help="prompt tokens (default: 512)")
     b.add_argument("-n", "--n-gen", type=_positive_int, default=128, help="generated tokens (default: 128)")
     b.add_argument("-r", "--repetitions", type=_positive_int, default=5, help="repetitions (default: 5)")
+    b.add_argument("-b", "--batch", type=_positive_int, default=1,
+                   help="tg decodes this many sequences together and reports their total tokens/s (default: 1)")
     b.add_argument("--json", action="store_true", help="end with one JSON line of the results")
 
     x = sub.add_parser("perplexity", help="measure perplexity on a text file",
@@ -156,6 +158,27 @@ def _stats(xs: list[float]) -> dict:
     return {"mean": float(np.mean(xs)), "std": float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0}
 
 
+def _time_generation(model, prompt: list[int], n: int, batch: int) -> float:
+    """Seconds for n greedy decode steps of `batch` sequences after a 1-token prompt each."""
+    if batch == 1:
+        s = model.session()
+        s.prefill(prompt)
+        tok = 0
+        t0 = time.perf_counter()
+        for _ in range(n):
+            tok = int(np.argmax(s.decode_step(tok)))
+        return time.perf_counter() - t0
+    from .model import Batch
+    b = Batch(model, batch, len(prompt) + n)
+    for s in b.sessions:
+        s.prefill(prompt)
+    which, toks = list(range(batch)), [0] * batch
+    t0 = time.perf_counter()
+    for _ in range(n):
+        toks = [int(t) for t in np.argmax(b.decode(which, toks), axis=1)]
+    return time.perf_counter() - t0
+
+
 def cmd_bench(args) -> int:
     args.ctx = args.n_prompt + args.n_gen  # a session just large enough for the test
     model = _load(args)
@@ -170,17 +193,11 @@ def cmd_bench(args) -> int:
         t0 = time.perf_counter()
         s.prefill(prompt)
         t_pp = time.perf_counter() - t0
-        s = model.session()
-        s.prefill(prompt[:1])
-        tok = 0
-        t0 = time.perf_counter()
-        for _ in range(args.n_gen):
-            tok = int(np.argmax(s.decode_step(tok)))
-        t_tg = time.perf_counter() - t0
+        t_tg = _time_generation(model, prompt[:1], args.n_gen, args.batch)
         if rep:
             pp.append(args.n_prompt / t_pp)
-            tg.append(args.n_gen / t_tg)
-    res = {"model": model.source, "dtype": args.dtype, "threads": model.threads,
+            tg.append(args.n_gen * args.batch / t_tg)
+    res = {"model": model.source, "dtype": args.dtype, "threads": model.threads, "batch": args.batch,
            "pp": {"tokens": args.n_prompt, **_stats(pp)}, "tg": {"tokens": args.n_gen, **_stats(tg)}}
     print(f"| model | dtype | threads | test | t/s |\n|---|---|---|---|---|")
     for key in ("pp", "tg"):

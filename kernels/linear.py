@@ -58,10 +58,9 @@ def dequant_row(dst, w, l, r):
             u[i] = np.uint32(h[i]) << 16
     elif kind == Q8_0:
         qr = q[l, r]
-        for b in range(n // QK):
-            d = s[l, r, b]
-            for i in range(QK):
-                dst[b * QK + i] = d * np.float32(np.int8(qr[b * QK + i]))
+        sr = s[l, r]
+        for i in range(n):  # flat, scale looked up per element: vectorizes (see _dot_q8_0)
+            dst[i] = sr[i >> 5] * np.float32(np.int8(qr[i]))
     else:  # Q4_0, Q4_1
         qr = q[l, r]
         for b in range(n // QK):
@@ -130,29 +129,37 @@ def _dot_q4(kind, qr, sr, mr, xp, n):
     return acc
 
 
+ROWS_PATH_MAX_T = 8  # up to this many tokens, packed rows are read directly (decode, batched decode)
+
+
 @kernel(parallel=True)
 def _linear_rows(out, x, w, l, scratch):
-    # Few tokens: each weight row is read once, in its packed form. One task per thread, so the
-    # per-token preparation of x happens once per thread, not once per row.
+    # Few tokens: each weight row is read once, in its packed form, and used for every token while
+    # it is in L1. One task per thread, so x is prepared once per thread, not once per row.
     kind, q, s, m, f = w
     T, n = x.shape
     rows = out.shape[1]
+    width = n + n // QK
     tasks = scratch.shape[0]  # one per thread (get_num_threads() here would defeat the disk cache)
     for task in prange(tasks):
-        xp = scratch[get_thread_id(), :n + n // QK]
+        xp = scratch[get_thread_id(), :T * width]
         r0 = task * rows // tasks
         r1 = (task + 1) * rows // tasks
-        for t in range(T):
-            if kind == F32:
-                for r in range(r0, r1):
+        if kind == F32:
+            for r in range(r0, r1):
+                for t in range(T):
                     out[t, r] = _dot(f[l, r], x[t])
-            elif kind == Q8_0:
-                for r in range(r0, r1):
+        elif kind == Q8_0:
+            for r in range(r0, r1):
+                for t in range(T):
                     out[t, r] = _dot_q8_0(q[l, r], s[l, r], x[t])
-            else:
-                _prep_x4(xp, x[t])
-                for r in range(r0, r1):
-                    out[t, r] = _dot_q4(kind, q[l, r], s[l, r], m[l, r] if kind == Q4_1 else s[l, r], xp, n)
+        else:
+            for t in range(T):
+                _prep_x4(xp[t * width:(t + 1) * width], x[t])
+            for r in range(r0, r1):
+                mr = m[l, r] if kind == Q4_1 else s[l, r]
+                for t in range(T):
+                    out[t, r] = _dot_q4(kind, q[l, r], s[l, r], mr, xp[t * width:(t + 1) * width], n)
 
 
 @kernel
@@ -210,7 +217,7 @@ def linear(out, x, w, l, scratch):
     nothing.
     """
     kind = w[0]
-    if x.shape[0] <= 2 and kind != F16 and kind != BF16:
+    if x.shape[0] <= ROWS_PATH_MAX_T and kind != F16 and kind != BF16:
         _linear_rows(out, x, w, l, scratch)
     else:
         _linear_tiles(out, x, w, l, scratch)
@@ -218,7 +225,7 @@ def linear(out, x, w, l, scratch):
 
 def scratch_size(n_max: int, t_max: int) -> int:
     """Per-thread scratch floats `linear` needs for inputs of width <= n_max (any token count)."""
-    return ROWS_PER_TASK * n_max
+    return max(ROWS_PER_TASK * n_max, ROWS_PATH_MAX_T * (n_max + n_max // QK))
 
 
 

@@ -226,7 +226,8 @@ def test_linear_picks_layer(fmt, T):
 
 def test_linear_scratch_size_covers_both_paths():
     for n, T in [(32, 1), (576, 2), (33, 64), (64, 1000)]:
-        need = max(L.ROWS_PER_TASK * n, n + n // L.QK)  # a tile of rows; x regrouped + block sums
+        # a tile of rows, or x regrouped + block sums for each token of the packed-rows path
+        need = max(L.ROWS_PER_TASK * n, L.ROWS_PATH_MAX_T * (n + n // L.QK))
         assert L.scratch_size(n, T) >= need
 
 
