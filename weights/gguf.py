@@ -57,7 +57,7 @@ def _tensor(t, path: Path):
     data = t.data
     if len(shape) == 1:
         if kind in (T.F32, T.F16):
-            return np.asarray(data, dtype=np.float32).reshape(shape)
+            return np.array(data, dtype=np.float32).reshape(shape)  # a copy: no view pins the mapping
         return quants.dequantize(data, kind).astype(np.float32).reshape(shape)
     if len(shape) != 2:
         raise ValueError(f"{path}: tensor {t.name} has {len(shape)} dimensions; expected 1 or 2")
