@@ -1,4 +1,4 @@
-"""The Python API: `load`, `Model` and `Session`."""
+"""The Python API: `load`, `Model`, `Session` and `Batch`."""
 from collections.abc import Iterator, Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -24,9 +24,9 @@ DEFAULT_CTX = 4096   # context allocated by default, capped by the model's own
 
 def load(source: str | Path | None = None, dtype: str = "auto", threads: int | None = None,
          n_ctx: int | None = None) -> "Model":
-    """Load a GGUF file, an HF checkpoint directory, or (source=None) the default model.
+    """Load a GGUF file, an HF directory, a converted checkpoint, or (source=None) the default model.
 
-    dtype "auto" keeps the file's formats; "f32" expands every weight to float32.
+    dtype "auto" keeps the file's formats; "f32", "bf16", "int8" and "int4" convert in memory.
     n_ctx is the longest sequence a session holds (default: min(4096, the model's context)).
     """
     check_dtype(dtype)
