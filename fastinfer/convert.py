@@ -37,7 +37,7 @@ def convert(src: str | Path, out: str | Path, dtype: str = "auto", force: bool =
     ckpt = open_checkpoint(src, dtype)
     arch = ARCHITECTURES[ckpt.config["arch"]]
     args, w = arch.build(ckpt, max_seq=1)
-    tensors = {f.name: getattr(w, f.name) for f in fields(w) if f.name not in ("cos", "sin")}
+    tensors = {f.name: getattr(w, f.name) for f in fields(w) if f.name not in ("cos", "sin", "windows")}
 
     # The error is measured against the source's own values, tensor by tensor.
     worst = ("-", 0.0, 0.0)

@@ -129,12 +129,14 @@ def store_kv(k_cache, v_cache, k, v, l, slots):
 
 
 @kernel(parallel=True)
-def attention(out, q, k_cache, v_cache, l, starts, slots, scratch):
+def attention(out, q, k_cache, v_cache, l, starts, slots, window, scratch):
     """Grouped-query attention of each token over its own stretch of the cache.
 
     q (T, heads, head_dim); caches (L, kv_heads, slots_total, head_dim); token t attends to cache
     slots starts[t]..slots[t] inclusive (causal: its sequence's start up to itself; several
-    sequences share one cache in separate stretches). out (T, heads, head_dim). scratch f32
+    sequences share one cache in separate stretches). window > 0 keeps only the last `window` of
+    those (sliding-window attention as Mistral's: key j is seen from i when i - j < window).
+    out (T, heads, head_dim). scratch f32
     (threads, >= longest stretch) holds one row of scores per thread. Query head h reads kv head
     h // (heads // kv_heads).
     """
@@ -146,6 +148,8 @@ def attention(out, q, k_cache, v_cache, l, starts, slots, scratch):
         h = item % H
         kv = h // group
         j0 = starts[t]
+        if window > 0:
+            j0 = max(j0, slots[t] - window + 1)
         n = slots[t] + 1 - j0
         sc = scratch[get_thread_id(), :n]
         qv = q[t, h]

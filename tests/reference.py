@@ -165,14 +165,18 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """q (T, H, hd), k/v (T, KV, hd) -> (T, H * hd); query head h reads kv head h // (H / KV)."""
+def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int = 0) -> np.ndarray:
+    """q (T, H, hd), k/v (T, KV, hd) -> (T, H * hd); query head h reads kv head h // (H / KV).
+
+    window > 0: HF's sliding-window mask, query i sees key j only when i - j < window."""
     T, H, hd = q.shape
     rep = H // k.shape[1]
     k = np.repeat(k, rep, axis=1)
     v = np.repeat(v, rep, axis=1)
     scores = np.einsum("thd,shd->hts", q, k) / math.sqrt(hd)
-    scores = np.where(np.tril(np.ones((T, T), dtype=bool)), scores, -np.inf)
+    i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+    visible = (j <= i) & ((i - j < window) if window else True)
+    scores = np.where(visible, scores, -np.inf)
     out = np.einsum("hts,shd->thd", softmax(scores), v)
     return out.reshape(T, H * hd)
 
@@ -221,6 +225,17 @@ def rope_split_half(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) 
     return x * np.cos(emb) + rotated * np.sin(emb)
 
 
+def layer_window(cfg: dict, layer: int) -> int:
+    """HF's sliding-window rule: Mistral windows every layer; Qwen2 only with use_sliding_window,
+    from layer max_window_layers on (transformers' default layer_types); 0 = full attention."""
+    window = cfg.get("sliding_window") or 0
+    if cfg.get("model_type") == "mistral":
+        return window
+    if cfg.get("model_type") == "qwen2" and cfg.get("use_sliding_window"):
+        return window if layer >= cfg.get("max_window_layers", 0) else 0
+    return 0
+
+
 def llama_forward(weights: dict[str, np.ndarray], cfg: dict, ids: list[int]) -> np.ndarray:
     """Logits (T, vocab) float32 of HF LlamaForCausalLM for the token ids `ids` at positions
     0..T-1. `weights` are float32 arrays under HF names; `lm_head.weight` may be absent when the
@@ -245,7 +260,7 @@ def llama_forward(weights: dict[str, np.ndarray], cfg: dict, ids: list[int]) -> 
         v = _linear(h, weights[a + "v_proj.weight"], weights.get(a + "v_proj.bias"))
         q = rope_split_half(q.reshape(T, H, hd), positions, inv_freq)
         k = rope_split_half(k.reshape(T, KV, hd), positions, inv_freq)
-        attn = causal_attention(q, k, v.reshape(T, KV, hd))
+        attn = causal_attention(q, k, v.reshape(T, KV, hd), layer_window(cfg, i))
         x = x + _linear(attn, weights[a + "o_proj.weight"], weights.get(a + "o_proj.bias"))
 
         h = rms_norm(x, weights[p + "post_attention_layernorm.weight"], eps)

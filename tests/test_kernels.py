@@ -366,7 +366,7 @@ def filled_caches(rng, layers: int, kv: int, max_seq: int, hd: int, l: int, used
 def run_attention(q, k_cache, v_cache, l, pos0):
     out = nans(*q.shape)
     T = q.shape[0]
-    ops.attention(out, q, k_cache, v_cache, l, np.zeros(T, np.int64), positions(pos0, T),
+    ops.attention(out, q, k_cache, v_cache, l, np.zeros(T, np.int64), positions(pos0, T), 0,
                   nans(THREADS, k_cache.shape[2]))
     return out
 
@@ -513,8 +513,26 @@ def test_attention_sequences_in_separate_stretches(H, KV):
     out = nans(2, H, hd)
     starts = np.array([0, S], np.int64)
     slots = np.array([lens[0] - 1, S + lens[1] - 1], np.int64)
-    ops.attention(out, q, k_cache, v_cache, l, starts, slots, nans(THREADS, 2 * S))
+    ops.attention(out, q, k_cache, v_cache, l, starts, slots, 0, nans(THREADS, 2 * S))
     for b, n in enumerate(lens):
         alone_k, alone_v = k_cache[:, :, b * S:(b + 1) * S], v_cache[:, :, b * S:(b + 1) * S]
         want = tw.attention(q[b:b + 1], alone_k[l], alone_v[l], n - 1)
         assert_allclose(out[b:b + 1], want, rtol=2e-6, atol=2e-6 * np.abs(alone_v).max())
+
+
+@pytest.mark.parametrize("window", [1, 3, 50])
+def test_attention_sliding_window(window):
+    """With a window, a query at position i sees keys i - window + 1 .. i: the same as a cache
+    holding only those keys (a window past the start changes nothing)."""
+    H, KV, hd, S, T, pos0 = 4, 2, 8, 24, 5, 9
+    rng = rng_for("window", window)
+    k_cache, v_cache = filled_caches(rng, 1, KV, S, hd, 0, used=pos0 + T)
+    q = rng.standard_normal((T, H, hd)).astype(np.float32)
+    out = nans(T, H, hd)
+    ops.attention(out, q, k_cache, v_cache, 0, np.zeros(T, np.int64), positions(pos0, T), window,
+                  nans(THREADS, S))
+    for t in range(T):
+        i = pos0 + t
+        lo = max(0, i - window + 1)
+        want = tw.attention(q[t:t + 1], k_cache[0, :, lo:i + 1], v_cache[0, :, lo:i + 1], i - lo)
+        assert_allclose(out[t:t + 1], want, rtol=2e-6, atol=2e-6 * np.abs(v_cache[0]).max())

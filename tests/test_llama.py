@@ -191,3 +191,25 @@ def test_batch_decode_logits_match_sessions(tmp_path, tok):
     rows = batch.decode([0, 1], [7, 8]).copy()
     np.testing.assert_allclose(rows[0], model.forward(a + [7])[-1], atol=5e-5)
     np.testing.assert_allclose(rows[1], model.forward(b + [8])[-1], atol=5e-5)
+
+
+@pytest.mark.parametrize("cfg", [
+    {**TINY_CFG, "model_type": "mistral", "sliding_window": 4},
+    {**TINY_CFG_BIAS, "model_type": "qwen2", "use_sliding_window": True, "sliding_window": 3,
+     "max_window_layers": 1},
+    {**TINY_CFG, "model_type": "qwen2", "use_sliding_window": False, "sliding_window": 3},
+], ids=["mistral", "qwen2-swa", "qwen2-off"])
+def test_sliding_window_models(tmp_path, tok, cfg):
+    # exact sliding-window attention as the config asks, full sequence and step by step
+    d, w = _hf(tmp_path, cfg, tok)
+    model = fastinfer.load(d)
+    ids = IDS + IDS[::-1]
+    want = reference.llama_forward(w, cfg, ids)
+    full = model.forward(ids)
+    np.testing.assert_allclose(full, want, atol=2e-4, rtol=0)
+    s = model.session()
+    steps = [s.append([t])[0] for t in ids]
+    np.testing.assert_allclose(np.array(steps), full, atol=5e-5, rtol=0)
+    if cfg.get("sliding_window") and (cfg["model_type"] == "mistral" or cfg.get("use_sliding_window")):
+        full_cfg = {**cfg, "sliding_window": None}
+        assert np.abs(reference.llama_forward(w, full_cfg, ids) - want).max() > 1e-3  # the window matters

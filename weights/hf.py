@@ -127,6 +127,19 @@ def _gpt2_config(cfg: dict, d: Path) -> dict:
         raise ValueError(f"{d}/config.json lacks {e.args[0]!r}") from None
 
 
+def _sliding_window(cfg: dict, model_type: str) -> dict:
+    """Mistral: every layer sees the last `sliding_window` keys; Qwen2: only with
+    use_sliding_window, and only layers from max_window_layers on (HF's layer_types rule)."""
+    window = cfg.get("sliding_window")
+    if not window:
+        return {}
+    if model_type == "mistral":
+        return {"sliding_window": int(window), "window_from_layer": 0}
+    if model_type == "qwen2" and cfg.get("use_sliding_window"):
+        return {"sliding_window": int(window), "window_from_layer": int(cfg.get("max_window_layers", 0))}
+    return {}
+
+
 def _config(cfg: dict, d: Path) -> dict:
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -158,6 +171,7 @@ def _config(cfg: dict, d: Path) -> dict:
             "rope_theta": float(cfg.get("rope_theta", 10000.0)),
             "rope_scaling": rope,
             "max_seq_len": int(cfg.get("max_position_embeddings", 2048)),
+            **_sliding_window(cfg, model_type),
         }
     except KeyError as e:
         raise ValueError(f"{d}/config.json lacks {e.args[0]!r}") from None

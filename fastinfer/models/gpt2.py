@@ -173,7 +173,7 @@ def forward(ids, positions, starts, slots, all_logits, w, st, n_heads, eps):
         L.linear(qkv, xb, wqkv, l, lin)
         ops.split_qkv(q, k, v, qkv, bqkv[l])
         ops.store_kv(k_cache, v_cache, k3, v3, l, slots)
-        ops.attention(att3, q3, k_cache, v_cache, l, starts, slots, att_scratch)
+        ops.attention(att3, q3, k_cache, v_cache, l, starts, slots, 0, att_scratch)
         L.linear(xb, att, wo, l, lin)
         ops.add_bias_(xb, bo[l])
         ops.add_(x, xb)

@@ -35,6 +35,8 @@ class ModelArgs:
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
     max_seq_len: int = 2048
+    sliding_window: int = 0       # > 0: layers from window_from_layer on attend to this many keys
+    window_from_layer: int = 0
     arch: str = "llama"
 
     def __post_init__(self):
@@ -58,13 +60,14 @@ class Weights:
     output: QMatrix             # (1, vocab, dim), the embedding table when tied
     cos: np.ndarray             # (max_seq, head_dim // 2)
     sin: np.ndarray             # (max_seq, head_dim // 2)
+    windows: np.ndarray         # (L,) int64 attention window per layer, 0 = full
 
     def args(self) -> tuple:
         """Everything `forward` reads, as one tuple of arrays and weight tuples."""
         ro = readonly
         return (self.tok_embeddings.args(), ro(self.attention_norm), self.wqkv.args(), ro(self.bqkv),
                 self.wo.args(), ro(self.ffn_norm), self.w13.args(), self.w2.args(), ro(self.norm),
-                self.output.args(), ro(self.cos), ro(self.sin))
+                self.output.args(), ro(self.cos), ro(self.sin), ro(self.windows))
 
     @property
     def nbytes(self) -> int:
@@ -124,8 +127,15 @@ def build(ckpt: Checkpoint, max_seq: int) -> tuple[ModelArgs, Weights]:
         args.rope_scaling = dict(args.rope_scaling or {}, freq_factors=t["rope_freqs"].astype(np.float32))
     cos, sin = rope_tables(args, max_seq)
     w = Weights(tok_embeddings=emb, norm=np.asarray(t["norm"], np.float32), output=t.get("output", emb),
-                cos=cos, sin=sin, **mats, **vec)
+                cos=cos, sin=sin, windows=_windows(args), **mats, **vec)
     return args, w
+
+
+def _windows(args: ModelArgs) -> np.ndarray:
+    """Per-layer attention window (0 = full), int64 (n_layers,)."""
+    w = np.zeros(args.n_layers, np.int64)
+    w[args.window_from_layer:] = args.sliding_window
+    return w
 
 
 def _stack_layers(ckpt: Checkpoint, args: ModelArgs, qd: int, kvd: int) -> tuple[dict, dict]:
@@ -209,7 +219,7 @@ def forward(ids, positions, starts, slots, all_logits, w, st, n_heads, n_kv_head
 
     Writes logits for every position (all_logits) or only the last one into st.logits[:T or 1].
     """
-    emb, attention_norm, wqkv, bqkv, wo, ffn_norm, w13, w2, norm, output, cos, sin = w
+    emb, attention_norm, wqkv, bqkv, wo, ffn_norm, w13, w2, norm, output, cos, sin, windows = w
     (k_cache, v_cache, x_all, xb_all, qkv_all, q_all, k_all, v_all, att_all, h13_all, hb_all, logits,
      lin, att_scratch) = st
     T = ids.shape[0]
@@ -228,7 +238,7 @@ def forward(ids, positions, starts, slots, all_logits, w, st, n_heads, n_kv_head
         ops.rope(q3, cos, sin, positions)
         ops.rope(k3, cos, sin, positions)
         ops.store_kv(k_cache, v_cache, k3, v3, l, slots)
-        ops.attention(att3, q3, k_cache, v_cache, l, starts, slots, att_scratch)
+        ops.attention(att3, q3, k_cache, v_cache, l, starts, slots, windows[l], att_scratch)
         L.linear(xb, att, wo, l, lin)
         ops.add_(x, xb)
         ops.rmsnorm(xb, x, ffn_norm[l], eps)
