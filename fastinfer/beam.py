@@ -186,13 +186,12 @@ def beam_search_scored(session_factory: Callable[[], object], prompt_ids: Sequen
 def beam_search(session_factory: Callable[[], object], prompt_ids: Sequence[int], num_beams: int,
                 max_new_tokens: int, eos_ids: Sequence[int], length_penalty: float = 1.0,
                 early_stopping: bool | str = False, no_repeat_ngram_size: int = 0,
-                repetition_penalty: float = 1.0, min_new_tokens: int = 0, pad_id: int | None = None) -> list[int]:
+                repetition_penalty: float = 1.0, min_new_tokens: int = 0) -> list[int]:
     """The best sequence's new tokens (EOS excluded), as HF `generate(num_beams=...)` would pick.
 
     num_beams=1 is greedy search, as in HF (which routes num_beams=1 to greedy decoding, whose
-    processors act on raw logits). pad_id is accepted for API parity; a single sequence needs no padding.
+    processors act on raw logits).
     """
-    del pad_id
     if num_beams == 1:
         from .generate import generate_ids
         from .sampling import SamplingParams

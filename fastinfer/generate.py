@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import numpy as np
 import tokenizers
 
-from .beam import no_repeat_ngram_ban
+from .beam import process_scores
 from .sampling import SamplingParams, sample
 
 
@@ -45,12 +45,9 @@ class TokenChooser:
         """The next token for these logits (vocab,), or None when the sequence ends with EOS."""
         if self.ngram > 0 or (self.n_new < self.min_new and self.eos_ids):
             logits = np.array(logits, dtype=np.float32)
-            if self.ngram > 0:
-                banned = no_repeat_ngram_ban(self.seen[:self.n_seen], self.ngram)
-                if banned:
-                    logits[banned] = -np.inf
-            if self.n_new < self.min_new and self.eos_ids:
-                logits[self.eos_ids] = -np.inf
+            # the repetition penalty is left to `sample`, which applies it for every strategy
+            process_scores(logits, self.seen[:self.n_seen], self.n_new, self.eos_ids,
+                           no_repeat_ngram_size=self.ngram, min_new_tokens=self.min_new)
         tok = sample(logits, self.params, self.rng, self.seen[:self.n_seen])
         if tok in self.eos_ids:
             return None

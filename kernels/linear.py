@@ -213,7 +213,7 @@ def _linear_tiles(out, x, w, l, scratch):
 def linear(out, x, w, l, scratch):
     """x (T, n) @ W[l].T (n, rows) -> out (T, rows).
 
-    scratch f32 (threads, scratch_size(n, T)) is per-thread working space, so the call allocates
+    scratch f32 (threads, scratch_size(n)) is per-thread working space, so the call allocates
     nothing.
     """
     kind = w[0]
@@ -223,7 +223,7 @@ def linear(out, x, w, l, scratch):
         _linear_tiles(out, x, w, l, scratch)
 
 
-def scratch_size(n_max: int, t_max: int) -> int:
+def scratch_size(n_max: int) -> int:
     """Per-thread scratch floats `linear` needs for inputs of width <= n_max (any token count)."""
     return max(ROWS_PER_TASK * n_max, ROWS_PATH_MAX_T * (n_max + n_max // QK))
 

@@ -137,7 +137,7 @@ def nans(*shape) -> np.ndarray:
 def run_linear(x: np.ndarray, w: tuple, l: int, rows: int) -> np.ndarray:
     T, n = x.shape
     out = nans(T, rows)
-    L.linear(out, x, w, l, nans(THREADS, L.scratch_size(n, T)))
+    L.linear(out, x, w, l, nans(THREADS, L.scratch_size(n)))
     return out
 
 
@@ -228,7 +228,7 @@ def test_linear_scratch_size_covers_both_paths():
     for n, T in [(32, 1), (576, 2), (33, 64), (64, 1000)]:
         # a tile of rows, or x regrouped + block sums for each token of the packed-rows path
         need = max(L.ROWS_PER_TASK * n, L.ROWS_PATH_MAX_T * (n + n // L.QK))
-        assert L.scratch_size(n, T) >= need
+        assert L.scratch_size(n) >= need
 
 
 # ----------------------------------------------------------------------------------------------

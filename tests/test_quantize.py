@@ -471,7 +471,7 @@ def test_converted_weights_run_in_linear():
     rng = np.random.default_rng(15)
     x = realistic(rng, (2, 48, 64))
     inp = rng.standard_normal((3, 64)).astype(np.float32)
-    scratch = np.full((numba.config.NUMBA_NUM_THREADS, K.scratch_size(64, 3)), np.nan, np.float32)
+    scratch = np.full((numba.config.NUMBA_NUM_THREADS, K.scratch_size(64)), np.nan, np.float32)
     for dtype in ("bf16", "int8", "int4"):
         w = WT.stack([Q.convert(WT.from_f32(x[0]), dtype), Q.convert(WT.from_f32(x[1]), dtype)])
         dec = decode(w)

@@ -139,7 +139,7 @@ class State:
         self.att = np.zeros((chunk, d), np.float32)
         self.hb = np.zeros((chunk, args.hidden_dim), np.float32)
         self.logits = np.zeros((chunk, args.vocab_size), np.float32)
-        self.lin_scratch = np.zeros((threads, L.scratch_size(max(d, args.hidden_dim), chunk)), np.float32)
+        self.lin_scratch = np.zeros((threads, L.scratch_size(max(d, args.hidden_dim))), np.float32)
         self.att_scratch = np.zeros((threads, max_seq), np.float32)
 
     def args(self) -> tuple:

@@ -201,7 +201,7 @@ class State:
         self.hb = np.zeros((chunk, args.hidden_dim), np.float32)  # silu(gate) * up
         self.logits = np.zeros((chunk, args.vocab_size), np.float32)
         widest = max(args.dim, qd, args.hidden_dim)  # the widest input a matmul reads
-        self.lin_scratch = np.zeros((threads, L.scratch_size(widest, chunk)), np.float32)
+        self.lin_scratch = np.zeros((threads, L.scratch_size(widest)), np.float32)
         self.att_scratch = np.zeros((threads, max_seq), np.float32)
 
     def args(self) -> tuple:
