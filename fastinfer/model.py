@@ -263,8 +263,9 @@ class Session:
     """
 
     def __init__(self, model: Model, n_ctx: int, state=None, base: int = 0):
-        if not 1 <= n_ctx <= model.args.max_seq_len:
-            raise ValueError(f"n_ctx must be between 1 and {model.args.max_seq_len}; got {n_ctx}")
+        if not 1 <= n_ctx <= model.n_ctx:  # RoPE tables and the rest are sized for model.n_ctx
+            raise ValueError(f"n_ctx must be between 1 and the {model.n_ctx} tokens the model was loaded "
+                             f"for; got {n_ctx} (load it with fastinfer.load(..., n_ctx=N) for more)")
         self.model, self.max_seq, self.pos, self.base = model, n_ctx, 0, base
         self.state = state or model.arch.State(model.args, n_ctx, min(PREFILL_CHUNK, n_ctx), model.threads)
         self._st = self.state.args()

@@ -124,6 +124,12 @@ def test_session_overflow(tiny_model):
         s.append([1, 2, 3])
 
 
+def test_session_longer_than_loaded_context(tiny_model):
+    # RoPE tables are sized for the n_ctx the model was loaded with; a longer session must refuse.
+    with pytest.raises(ValueError, match="loaded for"):
+        tiny_model.session(n_ctx=33)
+
+
 def test_empty_prompt(tiny_model):
     with pytest.raises(ValueError, match="empty"):
         tiny_model.generate("", max_new_tokens=2)

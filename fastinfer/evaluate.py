@@ -1,0 +1,121 @@
+"""The continuation protocol: what an approximation (pruning, sparse attention, spectral filtering)
+costs in speed and quality against dense, on text the model has not seen.
+
+For a context length N: the first N tokens of a text are prefilled (timed), then the next
+`n_next` true tokens are fed one chunk at a time (teacher forcing) and each is scored by the
+logits before it. The same runs densely and approximately; a comparison reports the prefill
+speedup, the continuation perplexity under both, and how often the two agree on the top-1 token.
+
+Session options (`prune=`, `kv_budget=`, `attention=`, ...) pass straight to `model.session`.
+"""
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .perplexity import token_nll
+
+N_NEXT = 256  # true tokens scored after the context
+
+
+@dataclass(frozen=True)
+class Continuation:
+    context: int              # tokens prefilled
+    prefill_seconds: float    # wall time of the prefill alone
+    nll: float                # mean negative log-likelihood of the next tokens, nats
+    top1: np.ndarray          # (n_next,) argmax token at each scored position
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    label: str                # the approximation, e.g. "norm keep=0.5"
+    context: int
+    dense_seconds: float
+    seconds: float
+    dense_ppl: float
+    ppl: float
+    top1_agreement: float     # fraction of scored positions whose argmax equals dense's
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_seconds / self.seconds
+
+    @property
+    def ppl_change(self) -> float:
+        """Relative change of the continuation perplexity: +0.03 is 3% worse than dense."""
+        return self.ppl / self.dense_ppl - 1.0
+
+
+def continuation(model, ids: Sequence[int], context: int, n_next: int = N_NEXT,
+                 **session_options) -> Continuation:
+    """Prefill ids[:context] (timed), then score ids[context:context + n_next] token by token."""
+    need = context + n_next
+    if context < 1 or n_next < 1:
+        raise ValueError(f"context and n_next must be positive; got {context} and {n_next}")
+    if len(ids) < need:
+        raise ValueError(f"the text has {len(ids)} tokens; a context of {context} plus {n_next} "
+                         f"scored tokens needs {need}")
+    ids = np.asarray(ids[:need], dtype=np.int64)
+    s = model.session(n_ctx=need, **session_options)
+    t0 = time.perf_counter()
+    last = s.prefill(ids[:context])                         # (vocab,) predicts ids[context]
+    seconds = time.perf_counter() - t0
+    rest = s.append(ids[context:need - 1])                  # (n_next - 1, vocab)
+    logits = np.concatenate([last[None, :], rest])          # (n_next, vocab) predicts ids[context:need]
+    nll = token_nll(logits, ids[context:need])
+    if np.isnan(nll).any():
+        raise RuntimeError(f"the model produced NaN logits after a context of {context}")
+    return Continuation(context, seconds, float(nll.mean()), logits.argmax(axis=1))
+
+
+def compare(label: str, dense: Continuation, approx: Continuation) -> Comparison:
+    if dense.context != approx.context:
+        raise ValueError(f"contexts differ: {dense.context} vs {approx.context}")
+    return Comparison(label, dense.context, dense.prefill_seconds, approx.prefill_seconds, dense.ppl,
+                      approx.ppl, float(np.mean(dense.top1 == approx.top1)))
+
+
+def markdown_table(rows: Sequence[Comparison]) -> str:
+    lines = ["| context | setting | prefill s (dense) | prefill s | speedup | ppl (dense) | ppl | Δppl | top-1 agree |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r.context} | {r.label} | {r.dense_seconds:.2f} | {r.seconds:.2f} | {r.speedup:.2f}× | "
+                     f"{r.dense_ppl:.3f} | {r.ppl:.3f} | {r.ppl_change:+.1%} | {r.top1_agreement:.1%} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: Sequence[Comparison], path: str | Path, title: str) -> None:
+    """Speedup against perplexity change, one series per setting label; needs matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise RuntimeError("the plot needs matplotlib: pip install 'fastinfer[bench]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label in dict.fromkeys(r.label for r in rows):
+        pts = [r for r in rows if r.label == label]
+        ax.plot([100 * r.ppl_change for r in pts], [r.speedup for r in pts], "o-", label=label)
+        for r in pts:
+            ax.annotate(str(r.context), (100 * r.ppl_change, r.speedup), fontsize=7,
+                        textcoords="offset points", xytext=(3, 3))
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.axvline(0.0, color="grey", lw=0.8)
+    ax.set_xlabel("continuation perplexity change vs dense (%)")
+    ax.set_ylabel("prefill speedup vs dense (×)")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
