@@ -1,8 +1,14 @@
-"""Side-by-side speed of fastinfer and llama.cpp (and HF transformers if installed), in one run.
+"""Side-by-side speed of fastinfer, llama.cpp, CTranslate2 and HF transformers, in one run.
 
-    pip install -e ".[bench]"
+    pip install -e ".[bench]"                     # llama-cpp-python, ctranslate2, matplotlib
+    pip install torch transformers                # optional: the transformers engine (and the CT2 conversion)
     python bench/compare.py                       # 2 threads, pp512 / tg128, 5 repetitions
     python bench/compare.py --threads 2 -p 512 -n 128 -r 5 --dtypes auto int8 --engines fastinfer llama.cpp
+
+An engine whose package is missing is skipped with a note in the table. CTranslate2 and HF
+transformers cannot read GGUF: they run float32 copies of the same GGUF's weights written by
+bench/export_hf.py (and, for CTranslate2, converted by its own converter, which needs transformers
+and torch once), cached in $FASTINFER_HOME/bench.
 
 llama-bench's method for every engine: pp = one P-token prompt of random token ids evaluated as a
 single batch from an empty cache; tg = N tokens decoded one at a time after a 1-token prompt,
@@ -27,10 +33,19 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+# A script's folder comes first on sys.path, and bench/profile.py would then shadow the standard
+# library's `profile`, which torch imports (through cProfile): look in bench/ last instead.
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path.append(sys.path.pop(0))
+
+import numpy as np  # noqa: E402
+
+import export_hf  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 INSTALL_HINT = 'pip install -e ".[bench]"'
+ENGINES = ("fastinfer", "llama.cpp", "ctranslate2", "transformers")
+CT2_TYPES = ("int8", "int8_float32", "float32")  # compute types CTranslate2 offers on an AVX2 CPU
 REF = ("llama.cpp", "Q8_0 (from Q4_1)")  # the row every ratio is taken against
 
 
@@ -173,38 +188,80 @@ class LlamaCppRunner:
 
 
 class TransformersRunner:
-    """HF transformers float32 on the GGUF (dequantized by transformers' GGUF loader). Only used if
-    transformers and torch are importable."""
+    """HF transformers, float32 eager PyTorch, on the folder bench/export_hf.py writes."""
     engine = "transformers"
 
-    def __init__(self, path: Path, threads: int):
+    def __init__(self, hf_dir: Path, threads: int):
         import torch
         import transformers
         torch.set_num_threads(threads)
-        self.torch = torch
+        self.torch, self.transformers = torch, transformers
         self.weights = "f32 (from Q4_1)"
-        self.version = transformers.__version__
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, torch_dtype=torch.float32).eval()
+        self.version = f"{transformers.__version__} (torch {torch.__version__})"
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
         self.vocab = int(self.model.config.vocab_size)
 
     def pp(self, prompt: list[int]) -> float:
         ids = self.torch.tensor([prompt])
         with self.torch.inference_mode():
             t0 = time.perf_counter()
-            self.model(ids, use_cache=True)
+            # logits_to_keep=1: the output head runs for the last position only, as in the other
+            # engines' pp (otherwise it would add a (512 x 49152 x 576) matmul).
+            self.model(ids, use_cache=True, logits_to_keep=1)
             return time.perf_counter() - t0
 
     def tg(self, first: int, n: int) -> float:
         torch = self.torch
+        # The KV cache grows in place. It is the 4th positional argument, which transformers 4
+        # names past_key_values and 5 renames to cache.
+        cache = self.transformers.DynamicCache()
         with torch.inference_mode():
-            out = self.model(torch.tensor([[first]]), use_cache=True)
-            past, tok = out.past_key_values, first
+            self.model(torch.tensor([[first]]), None, None, cache, use_cache=True)
+            tok = first
             t0 = time.perf_counter()
             for _ in range(n):
-                out = self.model(torch.tensor([[tok]]), past_key_values=past, use_cache=True)
-                past, tok = out.past_key_values, int(out.logits[0, -1].argmax())
+                out = self.model(torch.tensor([[tok]]), None, None, cache, use_cache=True)
+                tok = int(out.logits[0, -1].argmax())
             return time.perf_counter() - t0
+
+
+class CTranslate2Runner:
+    """CTranslate2's Generator on a model converted from bench/export_hf.py's folder.
+
+    pp: generate_batch with include_prompt_in_result=False, which forwards the prompt minus its
+    last token as one batch (no output head), then runs the last token as a decoding step with
+    logits: the prompt is processed and the next token's logits exist, as in the other engines.
+    The default include_prompt_in_result=True would force the prompt through the decoding loop
+    one token at a time. max_length=1 stops after that first token.
+    tg: generate_batch from a 1-token prompt, 128 greedy steps (min_length = max_length keeps the
+    end token from stopping it), i.e. 128 single-token forwards with the argmax inside CT2's loop.
+    """
+    engine = "ctranslate2"
+
+    def __init__(self, path: Path, compute_type: str, threads: int):
+        import ctranslate2
+        self.weights = {"int8": "int8 (from Q4_1 via f32)", "int8_float32": "int8_float32 (from Q4_1 via f32)",
+                        "float32": "f32 (from Q4_1)"}[compute_type]
+        self.version = ctranslate2.__version__
+        self.gen = ctranslate2.Generator(str(path), device="cpu", compute_type=compute_type,
+                                         intra_threads=threads, inter_threads=1)
+        self.tokens = json.loads((path / "vocabulary.json").read_text())  # id -> token string
+        self.vocab = len(self.tokens)
+
+    def pp(self, prompt: list[int]) -> float:
+        toks = [self.tokens[i] for i in prompt]
+        t0 = time.perf_counter()
+        self.gen.generate_batch([toks], max_length=1, include_prompt_in_result=False, sampling_topk=1)
+        return time.perf_counter() - t0
+
+    def tg(self, first: int, n: int) -> float:
+        t0 = time.perf_counter()
+        r = self.gen.generate_batch([[self.tokens[first]]], max_length=n, min_length=n,
+                                    include_prompt_in_result=False, sampling_topk=1)
+        dt = time.perf_counter() - t0
+        if len(r[0].sequences_ids[0]) != n:
+            raise RuntimeError(f"CTranslate2 generated {len(r[0].sequences_ids[0])} tokens, not {n}")
+        return dt
 
 
 def _dist_version(name: str) -> str | None:
@@ -256,17 +313,37 @@ def build_runners(args, model_path: Path) -> tuple[list, list[str]]:
                 path = path or q8_0_from(model_path)
                 note(f"loading llama.cpp {label}")
                 runners.append(LlamaCppRunner(path, label, args.threads, args.n_prompt, args.n_gen))
+    if "ctranslate2" in args.engines:
+        try:
+            import ctranslate2  # noqa: F401
+        except ImportError:
+            msg = f"CTranslate2 skipped: ctranslate2 is not installed (install it with `{INSTALL_HINT}`)"
+            note(msg)
+            notes.append(msg)
+        else:
+            for ct in args.ct2_types:
+                storage = "float32" if ct == "float32" else "int8"
+                try:
+                    path = export_hf.ct2_model(model_path, storage)
+                except ImportError as e:  # the first conversion loads the model through transformers
+                    msg = (f"CTranslate2 {ct} skipped: converting the model needs transformers and torch ({e}); "
+                           f"convert it once with `python bench/export_hf.py --ct2 {storage}` where they are installed")
+                    note(msg)
+                    notes.append(msg)
+                    continue
+                note(f"loading CTranslate2 {ct}")
+                runners.append(CTranslate2Runner(path, ct, args.threads))
     if "transformers" in args.engines:
         try:
             import torch  # noqa: F401
             import transformers  # noqa: F401
         except ImportError:
-            msg = "HF transformers skipped: transformers/torch are not installed"
+            msg = "HF transformers skipped: transformers/torch are not installed (`pip install torch transformers`)"
             note(msg)
             notes.append(msg)
         else:
             note("loading HF transformers")
-            runners.append(TransformersRunner(model_path, args.threads))
+            runners.append(TransformersRunner(export_hf.hf_model(model_path), args.threads))
     return runners, notes
 
 
@@ -305,12 +382,34 @@ def rows_from(runners, times, args) -> list[dict]:
     return rows
 
 
+def versions_line(meta) -> str:
+    v = meta["versions"]
+    parts = [f"fastinfer {meta['fastinfer']['commit'] or '(commit unknown)'}"]
+    parts += [f"{label} {v[engine]}" for engine, label in (("llama.cpp", "llama-cpp-python"),
+                                                          ("ctranslate2", "ctranslate2"),
+                                                          ("transformers", "transformers")) if v.get(engine)]
+    return ", ".join(parts)
+
+
+def fastest_others(rows) -> list[str]:
+    """For pp and tg: the best fastinfer row against the fastest other engine (issue 4's targets)."""
+    out = []
+    for key, what in (("pp", "prefill"), ("tg", "decode")):
+        ours = [x for x in rows if x["engine"] == "fastinfer"]
+        theirs = [x for x in rows if x["engine"] != "fastinfer"]
+        if ours and theirs:
+            a = max(ours, key=lambda x: x[key]["mean"])
+            b = max(theirs, key=lambda x: x[key]["mean"])
+            out.append(f"{what}: fastest other engine is {b['engine']} {b['weights']} ({b[key]['mean']:.1f} t/s); "
+                       f"fastinfer {a['weights']} reaches {a[key]['mean'] / b[key]['mean']:.2f}× of it")
+    return out
+
+
 def markdown(rows, meta, args) -> str:
     p, n = args.n_prompt, args.n_gen
-    lines = [f"# fastinfer vs llama.cpp, {meta['date']}", "",
+    lines = [f"# fastinfer side by side with other engines, {meta['date']}", "",
              f"{meta['cpu']} ({meta['cpu_simd']}), {args.threads} threads, mean ± std over {args.repetitions} repetitions "
-             f"(warm-up excluded, engines alternating). fastinfer {meta['fastinfer']['commit'] or '(commit unknown)'}, "
-             f"llama-cpp-python {meta['versions'].get('llama.cpp') or '(not run)'}.", "",
+             f"(warm-up excluded, engines alternating). {versions_line(meta)}.", "",
              f"| engine | weights | pp{p} (t/s) | tg{n} (t/s) | pp{p} vs llama.cpp Q8_0 | tg{n} vs llama.cpp Q8_0 |",
              "|---|---|---|---|---|---|"]
     for x in rows:
@@ -318,8 +417,9 @@ def markdown(rows, meta, args) -> str:
         rp, rt = (f"{ratio['pp']:.2f}×", f"{ratio['tg']:.2f}×") if ratio else ("–", "–")
         lines.append(f"| {x['engine']} | {x['weights']} | {x['pp']['mean']:.1f} ± {x['pp']['std']:.1f} | "
                      f"{x['tg']['mean']:.1f} ± {x['tg']['std']:.1f} | {rp} | {rt} |")
-    if meta["notes"]:
-        lines += [""] + [f"- {s}" for s in meta["notes"]]
+    extra = fastest_others(rows) + meta["notes"]
+    if extra:
+        lines += [""] + [f"- {s}" for s in extra]
     return "\n".join(lines) + "\n"
 
 
@@ -329,8 +429,8 @@ def chart(rows, meta, args, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     labels = [f"{x['engine']}\n{x['weights']}" for x in rows]
-    colors = ["#1f77b4" if x["engine"] == "fastinfer" else "#ff7f0e" if x["engine"] == "llama.cpp"
-              else "#2ca02c" for x in rows]
+    palette = {"fastinfer": "#1f77b4", "llama.cpp": "#ff7f0e", "ctranslate2": "#9467bd", "transformers": "#2ca02c"}
+    colors = [palette.get(x["engine"], "#7f7f7f") for x in rows]
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.9 * len(rows) + 2.2))
     for ax, key, title in ((axes[0], "pp", f"prompt processing pp{args.n_prompt}"),
                            (axes[1], "tg", f"generation tg{args.n_gen}")):
@@ -346,7 +446,7 @@ def chart(rows, meta, args, path: Path) -> None:
             r = f" ({x['ratio'][key]:.2f}×)" if x["ratio"] else ""
             ax.text(m + sd, yi, f"  {m:.0f}{r}", va="center", fontsize=9)
         ax.grid(axis="x", alpha=0.3)
-    fig.suptitle(f"fastinfer vs llama.cpp — SmolLM2-135M, {args.threads} threads, {meta['cpu']}, {meta['date']}\n"
+    fig.suptitle(f"fastinfer side by side — SmolLM2-135M, {args.threads} threads, {meta['cpu']}, {meta['date']}\n"
                  f"mean ± std of {args.repetitions} repetitions; ratios vs llama.cpp Q8_0", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -360,8 +460,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens for tg (default: 128)")
     ap.add_argument("-r", "--repetitions", type=int, default=5, help="counted repetitions (default: 5)")
     ap.add_argument("--dtypes", nargs="+", default=["auto", "int8"], help="fastinfer dtypes (default: auto int8)")
-    ap.add_argument("--engines", nargs="+", default=["fastinfer", "llama.cpp", "transformers"],
-                    choices=["fastinfer", "llama.cpp", "transformers"], help="engines to run (default: all)")
+    ap.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES,
+                    help="engines to run (default: all; missing ones are skipped with a note)")
+    ap.add_argument("--ct2-types", nargs="+", default=["int8"], choices=CT2_TYPES,
+                    help="CTranslate2 compute types (default: int8; on a CPU int8 and int8_float32 are the same)")
     ap.add_argument("--model", type=Path, default=None,
                     help="the Q4_1 GGUF (default: $FASTINFER_HOME/models/SmolLM2-135M-Instruct.Q4_1.gguf)")
     ap.add_argument("--out", type=Path, default=HERE / "results", help="output directory (default: bench/results)")
