@@ -100,8 +100,9 @@ def fastinfer_source() -> dict:
                                     check=True).stdout.strip()
             top = subprocess.run(git + ["rev-parse", "--show-toplevel"], capture_output=True, text=True,
                                  check=True).stdout.strip()
-            dirty = subprocess.run(git + ["status", "--porcelain", "--", "fastinfer", "kernels", "weights"],
-                                   cwd=top, capture_output=True, text=True, check=True).stdout.strip()
+            # -C top: the paths are the checkout's (git -C d would read them relative to d).
+            dirty = subprocess.run(["git", "-C", top, "status", "--porcelain", "--", "fastinfer", "kernels",
+                                    "weights"], capture_output=True, text=True, check=True).stdout.strip()
             info.update(commit=commit + ("-dirty" if dirty else ""), checkout=top)
             break
         except (OSError, subprocess.CalledProcessError):

@@ -194,6 +194,8 @@ def export_ct2(hf_dir: Path, out: Path, quantization: str) -> Path:
     """Convert an HF folder with CTranslate2's own converter (what `ct2-transformers-converter
     --quantization Q` runs; it loads the model through transformers, so it needs torch)."""
     import ctranslate2
+    import torch  # noqa: F401  (the converter catches these imports' failure and then dies of a NameError)
+    import transformers  # noqa: F401
 
     if quantization not in CT2_QUANTIZATIONS:
         raise ValueError(f"CTranslate2 quantization must be one of {', '.join(CT2_QUANTIZATIONS)}; "
