@@ -119,6 +119,7 @@ def read_gguf(path: Path) -> Checkpoint:
         if name is None:
             raise ValueError(f"{path}: unexpected tensor {t.name} for architecture {arch}")
         tensors[name] = _tensor(t, path)
+        reader.release(t)  # copied (or, for plain floats, re-read on demand): keep RSS to one copy
 
     # Undo llama.cpp's Q/K row permutation so one rotate-half RoPE serves GGUF and HF weights.
     q_order = _llama_cpp_rope_order(config["n_heads"], head_dim)

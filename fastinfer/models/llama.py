@@ -151,7 +151,9 @@ def _stack_layers(ckpt: Checkpoint, args: ModelArgs, qd: int, kvd: int) -> tuple
               "w3": (args.hidden_dim, args.dim)}
     stacked = {}
     for name, shape in expect.items():
-        per_layer = [t[f"layers.{i}.{name}"] for i in range(args.n_layers)]
+        # Popped as they are stacked, so the per-layer copies are freed one role at a time and
+        # peak memory stays near one copy of the weights.
+        per_layer = [t.pop(f"layers.{i}.{name}") for i in range(args.n_layers)]
         for i, m in enumerate(per_layer):
             if (m.rows, m.cols) != shape:
                 raise ValueError(f"{ckpt.source}: layers.{i}.{name} has shape {(m.rows, m.cols)}; "
@@ -162,8 +164,9 @@ def _stack_layers(ckpt: Checkpoint, args: ModelArgs, qd: int, kvd: int) -> tuple
         got = [t.get(f"layers.{i}.{name}") for i in range(args.n_layers)]
         return np.stack([np.zeros(size, np.float32) if g is None else g for g in got]).astype(np.float32)
 
-    mats = {"wqkv": concat_rows([stacked["wq"], stacked["wk"], stacked["wv"]]), "wo": stacked["wo"],
-            "w13": concat_rows([stacked["w1"], stacked["w3"]]), "w2": stacked["w2"]}
+    mats = {"wqkv": concat_rows([stacked.pop("wq"), stacked.pop("wk"), stacked.pop("wv")]), "wo": stacked["wo"]}
+    mats["w13"] = concat_rows([stacked.pop("w1"), stacked.pop("w3")])
+    mats["w2"] = stacked["w2"]
     vec = {"bqkv": np.concatenate([vectors("bq", qd), vectors("bk", kvd), vectors("bv", kvd)], axis=1),
            "attention_norm": vectors("attention_norm", args.dim), "ffn_norm": vectors("ffn_norm", args.dim)}
     return mats, vec
