@@ -33,14 +33,9 @@ import sys
 import time
 from pathlib import Path
 
-# A script's folder comes first on sys.path, and bench/profile.py would then shadow the standard
-# library's `profile`, which torch imports (through cProfile): look in bench/ last instead.
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path.append(sys.path.pop(0))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-import export_hf  # noqa: E402
+import export_hf
 
 HERE = Path(__file__).resolve().parent
 INSTALL_HINT = 'pip install -e ".[bench]"'

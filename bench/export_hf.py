@@ -24,17 +24,12 @@ import shutil
 import sys
 from pathlib import Path
 
-# A script's folder comes first on sys.path, and bench/profile.py would then shadow the standard
-# library's `profile`, which torch imports (through cProfile): look in bench/ last instead.
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path.append(sys.path.pop(0))
-
-import numpy as np  # noqa: E402
+import numpy as np
 from gguf import GGMLQuantizationType as T
-from gguf import quants  # noqa: E402
+from gguf import quants
 
-from fastinfer.weights.gguf import _llama_cpp_rope_order, read_gguf  # noqa: E402
-from fastinfer.weights.gguf_meta import open_gguf  # noqa: E402
+from fastinfer.weights.gguf import _llama_cpp_rope_order, read_gguf
+from fastinfer.weights.gguf_meta import open_gguf
 
 # GGUF tensor role -> HF name (within model.layers.{i}.)
 _LAYER_NAMES = {

@@ -9,7 +9,7 @@ compiled loop with the model's real weights and buffers, so no Python dispatch i
 The stages' sum is printed beside the real `forward`, which checks that nothing is missing.
 Median of -r repetitions after a warm-up; the table goes to stdout and, with --out, to a file.
 
-    python bench/profile.py --dtype auto --label before -r 20 --out bench/results
+    python bench/profile_stages.py --dtype auto --label before -r 20 --out bench/results
 """
 import argparse
 import datetime

@@ -20,13 +20,9 @@ import argparse
 import sys
 from pathlib import Path
 
-# bench/profile.py would shadow the standard library's profile module that torch imports.
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path.append(sys.path.pop(0))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-import export_hf  # noqa: E402
+import export_hf
 
 TEXT = ("The old lighthouse keeper climbed the spiral stairs every evening, counting the steps as his "
         "father had taught him. At the top he trimmed the wick, polished the great lens, and watched the "
