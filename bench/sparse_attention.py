@@ -29,9 +29,8 @@ import fastinfer
 from fastinfer.evaluate import Comparison, compare, continuation, plot
 
 TEXT = Path("/work/shared/corpus/persuasion.txt")
-PATTERNS = [fastinfer.BlockSparse(block=64, global_blocks=1, local_blocks=7),
-            fastinfer.BlockSparse(block=64, global_blocks=1, local_blocks=15),
-            fastinfer.BlockSparse(block=64, global_blocks=1, local_blocks=7, stride=8)]
+PATTERNS = [fastinfer.BlockSparse(block=64, global_blocks=1, local_blocks=15),
+            fastinfer.BlockSparse(block=64, global_blocks=1, local_blocks=31)]
 N_NEXT = 256
 
 

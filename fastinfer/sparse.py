@@ -18,7 +18,7 @@ from dataclasses import dataclass
 class BlockSparse:
     block: int = 64
     global_blocks: int = 1
-    local_blocks: int = 7
+    local_blocks: int = 31
     stride: int | None = None
 
     def __post_init__(self):
