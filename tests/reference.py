@@ -165,10 +165,14 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int = 0) -> np.ndarray:
+def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int = 0,
+                     block_sparse: tuple | None = None) -> np.ndarray:
     """q (T, H, hd), k/v (T, KV, hd) -> (T, H * hd); query head h reads kv head h // (H / KV).
 
-    window > 0: HF's sliding-window mask, query i sees key j only when i - j < window."""
+    window > 0: HF's sliding-window mask, query i sees key j only when i - j < window.
+    block_sparse (block, global_blocks, local_blocks, stride): with blocks qb = i // block and
+    kb = j // block, key j is kept only when kb < global_blocks, qb - kb <= local_blocks, or
+    stride and (qb - kb) % stride == 0."""
     T, H, hd = q.shape
     rep = H // k.shape[1]
     k = np.repeat(k, rep, axis=1)
@@ -176,6 +180,10 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int = 
     scores = np.einsum("thd,shd->hts", q, k) / math.sqrt(hd)
     i, j = np.arange(T)[:, None], np.arange(T)[None, :]
     visible = (j <= i) & ((i - j < window) if window else True)
+    if block_sparse is not None:
+        block, n_global, n_local, stride = block_sparse
+        qb, kb = i // block, j // block
+        visible = visible & ((kb < n_global) | (qb - kb <= n_local) | ((qb - kb) % stride == 0 if stride else False))
     scores = np.where(visible, scores, -np.inf)
     out = np.einsum("hts,shd->thd", softmax(scores), v)
     return out.reshape(T, H * hd)
@@ -236,10 +244,13 @@ def layer_window(cfg: dict, layer: int) -> int:
     return 0
 
 
-def llama_forward(weights: dict[str, np.ndarray], cfg: dict, ids: list[int]) -> np.ndarray:
+def llama_forward(weights: dict[str, np.ndarray], cfg: dict, ids: list[int],
+                  block_sparse: tuple | None = None) -> np.ndarray:
     """Logits (T, vocab) float32 of HF LlamaForCausalLM for the token ids `ids` at positions
     0..T-1. `weights` are float32 arrays under HF names; `lm_head.weight` may be absent when the
-    embeddings are tied. q/k/v `.bias` entries (Qwen2, attention_bias) are used when present."""
+    embeddings are tied. q/k/v `.bias` entries (Qwen2, attention_bias) are used when present.
+    block_sparse: the block mask of `causal_attention`, in every layer (not HF's: fastinfer's
+    approximation, written here from its definition)."""
     H, KV = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
     hd, eps = head_dim_of(cfg), cfg["rms_norm_eps"]
     n_layers = cfg.get("num_hidden_layers")
@@ -260,7 +271,7 @@ def llama_forward(weights: dict[str, np.ndarray], cfg: dict, ids: list[int]) -> 
         v = _linear(h, weights[a + "v_proj.weight"], weights.get(a + "v_proj.bias"))
         q = rope_split_half(q.reshape(T, H, hd), positions, inv_freq)
         k = rope_split_half(k.reshape(T, KV, hd), positions, inv_freq)
-        attn = causal_attention(q, k, v.reshape(T, KV, hd), layer_window(cfg, i))
+        attn = causal_attention(q, k, v.reshape(T, KV, hd), layer_window(cfg, i), block_sparse)
         x = x + _linear(attn, weights[a + "o_proj.weight"], weights.get(a + "o_proj.bias"))
 
         h = rms_norm(x, weights[p + "post_attention_layernorm.weight"], eps)

@@ -23,10 +23,38 @@ def test_bench_json_line(tiny):
     r = _cli("bench", "-m", str(tiny), "-p", "16", "-n", "4", "-r", "2", "--threads", "1", "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    assert set(res) == {"model", "dtype", "threads", "batch", "pp", "tg"}
-    assert res["threads"] == 1 and res["dtype"] == "auto"
+    assert set(res) == {"model", "dtype", "threads", "batch", "attention", "pp", "tg"}
+    assert res["threads"] == 1 and res["dtype"] == "auto" and res["attention"] == "dense"
     assert res["pp"]["tokens"] == 16 and res["tg"]["tokens"] == 4
     assert res["pp"]["mean"] > 0 and res["tg"]["std"] >= 0
+
+
+def test_bench_dense_and_sparse(tiny):
+    r = _cli("bench", "-m", str(tiny), "-p", "40", "-n", "3", "-r", "2", "--threads", "1", "--json",
+             "--attention", "both", "--block", "4", "--local-blocks", "1")
+    assert r.returncode == 0, r.stderr
+    assert "prefill speedup, sparse over dense" in r.stdout
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["attention"] == "dense" and res["pp"]["tokens"] == 40
+    assert res["sparse"]["attention"] == "sparse block=4 global=1 local=1"
+    assert res["sparse"]["pp"]["mean"] > 0
+
+
+@pytest.mark.parametrize("flags,msg", [
+    (["--block", "8"], "--block: only with --attention sparse"),
+    (["--attention", "sparse", "--local-blocks", "-2"], "--local-blocks: must be an integer >= 0"),
+    (["--attention", "sparse", "--stride", "0"], "--stride: must be"),
+    (["--attention", "sparse", "--block", "0"], "--block: expected a positive integer"),
+])
+def test_generate_attention_flags_are_checked(tiny, flags, msg):
+    r = _cli("generate", "hello", "-m", str(tiny), "-n", "2", *flags)
+    assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr
+
+
+def test_generate_sparse_runs(tiny):
+    r = _cli("generate", "hello world", "-m", str(tiny), "-n", "4", "--temperature", "0", "--attention", "sparse",
+             "--block", "2", "--local-blocks", "0")
+    assert r.returncode == 0 and r.stdout.startswith("hello world"), r.stderr
 
 
 def test_generate_greedy_is_repeatable_and_echoes_prompt(tiny):

@@ -1,5 +1,5 @@
 """The Numba kernels (`fastinfer.kernels.linear`, `fastinfer.kernels.ops`) against the plain-NumPy
-twins in tests/kernel_twins.py.
+twins in tests/kernel_twins.py (attention: tests/test_attention.py).
 
 Weights are built the way the engine builds them (`fastinfer.weights.tensors`, read-only
 `QMatrix.args()` tuples); block-format bytes come from the independent quantizer in
@@ -12,7 +12,7 @@ Tolerances:
 * a dot product is held to TOL[format] * sum_i |x_i w_i| per output, float32 accumulation error;
   for Q4_0 / Q4_1, whose offset (-8 d, m) the kernel may add separately as offset * sum(x), the
   sum counts |d q_i x_i| and |offset_i x_i| apart (see kernel_twins.linear_scale);
-* the elementwise ops get a few float32 ulps, attention a little more per unit of score size.
+* the elementwise ops get a few float32 ulps.
 """
 from __future__ import annotations
 
@@ -329,7 +329,7 @@ def test_embed(fmt):
 
 
 # ----------------------------------------------------------------------------------------------
-# kernels/ops.py: KV cache and attention
+# kernels/ops.py: KV cache (attention: tests/test_attention.py)
 # ----------------------------------------------------------------------------------------------
 
 GARBAGE = np.float32(1e4)  # fills cache slots a kernel must not read: any read swamps the result
@@ -352,111 +352,6 @@ def test_store_kv(T, pos0):
     ops.store_kv(k_cache, v_cache, k, v, l, positions(pos0, T))
     assert_array_equal(k_cache, want_k)
     assert_array_equal(v_cache, want_v)
-
-
-def filled_caches(rng, layers: int, kv: int, max_seq: int, hd: int, l: int, used: int):
-    """Caches whose layer l holds random keys/values at positions 0..used-1; everything else
-    (later slots, other layers) is garbage."""
-    k_cache, v_cache = garbage_caches(layers, kv, max_seq, hd)
-    k_cache[l, :, :used] = rng.standard_normal((kv, used, hd))
-    v_cache[l, :, :used] = rng.standard_normal((kv, used, hd))
-    return k_cache.astype(np.float32), v_cache.astype(np.float32)
-
-
-def run_attention(q, k_cache, v_cache, l, pos0):
-    out = nans(*q.shape)
-    T = q.shape[0]
-    ops.attention(out, q, k_cache, v_cache, l, np.zeros(T, np.int64), positions(pos0, T), 0,
-                  nans(THREADS, k_cache.shape[2]))
-    return out
-
-
-def assert_attention_close(got, q, k_cache, v_cache, l, pos0, score_scale=1.0):
-    """Against the masked-softmax twin, within a tolerance growing with the score size (a score's
-    rounding error moves its weight by the same relative amount)."""
-    want = tw.attention(q, k_cache[l], v_cache[l], pos0)
-    used = pos0 + q.shape[0]
-    vmax = np.abs(v_cache[l, :, :used]).max()
-    tol = 2e-6 * score_scale
-    assert_allclose(got, want, rtol=tol, atol=tol * vmax)
-
-
-HEADS = [(4, 4), (9, 3), (8, 2)]  # (heads, kv_heads): group 1, 3, 4
-STEPS = [(1, 0), (1, 13), (7, 0), (5, 11)]  # (T, pos0): first token, decode, prefill, chunk
-
-
-@pytest.mark.parametrize("q_scale", [1.0, 30.0])
-@pytest.mark.parametrize("T,pos0", STEPS)
-@pytest.mark.parametrize("hd", [64, 8])
-@pytest.mark.parametrize("H,KV", HEADS)
-def test_attention(H, KV, hd, T, pos0, q_scale):
-    Lyr, l, S = 2, 1, 40  # max_seq well past the positions in use
-    rng = rng_for("attn", H, KV, hd, T, pos0, q_scale)
-    k_cache, v_cache = filled_caches(rng, Lyr, KV, S, hd, l, used=pos0 + T)
-    q = (rng.standard_normal((T, H, hd)) * q_scale).astype(np.float32)
-    out = run_attention(q, k_cache, v_cache, l, pos0)
-    assert_attention_close(out, q, k_cache, v_cache, l, pos0, score_scale=q_scale)
-
-
-@pytest.mark.parametrize("T", [1, 6])
-def test_attention_fills_cache_to_the_last_slot(T):
-    S, H, KV, hd = 12, 8, 2, 8
-    rng = rng_for("attn-full", T)
-    k_cache, v_cache = filled_caches(rng, 1, KV, S, hd, 0, used=S)
-    q = rng.standard_normal((T, H, hd)).astype(np.float32)
-    out = run_attention(q, k_cache, v_cache, 0, S - T)
-    assert_attention_close(out, q, k_cache, v_cache, 0, S - T)
-
-
-def test_attention_first_position_returns_its_value():
-    """At position 0 the softmax has one entry: the output is v[0] of the head's kv group."""
-    rng = rng_for("attn0")
-    H, KV, hd = 6, 2, 8
-    k_cache, v_cache = filled_caches(rng, 1, KV, 4, hd, 0, used=1)
-    q = rng.standard_normal((1, H, hd)).astype(np.float32) * 30
-    out = run_attention(q, k_cache, v_cache, 0, 0)
-    want = v_cache[0, np.arange(H) // (H // KV), 0]
-    assert_allclose(out[0], want, rtol=1e-6, atol=0)
-
-
-def test_attention_ties_average_values():
-    """Identical keys give a uniform softmax: every query returns the mean of the values."""
-    rng = rng_for("attn-ties")
-    H, KV, hd, T = 4, 2, 8, 6
-    k_cache, v_cache = filled_caches(rng, 1, KV, 8, hd, 0, used=T)
-    k_cache[0, :, :T] = k_cache[0, :, :1]
-    q = rng.standard_normal((T, H, hd)).astype(np.float32) * 30
-    out = run_attention(q, k_cache, v_cache, 0, 0)
-    for t in range(T):
-        mean = v_cache[0, np.arange(H) // (H // KV), :t + 1].mean(axis=1)
-        assert_allclose(out[t], mean, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("hd", [64, 8])
-@pytest.mark.parametrize("H,KV", HEADS)
-def test_attention_decode_equals_prefill(H, KV, hd):
-    """Filling the cache with store_kv and attending one token at a time, in two chunks, or all
-    at once gives the same outputs."""
-    Lyr, l, S, T = 2, 1, 24, 9
-    rng = rng_for("decode", H, KV, hd)
-    q = (rng.standard_normal((T, H, hd)) * 3).astype(np.float32)
-    k = rng.standard_normal((T, KV, hd)).astype(np.float32)
-    v = rng.standard_normal((T, KV, hd)).astype(np.float32)
-
-    def run(chunks):
-        k_cache, v_cache = (c.astype(np.float32) for c in garbage_caches(Lyr, KV, S, hd))
-        outs, pos = [], 0
-        for n in chunks:
-            ops.store_kv(k_cache, v_cache, k[pos:pos + n], v[pos:pos + n], l, positions(pos, n))
-            outs.append(run_attention(q[pos:pos + n], k_cache, v_cache, l, pos))
-            pos += n
-        return np.concatenate(outs), k_cache, v_cache
-
-    prefill, k_cache, v_cache = run([T])
-    assert_attention_close(prefill, q, k_cache, v_cache, l, 0, score_scale=3.0)
-    for chunks in ([1] * T, [4, 5]):
-        got, _, _ = run(chunks)
-        assert_allclose(got, prefill, rtol=1e-6, atol=1e-6, err_msg=f"chunks {chunks}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -496,43 +391,3 @@ def test_add_bias(T, n):
     want = x + b
     ops.add_bias_(x, b)
     assert_array_equal(x, want)
-
-
-@pytest.mark.parametrize("H,KV", HEADS)
-def test_attention_sequences_in_separate_stretches(H, KV):
-    """Two sequences sharing one cache, each in its own stretch of slots, in one call: each token
-    sees only its own sequence, exactly as if it had the cache to itself."""
-    hd, S, l = 8, 10, 0
-    rng = rng_for("stretch", H, KV)
-    lens = (4, 7)
-    k_cache, v_cache = (c.astype(np.float32) for c in garbage_caches(1, KV, 2 * S, hd))
-    for b, n in enumerate(lens):
-        k_cache[l, :, b * S:b * S + n] = rng.standard_normal((KV, n, hd))
-        v_cache[l, :, b * S:b * S + n] = rng.standard_normal((KV, n, hd))
-    q = rng.standard_normal((2, H, hd)).astype(np.float32)  # the last token of each sequence
-    out = nans(2, H, hd)
-    starts = np.array([0, S], np.int64)
-    slots = np.array([lens[0] - 1, S + lens[1] - 1], np.int64)
-    ops.attention(out, q, k_cache, v_cache, l, starts, slots, 0, nans(THREADS, 2 * S))
-    for b, n in enumerate(lens):
-        alone_k, alone_v = k_cache[:, :, b * S:(b + 1) * S], v_cache[:, :, b * S:(b + 1) * S]
-        want = tw.attention(q[b:b + 1], alone_k[l], alone_v[l], n - 1)
-        assert_allclose(out[b:b + 1], want, rtol=2e-6, atol=2e-6 * np.abs(alone_v).max())
-
-
-@pytest.mark.parametrize("window", [1, 3, 50])
-def test_attention_sliding_window(window):
-    """With a window, a query at position i sees keys i - window + 1 .. i: the same as a cache
-    holding only those keys (a window past the start changes nothing)."""
-    H, KV, hd, S, T, pos0 = 4, 2, 8, 24, 5, 9
-    rng = rng_for("window", window)
-    k_cache, v_cache = filled_caches(rng, 1, KV, S, hd, 0, used=pos0 + T)
-    q = rng.standard_normal((T, H, hd)).astype(np.float32)
-    out = nans(T, H, hd)
-    ops.attention(out, q, k_cache, v_cache, 0, np.zeros(T, np.int64), positions(pos0, T), window,
-                  nans(THREADS, S))
-    for t in range(T):
-        i = pos0 + t
-        lo = max(0, i - window + 1)
-        want = tw.attention(q[t:t + 1], k_cache[0, :, lo:i + 1], v_cache[0, :, lo:i + 1], i - lo)
-        assert_allclose(out[t:t + 1], want, rtol=2e-6, atol=2e-6 * np.abs(v_cache[0]).max())

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fastinfer.kernels import attention as A
 from fastinfer.kernels import linear as L
 from fastinfer.kernels import ops
 from fastinfer.kernels.jit import kernel
@@ -140,7 +141,7 @@ class State:
         self.hb = np.zeros((chunk, args.hidden_dim), np.float32)
         self.logits = np.zeros((chunk, args.vocab_size), np.float32)
         self.lin_scratch = np.zeros((threads, L.scratch_size(max(d, args.hidden_dim))), np.float32)
-        self.att_scratch = np.zeros((threads, max_seq), np.float32)
+        self.att_scratch = np.zeros((threads, A.scratch_size(hd, 1)), np.float32)  # one tile per thread
 
     def args(self) -> tuple:
         return (self.k_cache, self.v_cache, self.x, self.xb, self.qkv, self.q, self.k, self.v, self.att,
@@ -148,12 +149,13 @@ class State:
 
 
 @kernel
-def forward(ids, positions, starts, slots, all_logits, w, st, n_heads, eps):
+def forward(ids, positions, starts, slots, pattern, all_logits, w, st, n_heads, eps):
     """Run tokens ids (T,) through every layer, filling the KV cache.
 
     Token t sits at position positions[t] of its sequence, is stored in cache slot slots[t], and
-    attends to slots starts[t]..slots[t]: one sequence (starts all 0, slots == positions) or
-    several sharing the cache in separate stretches (batched decoding)."""
+    attends to slots starts[t]..slots[t], thinned by the block pattern `pattern`: one sequence
+    (starts all 0, slots == positions) or several sharing the cache in separate stretches (batched
+    decoding)."""
     (emb, pos_emb, ln1, ln1_b, wqkv, bqkv, wo, bo, ln2, ln2_b, w1, b1, w2, b2, norm, norm_b) = w
     (k_cache, v_cache, x_all, xb_all, qkv_all, q_all, k_all, v_all, att_all, hb_all, logits,
      lin, att_scratch) = st
@@ -173,7 +175,7 @@ def forward(ids, positions, starts, slots, all_logits, w, st, n_heads, eps):
         L.linear(qkv, xb, wqkv, l, lin)
         ops.split_qkv(q, k, v, qkv, bqkv[l])
         ops.store_kv(k_cache, v_cache, k3, v3, l, slots)
-        ops.attention(att3, q3, k_cache, v_cache, l, starts, slots, 0, att_scratch)
+        A.attention(att3, q3, k_cache, v_cache, l, starts, slots, 0, pattern, att_scratch)
         L.linear(xb, att, wo, l, lin)
         ops.add_bias_(xb, bo[l])
         ops.add_(x, xb)
@@ -193,7 +195,7 @@ def forward(ids, positions, starts, slots, all_logits, w, st, n_heads, eps):
 
 
 def run(args: ModelArgs, w: tuple, st: tuple, ids: np.ndarray, positions: np.ndarray, starts: np.ndarray,
-        slots: np.ndarray, all_logits: bool) -> None:
-    """`forward` with the model's own sizes filled in."""
-    forward(ids, positions, starts, slots, all_logits, w, st, args.n_heads, float(args.norm_eps))
+        slots: np.ndarray, pattern: tuple, all_logits: bool) -> None:
+    """`forward` with the model's own sizes filled in; pattern as kernels/attention.py describes."""
+    forward(ids, positions, starts, slots, pattern, all_logits, w, st, args.n_heads, float(args.norm_eps))
 

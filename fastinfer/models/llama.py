@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fastinfer.kernels import attention as A
 from fastinfer.kernels import linear as L
 from fastinfer.kernels import ops
 from fastinfer.kernels.jit import kernel
@@ -205,7 +206,8 @@ class State:
         self.logits = np.zeros((chunk, args.vocab_size), np.float32)
         widest = max(args.dim, qd, args.hidden_dim)  # the widest input a matmul reads
         self.lin_scratch = np.zeros((threads, L.scratch_size(widest)), np.float32)
-        self.att_scratch = np.zeros((threads, max_seq), np.float32)
+        group = args.n_heads // args.n_kv_heads
+        self.att_scratch = np.zeros((threads, A.scratch_size(args.head_dim, group)), np.float32)  # one tile each
 
     def args(self) -> tuple:
         return (self.k_cache, self.v_cache, self.x, self.xb, self.qkv, self.q, self.k, self.v, self.att,
@@ -213,12 +215,13 @@ class State:
 
 
 @kernel
-def forward(ids, positions, starts, slots, all_logits, w, st, n_heads, n_kv_heads, eps):
+def forward(ids, positions, starts, slots, pattern, all_logits, w, st, n_heads, n_kv_heads, eps):
     """Run tokens ids (T,) through every layer, filling the KV cache.
 
     Token t sits at position positions[t] of its sequence, is stored in cache slot slots[t], and
-    attends to slots starts[t]..slots[t]: one sequence (starts all 0, slots == positions) or
-    several sharing the cache in separate stretches (batched decoding).
+    attends to slots starts[t]..slots[t], thinned by the block pattern `pattern`: one sequence
+    (starts all 0, slots == positions) or several sharing the cache in separate stretches (batched
+    decoding).
 
     Writes logits for every position (all_logits) or only the last one into st.logits[:T or 1].
     """
@@ -241,7 +244,7 @@ def forward(ids, positions, starts, slots, all_logits, w, st, n_heads, n_kv_head
         ops.rope(q3, cos, sin, positions)
         ops.rope(k3, cos, sin, positions)
         ops.store_kv(k_cache, v_cache, k3, v3, l, slots)
-        ops.attention(att3, q3, k_cache, v_cache, l, starts, slots, windows[l], att_scratch)
+        A.attention(att3, q3, k_cache, v_cache, l, starts, slots, windows[l], pattern, att_scratch)
         L.linear(xb, att, wo, l, lin)
         ops.add_(x, xb)
         ops.rmsnorm(xb, x, ffn_norm[l], eps)
@@ -258,6 +261,7 @@ def forward(ids, positions, starts, slots, all_logits, w, st, n_heads, n_kv_head
 
 
 def run(args: ModelArgs, w: tuple, st: tuple, ids: np.ndarray, positions: np.ndarray, starts: np.ndarray,
-        slots: np.ndarray, all_logits: bool) -> None:
-    """`forward` with the model's own sizes filled in."""
-    forward(ids, positions, starts, slots, all_logits, w, st, args.n_heads, args.n_kv_heads, float(args.norm_eps))
+        slots: np.ndarray, pattern: tuple, all_logits: bool) -> None:
+    """`forward` with the model's own sizes filled in; pattern as kernels/attention.py describes."""
+    forward(ids, positions, starts, slots, pattern, all_logits, w, st, args.n_heads, args.n_kv_heads,
+            float(args.norm_eps))
