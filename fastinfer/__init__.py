@@ -5,7 +5,8 @@
     print(model.generate("The capital of France is", max_new_tokens=16, temperature=0))
 """
 from .model import Model, Session, load
+from .prune import Prune
 from .sampling import SamplingParams
 
 __version__ = "0.1.0"
-__all__ = ["load", "Model", "Session", "SamplingParams", "__version__"]
+__all__ = ["load", "Model", "Session", "SamplingParams", "Prune", "__version__"]
