@@ -29,7 +29,7 @@ import numpy as np
 
 from .kernels import prune as K
 
-SCORES = ("norm", "low-norm", "attention")
+SCORES = ("norm", "low-norm", "attention", "attention-last")
 RING = 32            # recent queries kept per layer for the attention-mass score (SnapKV's window)
 MIN_KV_BUDGET = 128  # room for the sinks, the recent window and one prefill chunk after eviction
 EVICT_SINKS = 4      # sinks kept by eviction when no Prune says otherwise (StreamingLLM's 4)
@@ -74,7 +74,7 @@ def check_options(model, prune, kv_budget) -> None:
         raise ValueError(f"prune must be a fastinfer.Prune(...) or None; got {prune!r}")
     if kv_budget is not None and (not _is_int(kv_budget) or kv_budget < MIN_KV_BUDGET):
         raise ValueError(f"kv_budget must be an integer >= {MIN_KV_BUDGET} (cache rows per layer); got {kv_budget!r}")
-    if prune is None and kv_budget is None:
+    if model is None or (prune is None and kv_budget is None):  # model None: the options alone
         return
     if model.args.arch != "llama":  # the per-layer rows and the query ring live in models/llama.py
         raise ValueError(f"prune and kv_budget need a Llama-family model; {model.source} is {model.args.arch}")
@@ -147,11 +147,16 @@ class Pruning:
             return st.logits[0].copy()
         k, L = p.from_layer, self.model.args.n_layers
         x = np.empty((N, self.model.args.dim), np.float32)  # residual stream entering layer k
+        mass = np.zeros((2, N), np.float32)  # attention received at layer k - 1 (rel. to uniform), queries
         for c in range(0, N, chunk):
             T = min(chunk, N - c)
             self.run_chunk(session, ids[c:c + T], pos0 + steps[c:c + T], pos0 + c, False, 0, k)
             x[c:c + T] = st.x[:T]
-        kept = self.select(session, x, pos0)
+            if p.score == "attention":
+                self._accumulate_mass(session, pos0, pos0 + c, mass)
+        if p.score == "attention-last":  # the ring holds the prompt's last queries
+            self._accumulate_mass(session, pos0, pos0, mass)
+        kept = self.select(session, x, pos0, mass)
         xk = np.empty((len(kept), x.shape[1]), np.float32)
         K.gather_rows(xk, x, kept)
         for c in range(0, len(kept), chunk):
@@ -162,19 +167,29 @@ class Pruning:
         self.kept = pos0 + kept
         return st.logits[0].copy()
 
-    def select(self, session, x: np.ndarray, pos0: int) -> np.ndarray:
+    def _accumulate_mass(self, session, pos0: int, q0: int, mass: np.ndarray) -> None:
+        """Add the attention the chunk's queries (those still in the ring, from position q0 on) pay
+        the prompt's rows at layer from_layer - 1: mass[0] += weight * rows seen (1 = uniform
+        attention), mass[1] += number of those queries that see the row."""
+        st, l = session.state, self.prune.from_layer - 1
+        n = int(self.fill[l])
+        m = np.empty(n, np.float32)
+        numba.set_num_threads(self.model.threads)
+        K.attention_mass(m, st.q_ring, st.ring_pos, st.k_cache, self.row_pos, l, q0, self.fscratch)
+        rp = self.row_pos[l, :n]
+        qp = np.sort(st.ring_pos[l][st.ring_pos[l] >= q0])
+        mine = rp >= pos0  # rows of this prompt (earlier ones belong to earlier calls)
+        tok = rp[mine] - pos0
+        mass[0, tok] += m[mine] * n / self.model.args.n_heads
+        mass[1, tok] += len(qp) - np.searchsorted(qp, rp[mine])
+
+    def select(self, session, x: np.ndarray, pos0: int, mass: np.ndarray) -> np.ndarray:
         """Indices (ascending) of the prompt tokens x (N, dim) that go on past layer from_layer."""
-        p, st, N = self.prune, session.state, x.shape[0]
+        p, N = self.prune, x.shape[0]
         numba.set_num_threads(self.model.threads)
         scores = np.zeros(N, np.float32)
-        if p.score == "attention":  # mass at layer k - 1, whose cache rows hold the prompt's keys
-            l = p.from_layer - 1
-            n = int(self.fill[l])
-            mass = np.empty(n, np.float32)
-            K.attention_mass(mass, st.q_ring, st.ring_pos, st.k_cache, self.row_pos, l, self.fscratch)
-            rp = self.row_pos[l, :n]
-            mine = rp >= pos0  # rows of this prompt (earlier ones belong to earlier calls)
-            scores[rp[mine] - pos0] = mass[mine]
+        if p.score.startswith("attention"):  # mean attention received, relative to uniform
+            np.divide(mass[0], np.maximum(mass[1], 1), out=scores)
         else:
             K.token_norms(scores, x)
             if p.score == "low-norm":

@@ -75,9 +75,9 @@ def _query_mass(acc, sc, qv, keys, rows_pos, qpos, scale):
 
 
 @kernel(parallel=True)
-def attention_mass(out, q_ring, ring_pos, k_cache, row_pos, l, scratch):
+def attention_mass(out, q_ring, ring_pos, k_cache, row_pos, l, q0, scratch):
     """Attention mass the first n = out.shape[0] cache rows of layer l receive from the queries in
-    layer l's ring, summed over queries and heads.
+    layer l's ring at positions >= q0, summed over queries and heads.
 
     q_ring (L, W, heads, hd); ring_pos (L, W), -1 = empty; k_cache (L, kv_heads, rows, hd);
     row_pos (L, rows). Query head h reads kv head h // (heads // kv_heads). scratch f32
@@ -92,7 +92,7 @@ def attention_mass(out, q_ring, ring_pos, k_cache, row_pos, l, scratch):
     for item in prange(W * H):
         w = item // H
         h = item % H
-        if ring_pos[l, w] >= 0:
+        if ring_pos[l, w] >= max(q0, 0):
             tid = get_thread_id()
             _query_mass(scratch[tid, :n], scratch[tid, n:2 * n], q_ring[l, w, h], k_cache[l, h // group],
                         row_pos[l, :n], ring_pos[l, w], scale)

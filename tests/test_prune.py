@@ -17,20 +17,22 @@ from fastinfer import Prune
 from fastinfer.kernels import prune as K
 from tiny_models import TINY_CFG, random_llama_weights, tiny_bpe_tokenizer, write_hf_dir
 
-RING = 32  # queries the attention-mass score looks at, as documented in fastinfer/prune.py
+RING = 32   # queries the attention-mass score looks at, as documented in fastinfer/prune.py
+CHUNK = 64  # prefill chunk: the "attention" score sums each chunk's last RING queries
 
 
 # ----------------------------------------------------------------------------------------------
 # NumPy twins of the kernels
 # ----------------------------------------------------------------------------------------------
 
-def twin_mass(q_ring, ring_pos, k_cache, row_pos, l, n):
-    """Sum over ring queries and heads of softmax(q . k / sqrt(hd)) over the causally visible rows."""
+def twin_mass(q_ring, ring_pos, k_cache, row_pos, l, n, q0=0):
+    """Sum over ring queries (positions >= q0) and heads of softmax(q . k / sqrt(hd)) over the
+    causally visible rows."""
     W, H, hd = q_ring.shape[1:]
     group = H // k_cache.shape[1]
     out = np.zeros(n)
     for w in range(W):
-        if ring_pos[l, w] < 0:
+        if ring_pos[l, w] < max(q0, 0):
             continue
         for h in range(H):
             s = k_cache[l, h // group, :n].astype(np.float64) @ q_ring[l, w, h].astype(np.float64) / math.sqrt(hd)
@@ -70,9 +72,11 @@ def test_attention_mass_matches_twin(H, KV, n, W):
     ring_pos[:, 0] = -1                                            # an empty ring slot
     scratch = np.full((4, 2 * n + 3), np.nan, np.float32)          # garbage must not leak in
     for l in range(L):
-        out = np.zeros(n, np.float32)
-        K.attention_mass(out, q_ring, ring_pos, k_cache, row_pos, l, scratch)
-        np.testing.assert_allclose(out, twin_mass(q_ring, ring_pos, k_cache, row_pos, l, n), rtol=1e-4, atol=1e-5)
+        for q0 in (0, n):
+            out = np.zeros(n, np.float32)
+            K.attention_mass(out, q_ring, ring_pos, k_cache, row_pos, l, q0, scratch)
+            np.testing.assert_allclose(out, twin_mass(q_ring, ring_pos, k_cache, row_pos, l, n, q0),
+                                       rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("n,k,n_forced", [(41, 17, 5), (41, 3, 9), (1, 1, 0), (64, 64, 3), (33, 20, 0)])
@@ -217,21 +221,26 @@ class RefModel:
             x = self.layer(l, x, pos)
         return self.logits(x)
 
-    def mass(self, l, positions):
-        """Attention mass each cached row of layer l gets from its last RING queries."""
+    def mass(self, l, q0=0):
+        """Attention mass each cached row of layer l gets from its last RING queries (those at
+        positions >= q0), and how many of them see each row."""
         g = self.H // self.KV
         out = np.zeros(len(self.cache[l]))
         cpos = np.array([c[0] for c in self.cache[l]])
         ks = np.stack([c[1] for c in self.cache[l]])
+        seen = np.zeros(len(cpos))
         for qp, q in self.queries[l]:
+            if qp < q0:
+                continue
+            seen += cpos <= qp
             for hh in range(self.H):
                 s = np.where(cpos <= qp, ks[:, hh // g] @ q[hh] / math.sqrt(self.hd), -np.inf)
                 out += R.softmax(s)
-        return out
+        return out, seen
 
     def evict(self, l, target, sinks, recent):
         n = len(self.cache[l])
-        mass = self.mass(l, None)
+        mass, _ = self.mass(l)
         forced = np.array([c[0] < sinks for c in self.cache[l]]) | (np.arange(n) >= n - recent)
         keep = twin_select(mass, forced, target)
         self.cache[l] = [self.cache[l][j] for j in keep]
@@ -241,14 +250,23 @@ def ref_pruned_prefill(ref, ids, p: Prune):
     """The documented rule: layers < from_layer see every token; score; the kept tokens go on."""
     N, k = len(ids), p.from_layer
     xs = []
+    got, seen = np.zeros(N), np.zeros(N)  # attention relative to uniform; queries that saw the token
     for pos, tok in enumerate(ids):
         x = ref.embed(tok)
         for l in range(k):
             x = ref.layer(l, x, pos)
         xs.append(x)
+        end = pos + 1
+        if p.score == "attention" and (end % CHUNK == 0 or end == N):  # a chunk's last queries
+            m, n_q = ref.mass(k - 1, q0=(end - 1) // CHUNK * CHUNK)
+            got[:end] += m * end / ref.H
+            seen[:end] += n_q
     xs = np.array(xs)
-    if p.score == "attention":
-        scores = ref.mass(k - 1, None)
+    if p.score == "attention-last":
+        m, seen = ref.mass(k - 1)
+        got = m * N / ref.H
+    if p.score.startswith("attention"):
+        scores = got / np.maximum(seen, 1)
     else:
         scores = np.linalg.norm(xs, axis=1) * (-1 if p.score == "low-norm" else 1)
     forced = np.zeros(N, bool)
@@ -277,27 +295,28 @@ def test_keep_all_equals_dense(model, score, from_layer):
     np.testing.assert_array_equal(s.decode_step(7), dense.decode_step(7))
 
 
-@pytest.mark.parametrize("score", ["norm", "low-norm", "attention"])
+@pytest.mark.parametrize("score", ["norm", "low-norm", "attention", "attention-last"])
 def test_pruned_session_matches_numpy_model(model, weights, score):
-    ids = _ids(97, seed=1)
+    N = 150  # three prefill chunks, the last one short
+    ids = _ids(N + 7, seed=1)
     p = Prune(keep=0.3, from_layer=2, score=score, sinks=3, keep_last=5)
     s = model.session(prune=p)
-    logits = s.prefill(ids[:90])
+    logits = s.prefill(ids[:N])
     ref = RefModel(weights, CFG)
-    kept, want = ref_pruned_prefill(ref, ids[:90], p)
+    kept, want = ref_pruned_prefill(ref, ids[:N], p)
     np.testing.assert_array_equal(s._pruning.kept, kept)          # the same tokens, chosen independently
-    assert len(kept) == math.ceil(0.3 * 90)
-    assert set(range(3)) <= set(kept) and set(range(85, 90)) <= set(kept)  # sinks and last tokens
-    assert list(s._pruning.fill) == [90, 90, len(kept)]            # layer 2's cache holds only the kept
+    assert len(kept) == math.ceil(0.3 * N)
+    assert set(range(3)) <= set(kept) and set(range(N - 5, N)) <= set(kept)  # sinks and last tokens
+    assert list(s._pruning.fill) == [N, N, len(kept)]              # layer 2's cache holds only the kept
     np.testing.assert_allclose(logits, want, atol=2e-4, rtol=1e-4)
-    for pos in range(90, 97):                                      # decoding after pruning
+    for pos in range(N, N + 7):                                    # decoding after pruning
         np.testing.assert_allclose(s.decode_step(ids[pos]), ref.token(ids[pos], pos), atol=2e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("keep", [0.01, 0.2])
 def test_sinks_and_last_tokens_always_kept(model, keep):
     ids = _ids(200, seed=2)
-    for score in ("norm", "low-norm", "attention"):
+    for score in ("norm", "low-norm", "attention", "attention-last"):
         s = model.session(prune=Prune(keep=keep, from_layer=1, score=score, sinks=4, keep_last=10))
         s.prefill(ids)
         kept = set(s._pruning.kept.tolist())
@@ -380,3 +399,42 @@ def test_bad_session_options(model):
         model.generate(_ids(10), max_new_tokens=2, num_beams=2, prune=Prune(from_layer=1))
     with pytest.raises(ValueError, match="batch"):
         model.generate([_ids(10), _ids(12)], max_new_tokens=2, kv_budget=128)
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------------
+
+def test_cli_generate_with_pruning_flags(model, capsys):
+    from fastinfer.cli import main
+    src = str(model.source)
+    args = ["generate", "hello world " * 20, "-m", src, "-n", "4", "--temperature", "0", "--ctx", "256"]
+    assert main(args) == 0
+    dense = capsys.readouterr().out
+    assert main(args + ["--prune-keep", "1.0", "--prune-from-layer", "1"]) == 0
+    assert capsys.readouterr().out == dense                        # keep=1.0 is dense
+    assert main(args + ["--prune-keep", "0.3", "--prune-from-layer", "2", "--prune-score", "norm",
+                        "--kv-budget", "128"]) == 0
+    assert capsys.readouterr().out.startswith("hello world")
+    for bad, match in ((["--prune-keep", "2"], "keep"), (["--kv-budget", "5"], "kv_budget"),
+                       (["--prune-from-layer", "3"], "from_layer")):
+        assert main(args + bad) == 1
+        assert match in capsys.readouterr().err
+
+
+def test_cli_eval_prune_writes_table_and_plot(model, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from fastinfer.cli import main
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"word{i % 37} and some more text {i % 11}" for i in range(200)))
+    out = tmp_path / "res"
+    code = main(["eval-prune", str(text), "-m", str(model.source), "--contexts", "32,64", "--keep", "0.5,1.0",
+                 "--scores", "norm", "--from-layer", "1", "-r", "2", "--next", "16", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    table = (tmp_path / "res.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| 32 |") or line.startswith("| 64 |")]
+    assert len(rows) == 4 and all(" ± " in r for r in rows)
+    assert all("+0.0% | 100.0% |" in r for r in rows if "keep=1.0" in r)  # keep 1.0: dense quality
+    assert (tmp_path / "res.png").stat().st_size > 1000
+    assert main(["eval-prune", str(text), "-m", str(model.source), "--scores", "energy"]) == 1
+    assert "score" in capsys.readouterr().err
