@@ -107,15 +107,17 @@ def sweep(model, ids: Sequence[int], contexts: Sequence[int], settings: dict[str
           n_next: int = N_NEXT, log=None) -> list[Comparison]:
     """Dense against every setting (label -> session options) at every context length.
 
-    Quality comes from one continuation each (it is deterministic); prefill times from `repeats`
-    further runs, dense and the settings alternating so that a noisy machine hurts all alike.
+    Quality comes from one continuation each (it is deterministic), whose timed prefill is the
+    first of `repeats` timings; the others are further prefills, dense and the settings
+    alternating so that a noisy machine hurts all alike.
     """
     rows = []
     for n in contexts:
         dense = continuation(model, ids, n, n_next)
         runs = {label: continuation(model, ids, n, n_next, **opts) for label, opts in settings.items()}
-        times: dict[str | None, list[float]] = {None: [], **{label: [] for label in settings}}
-        for _ in range(repeats):
+        times: dict[str | None, list[float]] = {None: [dense.prefill_seconds],
+                                                **{label: [runs[label].prefill_seconds] for label in settings}}
+        for _ in range(repeats - 1):
             times[None].append(prefill_seconds(model, ids, n))
             for label, opts in settings.items():
                 times[label].append(prefill_seconds(model, ids, n, **opts))

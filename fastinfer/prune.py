@@ -44,10 +44,10 @@ class Prune:
     Prune() is the recommended setting (see the README's pruning section for the measurements).
     """
     keep: float = 0.5
-    from_layer: int = 4
+    from_layer: int = 2
     score: str = "attention"
     sinks: int = 4
-    keep_last: int = 32
+    keep_last: int = 256
 
     def __post_init__(self):
         if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not 0.0 < self.keep <= 1.0:

@@ -350,7 +350,7 @@ def test_eviction_never_exceeds_budget_and_matches_numpy_model(model, weights):
 
 def test_prune_with_budget_never_exceeds_it(model):
     ids = _ids(250, seed=4)
-    s = model.session(prune=Prune(keep=0.5, from_layer=1), kv_budget=128)
+    s = model.session(prune=Prune(keep=0.5, from_layer=1, keep_last=20), kv_budget=128)
     s.prefill(ids[:200])
     assert s._pruning.fill.max() <= 128
     for t in ids[200:]:
@@ -363,15 +363,16 @@ def test_generate_takes_prune_and_budget(model):
     ids = _ids(100, seed=6)
     dense = model.generate(ids, max_new_tokens=6, temperature=0)
     assert model.generate(ids, max_new_tokens=6, temperature=0, prune=Prune(keep=1.0, from_layer=1)) == dense
-    assert len(model.generate(ids, max_new_tokens=6, temperature=0, prune=Prune(keep=0.3, from_layer=1),
-                              kv_budget=128)) == 6
+    pruned = model.generate(ids, max_new_tokens=6, temperature=0, kv_budget=128,
+                            prune=Prune(keep=0.3, from_layer=1, keep_last=16))
+    assert len(pruned) == 6
     text = model.generate("hello world", max_new_tokens=3, temperature=0, prune=Prune(from_layer=1))
     assert isinstance(text, str)
 
 
 def test_reset_forgets_pruning(model):
     ids = _ids(120, seed=7)
-    s = model.session(prune=Prune(keep=0.4, from_layer=1), kv_budget=128)
+    s = model.session(prune=Prune(keep=0.4, from_layer=1, keep_last=10), kv_budget=128)
     a = s.prefill(ids)
     s.reset()
     np.testing.assert_array_equal(s.prefill(ids), a)
