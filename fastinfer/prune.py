@@ -19,7 +19,8 @@ mass from the last RING queries (TOVA / SnapKV style), down to N - N // 8 rows, 
 compacting is paid once every N // 8 tokens. Memory and per-token time stay flat.
 
 Layers then hold different numbers of rows. `forward` handles that with State.drop: layer l
-stores token t at row slots[t] - drop[l].
+stores token t at row slots[t] - drop[l]. (A sliding attention window then counts cache rows,
+not positions.)
 """
 import math
 from dataclasses import dataclass
