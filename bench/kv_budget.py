@@ -24,7 +24,7 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def run(model, prompt, n, window, **opts):
+def run(model, prompt, n, window, label, **opts):
     s = model.session(**opts)
     ref = model.session(n_ctx=len(prompt) + window + 1)
     tok = int(np.argmax(s.prefill(prompt)))
@@ -42,6 +42,8 @@ def run(model, prompt, n, window, **opts):
         t_r.append(t2 - t1)
         if (i + 1) % window == 0:
             rows.append((i + 1, window / sum(t_s), window / sum(t_r), rss_mb()))
+            r = rows[-1]
+            print(f"{label} {r[0]:6d} | {r[1]:6.1f} | {r[2]:6.1f} | {r[1] / r[2]:5.3f} | {r[3]:7.1f}", flush=True)
             t_s, t_r = [], []
     return rows
 
@@ -52,16 +54,16 @@ def main():
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--dense", action="store_true", help="also run without a budget, for contrast")
+    ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args()
     text = gzip.open(Path(__file__).parents[1] / "tests/data/corpus/persuasion.txt.gz", "rt").read()
-    model = fastinfer.load(n_ctx=64 + a.tokens + 1)
+    model = fastinfer.load(n_ctx=64 + a.tokens + 1, threads=a.threads)
     prompt = model.encode(text)[5000:5064]
     runs = [("kv_budget=%d" % a.budget, {"kv_budget": a.budget})] + ([("dense", {})] if a.dense else [])
     for label, opts in runs:
-        rows = run(model, prompt, a.tokens, a.window, **opts)
-        print(f"\n{label}: tokens generated | t/s | t/s of a short-context session, same moments | ratio | RSS MB")
-        for i, ts, tr, rss in rows:
-            print(f"{i:6d} | {ts:6.1f} | {tr:6.1f} | {ts / tr:5.3f} | {rss:7.1f}")
+        print(f"{label}: tokens generated | t/s | t/s of a short-context session, same moments | ratio | RSS MB",
+              flush=True)
+        rows = run(model, prompt, a.tokens, a.window, label, **opts)
         ratios = np.array([ts / tr for _, ts, tr, _ in rows])
         print(f"{label}: ratio first window {ratios[0]:.3f}; last 4 windows {ratios[-4:].mean():.3f} ± "
               f"{ratios[-4:].std(ddof=1):.3f}; RSS {rows[0][3]:.1f} -> {rows[-1][3]:.1f} MB", flush=True)
