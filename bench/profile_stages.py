@@ -21,6 +21,7 @@ import numpy as np
 from numba import njit
 
 import fastinfer
+from fastinfer.kernels import attention as A
 from fastinfer.kernels import linear as L
 from fastinfer.kernels import ops
 from fastinfer.models import llama
@@ -33,9 +34,9 @@ def _linear_layers(out, x, w, lin):
 
 
 @njit(cache=False)
-def _attention_layers(att3, q3, k_cache, v_cache, starts, slots, windows, scratch):
+def _attention_layers(att3, q3, k_cache, v_cache, starts, slots, windows, pattern, scratch):
     for l in range(k_cache.shape[0]):
-        ops.attention(att3, q3, k_cache, v_cache, l, starts, slots, windows[l], scratch)
+        A.attention(att3, q3, k_cache, v_cache, l, starts, slots, windows[l], pattern, scratch)
 
 
 @njit(cache=False)
@@ -86,7 +87,7 @@ def profile(model, T: int, pos: int, reps: int) -> dict[str, float]:
     stages = {
         "wqkv": lambda: _linear_layers(qkv, xb, w.wqkv.args(), lin),
         "attention": lambda: _attention_layers(att3, q3, st.k_cache, st.v_cache, starts, slots, w.windows,
-                                               st.att_scratch),
+                                               s._pattern, st.att_scratch),
         "wo": lambda: _linear_layers(xb, att, w.wo.args(), lin),
         "w13 (gate, up)": lambda: _linear_layers(h13, xb, w.w13.args(), lin),
         "w2 (down)": lambda: _linear_layers(xb, hb, w.w2.args(), lin),
@@ -99,7 +100,7 @@ def profile(model, T: int, pos: int, reps: int) -> dict[str, float]:
     ids = np.ones(T, np.int64)
 
     def whole():
-        llama.run(a, model._w, s._st, ids, positions, starts, slots, False)
+        llama.run(a, model._w, s._st, ids, positions, starts, slots, s._pattern, False)
     out["= forward (measured)"] = _median_seconds(whole, reps)
     return out
 

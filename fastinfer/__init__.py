@@ -5,8 +5,9 @@
     print(model.generate("The capital of France is", max_new_tokens=16, temperature=0))
 """
 from .model import Model, Session, load
+from .prune import Prune
 from .sampling import SamplingParams
 from .sparse import BlockSparse
 
 __version__ = "0.1.0"
-__all__ = ["load", "Model", "Session", "SamplingParams", "BlockSparse", "__version__"]
+__all__ = ["load", "Model", "Session", "SamplingParams", "BlockSparse", "Prune", "__version__"]

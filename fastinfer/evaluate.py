@@ -42,6 +42,8 @@ class Comparison:
     dense_ppl: float
     ppl: float
     top1_agreement: float     # fraction of scored positions whose argmax equals dense's
+    dense_std: float = 0.0    # std of the prefill seconds over repetitions (0: one run)
+    std: float = 0.0
 
     @property
     def speedup(self) -> float:
@@ -75,18 +77,65 @@ def continuation(model, ids: Sequence[int], context: int, n_next: int = N_NEXT,
     return Continuation(context, seconds, float(nll.mean()), logits.argmax(axis=1))
 
 
-def compare(label: str, dense: Continuation, approx: Continuation) -> Comparison:
+def compare(label: str, dense: Continuation, approx: Continuation, dense_times: Sequence[float] = (),
+            times: Sequence[float] = ()) -> Comparison:
+    """dense_times / times: prefill seconds of repeated runs; their mean replaces the single run's."""
     if dense.context != approx.context:
         raise ValueError(f"contexts differ: {dense.context} vs {approx.context}")
-    return Comparison(label, dense.context, dense.prefill_seconds, approx.prefill_seconds, dense.ppl,
-                      approx.ppl, float(np.mean(dense.top1 == approx.top1)))
+    d_mean, d_std = _mean_std(dense_times, dense.prefill_seconds)
+    mean, std = _mean_std(times, approx.prefill_seconds)
+    return Comparison(label, dense.context, d_mean, mean, dense.ppl, approx.ppl,
+                      float(np.mean(dense.top1 == approx.top1)), d_std, std)
+
+
+def _mean_std(xs: Sequence[float], single: float) -> tuple[float, float]:
+    if not len(xs):
+        return single, 0.0
+    return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
+
+
+def prefill_seconds(model, ids: Sequence[int], context: int, **session_options) -> float:
+    """Wall time of prefilling ids[:context] into a fresh session (no scoring)."""
+    s = model.session(n_ctx=context, **session_options)
+    ids = np.asarray(ids[:context], dtype=np.int64)
+    t0 = time.perf_counter()
+    s.prefill(ids)
+    return time.perf_counter() - t0
+
+
+def sweep(model, ids: Sequence[int], contexts: Sequence[int], settings: dict[str, dict], repeats: int = 3,
+          n_next: int = N_NEXT, log=None) -> list[Comparison]:
+    """Dense against every setting (label -> session options) at every context length.
+
+    Quality comes from one continuation each (it is deterministic), whose timed prefill is the
+    first of `repeats` timings; the others are further prefills, dense and the settings
+    alternating so that a noisy machine hurts all alike.
+    """
+    rows = []
+    for n in contexts:
+        dense = continuation(model, ids, n, n_next)
+        runs = {label: continuation(model, ids, n, n_next, **opts) for label, opts in settings.items()}
+        times: dict[str | None, list[float]] = {None: [dense.prefill_seconds],
+                                                **{label: [runs[label].prefill_seconds] for label in settings}}
+        for _ in range(repeats - 1):
+            times[None].append(prefill_seconds(model, ids, n))
+            for label, opts in settings.items():
+                times[label].append(prefill_seconds(model, ids, n, **opts))
+        for label in settings:
+            r = compare(label, dense, runs[label], times[None], times[label])
+            rows.append(r)
+            if log:
+                log(f"context {n}: {label}: {r.speedup:.2f}x, ppl {r.ppl_change:+.1%}, top-1 {r.top1_agreement:.1%}")
+    return rows
 
 
 def markdown_table(rows: Sequence[Comparison]) -> str:
     lines = ["| context | setting | prefill s (dense) | prefill s | speedup | ppl (dense) | ppl | Δppl | top-1 agree |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r.context} | {r.label} | {r.dense_seconds:.2f} | {r.seconds:.2f} | {r.speedup:.2f}× | "
+        d = f"{r.dense_seconds:.2f} ± {r.dense_std:.2f}" if r.dense_std else f"{r.dense_seconds:.2f}"
+        a = f"{r.seconds:.2f} ± {r.std:.2f}" if r.std else f"{r.seconds:.2f}"
+        lines.append(f"| {r.context} | {r.label} | {d} | {a} | {r.speedup:.2f}× | "
                      f"{r.dense_ppl:.3f} | {r.ppl:.3f} | {r.ppl_change:+.1%} | {r.top1_agreement:.1%} |")
     return "\n".join(lines) + "\n"
 

@@ -63,12 +63,16 @@ class Model:
         ids = self._check_ids(ids, self.n_ctx)
         return Session(self, len(ids)).append(ids)
 
-    def session(self, n_ctx: int | None = None, attention: BlockSparse | None = None) -> "Session":
+    def session(self, n_ctx: int | None = None, attention: BlockSparse | None = None,
+                prune: "Prune | None" = None, kv_budget: int | None = None) -> "Session":
         """A sequence with its own KV cache, to extend step by step without recomputing.
 
-        attention: None for dense attention, or a fastinfer.BlockSparse(...) pattern.
+        attention=fastinfer.BlockSparse(...) thins attention to a block pattern (None: dense).
+        prune=fastinfer.Prune(...) prunes each prefill's tokens from a layer on; kv_budget=N caps
+        every layer's cache at N rows, evicting the least attended (fastinfer/prune.py).
         """
-        return Session(self, self.n_ctx if n_ctx is None else n_ctx, attention=attention)
+        return Session(self, self.n_ctx if n_ctx is None else n_ctx, attention=attention, prune=prune,
+                       kv_budget=kv_budget)
 
     # -- text ---------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -147,36 +151,53 @@ class Model:
                  stop: Sequence[str] | str | None = None, seed: int | None = None, *,
                  max_length: int | None = None, num_beams: int | None = None, length_penalty: float | None = None,
                  early_stopping: bool | str | None = None, no_repeat_ngram_size: int | None = None,
-                 min_new_tokens: int | None = None, attention: BlockSparse | None = None) -> str | list[int]:
+                 min_new_tokens: int | None = None, attention: BlockSparse | None = None,
+                 prune: "Prune | None" = None, kv_budget: int | None = None) -> str | list[int]:
         """Continue a prompt. A str prompt returns the new text; a list of ids returns the new ids.
         A list of prompts (str or id lists) returns one result per prompt, decoded together.
 
         Options left as None come from the model's generation_config.json, else the engine's
         defaults. num_beams > 1 runs HF-style beam search (length_penalty, early_stopping);
         no_repeat_ngram_size, min_new_tokens, repetition_penalty and max_length follow HF too.
-        attention=fastinfer.BlockSparse(...) runs block-sparse attention instead of dense.
+        attention, prune and kv_budget are session options (see `session`); prune and kv_budget
+        take one greedy/sampled prompt at a time.
         """
         kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                   repetition_penalty=repetition_penalty, seed=seed, max_length=max_length, num_beams=num_beams,
                   length_penalty=length_penalty, early_stopping=early_stopping,
                   no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new_tokens)
+        kw.update({k: v for k, v in (("attention", attention), ("prune", prune), ("kv_budget", kv_budget))
+                   if v is not None})
         if isinstance(prompt, str):
-            return "".join(self.stream(prompt, stop=stop, attention=attention, **kw))
-        attention = check_attention(attention)
+            return "".join(self.stream(prompt, stop=stop, **kw))
+        sess = self._session_options(kw)
         if len(prompt) and not isinstance(prompt[0], (int, np.integer)):
-            return self._generate_batch(list(prompt), stop, kw, attention)
+            return self._generate_batch(list(prompt), stop, kw, sess)
         ids = self._check_ids(prompt, self.n_ctx - 1)
-        return self._generate_ids(ids, self._resolve(len(ids), **kw), attention)
+        return self._generate_ids(ids, self._resolve(len(ids), **kw), sess)
 
-    def _generate_batch(self, prompts: list, stop, kw: dict, attention: BlockSparse | None) -> list:
+    def _session_options(self, options: dict) -> dict:
+        """Take attention=, prune= and kv_budget= out of generation options; check them."""
+        sess = {k: options.pop(k) for k in ("attention", "prune", "kv_budget") if k in options}
+        if sess.get("attention") is not None:
+            check_attention(sess["attention"])
+        if sess.get("prune") is not None or sess.get("kv_budget") is not None:
+            from .prune import check_options
+            check_options(self, sess.get("prune"), sess.get("kv_budget"))
+        return {k: v for k, v in sess.items() if v is not None}
+
+    def _generate_batch(self, prompts: list, stop, kw: dict, sess: dict) -> list:
         """Several prompts (all str, or all token-id lists) decoded together; one result each."""
+        if "prune" in sess or "kv_budget" in sess:
+            raise ValueError("prune and kv_budget apply to one prompt at a time, not to a batch")
+        attention = sess.get("attention")
         texts = all(isinstance(p, str) for p in prompts)
         if not texts and not all(isinstance(p, (list, tuple, np.ndarray)) for p in prompts):
             raise ValueError("a batch must be a list of str prompts or a list of token-id lists")
         ids = [self._check_ids(self.encode(p) if texts else p, self.n_ctx - 1) for p in prompts]
         opts = [self._resolve(len(i), **kw) for i in ids]
         if opts[0].num_beams > 1:  # beam search keeps its own caches: one prompt after another
-            outs = [self._generate_ids(i, o, attention) for i, o in zip(ids, opts)]
+            outs = [self._generate_ids(i, o, sess) for i, o in zip(ids, opts)]
         else:
             o = opts[0]
             n = max(len(i) + op.max_new_tokens for i, op in zip(ids, opts))
@@ -193,16 +214,19 @@ class Model:
             results.append("".join(pieces) + stream.flush())
         return results
 
-    def _generate_ids(self, ids: list[int], o: GenerationOptions, attention: BlockSparse | None) -> list[int]:
+    def _generate_ids(self, ids: list[int], o: GenerationOptions, sess: dict | None = None) -> list[int]:
+        sess = sess or {}
         if o.num_beams > 1:
-            return beam_search(lambda: self.session(attention=attention), ids, o.num_beams, o.max_new_tokens, self.eos_ids,
+            if "prune" in sess or "kv_budget" in sess:
+                raise ValueError("prune and kv_budget do not combine with beam search (num_beams > 1)")
+            return beam_search(lambda: self.session(**sess), ids, o.num_beams, o.max_new_tokens, self.eos_ids,
                                length_penalty=o.length_penalty, early_stopping=o.early_stopping,
                                no_repeat_ngram_size=o.no_repeat_ngram_size,
                                repetition_penalty=o.sampling.repetition_penalty, min_new_tokens=o.min_new_tokens)
-        return list(self._token_stream(ids, o, attention))
+        return list(self._token_stream(ids, o, sess))
 
-    def _token_stream(self, ids: list[int], o: GenerationOptions, attention: BlockSparse | None) -> Iterator[int]:
-        return generate_ids(self.session(attention=attention), ids, o.max_new_tokens, o.sampling, self.eos_ids,
+    def _token_stream(self, ids: list[int], o: GenerationOptions, sess: dict | None = None) -> Iterator[int]:
+        return generate_ids(self.session(**(sess or {})), ids, o.max_new_tokens, o.sampling, self.eos_ids,
                             no_repeat_ngram_size=o.no_repeat_ngram_size, min_new_tokens=o.min_new_tokens)
 
     def stream(self, prompt: str, stop: Sequence[str] | str | None = None, **options: Any) -> Iterator[str]:
@@ -228,11 +252,11 @@ class Model:
 
     def _stream_ids(self, ids: list[int], stop: Sequence[str] | str | None, options: dict) -> Iterator[str]:
         ids = self._check_ids(ids, self.n_ctx - 1)
-        attention = check_attention(options.pop("attention", None))
+        options = dict(options)
+        sess = self._session_options(options)
         o = self._resolve(len(ids), **options)  # errors surface here, not at the first next()
         out = TextStream(self.tokenizer, [stop] if isinstance(stop, str) else list(stop or ()))
-        tokens = (iter(self._generate_ids(ids, o, attention)) if o.num_beams > 1
-                  else self._token_stream(ids, o, attention))
+        tokens = iter(self._generate_ids(ids, o, sess)) if o.num_beams > 1 else self._token_stream(ids, o, sess)
 
         def pieces():
             for tok in tokens:
@@ -273,14 +297,25 @@ class Session:
     attention: None (dense) or a BlockSparse pattern.
     """
 
-    def __init__(self, model: Model, n_ctx: int, state=None, base: int = 0, attention: BlockSparse | None = None):
+    def __init__(self, model: Model, n_ctx: int, state=None, base: int = 0, attention: BlockSparse | None = None,
+                 prune=None, kv_budget=None):
         if not 1 <= n_ctx <= model.n_ctx:  # RoPE tables and the rest are sized for model.n_ctx
             raise ValueError(f"n_ctx must be between 1 and the {model.n_ctx} tokens the model was loaded "
                              f"for; got {n_ctx} (load it with fastinfer.load(..., n_ctx=N) for more)")
         self.model, self.max_seq, self.pos, self.base = model, n_ctx, 0, base
-        self.state = state or model.arch.State(model.args, n_ctx, min(PREFILL_CHUNK, n_ctx), model.threads)
+        chunk = min(PREFILL_CHUNK, n_ctx)
+        self._pruning = None  # prune= / kv_budget= bookkeeping (fastinfer/prune.py)
+        if prune is not None or kv_budget is not None:
+            from .prune import Pruning
+            self._pruning = Pruning(model, n_ctx, prune, kv_budget)
+            state = state or self._pruning.new_state(chunk)
+        self.state = state or model.arch.State(model.args, n_ctx, chunk, model.threads)
         self._st = self.state.args()
         self.attention = check_attention(attention)
+        if attention is not None and self._pruning is not None:
+            # Pruning and eviction renumber each layer's cache rows, so blocks of rows would no
+            # longer be blocks of positions.
+            raise ValueError("attention=BlockSparse(...) does not combine with prune= or kv_budget=")
         self._pattern = _pattern(attention, self.state)
         chunk = self.state.chunk
         # Per-token positions, cache slots and stretch starts, filled in place for every call.
@@ -293,6 +328,8 @@ class Session:
     def prefill(self, ids: Sequence[int]) -> np.ndarray:
         """Add ids to the sequence; return the logits after the last one."""
         ids = self._take(ids)
+        if self._pruning is not None:
+            return self._pruning.prefill(self, ids)
         for c in range(0, len(ids), self.state.chunk):
             self._run(ids[c:c + self.state.chunk], all_logits=False)
         return self.state.logits[0].copy()
@@ -316,6 +353,8 @@ class Session:
 
     def reset(self) -> None:
         self.pos = 0
+        if self._pruning is not None:
+            self._pruning.reset(self.state)
 
     def _take(self, ids) -> np.ndarray:
         if len(ids) > self.max_seq - self.pos:
@@ -327,6 +366,10 @@ class Session:
         T = len(ids)
         positions, slots = self._positions[:T], self._slots[:T]
         np.add(self._steps[:T], self.pos, out=positions)
+        if self._pruning is not None:  # rows per layer differ: it fills in the slots
+            self._pruning.run_chunk(self, ids, positions, self.pos, all_logits, 0, self.model.args.n_layers)
+            self.pos += T
+            return T
         np.add(positions, self.base, out=slots)
         numba.set_num_threads(self.model.threads)
         self.model.arch.run(self.model.args, self.model._w, self._st, ids, positions, self._starts[:T], slots,

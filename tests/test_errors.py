@@ -180,3 +180,12 @@ def test_cli_prompt_too_long(tiny):
 def test_cli_usage_error_exit_code():
     r = _cli("generate", "hi", "-n", "zero")
     assert r.returncode == 2 and "positive integer" in r.stderr
+
+
+def test_block_sparse_with_pruning_is_refused(tiny_model):
+    # pruning and eviction renumber cache rows; a block pattern over rows would be meaningless
+    with pytest.raises(ValueError, match="does not combine"):
+        tiny_model.session(attention=fastinfer.BlockSparse(block=4), kv_budget=128)
+    with pytest.raises(ValueError, match="does not combine"):
+        tiny_model.generate([1, 2, 3], max_new_tokens=2, attention=fastinfer.BlockSparse(block=4),
+                            prune=fastinfer.Prune())

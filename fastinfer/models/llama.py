@@ -18,6 +18,7 @@ import numpy as np
 from fastinfer.kernels import attention as A
 from fastinfer.kernels import linear as L
 from fastinfer.kernels import ops
+from fastinfer.kernels import prune
 from fastinfer.kernels.jit import kernel
 from fastinfer.weights.checkpoint import Checkpoint
 from fastinfer.weights.tensors import QMatrix, concat_rows, readonly, stack
@@ -188,7 +189,7 @@ def lazy_zeros(shape: tuple) -> np.ndarray:
 class State:
     """Everything one sequence needs at run time, allocated once: KV cache and scratch buffers."""
 
-    def __init__(self, args: ModelArgs, max_seq: int, chunk: int, threads: int):
+    def __init__(self, args: ModelArgs, max_seq: int, chunk: int, threads: int, ring: int = 0):
         qd, kvd = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
         self.max_seq, self.chunk = max_seq, chunk
         # np.zeros maps pages lazily, so a long context costs memory only as it fills.
@@ -208,15 +209,23 @@ class State:
         self.lin_scratch = np.zeros((threads, L.scratch_size(widest)), np.float32)
         group = args.n_heads // args.n_kv_heads
         self.att_scratch = np.zeros((threads, A.scratch_size(args.head_dim, group)), np.float32)  # one tile each
+        # Pruning and eviction (fastinfer/prune.py): layer l holds drop[l] fewer rows than a dense
+        # cache, so its token t goes to row slots[t] - drop[l] (layer_slots). The ring keeps the
+        # last `ring` queries of every layer for the attention-mass score; 0 = off.
+        self.drop = np.zeros(args.n_layers, np.int64)
+        self.layer_slots = np.zeros(chunk, np.int64)
+        self.q_ring = np.zeros((args.n_layers, ring, args.n_heads, args.head_dim), np.float32)
+        self.ring_pos = np.full((args.n_layers, ring), -1, np.int64)
 
     def args(self) -> tuple:
         return (self.k_cache, self.v_cache, self.x, self.xb, self.qkv, self.q, self.k, self.v, self.att,
-                self.h13, self.hb, self.logits, self.lin_scratch, self.att_scratch)
+                self.h13, self.hb, self.logits, self.lin_scratch, self.att_scratch, self.drop, self.layer_slots,
+                self.q_ring, self.ring_pos)
 
 
 @kernel
-def forward(ids, positions, starts, slots, pattern, all_logits, w, st, n_heads, n_kv_heads, eps):
-    """Run tokens ids (T,) through every layer, filling the KV cache.
+def forward(ids, positions, starts, slots, pattern, all_logits, w, st, n_heads, n_kv_heads, eps, l0, l1):
+    """Run tokens ids (T,) through layers l0..l1-1, filling the KV cache.
 
     Token t sits at position positions[t] of its sequence, is stored in cache slot slots[t], and
     attends to slots starts[t]..slots[t], thinned by the block pattern `pattern`: one sequence
@@ -224,10 +233,12 @@ def forward(ids, positions, starts, slots, pattern, all_logits, w, st, n_heads, 
     decoding).
 
     Writes logits for every position (all_logits) or only the last one into st.logits[:T or 1].
+    Pruned prefill runs a layer range: l0 > 0 starts from the residual stream already in st.x[:T],
+    l1 < n_layers stops there (no logits), leaving it in st.x[:T].
     """
     emb, attention_norm, wqkv, bqkv, wo, ffn_norm, w13, w2, norm, output, cos, sin, windows = w
     (k_cache, v_cache, x_all, xb_all, qkv_all, q_all, k_all, v_all, att_all, h13_all, hb_all, logits,
-     lin, att_scratch) = st
+     lin, att_scratch, drop, layer_slots, q_ring, ring_pos) = st
     T = ids.shape[0]
     hd = k_cache.shape[3]
     x, xb, qkv, h13, hb = x_all[:T], xb_all[:T], qkv_all[:T], h13_all[:T], hb_all[:T]
@@ -236,15 +247,20 @@ def forward(ids, positions, starts, slots, pattern, all_logits, w, st, n_heads, 
     k3 = k.reshape((T, n_kv_heads, hd))
     v3 = v.reshape((T, n_kv_heads, hd))
     att3 = att.reshape((T, n_heads, hd))
-    ops.embed(x, ids, emb)
-    for l in range(attention_norm.shape[0]):
+    sl = layer_slots[:T]
+    if l0 == 0:
+        ops.embed(x, ids, emb)
+    for l in range(l0, l1):
         ops.rmsnorm(xb, x, attention_norm[l], eps)
         L.linear(qkv, xb, wqkv, l, lin)
         ops.split_qkv(q, k, v, qkv, bqkv[l])
         ops.rope(q3, cos, sin, positions)
         ops.rope(k3, cos, sin, positions)
-        ops.store_kv(k_cache, v_cache, k3, v3, l, slots)
-        A.attention(att3, q3, k_cache, v_cache, l, starts, slots, windows[l], pattern, att_scratch)
+        for t in range(T):
+            sl[t] = slots[t] - drop[l]
+        prune.store_queries(q_ring, ring_pos, q3, l, positions)
+        ops.store_kv(k_cache, v_cache, k3, v3, l, sl)
+        A.attention(att3, q3, k_cache, v_cache, l, starts, sl, windows[l], pattern, att_scratch)
         L.linear(xb, att, wo, l, lin)
         ops.add_(x, xb)
         ops.rmsnorm(xb, x, ffn_norm[l], eps)
@@ -252,6 +268,8 @@ def forward(ids, positions, starts, slots, pattern, all_logits, w, st, n_heads, 
         ops.swiglu(hb, h13)
         L.linear(xb, hb, w2, l, lin)
         ops.add_(x, xb)
+    if l1 < attention_norm.shape[0]:
+        return
     if all_logits:
         ops.rmsnorm(xb, x, norm, eps)
         L.linear(logits[:T], xb, output, 0, lin)
@@ -261,7 +279,9 @@ def forward(ids, positions, starts, slots, pattern, all_logits, w, st, n_heads, 
 
 
 def run(args: ModelArgs, w: tuple, st: tuple, ids: np.ndarray, positions: np.ndarray, starts: np.ndarray,
-        slots: np.ndarray, pattern: tuple, all_logits: bool) -> None:
-    """`forward` with the model's own sizes filled in; pattern as kernels/attention.py describes."""
+        slots: np.ndarray, pattern: tuple, all_logits: bool, l0: int = 0, l1: int | None = None) -> None:
+    """`forward` with the model's own sizes filled in: pattern as kernels/attention.py describes,
+    layers l0..l1-1 (default all)."""
+    l1 = args.n_layers if l1 is None else l1
     forward(ids, positions, starts, slots, pattern, all_logits, w, st, args.n_heads, args.n_kv_heads,
-            float(args.norm_eps))
+            float(args.norm_eps), l0, l1)
