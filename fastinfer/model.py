@@ -52,17 +52,59 @@ class Model:
         self.generation_defaults = dict(ckpt.generation)
         self.source = ckpt.source
         self._w = self.weights.args()
+        self.is_encoder = getattr(self.arch, "ENCODER", False)  # FNet: forward and embed only
         with compile_notice(f"{self.args.arch}-forward"):
-            Session(self, 2).prefill([0, 0])
+            if self.is_encoder:
+                self.arch.run(self.args, self._w, np.zeros(2, np.int64), threads, self.args.has_head)
+            else:
+                Session(self, 2).prefill([0, 0])
 
     # -- forward passes ----------------------------------------------------------------------
     def forward(self, ids: Sequence[int]) -> np.ndarray:
         """float32 logits (len(ids), vocab_size) for every position. Keeps no state."""
         ids = self._check_ids(ids, self.n_ctx)
+        if self.is_encoder:  # masked-LM logits: every position sees the whole sequence
+            numba.set_num_threads(self.threads)
+            return self.arch.run(self.args, self._w, np.asarray(ids, np.int64), self.threads, True).logits
         return Session(self, len(ids)).append(ids)
+
+    def embed(self, texts: str | Sequence[str]) -> np.ndarray:
+        """Mean-pooled last hidden states, float32: (dim,) for one text, (len(texts), dim) for a list.
+
+        The mean runs over every token of the encoded text, special tokens ([CLS], [SEP]) included.
+        Encoder (FNet) models only.
+        """
+        self._check_encoder("embed")
+        one = isinstance(texts, str)
+        batch = [texts] if one else list(texts)
+        if not batch or not all(isinstance(s, str) for s in batch):
+            raise ValueError("embed takes a text or a non-empty list of texts")
+        out = np.empty((len(batch), self.args.dim), np.float32)
+        for i, text in enumerate(batch):
+            if not text.strip():
+                raise ValueError(f"text {i} is empty: there is nothing to embed")
+            out[i] = self.hidden_states(self.encode(text)).mean(axis=0, dtype=np.float64)
+        return out[0] if one else out
+
+    def hidden_states(self, ids: Sequence[int]) -> np.ndarray:
+        """An encoder's last hidden states (len(ids), dim), float32."""
+        self._check_encoder("hidden_states")
+        ids = self._check_ids(ids, self.n_ctx)
+        numba.set_num_threads(self.threads)
+        return self.arch.run(self.args, self._w, np.asarray(ids, np.int64), self.threads, False).hidden
+
+    def _check_encoder(self, what: str) -> None:
+        if not self.is_encoder:
+            raise ValueError(f"{what} needs an encoder model (FNet); {self.source} is a decoder")
+
+    def _decoder_only(self, what: str) -> None:
+        if self.is_encoder:
+            raise ValueError(f"{what} needs a decoder model; {self.source} is an FNet encoder "
+                             "(use forward(ids) for masked-LM logits or embed(text))")
 
     def session(self, n_ctx: int | None = None) -> "Session":
         """A sequence with its own KV cache, to extend step by step without recomputing."""
+        self._decoder_only("session")
         return Session(self, self.n_ctx if n_ctx is None else n_ctx)
 
     # -- text ---------------------------------------------------------------------------------
@@ -154,6 +196,7 @@ class Model:
                   repetition_penalty=repetition_penalty, seed=seed, max_length=max_length, num_beams=num_beams,
                   length_penalty=length_penalty, early_stopping=early_stopping,
                   no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new_tokens)
+        self._decoder_only("generate")
         if isinstance(prompt, str):
             return "".join(self.stream(prompt, stop=stop, **kw))
         if len(prompt) and not isinstance(prompt[0], (int, np.integer)):
@@ -203,6 +246,7 @@ class Model:
 
         Takes generate's options. With num_beams > 1 the text comes in one piece at the end.
         """
+        self._decoder_only("stream")
         if not isinstance(prompt, str):
             raise ValueError("stream takes a text prompt; use generate for token ids")
         return self._stream_ids(self.encode(prompt), stop, options)
@@ -214,6 +258,7 @@ class Model:
     def stream_chat(self, messages: list[dict[str, str]], stop: Sequence[str] | str | None = None,
                     **options: Any) -> Iterator[str]:
         """`chat`, piece by piece."""
+        self._decoder_only("chat")
         # The template writes its own special tokens, so the tokenizer must not add BOS again.
         ids = self.tokenizer.encode(self.apply_chat_template(messages), add_special_tokens=False).ids
         return self._stream_ids(ids, stop, options)

@@ -177,3 +177,36 @@ def attention(out, q, k_cache, v_cache, l, starts, slots, window, scratch):
         inv = np.float32(1.0) / total
         for i in range(hd):
             o[i] *= inv
+
+
+# Activation codes for `activation_` (HF hidden_act names map onto these in weights/hf_fnet.py).
+GELU_TANH, GELU_ERF, RELU, SILU, QUICK_GELU, TANH, SIGMOID, LINEAR, RELU6, RELU2 = range(10)
+
+
+@kernel
+def activation_(x, kind):
+    """x (T, n) <- act(x) in place; kind is one of the codes above (GELU_TANH is gelu_new)."""
+    T, n = x.shape
+    c = np.float32(math.sqrt(2.0 / math.pi))
+    for t in range(T):
+        for i in range(n):
+            v = x[t, i]
+            if kind == GELU_TANH:
+                v = np.float32(0.5) * v * (np.float32(1.0) + np.tanh(c * (v + np.float32(0.044715) * v * v * v)))
+            elif kind == GELU_ERF:
+                v = np.float32(0.5) * v * (np.float32(1.0) + np.float32(math.erf(v / math.sqrt(2.0))))
+            elif kind == RELU:
+                v = max(v, np.float32(0.0))
+            elif kind == SILU:
+                v = v / (np.float32(1.0) + np.exp(-v))
+            elif kind == QUICK_GELU:
+                v = v / (np.float32(1.0) + np.exp(np.float32(-1.702) * v))
+            elif kind == TANH:
+                v = np.tanh(v)
+            elif kind == SIGMOID:
+                v = np.float32(1.0) / (np.float32(1.0) + np.exp(-v))
+            elif kind == RELU6:
+                v = min(max(v, np.float32(0.0)), np.float32(6.0))
+            elif kind == RELU2:
+                v = max(v, np.float32(0.0)) * max(v, np.float32(0.0))
+            x[t, i] = v

@@ -13,10 +13,11 @@ import tokenizers
 from fastinfer.kernels import linear as K
 
 from .checkpoint import Checkpoint
+from .hf_fnet import fnet_canonical, fnet_config
 from .safetensors_mmap import read_safetensors
 from .tensors import from_f32, from_half_bits
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2", "fnet")
 
 _LAYER_NAMES = {
     "input_layernorm.weight": "attention_norm", "post_attention_layernorm.weight": "ffn_norm",
@@ -147,6 +148,8 @@ def _config(cfg: dict, d: Path) -> dict:
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
     if model_type == "gpt2":
         return _gpt2_config(cfg, d)
+    if model_type == "fnet":
+        return fnet_config(cfg, d)
     try:
         dim, n_heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
         rope = cfg.get("rope_scaling") or None
@@ -209,12 +212,14 @@ def read_hf_dir(d: Path) -> Checkpoint:
         for name, (dtype, arr) in read_safetensors(f).items():
             if gpt2:
                 key, transpose = _gpt2_canonical(name) or (None, False)
+            elif config["arch"] == "fnet":
+                key, transpose = fnet_canonical(name), False
             else:
                 key, transpose = _canonical(name), False
             if key is not None:
                 tensors[key] = _tensor(dtype, arr, name, transpose)
 
-    if cfg.get("tie_word_embeddings", False):  # HF ties even when a stale lm_head was saved
+    if cfg.get("tie_word_embeddings", False) and config["arch"] != "fnet":  # HF ties even when a stale lm_head was saved
         tensors.pop("output", None)
 
     tok = _tokenizer(d)
