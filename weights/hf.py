@@ -185,11 +185,17 @@ def _tokenizer(d: Path) -> tokenizers.Tokenizer:
     try:
         if (d / "tokenizer.json").is_file():
             return tokenizers.Tokenizer.from_file(str(d / "tokenizer.json"))
+        if (d / "spiece.model").is_file():  # FNet/ALBERT ship a SentencePiece model
+            from .sentencepiece import albert_tokenizer
+            tcfg = _read_json(d / "tokenizer_config.json")
+            return albert_tokenizer(d / "spiece.model", do_lower_case=tcfg.get("do_lower_case", True),
+                                    keep_accents=tcfg.get("keep_accents", False))
         vocab, merges = d / "vocab.json", d / "merges.txt"
         if not (vocab.is_file() and merges.is_file()):
-            raise FileNotFoundError(f"{d}: no tokenizer: expected tokenizer.json, or vocab.json and merges.txt")
+            raise FileNotFoundError(f"{d}: no tokenizer: expected tokenizer.json, spiece.model, or vocab.json "
+                                    "and merges.txt")
         tok = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(str(vocab), str(merges)))
-    except FileNotFoundError:
+    except (FileNotFoundError, ValueError):
         raise
     except Exception as e:  # tokenizers raises a bare Exception on unreadable files
         raise ValueError(f"{d}: the tokenizer files are not valid ({e})") from None
