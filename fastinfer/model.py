@@ -102,10 +102,22 @@ class Model:
             raise ValueError(f"{what} needs a decoder model; {self.source} is an FNet encoder "
                              "(use forward(ids) for masked-LM logits or embed(text))")
 
-    def session(self, n_ctx: int | None = None) -> "Session":
-        """A sequence with its own KV cache, to extend step by step without recomputing."""
+    def session(self, n_ctx: int | None = None, spectral_keep: float | None = None,
+                spectral_layers: Sequence[int] | None = None) -> "Session":
+        """A sequence with its own KV cache, to extend step by step without recomputing.
+
+        spectral_keep (0..1] switches on the spectral filter (Llama family; an experiment that costs
+        time, see the README): after each of spectral_layers (default all), every token's hidden
+        state keeps only that fraction of its strongest embedding-dimension frequencies.
+        """
         self._decoder_only("session")
-        return Session(self, self.n_ctx if n_ctx is None else n_ctx)
+        s = Session(self, self.n_ctx if n_ctx is None else n_ctx)
+        if spectral_keep is not None or spectral_layers is not None:
+            if not hasattr(self.arch, "spectral_args"):
+                raise ValueError(f"the spectral filter is for Llama-family models, not {self.args.arch}")
+            s.run_options = {"spectral": self.arch.spectral_args(
+                self.args, s.state.chunk, 1.0 if spectral_keep is None else spectral_keep, spectral_layers)}
+        return s
 
     # -- text ---------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -321,6 +333,7 @@ class Session:
         self._slots = np.zeros(chunk, np.int64)
         self._starts = np.full(chunk, base, np.int64)
         self._one = np.zeros(1, np.int64)  # the decode step's input, reused every token
+        self.run_options = {}  # extra keyword arguments of the architecture's run (spectral filter)
 
     def prefill(self, ids: Sequence[int]) -> np.ndarray:
         """Add ids to the sequence; return the logits after the last one."""
@@ -362,7 +375,7 @@ class Session:
         np.add(positions, self.base, out=slots)
         numba.set_num_threads(self.model.threads)
         self.model.arch.run(self.model.args, self.model._w, self._st, ids, positions, self._starts[:T], slots,
-                            all_logits)
+                            all_logits, **self.run_options)
         self.pos += T
         return T
 

@@ -12,9 +12,11 @@
 import math
 import mmap
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
+from fastinfer.kernels import fft
 from fastinfer.kernels import linear as L
 from fastinfer.kernels import ops
 from fastinfer.kernels.jit import kernel
@@ -210,7 +212,7 @@ class State:
 
 
 @kernel
-def forward(ids, positions, starts, slots, all_logits, w, st, n_heads, n_kv_heads, eps):
+def forward(ids, positions, starts, slots, all_logits, w, st, n_heads, n_kv_heads, eps, spectral):
     """Run tokens ids (T,) through every layer, filling the KV cache.
 
     Token t sits at position positions[t] of its sequence, is stored in cache slot slots[t], and
@@ -218,6 +220,7 @@ def forward(ids, positions, starts, slots, all_logits, w, st, n_heads, n_kv_head
     several sharing the cache in separate stretches (batched decoding).
 
     Writes logits for every position (all_logits) or only the last one into st.logits[:T or 1].
+    spectral = (keep (L,), scratch...): the spectral filter after each layer (see spectral_args).
     """
     emb, attention_norm, wqkv, bqkv, wo, ffn_norm, w13, w2, norm, output, cos, sin, windows = w
     (k_cache, v_cache, x_all, xb_all, qkv_all, q_all, k_all, v_all, att_all, h13_all, hb_all, logits,
@@ -246,6 +249,7 @@ def forward(ids, positions, starts, slots, all_logits, w, st, n_heads, n_kv_head
         ops.swiglu(hb, h13)
         L.linear(xb, hb, w2, l, lin)
         ops.add_(x, xb)
+        fft.spectral_filter_(x, spectral[0][l], spectral[1], spectral[2], 1)  # no-op unless asked for
     if all_logits:
         ops.rmsnorm(xb, x, norm, eps)
         L.linear(logits[:T], xb, output, 0, lin)
@@ -255,6 +259,37 @@ def forward(ids, positions, starts, slots, all_logits, w, st, n_heads, n_kv_head
 
 
 def run(args: ModelArgs, w: tuple, st: tuple, ids: np.ndarray, positions: np.ndarray, starts: np.ndarray,
-        slots: np.ndarray, all_logits: bool) -> None:
+        slots: np.ndarray, all_logits: bool, spectral: tuple | None = None) -> None:
     """`forward` with the model's own sizes filled in."""
-    forward(ids, positions, starts, slots, all_logits, w, st, args.n_heads, args.n_kv_heads, float(args.norm_eps))
+    forward(ids, positions, starts, slots, all_logits, w, st, args.n_heads, args.n_kv_heads, float(args.norm_eps),
+            _spectral_off(args.n_layers, args.dim) if spectral is None else spectral)
+
+
+# -- the spectral filter (an opt-in experiment; README: it costs time and saves nothing) ---------
+# After each chosen layer, every token's hidden state is transformed along the embedding dimension,
+# all but its `keep` strongest frequencies are zeroed, and it is transformed back.
+
+def spectral_args(args: ModelArgs, chunk: int, keep: float, layers=None) -> tuple:
+    """The `spectral` argument of forward: (keep count per layer (L,) int64, spectrum scratch
+    complex64 (chunk, dim // 2 + 1), magnitude scratch f32 (2, dim // 2 + 1)).
+
+    keep: fraction of the dim // 2 + 1 real-DFT bins kept, in (0, 1]; layers: layer indices to
+    filter after (default: all).
+    """
+    h = args.dim // 2 + 1
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
+        raise ValueError(f"spectral_keep must be a fraction in (0, 1]; got {keep!r}")
+    chosen = range(args.n_layers) if layers is None else list(layers)
+    bad = [i for i in chosen if not isinstance(i, (int, np.integer)) or not 0 <= i < args.n_layers]
+    if bad:
+        raise ValueError(f"spectral_layers must be layer indices 0..{args.n_layers - 1}; got {bad[0]!r}")
+    counts = np.full(args.n_layers, h, np.int64)  # h = keep every bin: the filter does nothing
+    counts[list(chosen)] = max(1, int(round(keep * h)))
+    return counts, np.zeros((chunk, h), np.complex64), np.zeros((2, h), np.float32)
+
+
+@lru_cache(maxsize=8)
+def _spectral_off(n_layers: int, dim: int) -> tuple:
+    """The filter switched off, built once per shape so decoding allocates nothing."""
+    h = dim // 2 + 1
+    return np.full(n_layers, h, np.int64), np.zeros((0, h), np.complex64), np.zeros((2, h), np.float32)
