@@ -180,7 +180,8 @@ def attention(out, q, k_cache, v_cache, l, starts, slots, window, scratch):
 
 
 # Activation codes for `activation_` (HF hidden_act names map onto these in weights/hf_fnet.py).
-GELU_TANH, GELU_ERF, RELU, SILU, QUICK_GELU, TANH, SIGMOID, LINEAR, RELU6, RELU2 = range(10)
+(GELU_TANH, GELU_ERF, RELU, SILU, QUICK_GELU, TANH, SIGMOID, LINEAR, RELU6, RELU2, GELU_10, MISH, LEAKY_RELU,
+ HARDSWISH, LAPLACE) = range(15)
 
 
 @kernel
@@ -209,4 +210,17 @@ def activation_(x, kind):
                 v = min(max(v, np.float32(0.0)), np.float32(6.0))
             elif kind == RELU2:
                 v = max(v, np.float32(0.0)) * max(v, np.float32(0.0))
+            elif kind == GELU_10:  # erf gelu clipped to [-10, 10]
+                g = np.float32(0.5) * v * (np.float32(1.0) + np.float32(math.erf(v / math.sqrt(2.0))))
+                v = min(max(g, np.float32(-10.0)), np.float32(10.0))
+            elif kind == MISH:  # x tanh(softplus(x)); softplus as torch: linear above 20
+                sp = v if v > np.float32(20.0) else np.log1p(np.exp(v))
+                v = v * np.tanh(sp)
+            elif kind == LEAKY_RELU:
+                v = v if v >= np.float32(0.0) else np.float32(0.01) * v
+            elif kind == HARDSWISH:
+                v = v * min(max(v + np.float32(3.0), np.float32(0.0)), np.float32(6.0)) / np.float32(6.0)
+            elif kind == LAPLACE:  # MEGA's: 0.5 (1 + erf((x - 0.707107) / (0.282095 sqrt 2)))
+                v = np.float32(0.5) * (np.float32(1.0) + np.float32(
+                    math.erf((v - 0.707107) / (0.282095 * math.sqrt(2.0)))))
             x[t, i] = v

@@ -164,6 +164,24 @@ def _act(x: np.ndarray, name: str) -> np.ndarray:
         return x / (1.0 + np.exp(-1.702 * x))
     if name == "tanh":
         return np.tanh(x)
+    if name == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-x))
+    if name == "linear":
+        return x
+    if name == "relu6":
+        return np.clip(x, 0.0, 6.0)
+    if name == "relu2":
+        return np.maximum(x, 0.0) ** 2
+    if name == "gelu_10":
+        return np.clip(_act(x, "gelu"), -10.0, 10.0)
+    if name == "mish":
+        return x * np.tanh(np.log1p(np.exp(x)))
+    if name == "leaky_relu":
+        return np.where(x >= 0, x, 0.01 * x)
+    if name == "hardswish":
+        return x * np.clip(x + 3.0, 0.0, 6.0) / 6.0
+    if name == "laplace":
+        return 0.5 * (1.0 + np.vectorize(math.erf)((x - 0.707107) / (0.282095 * math.sqrt(2.0))))
     raise ValueError(name)
 
 

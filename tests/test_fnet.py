@@ -30,6 +30,21 @@ def test_logits_match_reference(tmp_path, prefix, tied, act):
     _close(model.forward(IDS), fnet_forward(w, cfg, IDS)[1])
 
 
+@pytest.mark.parametrize("act", ["silu", "quick_gelu", "tanh", "sigmoid", "linear", "relu6", "relu2", "gelu_10",
+                                 "mish", "leaky_relu", "hardswish", "laplace", "gelu_fast"])
+def test_every_supported_activation(tmp_path, act):
+    cfg = {**FNET_TINY_CFG, "hidden_act": act}
+    w = random_fnet_weights(cfg, seed=11)
+    model = fastinfer.load(write_fnet_dir(tmp_path / "f", cfg, w))
+    _close(model.forward(IDS), fnet_forward(w, cfg, IDS)[1])
+
+
+def test_unsupported_activation_is_a_clear_error(tmp_path):
+    cfg = {**FNET_TINY_CFG, "hidden_act": "prelu"}
+    with pytest.raises(ValueError, match="hidden_act 'prelu' is not supported"):
+        fastinfer.load(write_fnet_dir(tmp_path / "f", cfg, random_fnet_weights(cfg)))
+
+
 @pytest.mark.parametrize("T", [1, 2, 31, 64])
 def test_every_length_up_to_the_positions(tmp_path, T):
     cfg = {**FNET_TINY_CFG, "layer_norm_eps": 1e-5, "type_vocab_size": 1}

@@ -58,3 +58,14 @@ def test_checkpoint_saved_by_hf(tmp_path):
     (tmp_path / "h" / "tokenizer.json").write_bytes((tmp_path / "tok" / "tokenizer.json").read_bytes())
     ids = np.random.default_rng(1).integers(0, 300, 128).tolist()
     _check(fastinfer.load(tmp_path / "h").forward(ids), _hf_logits(tmp_path / "h", ids))
+
+
+@pytest.mark.parametrize("act", ["gelu_fast", "gelu_pytorch_tanh", "gelu_python", "silu", "quick_gelu", "tanh",
+                                 "sigmoid", "linear", "relu6", "relu2", "gelu_10", "mish", "leaky_relu",
+                                 "hardswish", "laplace"])
+def test_activations_match_hf(tmp_path, act):
+    cfg = {**BASE, "hidden_act": act, "num_hidden_layers": 2}
+    w = random_fnet_weights(cfg, seed=3, prefix="fnet.")
+    d = write_fnet_dir(tmp_path / "f", cfg, w)
+    ids = np.random.default_rng(0).integers(0, cfg["vocab_size"], 50).tolist()
+    _check(fastinfer.load(d).forward(ids), _hf_logits(d, ids))

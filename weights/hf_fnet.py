@@ -13,7 +13,8 @@ import re
 ACTIVATIONS = {
     "gelu_new": 0, "gelu_pytorch_tanh": 0, "gelu_fast": 0, "gelu_accurate": 0, "gelu_python_tanh": 0,
     "gelu": 1, "gelu_python": 1, "relu": 2, "silu": 3, "swish": 3, "quick_gelu": 4, "tanh": 5,
-    "sigmoid": 6, "linear": 7, "relu6": 8, "relu2": 9,
+    "sigmoid": 6, "linear": 7, "relu6": 8, "relu2": 9, "gelu_10": 10, "mish": 11, "leaky_relu": 12,
+    "hardswish": 13, "laplace": 14,
 }
 
 # (canonical name, transpose?) -- FNet's Linear layers are stored (out, in) already
