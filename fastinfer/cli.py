@@ -1,4 +1,4 @@
-"""The `fastinfer` command line: generate, pull, convert, bench, perplexity, eval-prune."""
+"""The `fastinfer` command line: generate, pull, convert, bench, perplexity, eval-prune, embed."""
 import argparse
 import json
 import sys
@@ -120,6 +120,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="tg decodes this many sequences together and reports their total tokens/s (default: 1)")
     _attention_options(b, ["dense", "sparse", "both"])
     b.add_argument("--json", action="store_true", help="end with one JSON line of the results")
+
+    e = sub.add_parser("embed", help="sentence embeddings from an encoder (FNet), as JSON",
+                       description="Mean-pooled last hidden states of an encoder model (FNet), one vector per "
+                                   "TEXT, printed as JSON: {\"model\", \"dim\", \"embeddings\": [[...], ...]}.")
+    e.add_argument("texts", nargs="+", metavar="TEXT", help="texts to embed (- reads one text from stdin)")
+    _model_options(e)
 
     x = sub.add_parser("perplexity", help="measure perplexity on a text file",
                        description="Perplexity over the first N tokens of FILE, in non-overlapping windows of "
@@ -292,6 +298,8 @@ def cmd_bench(args) -> int:
     # almost empty cache), so -p can go up to the model's whole context.
     args.ctx = max(args.n_prompt, 1 + args.n_gen)
     model = _load(args)
+    if model.is_encoder:
+        return _bench_encoder(model, args)
     a = model.args
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, a.vocab_size, args.n_prompt).tolist()
@@ -329,6 +337,36 @@ def cmd_bench(args) -> int:
         ratio = np.array(pp["sparse"]) / np.array(pp["dense"])
         sd = ratio.std(ddof=1) if len(ratio) > 1 else 0.0
         print(f"prefill speedup, sparse over dense: {ratio.mean():.2f} ± {sd:.2f}×")
+    if args.json:
+        print(json.dumps(res))
+    return 0
+
+
+def cmd_embed(args) -> int:
+    texts = [sys.stdin.read() if t == "-" else t for t in args.texts]
+    if args.model is None:
+        raise ValueError("embed needs an encoder model: pass -m DIR (an HF FNet checkpoint or a converted one)")
+    model = _load(args)
+    vecs = model.embed(texts)
+    print(json.dumps({"model": model.source, "dim": int(vecs.shape[1]), "embeddings": vecs.tolist()}))
+    return 0
+
+
+def _bench_encoder(model, args) -> int:
+    """Encoder throughput: one forward pass over -p tokens (capped at the model's positions)."""
+    n = min(args.n_prompt, model.n_ctx)
+    ids = np.random.default_rng(0).integers(0, model.args.vocab_size, n).tolist()
+    rates = []
+    for rep in range(args.repetitions + 1):  # repetition 0 is the warm-up
+        t0 = time.perf_counter()
+        model.forward(ids) if model.args.has_head else model.hidden_states(ids)
+        if rep:
+            rates.append(n / (time.perf_counter() - t0))
+    res = {"model": model.source, "dtype": args.dtype, "threads": model.threads, "batch": 1,
+           "pp": {"tokens": n, **_stats(rates)}, "tg": None}
+    print(f"| model | dtype | threads | test | t/s |\n|---|---|---|---|---|")
+    print(f"| {model.source} | {args.dtype} | {model.threads} | encode{n} | "
+          f"{res['pp']['mean']:.2f} ± {res['pp']['std']:.2f} |")
     if args.json:
         print(json.dumps(res))
     return 0
@@ -384,7 +422,7 @@ def cmd_eval_prune(args) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "pull": cmd_pull, "convert": cmd_convert, "bench": cmd_bench,
-            "perplexity": cmd_perplexity, "eval-prune": cmd_eval_prune}
+            "perplexity": cmd_perplexity, "eval-prune": cmd_eval_prune, "embed": cmd_embed}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,25 +54,77 @@ class Model:
         self.generation_defaults = dict(ckpt.generation)
         self.source = ckpt.source
         self._w = self.weights.args()
+        self.is_encoder = getattr(self.arch, "ENCODER", False)  # FNet: forward and embed only
         with compile_notice(f"{self.args.arch}-forward"):
-            Session(self, 2).prefill([0, 0])
+            if self.is_encoder:
+                self.arch.run(self.args, self._w, np.zeros(2, np.int64), threads, self.args.has_head)
+            else:
+                Session(self, 2).prefill([0, 0])
 
     # -- forward passes ----------------------------------------------------------------------
     def forward(self, ids: Sequence[int]) -> np.ndarray:
         """float32 logits (len(ids), vocab_size) for every position. Keeps no state."""
         ids = self._check_ids(ids, self.n_ctx)
+        if self.is_encoder:  # masked-LM logits: every position sees the whole sequence
+            numba.set_num_threads(self.threads)
+            return self.arch.run(self.args, self._w, np.asarray(ids, np.int64), self.threads, True).logits
         return Session(self, len(ids)).append(ids)
 
+    def embed(self, texts: str | Sequence[str]) -> np.ndarray:
+        """Mean-pooled last hidden states, float32: (dim,) for one text, (len(texts), dim) for a list.
+
+        The mean runs over every token of the encoded text, special tokens ([CLS], [SEP]) included.
+        Encoder (FNet) models only.
+        """
+        self._check_encoder("embed")
+        one = isinstance(texts, str)
+        batch = [texts] if one else list(texts)
+        if not batch or not all(isinstance(s, str) for s in batch):
+            raise ValueError("embed takes a text or a non-empty list of texts")
+        out = np.empty((len(batch), self.args.dim), np.float32)
+        for i, text in enumerate(batch):
+            if not text.strip():
+                raise ValueError(f"text {i} is empty: there is nothing to embed")
+            out[i] = self.hidden_states(self.encode(text)).mean(axis=0, dtype=np.float64)
+        return out[0] if one else out
+
+    def hidden_states(self, ids: Sequence[int]) -> np.ndarray:
+        """An encoder's last hidden states (len(ids), dim), float32."""
+        self._check_encoder("hidden_states")
+        ids = self._check_ids(ids, self.n_ctx)
+        numba.set_num_threads(self.threads)
+        return self.arch.run(self.args, self._w, np.asarray(ids, np.int64), self.threads, False).hidden
+
+    def _check_encoder(self, what: str) -> None:
+        if not self.is_encoder:
+            raise ValueError(f"{what} needs an encoder model (FNet); {self.source} is a decoder")
+
+    def _decoder_only(self, what: str) -> None:
+        if self.is_encoder:
+            raise ValueError(f"{what} needs a decoder model; {self.source} is an FNet encoder "
+                             "(use forward(ids) for masked-LM logits or embed(text))")
+
     def session(self, n_ctx: int | None = None, attention: BlockSparse | None = None,
-                prune: "Prune | None" = None, kv_budget: int | None = None) -> "Session":
+                prune: "Prune | None" = None, kv_budget: int | None = None, spectral_keep: float | None = None,
+                spectral_layers: Sequence[int] | None = None) -> "Session":
         """A sequence with its own KV cache, to extend step by step without recomputing.
 
         attention=fastinfer.BlockSparse(...) thins attention to a block pattern (None: dense).
         prune=fastinfer.Prune(...) prunes each prefill's tokens from a layer on; kv_budget=N caps
         every layer's cache at N rows, evicting the least attended (fastinfer/prune.py).
+        spectral_keep (0..1] switches on the spectral filter (Llama family; an experiment that costs
+        time, see the README): after each of spectral_layers (default all), every token's hidden
+        state keeps only that fraction of its strongest embedding-dimension frequencies.
         """
-        return Session(self, self.n_ctx if n_ctx is None else n_ctx, attention=attention, prune=prune,
-                       kv_budget=kv_budget)
+        self._decoder_only("session")
+        s = Session(self, self.n_ctx if n_ctx is None else n_ctx, attention=attention, prune=prune,
+                    kv_budget=kv_budget)
+        if spectral_keep is not None or spectral_layers is not None:
+            if not hasattr(self.arch, "spectral_args"):
+                raise ValueError(f"the spectral filter is for Llama-family models, not {self.args.arch}")
+            s.run_options = {"spectral": self.arch.spectral_args(
+                self.args, s.state.chunk, 1.0 if spectral_keep is None else spectral_keep, spectral_layers)}
+        return s
 
     # -- text ---------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -166,6 +218,7 @@ class Model:
                   repetition_penalty=repetition_penalty, seed=seed, max_length=max_length, num_beams=num_beams,
                   length_penalty=length_penalty, early_stopping=early_stopping,
                   no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new_tokens)
+        self._decoder_only("generate")
         kw.update({k: v for k, v in (("attention", attention), ("prune", prune), ("kv_budget", kv_budget))
                    if v is not None})
         if isinstance(prompt, str):
@@ -235,6 +288,7 @@ class Model:
         Takes generate's options (attention= too). With num_beams > 1 the text comes in one piece at
         the end.
         """
+        self._decoder_only("stream")
         if not isinstance(prompt, str):
             raise ValueError("stream takes a text prompt; use generate for token ids")
         return self._stream_ids(self.encode(prompt), stop, options)
@@ -246,6 +300,7 @@ class Model:
     def stream_chat(self, messages: list[dict[str, str]], stop: Sequence[str] | str | None = None,
                     **options: Any) -> Iterator[str]:
         """`chat`, piece by piece."""
+        self._decoder_only("chat")
         # The template writes its own special tokens, so the tokenizer must not add BOS again.
         ids = self.tokenizer.encode(self.apply_chat_template(messages), add_special_tokens=False).ids
         return self._stream_ids(ids, stop, options)
@@ -324,6 +379,7 @@ class Session:
         self._slots = np.zeros(chunk, np.int64)
         self._starts = np.full(chunk, base, np.int64)
         self._one = np.zeros(1, np.int64)  # the decode step's input, reused every token
+        self.run_options = {}  # extra keyword arguments of the architecture's run (spectral filter)
 
     def prefill(self, ids: Sequence[int]) -> np.ndarray:
         """Add ids to the sequence; return the logits after the last one."""
@@ -373,7 +429,7 @@ class Session:
         np.add(positions, self.base, out=slots)
         numba.set_num_threads(self.model.threads)
         self.model.arch.run(self.model.args, self.model._w, self._st, ids, positions, self._starts[:T], slots,
-                            self._pattern, all_logits)
+                            self._pattern, all_logits, **self.run_options)
         self.pos += T
         return T
 

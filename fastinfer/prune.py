@@ -130,7 +130,7 @@ class Pruning:
         np.add(session._steps[:T], session.base + virtual, out=slots)
         numba.set_num_threads(self.model.threads)
         self.model.arch.run(self.model.args, self.model._w, session._st, ids, positions, session._starts[:T], slots,
-                            session._pattern, all_logits, l0, l1)
+                            session._pattern, all_logits, l0, l1, **session.run_options)
         K.append_rows(self.row_pos, self.fill, positions, l0, l1)
 
     # -- prefill ----------------------------------------------------------------------------------

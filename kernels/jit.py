@@ -27,7 +27,13 @@ def _source_digest() -> str:
     roots = [pkg, pkg.parent / "fastinfer" / "models", pkg.parent / "models"]
     # The install location is part of the key: numba's index is per source path, so a second
     # install of the same sources compiles again and should announce it.
-    h = hashlib.sha256(f"{numba.__version__} {pkg}".encode())
+    # rocket-fft's calls are compiled into the FFT kernels: a new version must recompile them.
+    try:
+        from importlib.metadata import version
+        rocket = version("rocket-fft")
+    except Exception:  # not installed: importing kernels/fft.py will say so
+        rocket = "-"
+    h = hashlib.sha256(f"{numba.__version__} {rocket} {pkg}".encode())
     for root in roots:
         if root.is_dir():
             for f in sorted(root.glob("*.py")):

@@ -127,3 +127,45 @@ def store_kv(k_cache, v_cache, k, v, l, slots):
         for h in range(Hkv):
             k_cache[l, h, slots[t], :] = k[t, h]
             v_cache[l, h, slots[t], :] = v[t, h]
+
+
+@kernel
+def activation_(x, kind):
+    """x (T, n) <- act(x) in place; kind is one of the codes above (GELU_TANH is gelu_new)."""
+    T, n = x.shape
+    c = np.float32(math.sqrt(2.0 / math.pi))
+    for t in range(T):
+        for i in range(n):
+            v = x[t, i]
+            if kind == GELU_TANH:
+                v = np.float32(0.5) * v * (np.float32(1.0) + np.tanh(c * (v + np.float32(0.044715) * v * v * v)))
+            elif kind == GELU_ERF:
+                v = np.float32(0.5) * v * (np.float32(1.0) + np.float32(math.erf(v / math.sqrt(2.0))))
+            elif kind == RELU:
+                v = max(v, np.float32(0.0))
+            elif kind == SILU:
+                v = v / (np.float32(1.0) + np.exp(-v))
+            elif kind == QUICK_GELU:
+                v = v / (np.float32(1.0) + np.exp(np.float32(-1.702) * v))
+            elif kind == TANH:
+                v = np.tanh(v)
+            elif kind == SIGMOID:
+                v = np.float32(1.0) / (np.float32(1.0) + np.exp(-v))
+            elif kind == RELU6:
+                v = min(max(v, np.float32(0.0)), np.float32(6.0))
+            elif kind == RELU2:
+                v = max(v, np.float32(0.0)) * max(v, np.float32(0.0))
+            elif kind == GELU_10:  # erf gelu clipped to [-10, 10]
+                g = np.float32(0.5) * v * (np.float32(1.0) + np.float32(math.erf(v / math.sqrt(2.0))))
+                v = min(max(g, np.float32(-10.0)), np.float32(10.0))
+            elif kind == MISH:  # x tanh(softplus(x)); softplus as torch: linear above 20
+                sp = v if v > np.float32(20.0) else np.log1p(np.exp(v))
+                v = v * np.tanh(sp)
+            elif kind == LEAKY_RELU:
+                v = v if v >= np.float32(0.0) else np.float32(0.01) * v
+            elif kind == HARDSWISH:
+                v = v * min(max(v + np.float32(3.0), np.float32(0.0)), np.float32(6.0)) / np.float32(6.0)
+            elif kind == LAPLACE:  # MEGA's: 0.5 (1 + erf((x - 0.707107) / (0.282095 sqrt 2)))
+                v = np.float32(0.5) * (np.float32(1.0) + np.float32(
+                    math.erf((v - 0.707107) / (0.282095 * math.sqrt(2.0)))))
+            x[t, i] = v

@@ -245,12 +245,13 @@ def layer_window(cfg: dict, layer: int) -> int:
 
 
 def llama_forward(weights: dict[str, np.ndarray], cfg: dict, ids: list[int],
-                  block_sparse: tuple | None = None) -> np.ndarray:
+                  block_sparse: tuple | None = None, after_layer=None) -> np.ndarray:
     """Logits (T, vocab) float32 of HF LlamaForCausalLM for the token ids `ids` at positions
     0..T-1. `weights` are float32 arrays under HF names; `lm_head.weight` may be absent when the
     embeddings are tied. q/k/v `.bias` entries (Qwen2, attention_bias) are used when present.
     block_sparse: the block mask of `causal_attention`, in every layer (not HF's: fastinfer's
-    approximation, written here from its definition)."""
+    approximation, written here from its definition). after_layer(i, x) -> x, when given,
+    rewrites the residual stream (T, dim) after layer i."""
     H, KV = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
     hd, eps = head_dim_of(cfg), cfg["rms_norm_eps"]
     n_layers = cfg.get("num_hidden_layers")
@@ -279,6 +280,8 @@ def llama_forward(weights: dict[str, np.ndarray], cfg: dict, ids: list[int],
         gate = silu(_linear(h, weights[m + "gate_proj.weight"]))
         g = gate * _linear(h, weights[m + "up_proj.weight"])
         x = x + _linear(g, weights[m + "down_proj.weight"])
+        if after_layer is not None:
+            x = after_layer(i, x)
 
     x = rms_norm(x, weights["model.norm.weight"], eps)
     head = weights.get("lm_head.weight")

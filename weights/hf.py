@@ -13,10 +13,11 @@ import tokenizers
 from fastinfer.kernels import linear as K
 
 from .checkpoint import Checkpoint
+from .hf_fnet import fnet_canonical, fnet_config
 from .safetensors_mmap import read_safetensors
 from .tensors import from_f32, from_half_bits
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2", "fnet")
 
 _LAYER_NAMES = {
     "input_layernorm.weight": "attention_norm", "post_attention_layernorm.weight": "ffn_norm",
@@ -147,6 +148,8 @@ def _config(cfg: dict, d: Path) -> dict:
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
     if model_type == "gpt2":
         return _gpt2_config(cfg, d)
+    if model_type == "fnet":
+        return fnet_config(cfg, d)
     try:
         dim, n_heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
         rope = cfg.get("rope_scaling") or None
@@ -182,11 +185,17 @@ def _tokenizer(d: Path) -> tokenizers.Tokenizer:
     try:
         if (d / "tokenizer.json").is_file():
             return tokenizers.Tokenizer.from_file(str(d / "tokenizer.json"))
+        if (d / "spiece.model").is_file():  # FNet/ALBERT ship a SentencePiece model
+            from .sentencepiece import albert_tokenizer
+            tcfg = _read_json(d / "tokenizer_config.json")
+            return albert_tokenizer(d / "spiece.model", do_lower_case=tcfg.get("do_lower_case", True),
+                                    keep_accents=tcfg.get("keep_accents", False))
         vocab, merges = d / "vocab.json", d / "merges.txt"
         if not (vocab.is_file() and merges.is_file()):
-            raise FileNotFoundError(f"{d}: no tokenizer: expected tokenizer.json, or vocab.json and merges.txt")
+            raise FileNotFoundError(f"{d}: no tokenizer: expected tokenizer.json, spiece.model, or vocab.json "
+                                    "and merges.txt")
         tok = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(str(vocab), str(merges)))
-    except FileNotFoundError:
+    except (FileNotFoundError, ValueError):
         raise
     except Exception as e:  # tokenizers raises a bare Exception on unreadable files
         raise ValueError(f"{d}: the tokenizer files are not valid ({e})") from None
@@ -209,12 +218,14 @@ def read_hf_dir(d: Path) -> Checkpoint:
         for name, (dtype, arr) in read_safetensors(f).items():
             if gpt2:
                 key, transpose = _gpt2_canonical(name) or (None, False)
+            elif config["arch"] == "fnet":
+                key, transpose = fnet_canonical(name), False
             else:
                 key, transpose = _canonical(name), False
             if key is not None:
                 tensors[key] = _tensor(dtype, arr, name, transpose)
 
-    if cfg.get("tie_word_embeddings", False):  # HF ties even when a stale lm_head was saved
+    if cfg.get("tie_word_embeddings", False) and config["arch"] != "fnet":  # HF ties even when a stale lm_head was saved
         tensors.pop("output", None)
 
     tok = _tokenizer(d)

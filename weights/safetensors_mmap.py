@@ -12,7 +12,7 @@ import numpy as np
 # BF16 comes back as its raw uint16 bits; the caller decides what to do with them.
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
            "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-           "BOOL": np.bool_}
+           "BOOL": np.bool_, "C64": np.complex64}  # C64: FNet's saved DFT matrices (skipped)
 
 
 def read_safetensors(path: Path, with_metadata: bool = False):

@@ -12,10 +12,12 @@
 import math
 import mmap
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
 from fastinfer.kernels import attention as A
+from fastinfer.kernels import fft
 from fastinfer.kernels import linear as L
 from fastinfer.kernels import ops
 from fastinfer.kernels import prune
@@ -224,7 +226,7 @@ class State:
 
 
 @kernel
-def forward(ids, positions, starts, slots, pattern, all_logits, w, st, n_heads, n_kv_heads, eps, l0, l1):
+def forward(ids, positions, starts, slots, pattern, all_logits, w, st, n_heads, n_kv_heads, eps, l0, l1, spectral):
     """Run tokens ids (T,) through layers l0..l1-1, filling the KV cache.
 
     Token t sits at position positions[t] of its sequence, is stored in cache slot slots[t], and
@@ -235,6 +237,7 @@ def forward(ids, positions, starts, slots, pattern, all_logits, w, st, n_heads, 
     Writes logits for every position (all_logits) or only the last one into st.logits[:T or 1].
     Pruned prefill runs a layer range: l0 > 0 starts from the residual stream already in st.x[:T],
     l1 < n_layers stops there (no logits), leaving it in st.x[:T].
+    spectral = (keep (L,), scratch...): the spectral filter after each layer (see spectral_args).
     """
     emb, attention_norm, wqkv, bqkv, wo, ffn_norm, w13, w2, norm, output, cos, sin, windows = w
     (k_cache, v_cache, x_all, xb_all, qkv_all, q_all, k_all, v_all, att_all, h13_all, hb_all, logits,
@@ -268,6 +271,7 @@ def forward(ids, positions, starts, slots, pattern, all_logits, w, st, n_heads, 
         ops.swiglu(hb, h13)
         L.linear(xb, hb, w2, l, lin)
         ops.add_(x, xb)
+        fft.spectral_filter_(x, spectral[0][l], spectral[1], spectral[2], 1)  # no-op unless asked for
     if l1 < attention_norm.shape[0]:
         return
     if all_logits:
@@ -279,9 +283,40 @@ def forward(ids, positions, starts, slots, pattern, all_logits, w, st, n_heads, 
 
 
 def run(args: ModelArgs, w: tuple, st: tuple, ids: np.ndarray, positions: np.ndarray, starts: np.ndarray,
-        slots: np.ndarray, pattern: tuple, all_logits: bool, l0: int = 0, l1: int | None = None) -> None:
+        slots: np.ndarray, pattern: tuple, all_logits: bool, l0: int = 0, l1: int | None = None,
+        spectral: tuple | None = None) -> None:
     """`forward` with the model's own sizes filled in: pattern as kernels/attention.py describes,
-    layers l0..l1-1 (default all)."""
+    layers l0..l1-1 (default all), spectral as `spectral_args` builds it (default off)."""
     l1 = args.n_layers if l1 is None else l1
     forward(ids, positions, starts, slots, pattern, all_logits, w, st, args.n_heads, args.n_kv_heads,
-            float(args.norm_eps), l0, l1)
+            float(args.norm_eps), l0, l1, _spectral_off(args.n_layers, args.dim) if spectral is None else spectral)
+
+
+# -- the spectral filter (an opt-in experiment; README: it costs time and saves nothing) ---------
+# After each chosen layer, every token's hidden state is transformed along the embedding dimension,
+# all but its `keep` strongest frequencies are zeroed, and it is transformed back.
+
+def spectral_args(args: ModelArgs, chunk: int, keep: float, layers=None) -> tuple:
+    """The `spectral` argument of forward: (keep count per layer (L,) int64, spectrum scratch
+    complex64 (chunk, dim // 2 + 1), magnitude scratch f32 (2, dim // 2 + 1)).
+
+    keep: fraction of the dim // 2 + 1 real-DFT bins kept, in (0, 1]; layers: layer indices to
+    filter after (default: all).
+    """
+    h = args.dim // 2 + 1
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
+        raise ValueError(f"spectral_keep must be a fraction in (0, 1]; got {keep!r}")
+    chosen = range(args.n_layers) if layers is None else list(layers)
+    bad = [i for i in chosen if not isinstance(i, (int, np.integer)) or not 0 <= i < args.n_layers]
+    if bad:
+        raise ValueError(f"spectral_layers must be layer indices 0..{args.n_layers - 1}; got {bad[0]!r}")
+    counts = np.full(args.n_layers, h, np.int64)  # h = keep every bin: the filter does nothing
+    counts[list(chosen)] = max(1, int(round(keep * h)))
+    return counts, np.zeros((chunk, h), np.complex64), np.zeros((2, h), np.float32)
+
+
+@lru_cache(maxsize=8)
+def _spectral_off(n_layers: int, dim: int) -> tuple:
+    """The filter switched off, built once per shape so decoding allocates nothing."""
+    h = dim // 2 + 1
+    return np.full(n_layers, h, np.int64), np.zeros((0, h), np.complex64), np.zeros((2, h), np.float32)
