@@ -129,6 +129,11 @@ def store_kv(k_cache, v_cache, k, v, l, slots):
             v_cache[l, h, slots[t], :] = v[t, h]
 
 
+# Activation codes for `activation_` (HF hidden_act names map onto these in weights/hf_fnet.py).
+(GELU_TANH, GELU_ERF, RELU, SILU, QUICK_GELU, TANH, SIGMOID, LINEAR, RELU6, RELU2, GELU_10, MISH, LEAKY_RELU,
+ HARDSWISH, LAPLACE) = range(15)
+
+
 @kernel
 def activation_(x, kind):
     """x (T, n) <- act(x) in place; kind is one of the codes above (GELU_TANH is gelu_new)."""
