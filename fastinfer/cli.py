@@ -296,10 +296,13 @@ def cmd_bench(args) -> int:
              "both": [("dense", None), ("sparse", sparse)]}[args.attention]
     # pp runs in a session of P tokens and tg in one of 1 + N (as llama-bench, tg starts from an
     # almost empty cache), so -p can go up to the model's whole context.
-    args.ctx = max(args.n_prompt, 1 + args.n_gen)
+    args.ctx = None
     model = _load(args)
     if model.is_encoder:
         return _bench_encoder(model, args)
+    if max(args.n_prompt, 1 + args.n_gen) > model.n_ctx:  # beyond the default context: load for it
+        args.ctx = max(args.n_prompt, 1 + args.n_gen)
+        model = _load(args)
     a = model.args
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, a.vocab_size, args.n_prompt).tolist()
