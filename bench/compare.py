@@ -290,6 +290,18 @@ def q8_0_from(src: Path) -> Path:
 
 
 # -- main ------------------------------------------------------------------------------------------
+def _importable(modules: tuple[str, ...], skipped: str, notes: list[str]) -> bool:
+    """True if every module imports; otherwise note `skipped` (why and how to install) and False."""
+    try:
+        for m in modules:
+            __import__(m)
+    except ImportError:
+        note(skipped)
+        notes.append(skipped)
+        return False
+    return True
+
+
 def build_runners(args, model_path: Path) -> tuple[list, list[str]]:
     runners, notes = [], []
     n_ctx = args.n_prompt + args.n_gen + 8
@@ -297,49 +309,33 @@ def build_runners(args, model_path: Path) -> tuple[list, list[str]]:
         for dt in args.dtypes:
             note(f"loading fastinfer dtype={dt}")
             runners.append(FastinferRunner(model_path, dt, args.threads, n_ctx))
-    if "llama.cpp" in args.engines:
-        try:
-            import llama_cpp  # noqa: F401
-        except ImportError:
-            msg = f"llama.cpp skipped: llama-cpp-python is not installed (install it with `{INSTALL_HINT}`)"
-            note(msg)
-            notes.append(msg)
-        else:
-            for label, path in ((REF[1], None), ("Q4_1", model_path)):
-                path = path or q8_0_from(model_path)
-                note(f"loading llama.cpp {label}")
-                runners.append(LlamaCppRunner(path, label, args.threads, args.n_prompt, args.n_gen))
-    if "ctranslate2" in args.engines:
-        try:
-            import ctranslate2  # noqa: F401
-        except ImportError:
-            msg = f"CTranslate2 skipped: ctranslate2 is not installed (install it with `{INSTALL_HINT}`)"
-            note(msg)
-            notes.append(msg)
-        else:
-            for ct in args.ct2_types:
-                storage = "float32" if ct == "float32" else "int8"
-                try:
-                    path = export_hf.ct2_model(model_path, storage)
-                except ImportError as e:  # the first conversion loads the model through transformers
-                    msg = (f"CTranslate2 {ct} skipped: converting the model needs transformers and torch ({e}); "
-                           f"convert it once with `python bench/export_hf.py --ct2 {storage}` where they are installed")
-                    note(msg)
-                    notes.append(msg)
-                    continue
-                note(f"loading CTranslate2 {ct}")
-                runners.append(CTranslate2Runner(path, ct, args.threads))
-    if "transformers" in args.engines:
-        try:
-            import torch  # noqa: F401
-            import transformers  # noqa: F401
-        except ImportError:
-            msg = "HF transformers skipped: transformers/torch are not installed (`pip install torch transformers`)"
-            note(msg)
-            notes.append(msg)
-        else:
-            note("loading HF transformers")
-            runners.append(TransformersRunner(export_hf.hf_model(model_path), args.threads))
+    if "llama.cpp" in args.engines and _importable(
+            ("llama_cpp",), f"llama.cpp skipped: llama-cpp-python is not installed (install it with `{INSTALL_HINT}`)",
+            notes):
+        for label, path in ((REF[1], None), ("Q4_1", model_path)):
+            path = path or q8_0_from(model_path)
+            note(f"loading llama.cpp {label}")
+            runners.append(LlamaCppRunner(path, label, args.threads, args.n_prompt, args.n_gen))
+    if "ctranslate2" in args.engines and _importable(
+            ("ctranslate2",), f"CTranslate2 skipped: ctranslate2 is not installed (install it with `{INSTALL_HINT}`)",
+            notes):
+        for ct in args.ct2_types:
+            storage = "float32" if ct == "float32" else "int8"
+            try:
+                path = export_hf.ct2_model(model_path, storage)
+            except ImportError as e:  # the first conversion loads the model through transformers
+                msg = (f"CTranslate2 {ct} skipped: converting the model needs transformers and torch ({e}); "
+                       f"convert it once with `python bench/export_hf.py --ct2 {storage}` where they are installed")
+                note(msg)
+                notes.append(msg)
+                continue
+            note(f"loading CTranslate2 {ct}")
+            runners.append(CTranslate2Runner(path, ct, args.threads))
+    if "transformers" in args.engines and _importable(
+            ("torch", "transformers"),
+            "HF transformers skipped: transformers/torch are not installed (`pip install torch transformers`)", notes):
+        note("loading HF transformers")
+        runners.append(TransformersRunner(export_hf.hf_model(model_path), args.threads))
     return runners, notes
 
 
