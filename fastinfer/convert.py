@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .models import ARCHITECTURES
+from .models import architecture
 from .weights.checkpoint import check_dtype, open_checkpoint
 from .weights.converted import write_converted
 from .weights.tensors import QMatrix, to_f32
@@ -35,7 +35,7 @@ def convert(src: str | Path, out: str | Path, dtype: str = "auto", force: bool =
     if Path(src).expanduser().resolve() == out.resolve():
         raise ValueError("the output directory must differ from the source")
     ckpt = open_checkpoint(src, dtype)
-    arch = ARCHITECTURES[ckpt.config["arch"]]
+    arch = architecture(ckpt.config["arch"])
     args, w = arch.build(ckpt, max_seq=1)
     tensors = {f.name: getattr(w, f.name) for f in fields(w) if f.name not in ("cos", "sin", "windows")}
 

@@ -14,7 +14,7 @@ from .beam import beam_search
 from .generate import GenerationOptions, TextStream, generate_batch, generate_ids
 from .kernels.attention import dense_pattern
 from .kernels.jit import compile_notice, set_threads
-from .models import ARCHITECTURES
+from .models import architecture
 from .sampling import SamplingParams
 from .sparse import BlockSparse, check_attention
 from .weights.checkpoint import check_dtype, open_checkpoint
@@ -45,7 +45,7 @@ class Model:
         if not 1 <= n_ctx <= ctx_limit:
             raise ValueError(f"n_ctx must be between 1 and the model's context length {ctx_limit}; got {n_ctx}")
         self.n_ctx, self.threads = n_ctx, threads
-        self.arch = ARCHITECTURES[ckpt.config["arch"]]
+        self.arch = architecture(ckpt.config["arch"])
         self.args, self.weights = self.arch.build(ckpt, n_ctx)
         self.config = self.args
         self.tokenizer: tokenizers.Tokenizer = ckpt.tokenizer

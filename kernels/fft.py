@@ -1,4 +1,4 @@
-"""Fourier transforms for the model graphs: FNet's token mixing and the spectral filter.
+"""Fourier transforms for FNet's token mixing (the spectral filter is kernels/spectral.py).
 
 The transforms are DUCC0's (the C++ library behind scipy.fft), called from compiled code through
 rocket-fft's low-level interface, which writes into caller-provided arrays: nothing is allocated
@@ -39,31 +39,3 @@ def fourier_mix(out, x, spec, nthreads):
             out[t, k] = spec[t, k].real
         for k in range(h, d):
             out[t, k] = spec[tm, d - k].real
-
-
-@kernel
-def spectral_filter_(x, keep, spec, mags, nthreads):
-    """Per row of x (T, d) f32, in place: keep its `keep` strongest frequencies, zero the others.
-
-    The frequencies are the d // 2 + 1 bins of the row's real DFT (bin k stands for k and d - k
-    together, so the row stays real); strength is |X_k|, ties at the threshold are kept.
-    spec complex64 (>= T, d // 2 + 1), mags f32 (2, d // 2 + 1) are scratch: nothing is allocated.
-    """
-    T, d = x.shape
-    h = d // 2 + 1
-    if keep >= h:
-        return
-    s = spec[:T]
-    r2c(x, s, AXES_ROWS, True, 1.0, nthreads)
-    mag = mags[0, :h]
-    srt = mags[1, :h]
-    for t in range(T):
-        for k in range(h):
-            mag[k] = abs(s[t, k])
-            srt[k] = mag[k]
-        srt.sort()
-        thresh = srt[h - keep] if keep > 0 else np.float32(np.inf)
-        for k in range(h):
-            if mag[k] < thresh:
-                s[t, k] = 0
-    c2r(s, x, AXES_ROWS, False, 1.0 / d, nthreads)

@@ -17,10 +17,10 @@ from functools import lru_cache
 import numpy as np
 
 from fastinfer.kernels import attention as A
-from fastinfer.kernels import fft
 from fastinfer.kernels import linear as L
 from fastinfer.kernels import ops
 from fastinfer.kernels import prune
+from fastinfer.kernels import spectral as S
 from fastinfer.kernels.jit import kernel
 from fastinfer.weights.checkpoint import Checkpoint
 from fastinfer.weights.tensors import QMatrix, concat_rows, readonly, stack
@@ -271,7 +271,7 @@ def forward(ids, positions, starts, slots, pattern, all_logits, w, st, n_heads, 
         ops.swiglu(hb, h13)
         L.linear(xb, hb, w2, l, lin)
         ops.add_(x, xb)
-        fft.spectral_filter_(x, spectral[0][l], spectral[1], spectral[2], 1)  # no-op unless asked for
+        S.spectral_filter_(x, spectral[0][l], spectral[1], spectral[2], spectral[3])  # no-op unless asked for
     if l1 < attention_norm.shape[0]:
         return
     if all_logits:
@@ -297,11 +297,11 @@ def run(args: ModelArgs, w: tuple, st: tuple, ids: np.ndarray, positions: np.nda
 # all but its `keep` strongest frequencies are zeroed, and it is transformed back.
 
 def spectral_args(args: ModelArgs, chunk: int, keep: float, layers=None) -> tuple:
-    """The `spectral` argument of forward: (keep count per layer (L,) int64, spectrum scratch
-    complex64 (chunk, dim // 2 + 1), magnitude scratch f32 (2, dim // 2 + 1)).
+    """The `spectral` argument of forward: (keep count per layer (L,) int64, DFT tables
+    f64 (2, dim // 2 + 1, dim), spectrum and magnitude scratch f64 (2, dim // 2 + 1) each).
 
     keep: fraction of the dim // 2 + 1 real-DFT bins kept, in (0, 1]; layers: layer indices to
-    filter after (default: all).
+    filter after (default: all). chunk is unused: the kernel filters one row at a time.
     """
     h = args.dim // 2 + 1
     if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
@@ -312,11 +312,11 @@ def spectral_args(args: ModelArgs, chunk: int, keep: float, layers=None) -> tupl
         raise ValueError(f"spectral_layers must be layer indices 0..{args.n_layers - 1}; got {bad[0]!r}")
     counts = np.full(args.n_layers, h, np.int64)  # h = keep every bin: the filter does nothing
     counts[list(chosen)] = max(1, int(round(keep * h)))
-    return counts, np.zeros((chunk, h), np.complex64), np.zeros((2, h), np.float32)
+    return counts, S.dft_tables(args.dim), np.zeros((2, h)), np.zeros((2, h))
 
 
 @lru_cache(maxsize=8)
 def _spectral_off(n_layers: int, dim: int) -> tuple:
     """The filter switched off, built once per shape so decoding allocates nothing."""
     h = dim // 2 + 1
-    return np.full(n_layers, h, np.int64), np.zeros((0, h), np.complex64), np.zeros((2, h), np.float32)
+    return np.full(n_layers, h, np.int64), np.zeros((2, 0, 0)), np.zeros((2, h)), np.zeros((2, h))
