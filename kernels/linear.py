@@ -19,14 +19,14 @@ block scales widened to f32 at load:
 import numpy as np
 from numba import get_thread_id, prange
 
+from . import gemm as G
 from .jit import kernel
 
 F32, F16, BF16, Q8_0, Q4_0, Q4_1 = 0, 1, 2, 3, 4, 5
 KIND_NAMES = {F32: "F32", F16: "F16", BF16: "BF16", Q8_0: "Q8_0", Q4_0: "Q4_0", Q4_1: "Q4_1"}
 QK = 32  # elements per quantization block
 
-ROWS_PER_TASK = 24  # weight rows one thread takes at a time (a multiple of 3 for _tile_4x3); the
-                    # f32 tile stays in L2
+ROWS_PER_TASK = 48  # weight rows one thread takes at a time in prefill: three 16-row panels
 
 
 @kernel
@@ -170,63 +170,43 @@ def _linear_rows(out, x, w, l, scratch):
                     out[t, r] = _dot_q4(kind, q[l, r], s[l, r], mr, xp[t * width:(t + 1) * width], n)
 
 
-@kernel
-def _tile_4x3(out, x, t, tile, n, r0, r):
-    # Tokens t..t+3 against tile rows r..r+2: twelve running sums, so every weight loaded feeds
-    # four multiply-adds and every activation three. Twelve accumulators plus three weight
-    # vectors and one activation fill AVX2's sixteen registers; 4x3 measured 1.33x the old 4x2.
-    x0, x1, x2, x3 = x[t], x[t + 1], x[t + 2], x[t + 3]
-    w0 = tile[r * n:(r + 1) * n]
-    w1 = tile[(r + 1) * n:(r + 2) * n]
-    w2 = tile[(r + 2) * n:(r + 3) * n]
-    a00 = a01 = a02 = a10 = a11 = a12 = a20 = a21 = a22 = a30 = a31 = a32 = np.float32(0.0)
-    for k in range(n):
-        u = w0[k]
-        v = w1[k]
-        z = w2[k]
-        p = x0[k]
-        a00 += u * p
-        a01 += v * p
-        a02 += z * p
-        p = x1[k]
-        a10 += u * p
-        a11 += v * p
-        a12 += z * p
-        p = x2[k]
-        a20 += u * p
-        a21 += v * p
-        a22 += z * p
-        p = x3[k]
-        a30 += u * p
-        a31 += v * p
-        a32 += z * p
-    c = r0 + r
-    out[t, c], out[t, c + 1], out[t, c + 2] = a00, a01, a02
-    out[t + 1, c], out[t + 1, c + 1], out[t + 1, c + 2] = a10, a11, a12
-    out[t + 2, c], out[t + 2, c + 1], out[t + 2, c + 2] = a20, a21, a22
-    out[t + 3, c], out[t + 3, c + 1], out[t + 3, c + 2] = a30, a31, a32
-
-
 @kernel(parallel=True)
 def _linear_tiles(out, x, w, l, scratch):
-    # Many tokens: expand a tile of rows to f32 once and reuse it from cache for every token.
+    # Many tokens: expand a tile of rows to f32 once, packed k-major in 16-row panels, and run the
+    # 6-token x 16-row register block (kernels/gemm.py) over it for every 6 tokens. A tile's last
+    # panel, when rows run out, is padded with zero rows and written through a small buffer.
     T, n = x.shape
     rows = out.shape[1]
+    NR, MR = G.NR, G.MR
     tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in prange(tasks):
-        tile = scratch[get_thread_id(), :ROWS_PER_TASK * n]
+        buf = scratch[get_thread_id()]
+        panel = buf[:NR * n]
+        rowmajor = buf[NR * n:2 * NR * n]  # the panel's rows, before packing
+        edge = buf[2 * NR * n:2 * NR * n + MR * NR].reshape((MR, NR))
         r0 = task * ROWS_PER_TASK
         nr = min(rows, r0 + ROWS_PER_TASK) - r0
-        for r in range(nr):
-            dequant_row(tile[r * n:(r + 1) * n], w, l, r0 + r)
-        t4 = T - T % 4
-        r3 = nr - nr % 3
-        for t in range(0, t4, 4):
-            for r in range(0, r3, 3):
-                _tile_4x3(out, x, t, tile, n, r0, r)
-        for t in range(T):  # what the 4x3 blocks left: the last nr % 3 rows, the last T % 4 tokens
-            for r in range(r3 if t < t4 else 0, nr):
-                out[t, r0 + r] = _dot(tile[r * n:(r + 1) * n], x[t])
+        for g in range((nr + NR - 1) // NR):
+            # dequantize 16 rows in order, then transpose them with sequential writes (scattering
+            # each row straight into the panel touches a cache line per element: 1.5x slower)
+            for j in range(NR):
+                r = g * NR + j
+                if r < nr:
+                    dequant_row(rowmajor[j * n:(j + 1) * n], w, l, r0 + r)
+                else:
+                    rowmajor[j * n:(j + 1) * n] = 0.0
+            for k in range(n):
+                for j in range(NR):
+                    panel[k * NR + j] = rowmajor[j * n + k]
+            for t in range(0, T, MR):  # the panel stays in L1 while every token passes
+                mr = min(MR, T - t)
+                if (g + 1) * NR <= nr:
+                    G.micro(out, t, x, t, panel, 0, n, r0 + g * NR, mr)
+                else:
+                    G.micro(edge, 0, x, t, panel, 0, n, 0, mr)
+                    for i in range(mr):
+                        for j in range(nr - g * NR):
+                            out[t + i, r0 + g * NR + j] = edge[i, j]
 
 
 @kernel
@@ -245,7 +225,7 @@ def linear(out, x, w, l, scratch):
 
 def scratch_size(n_max: int) -> int:
     """Per-thread scratch floats `linear` needs for inputs of width <= n_max (any token count)."""
-    return max(ROWS_PER_TASK * n_max, ROWS_PATH_MAX_T * (n_max + n_max // QK))
+    return max(2 * G.NR * n_max + G.MR * G.NR, ROWS_PATH_MAX_T * (n_max + n_max // QK))
 
 
 

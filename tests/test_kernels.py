@@ -226,8 +226,9 @@ def test_linear_picks_layer(fmt, T):
 
 def test_linear_scratch_size_covers_both_paths():
     for n, T in [(32, 1), (576, 2), (33, 64), (64, 1000)]:
-        # a tile of rows, or x regrouped + block sums for each token of the packed-rows path
-        need = max(L.ROWS_PER_TASK * n, L.ROWS_PATH_MAX_T * (n + n // L.QK))
+        # a 16-row panel, packed and unpacked, + the 6 x 16 edge block, or x regrouped + block sums
+        # for each token of the packed-rows path
+        need = max(2 * 16 * n + 6 * 16, L.ROWS_PATH_MAX_T * (n + n // L.QK))
         assert L.scratch_size(n) >= need
 
 
