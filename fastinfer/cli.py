@@ -137,13 +137,14 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--tokens", type=_positive_int, default=4096, help="tokens of FILE to use (default: 4096)")
     x.add_argument("--json", action="store_true", help="end with one JSON line of the results")
 
-    e = sub.add_parser("eval-prune", help="measure what prefill pruning saves and costs on a text file",
-                       description="The continuation protocol on FILE: for each context length N, prefill the "
-                                   "first N tokens dense and pruned (timed: mean ± std over repetitions, "
-                                   "alternating), then score the next 256 true tokens under both: perplexity "
-                                   "change and top-1 agreement with dense. Writes PREFIX.md (table) and "
-                                   "PREFIX.png (speedup against perplexity change).")
-    e.add_argument("file", metavar="FILE", help="UTF-8 text (gzip is unpacked)")
+    e = sub.add_parser("eval-prune", help="measure what prefill pruning saves and costs on text files",
+                       description="The continuation protocol on each FILE: for each context length N, prefill "
+                                   "the first N tokens dense and pruned, then score the next 256 true tokens "
+                                   "under both: perplexity change and top-1 agreement with dense, pooled over "
+                                   "the files (each file's change is listed too). Prefill is timed on the first "
+                                   "FILE: mean ± std over repetitions, alternating. Writes PREFIX.md (table) "
+                                   "and PREFIX.png (speedup against perplexity change).")
+    e.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text (gzip is unpacked); several pool the quality")
     _model_options(e)
     e.add_argument("--contexts", type=_int_list, default=[512, 1024, 2048, 4096], metavar="N,N,...",
                    help="context lengths (default: 512,1024,2048,4096)")
@@ -400,17 +401,21 @@ def cmd_eval_prune(args) -> int:
                 for s in args.scores for k in args.keep}  # bad values fail here, before loading
     if args.offset < 0:
         raise ValueError(f"--offset must be >= 0; got {args.offset}")
-    text = read_text(args.file)
+    texts = [read_text(f) for f in args.files]  # a missing file fails here, before loading
     args.ctx = max(args.contexts) + args.next
     model = _load(args)
-    ids = model.tokenizer.encode(text, add_special_tokens=False).ids[args.offset:]
-    if len(ids) < args.ctx:
-        raise ValueError(f"{args.file} has {len(ids)} tokens after --offset; the longest context plus "
-                         f"{args.next} scored tokens needs {args.ctx}")
-    rows = sweep(model, ids, args.contexts, settings, args.repetitions, args.next,
+    token_lists = []
+    for f, text in zip(args.files, texts):
+        ids = model.tokenizer.encode(text, add_special_tokens=False).ids[args.offset:]
+        if len(ids) < args.ctx:
+            raise ValueError(f"{f} has {len(ids)} tokens after --offset; the longest context plus "
+                             f"{args.next} scored tokens needs {args.ctx}")
+        token_lists.append(ids)
+    rows = sweep(model, token_lists, args.contexts, settings, args.repetitions, args.next,
                  log=lambda line: print(line, file=sys.stderr, flush=True))
     title = f"prefill pruning from layer {base.from_layer}, {model.threads} threads"
-    table = (f"{title}; {args.file}; prefill mean ± std of {args.repetitions} runs, alternating\n\n"
+    table = (f"{title}; {', '.join(args.files)} (from token {args.offset}); quality pooled over the files, "
+             f"prefill on the first: mean ± std of {args.repetitions} runs, alternating\n\n"
              + markdown_table(rows))
     out = Path(args.out)
     tmp = out.with_name(out.name + ".md.tmp")

@@ -44,6 +44,7 @@ class Comparison:
     top1_agreement: float     # fraction of scored positions whose argmax equals dense's
     dense_std: float = 0.0    # std of the prefill seconds over repetitions (0: one run)
     std: float = 0.0
+    per_text: tuple = ()      # perplexity change on each text, when quality is pooled over several
 
     @property
     def speedup(self) -> float:
@@ -77,15 +78,23 @@ def continuation(model, ids: Sequence[int], context: int, n_next: int = N_NEXT,
     return Continuation(context, seconds, float(nll.mean()), logits.argmax(axis=1))
 
 
-def compare(label: str, dense: Continuation, approx: Continuation, dense_times: Sequence[float] = (),
+def compare(label: str, dense, approx, dense_times: Sequence[float] = (),
             times: Sequence[float] = ()) -> Comparison:
-    """dense_times / times: prefill seconds of repeated runs; their mean replaces the single run's."""
-    if dense.context != approx.context:
-        raise ValueError(f"contexts differ: {dense.context} vs {approx.context}")
-    d_mean, d_std = _mean_std(dense_times, dense.prefill_seconds)
-    mean, std = _mean_std(times, approx.prefill_seconds)
-    return Comparison(label, dense.context, d_mean, mean, dense.ppl, approx.ppl,
-                      float(np.mean(dense.top1 == approx.top1)), d_std, std)
+    """dense / approx: one Continuation each, or one per text (the same texts in the same order),
+    whose quality is pooled over all their scored tokens. dense_times / times: prefill seconds of
+    repeated runs; their mean replaces the first continuation's own."""
+    dense = [dense] if isinstance(dense, Continuation) else list(dense)
+    approx = [approx] if isinstance(approx, Continuation) else list(approx)
+    if len(dense) != len(approx) or any(d.context != a.context for d, a in zip(dense, approx)):
+        raise ValueError(f"dense and {label} must be continuations of the same texts at the same contexts")
+    d_mean, d_std = _mean_std(dense_times, dense[0].prefill_seconds)
+    mean, std = _mean_std(times, approx[0].prefill_seconds)
+    d_nll = float(np.mean([d.nll for d in dense]))
+    nll = float(np.mean([a.nll for a in approx]))
+    agree = float(np.mean(np.concatenate([d.top1 == a.top1 for d, a in zip(dense, approx)])))
+    per_text = tuple(math.exp(a.nll - d.nll) - 1.0 for d, a in zip(dense, approx)) if len(dense) > 1 else ()
+    return Comparison(label, dense[0].context, d_mean, mean, math.exp(d_nll), math.exp(nll), agree, d_std, std,
+                      per_text)
 
 
 def _mean_std(xs: Sequence[float], single: float) -> tuple[float, float]:
@@ -103,24 +112,28 @@ def prefill_seconds(model, ids: Sequence[int], context: int, **session_options) 
     return time.perf_counter() - t0
 
 
-def sweep(model, ids: Sequence[int], contexts: Sequence[int], settings: dict[str, dict], repeats: int = 3,
-          n_next: int = N_NEXT, log=None) -> list[Comparison]:
+def sweep(model, texts: Sequence[Sequence[int]], contexts: Sequence[int], settings: dict[str, dict],
+          repeats: int = 3, n_next: int = N_NEXT, log=None) -> list[Comparison]:
     """Dense against every setting (label -> session options) at every context length.
 
-    Quality comes from one continuation each (it is deterministic), whose timed prefill is the
-    first of `repeats` timings; the others are further prefills, dense and the settings
-    alternating so that a noisy machine hurts all alike.
+    texts: token sequences. Quality is pooled over all of them (n_next scored tokens each: one
+    passage's perplexity swings by several percent), from one continuation each (it is
+    deterministic). Prefill is timed on the first text: its continuation's prefill and
+    `repeats - 1` further ones, dense and the settings alternating so that a noisy machine hurts
+    all alike.
     """
     rows = []
+    first = texts[0]
     for n in contexts:
-        dense = continuation(model, ids, n, n_next)
-        runs = {label: continuation(model, ids, n, n_next, **opts) for label, opts in settings.items()}
-        times: dict[str | None, list[float]] = {None: [dense.prefill_seconds],
-                                                **{label: [runs[label].prefill_seconds] for label in settings}}
+        dense = [continuation(model, ids, n, n_next) for ids in texts]
+        runs = {label: [continuation(model, ids, n, n_next, **opts) for ids in texts]
+                for label, opts in settings.items()}
+        times: dict[str | None, list[float]] = {None: [dense[0].prefill_seconds],
+                                                **{label: [runs[label][0].prefill_seconds] for label in settings}}
         for _ in range(repeats - 1):
-            times[None].append(prefill_seconds(model, ids, n))
+            times[None].append(prefill_seconds(model, first, n))
             for label, opts in settings.items():
-                times[label].append(prefill_seconds(model, ids, n, **opts))
+                times[label].append(prefill_seconds(model, first, n, **opts))
         for label in settings:
             r = compare(label, dense, runs[label], times[None], times[label])
             rows.append(r)
@@ -130,13 +143,16 @@ def sweep(model, ids: Sequence[int], contexts: Sequence[int], settings: dict[str
 
 
 def markdown_table(rows: Sequence[Comparison]) -> str:
-    lines = ["| context | setting | prefill s (dense) | prefill s | speedup | ppl (dense) | ppl | Δppl | top-1 agree |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    pooled = any(r.per_text for r in rows)  # quality over several texts: show each text's change too
+    extra = (" Δppl per text |", "---|") if pooled else ("", "")
+    lines = [f"| context | setting | prefill s (dense) | prefill s | speedup | ppl (dense) | ppl | Δppl |{extra[0]} "
+             f"top-1 agree |", f"|---:|---|---:|---:|---:|---:|---:|---:|{extra[1]}---:|"]
     for r in rows:
         d = f"{r.dense_seconds:.2f} ± {r.dense_std:.2f}" if r.dense_std else f"{r.dense_seconds:.2f}"
         a = f"{r.seconds:.2f} ± {r.std:.2f}" if r.std else f"{r.seconds:.2f}"
+        each = f" {', '.join(f'{c:+.1%}' for c in r.per_text)} |" if pooled else ""
         lines.append(f"| {r.context} | {r.label} | {d} | {a} | {r.speedup:.2f}× | "
-                     f"{r.dense_ppl:.3f} | {r.ppl:.3f} | {r.ppl_change:+.1%} | {r.top1_agreement:.1%} |")
+                     f"{r.dense_ppl:.3f} | {r.ppl:.3f} | {r.ppl_change:+.1%} |{each} {r.top1_agreement:.1%} |")
     return "\n".join(lines) + "\n"
 
 

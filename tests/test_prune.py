@@ -439,3 +439,29 @@ def test_cli_eval_prune_writes_table_and_plot(model, tmp_path, capsys):
     assert (tmp_path / "res.png").stat().st_size > 1000
     assert main(["eval-prune", str(text), "-m", str(model.source), "--scores", "energy"]) == 1
     assert "score" in capsys.readouterr().err
+
+
+def test_cli_eval_prune_pools_quality_over_files(model, tmp_path, capsys):
+    from fastinfer.cli import main
+    from fastinfer.evaluate import continuation
+    texts = []
+    for k, words in enumerate(("alpha beta gamma", "one two three four five")):
+        p = tmp_path / f"t{k}.txt"
+        p.write_text(" ".join(f"{words} {i % (13 + k)} more" for i in range(150)))
+        texts.append(p)
+    out = tmp_path / "pooled"
+    code = main(["eval-prune", *map(str, texts), "-m", str(model.source), "--contexts", "48", "--keep", "0.5,1.0",
+                 "--scores", "norm", "--from-layer", "1", "-r", "1", "--next", "16", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    rows = {line.split(" | ")[1]: line for line in (tmp_path / "pooled.md").read_text().splitlines()
+            if line.startswith("| 48 |")}
+    assert "+0.0%, +0.0% | 100.0% |" in rows["norm keep=1.0"]
+    # the pooled change is exp(mean NLL pruned - mean NLL dense) over both texts' scored tokens
+    nll = {}
+    for keep in (None, 0.5):
+        opts = {} if keep is None else {"prune": Prune(keep=keep, from_layer=1, score="norm")}
+        nll[keep] = [continuation(model, model.tokenizer.encode(t.read_text(), add_special_tokens=False).ids, 48, 16,
+                                  **opts).nll for t in texts]
+    want = math.exp(np.mean(nll[0.5]) - np.mean(nll[None])) - 1
+    each = ", ".join(f"{math.exp(a - b) - 1:+.1%}" for a, b in zip(nll[0.5], nll[None]))
+    assert f" {want:+.1%} | {each} |" in rows["norm keep=0.5"]
