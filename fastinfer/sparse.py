@@ -18,7 +18,7 @@ from dataclasses import dataclass
 class BlockSparse:
     block: int = 64
     global_blocks: int = 1
-    local_blocks: int = 31
+    local_blocks: int = 19
     stride: int | None = None
 
     def __post_init__(self):
