@@ -20,7 +20,8 @@ from .sparse import BlockSparse, check_attention
 from .weights.checkpoint import check_dtype, open_checkpoint
 from .weights.fetch import default_model
 
-PREFILL_CHUNK = 64   # tokens per compiled prefill call; bounds the scratch and logits buffers
+PREFILL_CHUNK = 256  # tokens per compiled prefill call; bounds the scratch and logits buffers. Each call
+                     # dequantizes every weight once: 256 prefills 512 tokens 1.2-1.3x faster than 64
 DEFAULT_CTX = 4096   # context allocated by default, capped by the model's own
 
 

@@ -31,7 +31,8 @@ import numpy as np
 from .kernels import prune as K
 
 SCORES = ("norm", "low-norm", "attention", "attention-last")
-RING = 32            # recent queries kept per layer for the attention-mass score (SnapKV's window)
+RING = 128           # recent queries kept per layer for the attention-mass score (SnapKV's window):
+                     # half of each 256-token prefill chunk (fastinfer/model.py)
 MIN_KV_BUDGET = 128  # room for the sinks, the recent window and one prefill chunk after eviction
 EVICT_SINKS = 4      # sinks kept by eviction when no Prune says otherwise (StreamingLLM's 4)
 
@@ -104,6 +105,8 @@ class Pruning:
 
     def new_state(self, chunk: int):
         a = self.model
+        if self.budget is not None:  # after an eviction the budget must still hold a whole chunk
+            chunk = min(chunk, MIN_KV_BUDGET // 2)
         return a.arch.State(a.args, self.rows, chunk, a.threads, ring=RING)
 
     def reset(self, state) -> None:

@@ -88,8 +88,9 @@ def test_session_steps_equal_full_forward(tmp_path, tok, ggml_type):
     assert s.pos == len(IDS)
 
 
-def test_prefill_longer_than_one_chunk(tmp_path, tok):
-    # 150 tokens cross the 64-token prefill chunks; positions must carry across them
+def test_prefill_longer_than_one_chunk(tmp_path, tok, monkeypatch):
+    # 150 tokens cross 64-token prefill chunks; positions must carry across them
+    monkeypatch.setattr(fastinfer.model, "PREFILL_CHUNK", 64)
     path, w = _gguf(tmp_path, TINY_CFG, tok, "F32")
     ids = [int(i) for i in np.random.default_rng(1).integers(0, 300, 150)]
     got = fastinfer.load(path).forward(ids)

@@ -17,8 +17,18 @@ from fastinfer import Prune
 from fastinfer.kernels import prune as K
 from tiny_models import TINY_CFG, random_llama_weights, tiny_bpe_tokenizer, write_hf_dir
 
-RING = 32   # queries the attention-mass score looks at, as documented in fastinfer/prune.py
+RING = 32   # queries the attention-mass score looks at (fastinfer/prune.py's RING, set below)
 CHUNK = 64  # prefill chunk: the "attention" score sums each chunk's last RING queries
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    """Chunks of 64 and a ring of 32, so that the tests' prompts of ~150 tokens cross chunk
+    boundaries; the engine's own values (256, 128) keep the same ratio."""
+    import fastinfer.model
+    import fastinfer.prune
+    monkeypatch.setattr(fastinfer.model, "PREFILL_CHUNK", CHUNK)
+    monkeypatch.setattr(fastinfer.prune, "RING", RING)
 
 
 # ----------------------------------------------------------------------------------------------
