@@ -54,7 +54,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--texts", nargs="+", default=TEXTS, help="FILE:OFFSET (tokens); speed is timed on the first")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--local-blocks", type=int, nargs="+", default=None, metavar="W",
+                    help="measure BlockSparse(local_blocks=W) for each W instead of the default set")
     args = ap.parse_args()
+    patterns = PATTERNS if args.local_blocks is None else [fastinfer.BlockSparse(local_blocks=w) for w in args.local_blocks]
 
     model = fastinfer.load(n_ctx=8192, threads=args.threads)
     texts = []
@@ -63,7 +66,7 @@ def main() -> None:
         texts.append((Path(path).name, model.encode(Path(path).read_text(encoding="utf-8"))[int(off):]))
     default = fastinfer.BlockSparse()
     settings = [("dense", None)] + [(label(b) + (" (default)" if b == default else ""), b)
-                                    for b in dict.fromkeys(PATTERNS)]
+                                    for b in dict.fromkeys(patterns)]
     for _, att in settings:  # warm-up: compiled kernels load, caches fault in
         continuation(model, texts[0][1], 256, 16, attention=att)
 
