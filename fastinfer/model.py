@@ -124,7 +124,7 @@ class Model:
             if not hasattr(self.arch, "spectral_args"):
                 raise ValueError(f"the spectral filter is for Llama-family models, not {self.args.arch}")
             s.run_options = {"spectral": self.arch.spectral_args(
-                self.args, s.state.chunk, 1.0 if spectral_keep is None else spectral_keep, spectral_layers)}
+                self.args, 1.0 if spectral_keep is None else spectral_keep, spectral_layers)}
         return s
 
     # -- text ---------------------------------------------------------------------------------

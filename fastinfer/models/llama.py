@@ -296,12 +296,12 @@ def run(args: ModelArgs, w: tuple, st: tuple, ids: np.ndarray, positions: np.nda
 # After each chosen layer, every token's hidden state is transformed along the embedding dimension,
 # all but its `keep` strongest frequencies are zeroed, and it is transformed back.
 
-def spectral_args(args: ModelArgs, chunk: int, keep: float, layers=None) -> tuple:
+def spectral_args(args: ModelArgs, keep: float, layers=None) -> tuple:
     """The `spectral` argument of forward: (keep count per layer (L,) int64, DFT tables
     f64 (2, dim // 2 + 1, dim), spectrum and magnitude scratch f64 (2, dim // 2 + 1) each).
 
     keep: fraction of the dim // 2 + 1 real-DFT bins kept, in (0, 1]; layers: layer indices to
-    filter after (default: all). chunk is unused: the kernel filters one row at a time.
+    filter after (default: all).
     """
     h = args.dim // 2 + 1
     if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
