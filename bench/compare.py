@@ -118,9 +118,12 @@ class FastinferRunner:
     engine = "fastinfer"
 
     def __init__(self, path: Path, dtype: str, threads: int, n_ctx: int):
+        """dtype: a fastinfer dtype, with "+a8" for 8-bit activations (activations="int8")."""
         import fastinfer
-        self.weights = {"auto": "auto (Q4_1 as shipped)"}.get(dtype, dtype)
-        self.model = fastinfer.load(path, dtype=dtype, threads=threads, n_ctx=n_ctx)
+        dtype, a8, _ = dtype.partition("+a8")
+        self.weights = {"auto": "auto (Q4_1 as shipped)"}.get(dtype, dtype) + (", int8 activations" if a8 else "")
+        self.model = fastinfer.load(path, dtype=dtype, threads=threads, n_ctx=n_ctx,
+                                    activations="int8" if a8 else "f32")
         self.vocab = int(self.model.args.vocab_size)
         self.version = getattr(fastinfer, "__version__", None) or _dist_version("fastinfer")
 
@@ -451,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens for pp (default: 512)")
     ap.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens for tg (default: 128)")
     ap.add_argument("-r", "--repetitions", type=int, default=5, help="counted repetitions (default: 5)")
-    ap.add_argument("--dtypes", nargs="+", default=["auto", "int8"], help="fastinfer dtypes (default: auto int8)")
+    ap.add_argument("--dtypes", nargs="+", default=["auto", "int8"], help="fastinfer dtypes, '+a8' for 8-bit activations: auto, int8, auto+a8, ... (default: auto int8)")
     ap.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES,
                     help="engines to run (default: all; missing ones are skipped with a note)")
     ap.add_argument("--ct2-types", nargs="+", default=["int8"], choices=CT2_TYPES,

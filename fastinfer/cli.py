@@ -27,6 +27,9 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=list(DTYPES),
                    help="weight format: auto keeps the file's; f32, bf16, int8 (8-bit blocks) and int4 "
                         "(4-bit blocks) convert while loading (default: auto)")
+    p.add_argument("--activations", default="f32", choices=["f32", "int8"],
+                   help="matmul inputs: f32 (exact), or int8 in blocks of 32 as llama.cpp does, so 4- and "
+                        "8-bit weights multiply on integer dot products (default: f32)")
     p.add_argument("-t", "--threads", type=_positive_int, default=None, help="kernel threads (default: all cores)")
 
 
@@ -211,7 +214,7 @@ def _version() -> str:
 def _load(args):
     from .model import load
     n_ctx = getattr(args, "ctx", None)
-    return load(args.model, dtype=args.dtype, threads=args.threads, n_ctx=n_ctx)
+    return load(args.model, dtype=args.dtype, threads=args.threads, n_ctx=n_ctx, activations=args.activations)
 
 
 def cmd_generate(args) -> int:
@@ -328,14 +331,16 @@ def cmd_bench(args) -> int:
         runs.append({"attention": setting, "pp": {"tokens": args.n_prompt, **_stats(pp[name])},
                      "tg": {"tokens": args.n_gen, **_stats(tg[name])}})
     # the first setting's figures at the top level, as before --attention existed
-    res = {"model": model.source, "dtype": args.dtype, "threads": model.threads, "batch": args.batch, **runs[0]}
+    res = {"model": model.source, "dtype": args.dtype, "activations": args.activations, "threads": model.threads,
+           "batch": args.batch, **runs[0]}
     if len(runs) == 2:
         res["sparse"] = runs[1]
-    print("| model | dtype | threads | attention | test | t/s |\n|---|---|---|---|---|---|")
+    print("| model | dtype | activations | threads | attention | test | t/s |\n|---|---|---|---|---|---|---|")
     for run in runs:
         for key in ("pp", "tg"):
             r = run[key]
-            print(f"| {model.source} | {args.dtype} | {model.threads} | {run['attention']} | {key}{r['tokens']} | "
+            print(f"| {model.source} | {args.dtype} | {args.activations} | {model.threads} | {run['attention']} | "
+                  f"{key}{r['tokens']} | "
                   f"{r['mean']:.2f} ± {r['std']:.2f} |")
     if len(runs) == 2:  # per repetition, so the machine's drift cancels
         ratio = np.array(pp["sparse"]) / np.array(pp["dense"])

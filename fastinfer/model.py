@@ -23,30 +23,39 @@ from .weights.fetch import default_model
 PREFILL_CHUNK = 256  # tokens per compiled prefill call; bounds the scratch and logits buffers. Each call
                      # dequantizes every weight once: 256 prefills 512 tokens 1.2-1.3x faster than 64
 DEFAULT_CTX = 4096   # context allocated by default, capped by the model's own
+ACTIVATIONS = ("f32", "int8")
 
 
 def load(source: str | Path | None = None, dtype: str = "auto", threads: int | None = None,
-         n_ctx: int | None = None) -> "Model":
+         n_ctx: int | None = None, activations: str = "f32") -> "Model":
     """Load a GGUF file, an HF directory, a converted checkpoint, or (source=None) the default model.
 
     dtype "auto" keeps the file's formats; "f32", "bf16", "int8" and "int4" convert in memory.
     n_ctx is the longest sequence a session holds (default: min(4096, the model's context)).
+    activations "int8" quantizes every matmul input in blocks of 32 (llama.cpp's method) so that
+    matmuls over 8- and 4-bit weight blocks run on integer dot products; "f32" keeps them exact.
     """
     check_dtype(dtype)
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}; got {activations!r}")
     threads = set_threads(threads)
     path = default_model() if source is None else Path(source)
     ckpt = open_checkpoint(path, dtype)
-    return Model(ckpt, threads, n_ctx)
+    return Model(ckpt, threads, n_ctx, activations)
 
 
 class Model:
-    def __init__(self, ckpt, threads: int, n_ctx: int | None = None):
+    def __init__(self, ckpt, threads: int, n_ctx: int | None = None, activations: str = "f32"):
         ctx_limit = int(ckpt.config["max_seq_len"])
         n_ctx = min(DEFAULT_CTX, ctx_limit) if n_ctx is None else int(n_ctx)
         if not 1 <= n_ctx <= ctx_limit:
             raise ValueError(f"n_ctx must be between 1 and the model's context length {ctx_limit}; got {n_ctx}")
         self.n_ctx, self.threads = n_ctx, threads
         self.arch = architecture(ckpt.config["arch"])
+        if activations != "f32" and not getattr(self.arch, "ACT8", False):
+            raise ValueError(f"activations={activations!r} is supported for Llama-family models only; "
+                             f"{ckpt.source} is {ckpt.config['arch']}")
+        self.activations = activations
         self.args, self.weights = self.arch.build(ckpt, n_ctx)
         self.config = self.args
         self.tokenizer: tokenizers.Tokenizer = ckpt.tokenizer
@@ -56,11 +65,17 @@ class Model:
         self.source = ckpt.source
         self._w = self.weights.args()
         self.is_encoder = getattr(self.arch, "ENCODER", False)  # FNet: forward and embed only
-        with compile_notice(f"{self.args.arch}-forward"):
+        with compile_notice(f"{self.args.arch}-forward-{activations}"):
             if self.is_encoder:
                 self.arch.run(self.args, self._w, np.zeros(2, np.int64), threads, self.args.has_head)
             else:
                 Session(self, 2).prefill([0, 0])
+
+    def new_state(self, max_seq: int, chunk: int, **options):
+        """The architecture's run-time state (KV cache, scratch) for one or more sequences."""
+        if self.activations == "int8":
+            options["act8"] = True
+        return self.arch.State(self.args, max_seq, chunk, self.threads, **options)
 
     # -- forward passes ----------------------------------------------------------------------
     def forward(self, ids: Sequence[int]) -> np.ndarray:
@@ -365,7 +380,7 @@ class Session:
             from .prune import Pruning
             self._pruning = Pruning(model, n_ctx, prune, kv_budget)
             state = state or self._pruning.new_state(chunk)
-        self.state = state or model.arch.State(model.args, n_ctx, chunk, model.threads)
+        self.state = state or model.new_state(n_ctx, chunk)
         self._st = self.state.args()
         self.attention = check_attention(attention)
         if attention is not None and self._pruning is not None:
@@ -445,7 +460,7 @@ class Batch:
     def __init__(self, model: Model, n: int, n_ctx: int, attention: BlockSparse | None = None):
         chunk = max(min(PREFILL_CHUNK, n_ctx), n)
         self.model, self.n_ctx = model, n_ctx
-        self.state = model.arch.State(model.args, n * n_ctx, chunk, model.threads)
+        self.state = model.new_state(n * n_ctx, chunk)
         self.sessions = [Session(model, n_ctx, state=self.state, base=b * n_ctx, attention=attention)
                          for b in range(n)]
         self._pattern = self.sessions[0]._pattern

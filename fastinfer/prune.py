@@ -107,7 +107,7 @@ class Pruning:
         a = self.model
         if self.budget is not None:  # after an eviction the budget must still hold a whole chunk
             chunk = min(chunk, MIN_KV_BUDGET // 2)
-        return a.arch.State(a.args, self.rows, chunk, a.threads, ring=RING)
+        return a.new_state(self.rows, chunk, ring=RING)
 
     def reset(self, state) -> None:
         self.fill[:] = 0

@@ -19,7 +19,10 @@ block scales widened to f32 at load:
 import numpy as np
 from numba import get_thread_id, prange
 
+from . import act8 as A8
 from . import gemm as G
+from . import qgemm as QG
+from . import qmatvec as QV
 from .jit import kernel
 
 F32, F16, BF16, Q8_0, Q4_0, Q4_1 = 0, 1, 2, 3, 4, 5
@@ -225,7 +228,7 @@ def linear(out, x, w, l, scratch):
 
 def scratch_size(n_max: int) -> int:
     """Per-thread scratch floats `linear` needs for inputs of width <= n_max (any token count)."""
-    return max(2 * G.NR * n_max + G.MR * G.NR, ROWS_PATH_MAX_T * (n_max + n_max // QK))
+    return max(2 * G.NR * n_max + G.MR * G.NR, ROWS_PATH_MAX_T * (n_max + n_max // QK), QG.scratch_size(n_max))
 
 
 
@@ -234,3 +237,33 @@ def dequant_matrix(out, w, l):
     """Matrix l of a stacked weight -> out f32 (rows, cols)."""
     for r in prange(out.shape[0]):
         dequant_row(out[r], w, l, r)
+
+
+# -- 8-bit activations (kernels/act8.py) over the block formats -------------------------------------
+@kernel
+def linear_act(out, x, w, l, lin):
+    """`linear`, with 8-bit activations over block-format weights when lin carries their buffers.
+
+    lin = (scratch, xq int8 (T_max * n_max,), xd f32 (T_max * n_max // 32,), xs f32 (same)); empty
+    xq buffers (or a float weight format) mean f32 activations.
+    """
+    scratch, xq_buf, xd_buf, xs_buf = lin
+    kind = w[0]
+    if xq_buf.shape[0] == 0 or not (kind == Q8_0 or kind == Q4_0 or kind == Q4_1):
+        linear(out, x, w, l, scratch)
+        return
+    T, n = x.shape
+    xq = xq_buf[:T * n].reshape((T, n))
+    xd = xd_buf[:T * (n // QK)].reshape((T, n // QK))
+    xs = xs_buf[:T * (n // QK)].reshape((T, n // QK))
+    A8.quantize(xq, xd, xs, x)
+    if T <= ROWS_PATH_MAX_T:
+        QV.linear_a8_rows(out, xq, xd, xs, w, l, scratch.shape[0])
+    else:
+        QG.linear_a8_tiles(out, xq, xd, xs, w, l, scratch)
+
+
+def act_buffers(t_max: int, n_max: int, on: bool) -> tuple:
+    """(xq, xd, xs) for `linear_act`: sized for t_max tokens of width <= n_max, or empty (off)."""
+    size = t_max * n_max if on else 0
+    return np.zeros(size, np.int8), np.zeros(size // QK, np.float32), np.zeros(size // QK, np.float32)

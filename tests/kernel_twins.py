@@ -158,3 +158,25 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int
     p = np.exp(scores - scores.max(axis=-1, keepdims=True))
     p /= p.sum(axis=-1, keepdims=True)
     return np.einsum("ths,hsd->thd", p, v)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels/act8.py
+# ----------------------------------------------------------------------------------------------
+
+def quantize_act8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """x (T, n) -> (xq int64 (T, n), xd (T, n // 32), xs (T, n // 32), ratio (T, n)), float64.
+
+    Per token and 32-element block b: xd = max |x[block]| / 127 as a float32, set to 0 when that
+    is below the smallest normal float32; xq = round(x / xd) (0 where xd = 0); xs = xd * sum of the
+    block's xq. ratio is the unrounded x / xd (0 where xd = 0), so a test can tell which elements
+    sit near a rounding tie."""
+    T, n = x.shape
+    xb = x.astype(np.float64).reshape(T, n // R.QK, R.QK)
+    xd = (np.abs(xb).max(axis=-1) / 127.0).astype(np.float32).astype(np.float64)
+    xd[xd < np.finfo(np.float32).tiny] = 0.0
+    safe = np.where(xd > 0, xd, 1.0)
+    ratio = np.where(xd[..., None] > 0, xb / safe[..., None], 0.0)
+    xq = np.rint(ratio).astype(np.int64)
+    xs = xd * xq.sum(axis=-1)
+    return xq.reshape(T, n), xd, xs, ratio.reshape(T, n)

@@ -25,6 +25,8 @@ from fastinfer.kernels.jit import kernel
 from fastinfer.weights.checkpoint import Checkpoint
 from fastinfer.weights.tensors import QMatrix, concat_rows, readonly, stack
 
+ACT8 = True  # State(act8=True): matmul inputs quantized to 8 bits (kernels/act8.py)
+
 
 @dataclass
 class ModelArgs:
@@ -191,7 +193,8 @@ def lazy_zeros(shape: tuple) -> np.ndarray:
 class State:
     """Everything one sequence needs at run time, allocated once: KV cache and scratch buffers."""
 
-    def __init__(self, args: ModelArgs, max_seq: int, chunk: int, threads: int, ring: int = 0):
+    def __init__(self, args: ModelArgs, max_seq: int, chunk: int, threads: int, ring: int = 0,
+                 act8: bool = False):
         qd, kvd = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
         self.max_seq, self.chunk = max_seq, chunk
         # np.zeros maps pages lazily, so a long context costs memory only as it fills.
@@ -209,6 +212,8 @@ class State:
         self.logits = np.zeros((chunk, args.vocab_size), np.float32)
         widest = max(args.dim, qd, args.hidden_dim)  # the widest input a matmul reads
         self.lin_scratch = np.zeros((threads, L.scratch_size(widest)), np.float32)
+        # 8-bit activations (act8): each matmul's input quantized in 32-blocks, (chunk, widest) at most
+        self.act = L.act_buffers(chunk, widest, act8)
         group = args.n_heads // args.n_kv_heads
         self.att_scratch = np.zeros((threads, A.scratch_size(args.head_dim, group)), np.float32)  # one tile each
         # Pruning and eviction (fastinfer/prune.py): layer l holds drop[l] fewer rows than a dense
@@ -221,7 +226,7 @@ class State:
 
     def args(self) -> tuple:
         return (self.k_cache, self.v_cache, self.x, self.xb, self.qkv, self.q, self.k, self.v, self.att,
-                self.h13, self.hb, self.logits, self.lin_scratch, self.att_scratch, self.drop, self.layer_slots,
+                self.h13, self.hb, self.logits, (self.lin_scratch, *self.act), self.att_scratch, self.drop, self.layer_slots,
                 self.q_ring, self.ring_pos)
 
 
@@ -255,7 +260,7 @@ def forward(ids, positions, starts, slots, pattern, all_logits, w, st, n_heads, 
         ops.embed(x, ids, emb)
     for l in range(l0, l1):
         ops.rmsnorm(xb, x, attention_norm[l], eps)
-        L.linear(qkv, xb, wqkv, l, lin)
+        L.linear_act(qkv, xb, wqkv, l, lin)
         ops.split_qkv(q, k, v, qkv, bqkv[l])
         ops.rope(q3, cos, sin, positions)
         ops.rope(k3, cos, sin, positions)
@@ -264,22 +269,22 @@ def forward(ids, positions, starts, slots, pattern, all_logits, w, st, n_heads, 
         prune.store_queries(q_ring, ring_pos, q3, l, positions)
         ops.store_kv(k_cache, v_cache, k3, v3, l, sl)
         A.attention(att3, q3, k_cache, v_cache, l, starts, sl, windows[l], pattern, att_scratch)
-        L.linear(xb, att, wo, l, lin)
+        L.linear_act(xb, att, wo, l, lin)
         ops.add_(x, xb)
         ops.rmsnorm(xb, x, ffn_norm[l], eps)
-        L.linear(h13, xb, w13, l, lin)
+        L.linear_act(h13, xb, w13, l, lin)
         ops.swiglu(hb, h13)
-        L.linear(xb, hb, w2, l, lin)
+        L.linear_act(xb, hb, w2, l, lin)
         ops.add_(x, xb)
         S.spectral_filter_(x, spectral[0][l], spectral[1], spectral[2], spectral[3])  # no-op unless asked for
     if l1 < attention_norm.shape[0]:
         return
     if all_logits:
         ops.rmsnorm(xb, x, norm, eps)
-        L.linear(logits[:T], xb, output, 0, lin)
+        L.linear_act(logits[:T], xb, output, 0, lin)
     else:
         ops.rmsnorm(xb[T - 1:], x[T - 1:], norm, eps)
-        L.linear(logits[:1], xb[T - 1:], output, 0, lin)
+        L.linear_act(logits[:1], xb[T - 1:], output, 0, lin)
 
 
 def run(args: ModelArgs, w: tuple, st: tuple, ids: np.ndarray, positions: np.ndarray, starts: np.ndarray,

@@ -1,0 +1,57 @@
+"""8-bit activations in blocks of 32, the way llama.cpp feeds its integer dot products (Q8_1).
+
+A matmul over 4- or 8-bit weight blocks can run on integers (AVX512-VNNI `vpdpbusd`: four
+u8 x s8 products per int32 lane) if its input is quantized too. Each token's row is cut into
+32-element blocks, and each block gets its own scale, so one outlier only coarsens its own block:
+
+    xd[t, b] = max |x[t, 32b:32b+32]| / 127
+    xq[t, i] = round(x[t, i] / xd[t, b])            int8 in [-127, 127], 0 where xd == 0
+    xs[t, b] = xd[t, b] * sum of the block's xq     (for the weight blocks' minimum / offset)
+
+A block whose xd would be subnormal (max |x| < 127 * FLT_MIN, 1.5e-36) counts as zero: 1 / xd would
+overflow to inf, and rounding inf to int32 is undefined.
+"""
+import numpy as np
+from numba import prange
+
+from .jit import kernel
+
+QK = 32
+PARALLEL_MIN_T = 16  # below this many tokens, one thread quantizes (a parallel region costs more)
+FLT_MIN = np.float32(1.1754944e-38)  # the smallest normal float32; 1 / FLT_MIN = 8.5e37 is finite
+
+
+@kernel
+def _quantize_row(xq, xd, xs, x):
+    # x (n,) -> xq int8 (n,), xd, xs (n // 32,)
+    for b in range(x.shape[0] // QK):
+        amax = np.float32(0.0)
+        for i in range(b * QK, (b + 1) * QK):
+            amax = max(amax, abs(x[i]))
+        d = amax / np.float32(127.0)
+        if d < FLT_MIN:
+            d = np.float32(0.0)
+        inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+        total = 0
+        for i in range(b * QK, (b + 1) * QK):
+            v = np.int32(np.rint(x[i] * inv))
+            xq[i] = np.int8(v)
+            total += v
+        xd[b] = d
+        xs[b] = d * np.float32(total)
+
+
+@kernel(parallel=True)
+def _quantize_many(xq, xd, xs, x):
+    for t in prange(x.shape[0]):
+        _quantize_row(xq[t], xd[t], xs[t], x[t])
+
+
+@kernel
+def quantize(xq, xd, xs, x):
+    """x f32 (T, n), n a multiple of 32 -> xq int8 (T, n), xd f32 (T, n // 32), xs f32 (T, n // 32)."""
+    if x.shape[0] >= PARALLEL_MIN_T:
+        _quantize_many(xq, xd, xs, x)
+    else:
+        for t in range(x.shape[0]):
+            _quantize_row(xq[t], xd[t], xs[t], x[t])

@@ -1,0 +1,294 @@
+"""The prefill matmul on integers: 8-bit activations x 4/8-bit weight blocks (llama.cpp's method).
+
+    out[t, r] = sum_b d[r,b] xd[t,b] (sum_j u[r,32b+j] xq[t,32b+j])  +  sum_b mn[r,b] xs[t,b]
+
+Every weight kind is made unsigned, u in 0..255: the nibble for Q4_0/Q4_1, byte ^ 0x80 (= q + 128)
+for Q8_0; the shift goes into the per-block offset mn = m (Q4_1), -8 d (Q4_0), -128 d (Q8_0).
+Unsigned weight bytes times signed activation bytes is exactly AVX512-VNNI's vpdpbusd: four
+u8 x s8 products summed into each of 16 int32 lanes. The integer block sums are exact; only the
+float scaling (once per 32-element block) rounds.
+
+A thread takes NR = 32 weight rows at a time and unpacks them once into the VNNI layout
+[k/4][32 rows][4 bytes] (two zmm loads per k-quad), with the block scales as vectors
+[b][d of 32 rows, mn of 32 rows]. The register block (LLVM IR, below) then runs MR = 6 tokens x
+32 rows over the whole panel for every 6 tokens: 12 int32 accumulators per block, 12 f32
+accumulators across blocks, 2 weight vectors; the activation operand is a broadcast of 4 bytes
+of xq[t] (one i32). Per block and (token, vector): 8 vpdpbusd, then convert, scale by d xd,
+add mn xs: 4 float operations.
+
+On a CPU without avx512vnni the same lane sums are emitted as generic LLVM IR (widen, multiply,
+add groups of 4), chosen once at import; numba's disk cache is keyed on the CPU.
+"""
+import llvmlite.binding as llvm
+import numpy as np
+from llvmlite import ir
+from numba import get_thread_id, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .jit import kernel
+
+Q8_0, Q4_0, Q4_1 = 3, 4, 5  # the weight kinds of kernels/linear.py
+QK = 32   # elements per quantization block
+NR = 32   # weight rows per panel: two 16-lane int32 vectors
+MR = 6    # tokens per register block: 12 int + 12 float accumulators + 2 weights + scales
+ALIGN = 64  # bytes: panels start on a cache line
+
+VNNI = bool(llvm.get_host_cpu_features().get("avx512vnni", False))
+
+
+def _lane_sums_generic(builder, acc, a, b):
+    """acc + (four u8 x s8 products of a, b summed per int32 lane): vpdpbusd in plain IR."""
+    i8x64 = ir.VectorType(ir.IntType(8), 64)
+    i32x64 = ir.VectorType(ir.IntType(32), 64)
+    ua = builder.zext(builder.bitcast(a, i8x64), i32x64)
+    sb = builder.sext(builder.bitcast(b, i8x64), i32x64)
+    p = builder.mul(ua, sb)
+    undef = ir.Constant(i32x64, ir.Undefined)
+    for j in range(4):
+        part = builder.shuffle_vector(p, undef, ir.Constant(ir.VectorType(ir.IntType(32), 16),
+                                                            [4 * i + j for i in range(16)]))
+        acc = builder.add(acc, part)
+    return acc
+
+
+def _micro_ir(mr: int, vnni: bool):
+    """Codegen for mr (1..MR) tokens x NR rows over nb blocks."""
+    nv = NR // 16
+
+    def codegen(context, builder, sig, args):
+        out_t, _, _, xq_t, xd_t, xs_t, _, panel_t, _, sc_t, _, _ = sig.args
+        out_v, o0, c0, xq_v, xd_v, xs_v, t0, panel_v, p0, sc_v, s0, nb = args
+        out = context.make_array(out_t)(context, builder, out_v)
+        xq = context.make_array(xq_t)(context, builder, xq_v)
+        xd = context.make_array(xd_t)(context, builder, xd_v)
+        xs = context.make_array(xs_t)(context, builder, xs_v)
+        panel = context.make_array(panel_t)(context, builder, panel_v)
+        sc = context.make_array(sc_t)(context, builder, sc_v)
+        i64, i32, f32 = ir.IntType(64), ir.IntType(32), ir.FloatType()
+        ivec, fvec = ir.VectorType(i32, 16), ir.VectorType(f32, 16)
+        c = lambda v: ir.Constant(i64, v)  # noqa: E731
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(fvec, [fvec] * 3), "llvm.fma.v16f32")
+        if vnni:
+            dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ivec, [ivec] * 3),
+                                                "llvm.x86.avx512.vpdpbusd.512")
+            dot = lambda acc, a, b: builder.call(dp, [acc, a, b])  # noqa: E731
+        else:
+            dot = lambda acc, a, b: _lane_sums_generic(builder, acc, a, b)  # noqa: E731
+
+        def splat(s, vt):
+            u = ir.Constant(vt, ir.Undefined)
+            return builder.shuffle_vector(builder.insert_element(u, s, ir.Constant(i32, 0)), u,
+                                          ir.Constant(ir.VectorType(i32, 16), [0] * 16))
+
+        ldq = cgutils.unpack_tuple(builder, xq.shape, 2)[1]
+        ldd = cgutils.unpack_tuple(builder, xd.shape, 2)[1]
+        lds = cgutils.unpack_tuple(builder, xs.shape, 2)[1]
+        ldo = cgutils.unpack_tuple(builder, out.shape, 2)[1]
+        qrows, drows, srows = [], [], []
+        for i in range(mr):
+            t = builder.add(t0, c(i))
+            qrows.append(builder.gep(xq.data, [builder.mul(t, ldq)]))
+            drows.append(builder.gep(xd.data, [builder.mul(t, ldd)]))
+            srows.append(builder.gep(xs.data, [builder.mul(t, lds)]))
+        pbase = builder.gep(panel.data, [p0])
+        sbase = builder.gep(sc.data, [s0])
+        fzero = ir.Constant(fvec, [0.0] * 16)
+        izero = ir.Constant(ivec, [0] * 16)
+
+        entry = builder.basic_block
+        loop = builder.append_basic_block("qmicro.loop")
+        done = builder.append_basic_block("qmicro.done")
+        builder.cbranch(builder.icmp_signed(">", nb, c(0)), loop, done)
+
+        builder.position_at_end(loop)
+        b = builder.phi(i64)
+        b.add_incoming(c(0), entry)
+        acc = [[builder.phi(fvec) for _ in range(nv)] for _ in range(mr)]
+        for a in acc:
+            for p in a:
+                p.add_incoming(fzero, entry)
+        iacc = [[izero] * nv for _ in range(mr)]
+        wblock = builder.gep(pbase, [builder.mul(b, c(QK * NR))])  # 32 k x NR rows bytes per block
+        for kq in range(QK // 4):
+            w = [builder.load(builder.bitcast(builder.gep(wblock, [c(kq * 4 * NR + 64 * v)]), ivec.as_pointer()),
+                              align=ALIGN) for v in range(nv)]
+            for i in range(mr):
+                x4 = builder.load(builder.bitcast(builder.gep(qrows[i], [builder.add(builder.mul(b, c(QK)), c(4 * kq))]),
+                                                  i32.as_pointer()), align=1)
+                xb = splat(x4, ivec)
+                for v in range(nv):
+                    iacc[i][v] = dot(iacc[i][v], w[v], xb)
+        srow = builder.gep(sbase, [builder.mul(b, c(2 * NR))])  # [d of NR rows, mn of NR rows]
+        dv = [builder.load(builder.bitcast(builder.gep(srow, [c(16 * v)]), fvec.as_pointer()), align=4)
+              for v in range(nv)]
+        mv = [builder.load(builder.bitcast(builder.gep(srow, [c(NR + 16 * v)]), fvec.as_pointer()), align=4)
+              for v in range(nv)]
+        new = []
+        for i in range(mr):
+            xdb = splat(builder.load(builder.gep(drows[i], [b])), fvec)
+            xsb = splat(builder.load(builder.gep(srows[i], [b])), fvec)
+            row = []
+            for v in range(nv):
+                f = builder.sitofp(iacc[i][v], fvec)
+                a = builder.call(fma, [f, builder.fmul(dv[v], xdb), acc[i][v]])
+                row.append(builder.call(fma, [mv[v], xsb, a]))
+            new.append(row)
+        b1 = builder.add(b, c(1))
+        body_end = builder.basic_block
+        b.add_incoming(b1, body_end)
+        for i in range(mr):
+            for v in range(nv):
+                acc[i][v].add_incoming(new[i][v], body_end)
+        builder.cbranch(builder.icmp_signed("<", b1, nb), loop, done)
+
+        builder.position_at_end(done)
+        result = [[builder.phi(fvec) for _ in range(nv)] for _ in range(mr)]
+        for i in range(mr):
+            for v in range(nv):
+                result[i][v].add_incoming(fzero, entry)
+                result[i][v].add_incoming(new[i][v], body_end)
+        for i in range(mr):
+            orow = builder.gep(out.data, [builder.add(builder.mul(builder.add(o0, c(i)), ldo), c0)])
+            for v in range(nv):
+                builder.store(result[i][v], builder.bitcast(builder.gep(orow, [c(16 * v)]), fvec.as_pointer()),
+                              align=4)
+        return context.get_dummy_value()
+    return codegen
+
+
+def make_micro(mr: int, vnni: bool = VNNI):
+    """The register block for mr tokens as a Numba intrinsic:
+
+    micro(out, o0, c0, xq, xd, xs, t0, panel, p0, sc, s0, nb) sets out[o0 + i, c0 + j] for
+    i < mr, j < NR from tokens t0 + i of xq/xd/xs, the panel bytes from p0 (ALIGN-aligned) and
+    the scale vectors from sc[s0]. (vnni=False: the generic IR, for tests on any CPU.)
+    """
+    @intrinsic
+    def micro(typingctx, out, o0, c0, xq, xd, xs, t0, panel, p0, sc, s0, nb):
+        def arr(a, dt, nd):
+            return isinstance(a, types.Array) and a.ndim == nd and a.dtype == dt and a.layout == "C"
+        ok = (arr(out, types.float32, 2) and arr(xq, types.int8, 2) and arr(xd, types.float32, 2)
+              and arr(xs, types.float32, 2) and arr(panel, types.uint8, 1) and arr(sc, types.float32, 1)
+              and all(isinstance(v, types.Integer) for v in (o0, c0, t0, p0, s0, nb)))
+        if not ok:
+            return None
+        i64 = types.int64
+        sig = types.void(out, i64, i64, xq, xd, xs, i64, panel, i64, sc, i64, i64)
+        return sig, _micro_ir(mr, vnni)
+    return micro
+
+
+_micro1, _micro2, _micro3, _micro4, _micro5, _micro6 = (make_micro(m) for m in range(1, MR + 1))
+
+
+@intrinsic
+def _misalign(typingctx, a):
+    """Elements to skip from a's start to reach an ALIGN-byte boundary."""
+    if not (isinstance(a, types.Array) and a.layout == "C"):
+        return None
+
+    def codegen(context, builder, sig, args):
+        arr = context.make_array(sig.args[0])(context, builder, args[0])
+        i64 = ir.IntType(64)
+        p = builder.ptrtoint(arr.data, i64)
+        skip = builder.and_(builder.sub(ir.Constant(i64, 0), p), ir.Constant(i64, ALIGN - 1))
+        return builder.udiv(skip, ir.Constant(i64, context.get_abi_sizeof(context.get_data_type(sig.args[0].dtype))))
+    return types.int64(a), codegen
+
+
+@kernel
+def _micro(out, o0, c0, xq, xd, xs, t0, panel, sc, nb, mr):
+    if mr == 6:
+        _micro6(out, o0, c0, xq, xd, xs, t0, panel, 0, sc, 0, nb)
+    elif mr == 5:
+        _micro5(out, o0, c0, xq, xd, xs, t0, panel, 0, sc, 0, nb)
+    elif mr == 4:
+        _micro4(out, o0, c0, xq, xd, xs, t0, panel, 0, sc, 0, nb)
+    elif mr == 3:
+        _micro3(out, o0, c0, xq, xd, xs, t0, panel, 0, sc, 0, nb)
+    elif mr == 2:
+        _micro2(out, o0, c0, xq, xd, xs, t0, panel, 0, sc, 0, nb)
+    else:
+        _micro1(out, o0, c0, xq, xd, xs, t0, panel, 0, sc, 0, nb)
+
+
+@kernel
+def pack_panel(panel, sc, w, l, r0, nr):
+    """Rows r0 .. r0 + nr (nr <= NR) of W[l] -> the VNNI panel and its scale vectors.
+
+    panel uint8 (n * NR,): [k/4][NR rows][4 bytes] of unsigned weights u (rows past nr are 0);
+    sc f32 (n // 32 * 2 * NR,): [b][d of NR rows, mn of NR rows].
+    """
+    kind, q, s, m, f = w
+    nb = sc.shape[0] // (2 * NR)
+    n = nb * QK
+    p4 = panel.view(np.uint32)
+    q4 = q.view(np.uint32)  # (L, rows, row_bytes // 4)
+    p4[:] = 0  # rows past nr
+    # Word i of a 4-bit row holds elements 4i'..4i'+3 of block i // 4 (i' = i % 4) in its low
+    # nibbles and the 16 after them in its high nibbles: two k-quads of the panel, by masking,
+    # with no byte shuffles. Rows go outer: each row is read in order (measured faster than rows
+    # inner for n = 576; about even at 1536, where the 48 KB panel fills L1).
+    if kind == Q8_0:
+        for j in range(nr):
+            for k in range(n // 4):
+                p4[k * NR + j] = q4[l, r0 + j, k] ^ np.uint32(0x80808080)
+    else:
+        for j in range(nr):
+            for i in range(n // 8):
+                k = (i >> 2) * 8 + (i & 3)  # the low nibbles' k-quad; the high ones' is k + 4
+                v = q4[l, r0 + j, i]
+                p4[k * NR + j] = v & np.uint32(0x0F0F0F0F)
+                p4[(k + 4) * NR + j] = (v >> np.uint32(4)) & np.uint32(0x0F0F0F0F)
+    for b in range(nb):
+        for j in range(NR):
+            d = np.float32(0.0)
+            mn = np.float32(0.0)
+            if j < nr:
+                d = s[l, r0 + j, b]
+                if kind == Q4_1:
+                    mn = m[l, r0 + j, b]
+                elif kind == Q4_0:
+                    mn = np.float32(-8.0) * d
+                else:
+                    mn = np.float32(-128.0) * d
+            sc[b * 2 * NR + j] = d
+            sc[b * 2 * NR + NR + j] = mn
+
+
+@kernel(parallel=True)
+def linear_a8_tiles(out, xq, xd, xs, w, l, scratch):
+    """xq int8 (T, n) with block scales xd, xs f32 (T, n // 32) @ W[l].T (n, rows) -> out f32 (T, rows).
+
+    w is a Q8_0/Q4_0/Q4_1 weight (kernels/linear.py); scratch f32 (threads, scratch_size(n_max))
+    is per-thread working space, so the call allocates nothing.
+    """
+    T, n = xq.shape
+    rows = out.shape[1]
+    nb = n // QK
+    tasks = (rows + NR - 1) // NR
+    for task in prange(tasks):
+        buf = scratch[get_thread_id()]
+        a = _misalign(buf)
+        panel = buf[a:a + NR * n // 4].view(np.uint8)
+        sc = buf[a + NR * n // 4:a + NR * n // 4 + 2 * NR * nb]
+        e0 = a + NR * n // 4 + 2 * NR * nb
+        edge = buf[e0:e0 + MR * NR].reshape((MR, NR))
+        r0 = task * NR
+        nr = min(rows, r0 + NR) - r0
+        pack_panel(panel, sc, w, l, r0, nr)
+        for t in range(0, T, MR):  # the panel stays in cache while every token passes
+            mr = min(MR, T - t)
+            if nr == NR:
+                _micro(out, t, r0, xq, xd, xs, t, panel, sc, nb, mr)
+            else:
+                _micro(edge, 0, 0, xq, xd, xs, t, panel, sc, nb, mr)
+                for i in range(mr):
+                    for j in range(nr):
+                        out[t + i, r0 + j] = edge[i, j]
+
+
+def scratch_size(n_max: int) -> int:
+    """Per-thread scratch floats `linear_a8_tiles` needs for inputs of width <= n_max."""
+    return NR * n_max // 4 + 2 * NR * (n_max // QK) + MR * NR + ALIGN // 4

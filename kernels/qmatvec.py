@@ -1,0 +1,305 @@
+"""The decode matvec with 8-bit activations: out[t] = W[l] @ x[t] for T <= 8 tokens, llama.cpp's way.
+
+The activations come quantized per token per 32-element block (xq int8, scale xd, and
+xs = xd * sum of the block's xq). Every weight kind is made unsigned (Q4: the nibble, 0..15;
+Q8_0: the byte XOR 0x80, = q + 128), so one AVX512-VNNI `vpdpbusd` multiplies 64 unsigned weight
+bytes by 64 signed activation bytes and sums each four products into an int32 lane:
+
+    out[t, r] = sum_b s[r, b] xd[t, b] (sum_j u[r, 32b + j] xq[t, 32b + j])  +  sum_b mn[r, b] xs[t, b]
+
+with mn = m (Q4_1), -8 s (Q4_0), -128 s (Q8_0). The integer sums are exact; only the per-block
+float scaling rounds.
+
+Each weight row is read once and used for every token while it is in L1, so the call streams the
+weights at memory speed. The row loop is LLVM IR through a Numba `@intrinsic` (as in
+kernels/gemm.py): per 64-element stretch (two blocks) it unpacks the weights to 64 bytes in
+natural element order, then for each token does one vpdpbusd into a zeroed int32 vector (lanes
+0-7 hold the first block, 8-15 the second), converts it to float and multiplies-adds it with
+[s xd of block 0 x8, s xd of block 1 x8] into a float accumulator, reduced once per row. The min
+term accumulates in a 2-float vector alongside; an odd last block runs the same step on a
+zero-filled upper half. At T <= 2 two rows go together (ROWS_AT_ONCE).
+
+On a CPU without AVX512-VNNI the same int32 lane sums come from plain widening multiplies (chosen at
+import; Numba's disk cache is keyed on the CPU, so the choice is safe to cache).
+"""
+import llvmlite.binding as llvm
+from llvmlite import ir
+from numba import prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .jit import kernel
+Q8_0, Q4_0, Q4_1 = 3, 4, 5  # the weight kinds of kernels/linear.py (which imports this module)
+QK = 32  # elements per quantization block
+
+MAX_T = 8  # tokens per call: T accumulators stay in registers
+# Rows the row loop takes at a time, by token count: two rows share each activation load and
+# overlap their accumulator chains (measured ~5-10% at T = 1, 2; nothing at T >= 4, where
+# 2 x T accumulators start to crowd the 32 registers).
+ROWS_AT_ONCE = {1: 2, 2: 2}
+
+VNNI = bool(llvm.get_host_cpu_features().get("avx512vnni", False))
+
+_i8, _i32, _i64, _f32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
+_v64i8, _v32i8, _v16i8 = ir.VectorType(_i8, 64), ir.VectorType(_i8, 32), ir.VectorType(_i8, 16)
+_v16i32, _v16f32, _v2f32 = ir.VectorType(_i32, 16), ir.VectorType(_f32, 16), ir.VectorType(_f32, 2)
+
+
+def _c(ty, v):
+    return ir.Constant(ty, v)
+
+
+def _mask(ix):
+    return ir.Constant(ir.VectorType(_i32, len(ix)), list(ix))
+
+
+def _load(builder, ptr, ty):
+    """Unaligned load of a `ty` vector from an element pointer."""
+    return builder.load(builder.bitcast(ptr, ty.as_pointer()), align=1)
+
+
+def _loop(builder, start, stop, init, body, name):
+    """for i in range(start, stop): vals = body(i, vals); returns the final vals (phis)."""
+    pre = builder.basic_block
+    loop = builder.append_basic_block(name)
+    done = builder.append_basic_block(name + ".done")
+    builder.cbranch(builder.icmp_signed("<", start, stop), loop, done)
+    builder.position_at_end(loop)
+    i = builder.phi(_i64)
+    i.add_incoming(start, pre)
+    vals = [builder.phi(v.type) for v in init]
+    for p, v in zip(vals, init):
+        p.add_incoming(v, pre)
+    new = body(i, vals)
+    i1 = builder.add(i, _c(_i64, 1))
+    end = builder.basic_block
+    i.add_incoming(i1, end)
+    for p, v in zip(vals, new):
+        p.add_incoming(v, end)
+    builder.cbranch(builder.icmp_signed("<", i1, stop), loop, done)
+    builder.position_at_end(done)
+    out = [builder.phi(v.type) for v in init]
+    for p, a, b in zip(out, init, new):
+        p.add_incoming(a, pre)
+        p.add_incoming(b, end)
+    return out
+
+
+def _if(builder, cond, init, body, name):
+    """vals = body(vals) if cond else vals."""
+    pre = builder.basic_block
+    then = builder.append_basic_block(name)
+    done = builder.append_basic_block(name + ".done")
+    builder.cbranch(cond, then, done)
+    builder.position_at_end(then)
+    new = body(init)
+    end = builder.basic_block
+    builder.branch(done)
+    builder.position_at_end(done)
+    out = [builder.phi(v.type) for v in init]
+    for p, a, b in zip(out, init, new):
+        p.add_incoming(a, pre)
+        p.add_incoming(b, end)
+    return out
+
+
+def _dot4(builder, u, x, vnni):
+    """<64 x i8> unsigned u, signed x -> <16 x i32>: lane i = sum_k u[4i+k] x[4i+k]."""
+    if vnni:
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_v16i32, [_v16i32] * 3),
+                                            "llvm.x86.avx512.vpdpbusd.512")
+        return builder.call(fn, [_c(_v16i32, [0] * 16), builder.bitcast(u, _v16i32), builder.bitcast(x, _v16i32)])
+    v64i32 = ir.VectorType(_i32, 64)
+    p = builder.mul(builder.zext(u, v64i32), builder.sext(x, v64i32))
+    parts = [builder.shuffle_vector(p, p, _mask(range(k, 64, 4))) for k in range(4)]
+    return builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3]))
+
+
+def _hsum(builder, v):
+    """Horizontal sum of a float vector (power-of-two length) by halving."""
+    n = v.type.count
+    while n > 1:
+        n //= 2
+        v = builder.fadd(builder.shuffle_vector(v, v, _mask(range(n))),
+                         builder.shuffle_vector(v, v, _mask(range(n, 2 * n))))
+    return builder.extract_element(v, _c(_i32, 0))
+
+
+def _rows_ir(vnni: bool):
+    """Codegen: rows r0..r1 of W[l] times all T tokens (T = xq.shape[0], 1..MAX_T)."""
+    def codegen(context, builder, sig, args):
+        arrs = [context.make_array(ty)(context, builder, v) for ty, v in zip(sig.args[:7], args[:7])]
+        out, xq, xd, xs, q, s, m = arrs
+        l, r0, r1, kind = args[7:]
+        T, n = cgutils.unpack_tuple(builder, xq.shape, 2)
+        ldo = cgutils.unpack_tuple(builder, out.shape, 2)[1]
+        _, nrows, rb = cgutils.unpack_tuple(builder, q.shape, 3)
+        nb = builder.sdiv(n, _c(_i64, QK))
+        pairs = builder.sdiv(nb, _c(_i64, 2))
+        odd = builder.icmp_signed("!=", builder.srem(nb, _c(_i64, 2)), _c(_i64, 0))
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_v16f32, [_v16f32] * 3),
+                                             "llvm.fma.v16f32")
+        fma2 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_v2f32, [_v2f32] * 3),
+                                              "llvm.fma.v2f32")
+        zero16, zero2 = _c(_v16f32, [0.0] * 16), _c(_v2f32, [0.0] * 2)
+        lo_hi = [0] * 8 + [1] * 8
+        # Q4: [blk0, blk0, blk1, blk1] 128-bit lanes; the 2nd and 4th lanes take the high nibbles
+        q4_lanes = _mask(list(range(16)) * 2 + list(range(16, 32)) * 2)
+        q4_shift = _c(ir.VectorType(_i64, 8), [0, 0, 4, 4, 0, 0, 4, 4])
+        low4 = _c(_v64i8, [15] * 64)
+        flip = _c(_v64i8, [0x80] * 64)
+        half = _mask(list(range(32)) + list(range(32, 64)))  # <32 x i8>, zeros -> <64 x i8>
+
+        def unpack_q4(v64):
+            w = builder.lshr(builder.bitcast(v64, ir.VectorType(_i64, 8)), q4_shift)
+            return builder.and_(builder.bitcast(w, _v64i8), low4)
+
+        def body_for(T_, kd, R):
+            mn_const = {Q4_0: -8.0, Q8_0: -128.0}.get(kd)
+            xq_rows = [builder.gep(xq.data, [builder.mul(_c(_i64, t), n)]) for t in range(T_)]
+            xd_rows = [builder.gep(xd.data, [builder.mul(_c(_i64, t), nb)]) for t in range(T_)]
+            xs_rows = [builder.gep(xs.data, [builder.mul(_c(_i64, t), nb)]) for t in range(T_)]
+
+            def rows_from(r, R):
+                """Rows r..r+R-1: every activation load feeds R rows. accs[(i * T_ + t) * 2 + {0, 1}]
+                are row i, token t's block-term and min-term accumulators."""
+                bases = [builder.add(builder.mul(l, nrows), builder.add(r, _c(_i64, i))) for i in range(R)]
+                qrow = [builder.gep(q.data, [builder.mul(bs, rb)]) for bs in bases]
+                srow = [builder.gep(s.data, [builder.mul(bs, nb)]) for bs in bases]
+                mrow = [builder.gep(m.data, [builder.mul(bs, nb)]) for bs in bases] if kd == Q4_1 else None
+
+                def step(b, accs, us, s2s, mn2s, xload, width):
+                    """One stretch of `width` blocks (2, or 1 for an odd last block) at block b."""
+                    new = list(accs)
+                    for t in range(T_):
+                        xv = xload(builder.gep(xq_rows[t], [builder.mul(b, _c(_i64, QK))]))
+                        if width == 2:
+                            xd_ = _load(builder, builder.gep(xd_rows[t], [b]), _v2f32)
+                            xs_ = _load(builder, builder.gep(xs_rows[t], [b]), _v2f32)
+                        else:
+                            xd_ = builder.load(builder.gep(xd_rows[t], [b]))
+                            xs_ = builder.load(builder.gep(xs_rows[t], [b]))
+                        for i in range(R):
+                            k = (i * T_ + t) * 2
+                            dp = builder.sitofp(_dot4(builder, us[i], xv, vnni), _v16f32)
+                            sd = builder.fmul(s2s[i], xd_)
+                            if width == 2:
+                                sc = builder.shuffle_vector(sd, sd, _mask(lo_hi))
+                                new[k + 1] = builder.call(fma2, [mn2s[i], xs_, accs[k + 1]])
+                            else:  # lanes 8-15 of dp are zero: xq's upper half was zero-filled
+                                sd = builder.insert_element(_c(_v16f32, ir.Undefined), sd, _c(_i32, 0))
+                                sc = builder.shuffle_vector(sd, sd, _mask([0] * 16))
+                                mx = builder.insert_element(zero2, builder.fmul(mn2s[i], xs_), _c(_i32, 0))
+                                new[k + 1] = builder.fadd(accs[k + 1], mx)
+                            new[k] = builder.call(fma, [dp, sc, accs[k]])
+                    return new
+
+                def pair(p, accs):
+                    b = builder.mul(p, _c(_i64, 2))
+                    us, s2s, mn2s = [], [], []
+                    for i in range(R):
+                        if kd == Q8_0:
+                            v = _load(builder, builder.gep(qrow[i], [builder.mul(b, _c(_i64, QK))]), _v64i8)
+                            us.append(builder.xor(v, flip))
+                        else:
+                            v = _load(builder, builder.gep(qrow[i], [builder.mul(b, _c(_i64, QK // 2))]), _v32i8)
+                            us.append(unpack_q4(builder.shuffle_vector(v, v, q4_lanes)))
+                        s2s.append(_load(builder, builder.gep(srow[i], [b]), _v2f32))
+                        if kd == Q4_1:
+                            mn2s.append(_load(builder, builder.gep(mrow[i], [b]), _v2f32))
+                        else:
+                            mn2s.append(builder.fmul(s2s[i], _c(_v2f32, [mn_const] * 2)))
+                    return step(b, accs, us, s2s, mn2s, lambda ptr: _load(builder, ptr, _v64i8), 2)
+
+                def last(accs):
+                    b = builder.sub(nb, _c(_i64, 1))
+                    us, s1s, mn1s = [], [], []
+                    for i in range(R):
+                        if kd == Q8_0:
+                            v = _load(builder, builder.gep(qrow[i], [builder.mul(b, _c(_i64, QK))]), _v32i8)
+                            us.append(builder.xor(builder.shuffle_vector(v, _c(_v32i8, [0] * 32), half), flip))
+                        else:
+                            v = _load(builder, builder.gep(qrow[i], [builder.mul(b, _c(_i64, QK // 2))]), _v16i8)
+                            z = _c(_v16i8, [0] * 16)
+                            us.append(unpack_q4(builder.shuffle_vector(v, z, _mask(list(range(16)) * 2 + [16] * 32))))
+                        s1s.append(builder.load(builder.gep(srow[i], [b])))
+                        mn1s.append(builder.load(builder.gep(mrow[i], [b])) if kd == Q4_1
+                                    else builder.fmul(s1s[i], _c(_f32, mn_const)))
+                    zx = _c(_v32i8, [0] * 32)
+                    return step(b, accs, us, s1s, mn1s,
+                                lambda ptr: builder.shuffle_vector(_load(builder, ptr, _v32i8), zx, half), 1)
+
+                accs = _loop(builder, _c(_i64, 0), pairs, [zero16, zero2] * (R * T_), pair, "qmv.pair")
+                accs = _if(builder, odd, accs, last, "qmv.last")
+                for i in range(R):
+                    ri = builder.add(r, _c(_i64, i))
+                    for t in range(T_):
+                        k = (i * T_ + t) * 2
+                        total = builder.fadd(_hsum(builder, accs[k]), _hsum(builder, accs[k + 1]))
+                        builder.store(total, builder.gep(out.data, [builder.add(builder.mul(_c(_i64, t), ldo), ri)]))
+                return []
+
+            blocks = builder.sdiv(builder.sub(r1, r0), _c(_i64, R))
+            _loop(builder, _c(_i64, 0), blocks, [],
+                  lambda i, _: rows_from(builder.add(r0, builder.mul(i, _c(_i64, R))), R), "qmv.rows")
+            if R > 1:
+                _loop(builder, builder.add(r0, builder.mul(blocks, _c(_i64, R))), r1, [],
+                      lambda r, _: rows_from(r, 1), "qmv.row")
+
+        # one specialized row loop per (T, kind), chosen once per call
+        done = builder.append_basic_block("qmv.exit")
+        by_t = builder.switch(T, done)
+        for T_ in range(1, MAX_T + 1):
+            blk = builder.append_basic_block(f"qmv.t{T_}")
+            by_t.add_case(_c(_i64, T_), blk)
+            builder.position_at_end(blk)
+            by_kind = builder.switch(kind, done)
+            for kd in (Q8_0, Q4_0, Q4_1):
+                kb = builder.append_basic_block(f"qmv.t{T_}.k{kd}")
+                by_kind.add_case(_c(_i64, kd), kb)
+                builder.position_at_end(kb)
+                body_for(T_, kd, ROWS_AT_ONCE.get(T_, 1))
+                builder.branch(done)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+    return codegen
+
+
+def _make_rows(vnni: bool):
+    @intrinsic
+    def rows(typingctx, out, xq, xd, xs, q, s, m, l, r0, r1, kind):
+        def arr(a, dtype, ndim):
+            return isinstance(a, types.Array) and a.dtype == dtype and a.ndim == ndim and a.layout == "C"
+        ok = (arr(out, types.float32, 2) and arr(xq, types.int8, 2) and arr(xd, types.float32, 2)
+              and arr(xs, types.float32, 2) and arr(q, types.uint8, 3) and arr(s, types.float32, 3)
+              and arr(m, types.float32, 3) and all(isinstance(v, types.Integer) for v in (l, r0, r1, kind)))
+        if not ok:
+            return None
+        i64 = types.int64
+        return types.void(out, xq, xd, xs, q, s, m, i64, i64, i64, i64), _rows_ir(vnni)
+    return rows
+
+
+_rows = _make_rows(VNNI)
+_rows_generic = _make_rows(False)  # the non-VNNI codegen, for the tests on a VNNI machine
+
+
+@kernel(parallel=True)
+def linear_a8_rows(out, xq, xd, xs, w, l, tasks):
+    """xq int8 (T, n) with block scales xd, xs f32 (T, n // 32) @ W[l].T -> out f32 (T, rows).
+
+    T is 1..8, W a Q8_0, Q4_0 or Q4_1 weight (kernels/linear.py). Rows are split into `tasks`
+    contiguous ranges run in parallel (pass the thread count). Allocates nothing.
+    """
+    # W[l] (rows, n) @ xq (T, n) -> out (T, rows)
+    kind, q, s, m, f = w
+    T = xq.shape[0]
+    rows = out.shape[1]
+    if T < 1 or T > MAX_T:
+        raise ValueError("linear_a8_rows: xq must hold 1..8 tokens")
+    if kind != Q8_0 and kind != Q4_0 and kind != Q4_1:
+        raise ValueError("linear_a8_rows: weight kind must be Q8_0, Q4_0 or Q4_1")
+    if tasks < 1:
+        raise ValueError("linear_a8_rows: tasks must be at least 1")
+    for task in prange(tasks):
+        _rows(out, xq, xd, xs, q, s, m, l, task * rows // tasks, (task + 1) * rows // tasks, kind)
