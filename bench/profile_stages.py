@@ -4,12 +4,13 @@ Each stage of the Llama forward (fastinfer/models/llama.py) runs on its own, ove
 compiled loop with the model's real weights and buffers, so no Python dispatch is counted:
 
     decode   one token at position 64 (the middle of tg128), attention over 65 cached keys
-    prefill  eight 64-token chunks, each timed at positions 224..287 (pp512's mean attention load)
+    prefill  two 256-token chunks (fastinfer's prefill chunk), each timed at positions 128..383
+             (pp512's mean attention load)
 
 The stages' sum is printed beside the real `forward`, which checks that nothing is missing.
 Median of -r repetitions after a warm-up; the table goes to stdout and, with --out, to a file.
 
-    python bench/profile_stages.py --dtype auto --label before -r 20 --out bench/results
+    python bench/profile_stages.py --dtype auto --activations int8 --label before -r 20 --out bench/results
 """
 import argparse
 import datetime
@@ -30,7 +31,7 @@ from fastinfer.models import llama
 @njit(cache=False)
 def _linear_layers(out, x, w, lin):
     for l in range(w[1].shape[0] if w[1].shape[0] else w[4].shape[0]):
-        L.linear(out, x, w, l, lin)
+        L.linear_act(out, x, w, l, lin)  # quantizes x first when lin carries 8-bit buffers
 
 
 @njit(cache=False)
@@ -80,7 +81,7 @@ def profile(model, T: int, pos: int, reps: int) -> dict[str, float]:
     q, k, v, att, h13, hb = st.q[:T], st.k[:T], st.v[:T], st.att[:T], st.h13[:T], st.hb[:T]
     q3, k3, v3 = q.reshape(T, a.n_heads, hd), k.reshape(T, a.n_kv_heads, hd), v.reshape(T, a.n_kv_heads, hd)
     att3 = att.reshape(T, a.n_heads, hd)
-    lin = st.lin_scratch
+    lin = (st.lin_scratch, *st.act)
     x[:] = np.random.default_rng(0).standard_normal(x.shape).astype(np.float32)
     xb[:] = x
     numba.set_num_threads(model.threads)
@@ -94,7 +95,7 @@ def profile(model, T: int, pos: int, reps: int) -> dict[str, float]:
         "norms, rope, swiglu, adds": lambda: _elementwise_layers(
             x, xb, qkv, q, k, v, q3, k3, v3, h13, hb, w.attention_norm, w.ffn_norm, w.bqkv, w.cos, w.sin,
             positions, st.k_cache, st.v_cache, slots, float(a.norm_eps)),
-        "lm head": lambda: L.linear(st.logits[:1], xb[T - 1:], w.output.args(), 0, lin),
+        "lm head": lambda: L.linear_act(st.logits[:1], xb[T - 1:], w.output.args(), 0, lin),
     }
     out = {name: _median_seconds(fn, reps) for name, fn in stages.items()}
     ids = np.ones(T, np.int64)
@@ -109,14 +110,15 @@ def table(decode: dict, prefill: dict, chunks: int) -> str:
     parts = [k for k in decode if not k.startswith("=")]
     dsum = sum(decode[k] for k in parts)
     psum = sum(prefill[k] for k in parts) * chunks
-    lines = ["| stage | decode ms/token | share | prefill ms/512 tok | share |", "|---|---:|---:|---:|---:|"]
+    lines = [f"| stage | decode ms/token | share | prefill ms/{256 * chunks} tok | share |",
+             "|---|---:|---:|---:|---:|"]
     for k in parts:
         lines.append(f"| {k} | {1e3 * decode[k]:.3f} | {decode[k] / dsum:.0%} | {1e3 * prefill[k] * chunks:.1f} "
                      f"| {prefill[k] * chunks / psum:.0%} |")
     lines.append(f"| sum of stages | {1e3 * dsum:.3f} | | {1e3 * psum:.1f} | |")
     f = "= forward (measured)"
     lines.append(f"| forward, measured | {1e3 * decode[f]:.3f} ({1 / decode[f]:.0f} t/s) | | "
-                 f"{1e3 * prefill[f] * chunks:.1f} ({512 / (prefill[f] * chunks):.0f} t/s) | |")
+                 f"{1e3 * prefill[f] * chunks:.1f} ({256 * chunks / (prefill[f] * chunks):.0f} t/s) | |")
     return "\n".join(lines) + "\n"
 
 
@@ -124,22 +126,24 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model path (default: the default model)")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--activations", default="f32", choices=["f32", "int8"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("-r", "--repetitions", type=int, default=20)
     p.add_argument("--label", default="", help="a note for the file name, e.g. before / after")
     p.add_argument("--out", default=None, help="directory for profile-<date>-<dtype>-<label>.md")
     a = p.parse_args()
-    model = fastinfer.load(a.model, dtype=a.dtype, threads=a.threads, n_ctx=512)
+    model = fastinfer.load(a.model, dtype=a.dtype, threads=a.threads, n_ctx=512, activations=a.activations)
     decode = profile(model, 1, 64, a.repetitions)
-    prefill = profile(model, 64, 224, max(3, a.repetitions // 4))
+    prefill = profile(model, 256, 128, max(3, a.repetitions // 4))
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     head = (f"# Profile: {model.source.name if hasattr(model.source, 'name') else model.source}, dtype {a.dtype}, "
+            f"{a.activations} activations, "
             f"{a.threads} threads {('· ' + a.label) if a.label else ''}\n\n{datetime.date.today()} · {cpu} · "
             f"median of {a.repetitions} (decode) runs, warm-up excluded\n\n")
-    text = head + table(decode, prefill, 8)
+    text = head + table(decode, prefill, 2)
     print(text)
     if a.out:
-        name = f"profile-{datetime.date.today()}-{a.dtype}{('-' + a.label) if a.label else ''}.md"
+        name = f"profile-{datetime.date.today()}-{a.dtype}-{a.activations}{('-' + a.label) if a.label else ''}.md"
         path = Path(a.out) / name
         tmp = path.with_suffix(".tmp")
         tmp.write_text(text)
