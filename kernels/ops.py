@@ -1,19 +1,102 @@
 """Per-token operations of a transformer layer: norms, RoPE, activation, embedding, KV store.
 
-Attention itself lives in kernels/attention.py."""
+Attention itself lives in kernels/attention.py.
+
+The ops a Llama layer runs on every token (rmsnorm, split_qkv, rope, store_kv, add_, swiglu,
+embed) run their token loop inline for a few tokens (decoding: no parallel region to pay for) and
+hand it to a `_..._many` twin, the same loop under prange, from PARALLEL_MIN_ELEMS elements on
+(prefill chunks). Their inner loops vectorize; silu's exp is a polynomial, not a libm call.
+"""
 import math
 
 import numpy as np
+from llvmlite import ir
+from numba import prange, types
+from numba.extending import intrinsic
 
 from .jit import kernel
 from .linear import dequant_row
 
+# When the token loop is split over threads. A parallel region costs about 2 us here (2 threads,
+# bench/ops_kernels.py); a copy-like op (norm, add, split, rope, KV store) moves about 10 elements
+# per ns on one thread, so it pays from ~32k elements (64 tokens of 576). SwiGLU's exp costs about
+# four times a copy per element; the embedding lookup counts in tokens (a dequantized row each).
+PARALLEL_MIN_ELEMS = 32768
+SILU_COST = 4
+PARALLEL_MIN_T = 16  # embed
+
+LOG2E = 1.4426950408889634
+EXP_MIN = -87.0  # exp(v) for v below this is taken as 0 (float32's normal range ends at exp(-87.3))
+
+
+@intrinsic
+def _f32_bits(typingctx, i):
+    """The float32 whose bits are the low 32 bits of integer i (a bitcast; vectorizes)."""
+    if not isinstance(i, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        if i.bitwidth != 32:
+            v = builder.trunc(v, ir.IntType(32)) if i.bitwidth > 32 else builder.sext(v, ir.IntType(32))
+        return builder.bitcast(v, ir.FloatType())
+    return types.float32(i), codegen
+
+
+@kernel
+def _exp_le0(v):
+    """exp(v) for v <= 0 (0 below EXP_MIN), in plain float arithmetic that vectorizes (no libm).
+
+    exp(v) = 2^n e^f with n = round(v log2 e), f = v - n ln 2 in [-ln2/2, ln2/2]; e^f from Cephes'
+    expf polynomial (relative error ~1e-7), 2^n built from float bits (as attention._softmax_row).
+    """
+    w = max(v, np.float32(EXP_MIN))
+    ni = np.int32(w * np.float32(LOG2E) - np.float32(0.5))  # w <= 0: truncation rounds to nearest
+    k = np.float32(ni)
+    f = w - k * np.float32(0.693359375) + k * np.float32(2.12194440e-4)
+    z = f * f
+    p = ((((np.float32(1.9875691500e-4) * f + np.float32(1.3981999507e-3)) * f
+           + np.float32(8.3334519073e-3)) * f + np.float32(4.1665795894e-2)) * f
+         + np.float32(1.6666665459e-1)) * f + np.float32(5.0000001201e-1)
+    e = (p * z + f + np.float32(1.0)) * _f32_bits((ni + np.int32(127)) << 23)
+    return e if v >= np.float32(EXP_MIN) else np.float32(0.0)
+
+
+@kernel
+def silu(v):
+    """v sigmoid(v) = v / (1 + exp(-v)), through e = exp(-|v|) <= 1 so nothing overflows:
+    sigmoid(v) = 1 / (1 + e) for v >= 0, e / (1 + e) below. Within a few ulps for any v; the
+    result is -0 where its size is below 1.5e-36 (v < -87)."""
+    e = _exp_le0(-abs(v))
+    num = np.float32(1.0) if v >= np.float32(0.0) else e
+    return v * num / (np.float32(1.0) + e)
+
+
+# -- the public kernels: the token loop inline for little work (a call to a shared row helper
+# would cost as much as a decode step's row), the same loop under prange in a `_..._many` twin
+# from PARALLEL_MIN_ELEMS on. Flat loops over the last axis, indexed directly (no per-token views,
+# so no reference counting), for LLVM to vectorize. ------------------------------------------------
 
 @kernel
 def rmsnorm(out, x, w, eps):
     """x (T, n) -> out (T, n) = x / sqrt(mean(x^2) + eps) * w."""
     T, n = x.shape
+    if T * n >= PARALLEL_MIN_ELEMS:
+        _rmsnorm_many(out, x, w, eps)
+        return
     for t in range(T):
+        ss = np.float32(0.0)
+        for i in range(n):  # vectorizes: reassoc lets LLVM keep several partial sums
+            ss += x[t, i] * x[t, i]
+        inv = np.float32(1.0) / np.sqrt(ss / np.float32(n) + np.float32(eps))
+        for i in range(n):
+            out[t, i] = x[t, i] * inv * w[i]
+
+
+@kernel(parallel=True)
+def _rmsnorm_many(out, x, w, eps):
+    T, n = x.shape
+    for t in prange(T):
         ss = np.float32(0.0)
         for i in range(n):
             ss += x[t, i] * x[t, i]
@@ -68,26 +151,51 @@ def rope(x, cos, sin, positions):
     """
     T, H, hd = x.shape
     half = hd // 2
+    if T * H * hd >= PARALLEL_MIN_ELEMS:
+        _rope_many(x, cos, sin, positions)
+        return
     for t in range(T):
-        c = cos[positions[t]]
-        s = sin[positions[t]]
+        p = positions[t]
         for h in range(H):
-            v = x[t, h]
             for i in range(half):
-                a = v[i]
-                b = v[i + half]
-                v[i] = a * c[i] - b * s[i]
-                v[i + half] = b * c[i] + a * s[i]
+                a = x[t, h, i]
+                b = x[t, h, half + i]
+                x[t, h, i] = a * cos[p, i] - b * sin[p, i]
+                x[t, h, half + i] = b * cos[p, i] + a * sin[p, i]
+
+
+@kernel(parallel=True)
+def _rope_many(x, cos, sin, positions):
+    T, H, hd = x.shape
+    half = hd // 2
+    for t in prange(T):
+        p = positions[t]
+        for h in range(H):
+            for i in range(half):
+                a = x[t, h, i]
+                b = x[t, h, half + i]
+                x[t, h, i] = a * cos[p, i] - b * sin[p, i]
+                x[t, h, half + i] = b * cos[p, i] + a * sin[p, i]
 
 
 @kernel
 def swiglu(out, gate_up):
     """gate_up (T, 2n) = [gate | up] -> out (T, n) = silu(gate) * up."""
     T, n = out.shape
+    if T * n * SILU_COST >= PARALLEL_MIN_ELEMS:
+        _swiglu_many(out, gate_up)
+        return
     for t in range(T):
         for i in range(n):
-            g = gate_up[t, i]
-            out[t, i] = g / (np.float32(1.0) + np.exp(-g)) * gate_up[t, n + i]
+            out[t, i] = silu(gate_up[t, i]) * gate_up[t, n + i]
+
+
+@kernel(parallel=True)
+def _swiglu_many(out, gate_up):
+    T, n = out.shape
+    for t in prange(T):
+        for i in range(n):
+            out[t, i] = silu(gate_up[t, i]) * gate_up[t, n + i]
 
 
 @kernel
@@ -95,7 +203,22 @@ def split_qkv(q, k, v, qkv, b):
     """qkv (T, dq + 2 dkv) = [q | k | v] plus bias b (dq + 2 dkv,) -> q (T, dq), k, v (T, dkv)."""
     T, dq = q.shape
     dkv = k.shape[1]
+    if T * (dq + 2 * dkv) >= PARALLEL_MIN_ELEMS:
+        _split_qkv_many(q, k, v, qkv, b)
+        return
     for t in range(T):
+        for i in range(dq):
+            q[t, i] = qkv[t, i] + b[i]
+        for i in range(dkv):
+            k[t, i] = qkv[t, dq + i] + b[dq + i]
+            v[t, i] = qkv[t, dq + dkv + i] + b[dq + dkv + i]
+
+
+@kernel(parallel=True)
+def _split_qkv_many(q, k, v, qkv, b):
+    T, dq = q.shape
+    dkv = k.shape[1]
+    for t in prange(T):
         for i in range(dq):
             q[t, i] = qkv[t, i] + b[i]
         for i in range(dkv):
@@ -107,7 +230,18 @@ def split_qkv(q, k, v, qkv, b):
 def add_(x, y):
     """x += y, for (T, n) arrays."""
     T, n = x.shape
+    if T * n >= PARALLEL_MIN_ELEMS:
+        _add_many(x, y)
+        return
     for t in range(T):
+        for i in range(n):
+            x[t, i] += y[t, i]
+
+
+@kernel(parallel=True)
+def _add_many(x, y):
+    T, n = x.shape
+    for t in prange(T):
         for i in range(n):
             x[t, i] += y[t, i]
 
@@ -115,7 +249,16 @@ def add_(x, y):
 @kernel
 def embed(out, ids, w):
     """Rows ids (T,) of the embedding table w (layer 0 of a stacked weight) -> out (T, dim)."""
+    if ids.shape[0] >= PARALLEL_MIN_T:
+        _embed_many(out, ids, w)
+        return
     for t in range(ids.shape[0]):
+        dequant_row(out[t], w, 0, ids[t])
+
+
+@kernel(parallel=True)
+def _embed_many(out, ids, w):
+    for t in prange(ids.shape[0]):
         dequant_row(out[t], w, 0, ids[t])
 
 
@@ -123,10 +266,28 @@ def embed(out, ids, w):
 def store_kv(k_cache, v_cache, k, v, l, slots):
     """k, v (T, kv_heads, head_dim) -> caches (L, kv_heads, slots_total, head_dim) at slots[t]."""
     T, Hkv, hd = k.shape
-    for t in range(T):
+    if 2 * T * Hkv * hd >= PARALLEL_MIN_ELEMS:
+        _store_kv_many(k_cache, v_cache, k, v, l, slots)
+        return
+    for t in range(T):  # element loops: a slice assignment per row costs more than the copy
+        s = slots[t]
         for h in range(Hkv):
-            k_cache[l, h, slots[t], :] = k[t, h]
-            v_cache[l, h, slots[t], :] = v[t, h]
+            for i in range(hd):
+                k_cache[l, h, s, i] = k[t, h, i]
+            for i in range(hd):
+                v_cache[l, h, s, i] = v[t, h, i]
+
+
+@kernel(parallel=True)
+def _store_kv_many(k_cache, v_cache, k, v, l, slots):
+    T, Hkv, hd = k.shape
+    for t in prange(T):
+        s = slots[t]
+        for h in range(Hkv):
+            for i in range(hd):
+                k_cache[l, h, s, i] = k[t, h, i]
+            for i in range(hd):
+                v_cache[l, h, s, i] = v[t, h, i]
 
 
 # Activation codes for `activation_` (HF hidden_act names map onto these in weights/hf_fnet.py).

@@ -392,3 +392,125 @@ def test_add_bias(T, n):
     want = x + b
     ops.add_bias_(x, b)
     assert_array_equal(x, want)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels/ops.py: the threaded token loops (prefill) and silu at extreme inputs
+# ----------------------------------------------------------------------------------------------
+
+def parallel_tokens(per_token: int, cost: int = 1) -> int:
+    """An odd token count just above the size at which an op hands its loop to the prange twin."""
+    return (ops.PARALLEL_MIN_ELEMS // (per_token * cost) + 2) | 1
+
+
+@pytest.mark.parametrize("n", [576, 77])
+def test_rmsnorm_parallel(n):
+    T = parallel_tokens(n)
+    rng = rng_for("rmsnorm-par", n)
+    x = rng.standard_normal((T, n)).astype(np.float32)
+    x[3] = 0.0
+    x[T - 1] = 3e4
+    w = rng.standard_normal(n).astype(np.float32)
+    out = nans(T, n)
+    ops.rmsnorm(out, x, w, 1e-5)
+    assert_allclose(out, tw.rmsnorm(x, w, 1e-5), rtol=2e-6, atol=1e-6 * np.abs(w).max())
+    assert_array_equal(out[3], 0.0)
+
+
+@pytest.mark.parametrize("H,hd", [(9, 64), (3, 10)])
+def test_rope_parallel(H, hd):
+    T, pos0 = parallel_tokens(H * hd), 9
+    rng = rng_for("rope-par", H, hd)
+    cos, sin = rope_tables(pos0 + T, hd)
+    x = rng.standard_normal((T, H, hd)).astype(np.float32)
+    want = tw.rope(x, cos, sin, pos0)
+    ops.rope(x, cos, sin, positions(pos0, T))
+    assert_allclose(x, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1536, 37])
+def test_swiglu_parallel(n):
+    T = parallel_tokens(n, ops.SILU_COST)
+    rng = rng_for("silu-par", n)
+    gate = (rng.standard_normal((T, n)) * 4).astype(np.float32)
+    up = rng.standard_normal((T, n)).astype(np.float32)
+    gate.reshape(-1)[:len(SILU_EDGES)] = SILU_EDGES
+    out = nans(T, n)
+    ops.swiglu(out, np.ascontiguousarray(np.concatenate([gate, up], axis=1)))
+    assert np.isfinite(out).all()
+    assert_allclose(out, tw.silu_mul(gate, up), rtol=2e-6, atol=1e-30)
+
+
+def test_silu_extremes():
+    # silu(x) = x / (1 + exp(-x)) through exp(-|x|): no overflow for large |x|, and a few ulps
+    # everywhere the result is a normal float (below 1.5e-36, x < -87, it flushes to zero)
+    grid = np.linspace(-110, 110, 200_001, dtype=np.float32)
+    edges = np.array([100.0, -100.0, 1e30, -1e30, 88.7, -88.7, 87.0, -87.0, 1e-30, -1e-30, 0.0, -0.0,
+                      1e-45, -1e-45, 3e38, -3e38], np.float32)
+    gate = np.concatenate([grid, edges])
+    T = 3
+    gate = np.resize(gate, (T, -(-gate.size // T)))  # a few tokens, serial path
+    for tokens in (gate, np.tile(gate, (5, 1))):     # and the threaded one
+        up = np.ones_like(tokens)
+        out = nans(*tokens.shape)
+        ops.swiglu(out, np.ascontiguousarray(np.concatenate([tokens, up], axis=1)))
+        want = tw.silu_mul(tokens, up)
+        assert np.isfinite(out).all()
+        assert_allclose(out, want, rtol=5e-7, atol=1.5e-36)
+    at = dict(zip(tokens.ravel().tolist(), out.ravel().tolist()))
+    for g in (100.0, 1e30, 3e38):
+        g = float(np.float32(g))
+        assert at[g] == g and at[-g] == 0.0
+
+
+@pytest.mark.parametrize("dq,dkv", [(576, 192), (64, 32)])
+def test_split_qkv_parallel(dq, dkv):
+    T = parallel_tokens(dq + 2 * dkv)
+    rng = rng_for("split-par", dq)
+    qkv = rng.standard_normal((T, dq + 2 * dkv)).astype(np.float32)
+    b = rng.standard_normal(dq + 2 * dkv).astype(np.float32)
+    q, k, v = nans(T, dq), nans(T, dkv), nans(T, dkv)
+    ops.split_qkv(q, k, v, qkv, b)
+    want = qkv + b
+    assert_array_equal(q, want[:, :dq])
+    assert_array_equal(k, want[:, dq:dq + dkv])
+    assert_array_equal(v, want[:, dq + dkv:])
+
+
+def test_add_parallel():
+    n = 576
+    T = parallel_tokens(n)
+    rng = rng_for("add-par")
+    x = rng.standard_normal((T, n)).astype(np.float32)
+    y = rng.standard_normal((T, n)).astype(np.float32)
+    want = x + y
+    ops.add_(x, y)
+    assert_array_equal(x, want)
+
+
+def test_store_kv_parallel():
+    Lyr, KV, hd, l = 2, 3, 64, 1
+    T = parallel_tokens(2 * KV * hd)
+    S = T + 9
+    rng = rng_for("store-par")
+    k_cache, v_cache = (c.astype(np.float32) for c in garbage_caches(Lyr, KV, S, hd))
+    k = rng.standard_normal((T, KV, hd)).astype(np.float32)
+    v = rng.standard_normal((T, KV, hd)).astype(np.float32)
+    slots = rng.permutation(S)[:T].astype(np.int64)  # any slots, not only a run
+    want_k, want_v = k_cache.copy(), v_cache.copy()
+    want_k[l][:, slots] = k.transpose(1, 0, 2)
+    want_v[l][:, slots] = v.transpose(1, 0, 2)
+    ops.store_kv(k_cache, v_cache, k, v, l, slots)
+    assert_array_equal(k_cache, want_k)
+    assert_array_equal(v_cache, want_v)
+
+
+@pytest.mark.parametrize("fmt", ["F32", "Q8_0", "Q4_1"])
+def test_embed_parallel(fmt):
+    vocab, dim = 37, 96
+    rng = rng_for("embed-par", fmt)
+    qm, dense, _ = make_weight(fmt, vocab, dim, rng)
+    ids = rng.integers(0, vocab, ops.PARALLEL_MIN_T + 3).astype(np.int64)
+    out = nans(len(ids), dim)
+    ops.embed(out, ids, qm.args())
+    assert_array_equal(out, tw.embed(ids, dense[0]))
