@@ -13,29 +13,65 @@ attention is the pattern whose single block covers the whole cache: `dense_patte
 
 Work is split into tasks of (up to QT consecutive tokens of one sequence and query block, one kv
 head with all the query heads that read it, so each key tile loaded serves QT * group rows). A
-task walks its visible keys KT at a time: scores S = Q K^T for its rows, the
-online-softmax update (running max and sum per row), O += P V. No T x T score matrix exists; a
-thread's scratch holds one tile, O(QT (KT + head_dim)) floats whatever the context length.
+task walks its visible keys KT at a time: scores, the online-softmax update (running max and sum
+per row), O += P V. No T x T score matrix exists; a thread's scratch holds one tile,
+O(QT group (KT + head_dim)) floats whatever the context length.
+
+Everything is kept transposed, a task's query rows along the vector lanes (row c = head c // m,
+token c % m, padded with zero queries to a whole number of vectors):
+
+    S^T (keys, rows)  = K (keys, hd) Q^T (hd, rows)     Q^T packed once per task
+    softmax           elementwise over rows: max, exp and sums run down the keys
+    O^T (hd, rows)   += V^T (hd, keys) P^T (keys, rows)  V read in place from the cache
+
+Both products go through one register block written in LLVM IR (`_micro_ir`, driven by `_gemm`):
+a few rows of the left operand broadcast against a row of up to 4 vectors of the right one, up to
+24 accumulators in registers, no horizontal sums (Numba's own loops become dot products here, one
+horizontal sum each). The left operand is read through strides, so K and V come straight from the
+cache. The softmax step is LLVM IR too (`_softmax_ir`), one vector of rows at a time in registers.
+
+Decoding (at most 8 rows) would leave most lanes idle that way: `_tile_few` keeps the rows apart
+and runs along head_dim (dot products, weight times value row) and along the keys (softmax).
+Tasks are handed out first, last, second, second last... so that the even split over threads
+balances the causal triangle (later tokens see more keys).
 """
 import math
 
+import llvmlite.binding as llvm
 import numpy as np
-from numba import get_thread_id, prange
+from llvmlite import ir
+from numba import get_thread_id, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from .jit import kernel
 
 QT = 16  # query tokens per task: enough rows to reuse each key tile, enough tasks to share out
 KT = 64  # keys per tile
 
+# Vector width in floats, chosen for the host (Numba's disk cache is keyed on the CPU): 16 with
+# AVX-512 (32 registers), else 8 (AVX2, 16 registers). MR[nv] = left-operand rows per register
+# block with nv vectors of columns: MR[nv] * nv accumulators plus nv loads and a broadcast fit.
+_AVX512 = bool(llvm.get_host_cpu_features().get("avx512f", False))
+VW = 16 if _AVX512 else 8
+NV = 4  # at most 4 vectors of columns per block
+MR = (0, 8, 8, 8, 6) if _AVX512 else (0, 8, 6, 4, 3)
+
 LOG2E = 1.4426950408889634
-EXP_MIN = -87.0  # exp below this underflows float32; scores this far under the row max weigh nothing
+EXP_LO = -100.0  # exp clamps its argument here, where 2^n has underflowed to exactly 0 (-inf -> 0)
+
+
+@kernel
+def _rows(group):
+    """Rows of a task (QT tokens x group heads), padded to whole vectors."""
+    return -(-QT * group // VW) * VW
 
 
 def scratch_size(head_dim: int, group: int) -> int:
     """Per-thread scratch floats `attention` needs for query heads sharing a kv head in `group`s:
-    Q, O (QT group, hd), S (QT group, KT), V^T (hd, KT), running max and sum, exponent bits."""
-    rows = QT * group
-    return rows * (2 * head_dim + KT + 2) + head_dim * KT + KT
+    Q^T, O^T (hd, rows), S^T (KT, rows), five row vectors and KT exponents."""
+    R = _rows(group)
+    return R * (2 * head_dim + KT + 5) + KT
 
 
 def dense_pattern(slots_total: int) -> tuple[int, int, int, int]:
@@ -43,86 +79,287 @@ def dense_pattern(slots_total: int) -> tuple[int, int, int, int]:
     return (max(int(slots_total), 1), 0, 0, 0)
 
 
-@kernel
-def _tile_4x2(c, a, b, r, j, k):
-    # c[r:r+4, j:j+2] += a[r:r+4, :k] . b[j:j+2, :k]^T: eight running sums, so every element
-    # loaded feeds four (or two) multiply-adds (as linear._tile_4x2).
-    a0, a1, a2, a3 = a[r], a[r + 1], a[r + 2], a[r + 3]
-    b0, b1 = b[j], b[j + 1]
-    s00 = s01 = s10 = s11 = s20 = s21 = s30 = s31 = np.float32(0.0)
-    for i in range(k):
-        u = b0[i]
-        v = b1[i]
-        s00 += a0[i] * u
-        s01 += a0[i] * v
-        s10 += a1[i] * u
-        s11 += a1[i] * v
-        s20 += a2[i] * u
-        s21 += a2[i] * v
-        s30 += a3[i] * u
-        s31 += a3[i] * v
-    c[r, j] += s00
-    c[r, j + 1] += s01
-    c[r + 1, j] += s10
-    c[r + 1, j + 1] += s11
-    c[r + 2, j] += s20
-    c[r + 2, j + 1] += s21
-    c[r + 3, j] += s30
-    c[r + 3, j + 1] += s31
+# ----------------------------------------------------------------------------------------------
+# the register block
+# ----------------------------------------------------------------------------------------------
+
+def _micro_ir(vw: int, nv: int, mr: int, accumulate: bool):
+    """c[i, :nv*vw] (+)= sum_k a[i*ars + k*aks] * b[k*ldb + :nv*vw] for i < mr. Rows at or past
+    `rows` repeat row rows-1 (same loads, same result, same address), so any 1 <= rows <= mr works
+    with no tail code and no store outside the rows asked for."""
+    def codegen(context, builder, sig, args):
+        c_t, _, _, a_t, _, _, _, b_t = sig.args[:8]
+        c_v, co, ldc, a_v, ao, ars, aks, b_v, bo, ldb, n, rows = args
+        c = context.make_array(c_t)(context, builder, c_v)
+        a = context.make_array(a_t)(context, builder, a_v)
+        b = context.make_array(b_t)(context, builder, b_v)
+        i64 = ir.IntType(64)
+        f32 = ir.FloatType()
+        vec = ir.VectorType(f32, vw)
+        vptr = vec.as_pointer()
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]),
+                                             f"llvm.fma.v{vw}f32")
+        zero = ir.Constant(vec, [0.0] * vw)
+        undef_vec = ir.Constant(vec, ir.Undefined)
+        mask0 = ir.Constant(ir.VectorType(ir.IntType(32), vw), [0] * vw)
+        last = builder.sub(rows, ir.Constant(i64, 1))
+
+        def row(i):
+            ii = ir.Constant(i64, i)
+            return builder.select(builder.icmp_signed("<", ii, last), ii, last)
+
+        arow = [builder.gep(a.data, [builder.add(ao, builder.mul(row(i), ars))]) for i in range(mr)]
+        crow = [builder.gep(c.data, [builder.add(co, builder.mul(row(i), ldc))]) for i in range(mr)]
+        cvp = [[builder.bitcast(builder.gep(crow[i], [ir.Constant(i64, vw * v)]), vptr) for v in range(nv)]
+               for i in range(mr)]
+        if accumulate:
+            init = [[builder.load(cvp[i][v], align=4) for v in range(nv)] for i in range(mr)]
+        else:
+            init = [[zero] * nv for _ in range(mr)]
+        bbase = builder.gep(b.data, [bo])
+
+        entry = builder.basic_block
+        loop = builder.append_basic_block("micro.loop")
+        done = builder.append_basic_block("micro.done")
+        builder.cbranch(builder.icmp_signed(">", n, ir.Constant(i64, 0)), loop, done)
+
+        builder.position_at_end(loop)
+        k = builder.phi(i64)
+        k.add_incoming(ir.Constant(i64, 0), entry)
+        acc = [[builder.phi(vec) for _ in range(nv)] for _ in range(mr)]
+        for i in range(mr):
+            for v in range(nv):
+                acc[i][v].add_incoming(init[i][v], entry)
+        bp = builder.gep(bbase, [builder.mul(k, ldb)])
+        w = [builder.load(builder.bitcast(builder.gep(bp, [ir.Constant(i64, vw * v)]), vptr), align=4)
+             for v in range(nv)]
+        ak = builder.mul(k, aks)
+        new = []
+        for i in range(mr):
+            s = builder.load(builder.gep(arow[i], [ak]))
+            bc = builder.shuffle_vector(builder.insert_element(undef_vec, s, ir.Constant(ir.IntType(32), 0)),
+                                        undef_vec, mask0)
+            new.append([builder.call(fma, [bc, w[v], acc[i][v]]) for v in range(nv)])
+        k1 = builder.add(k, ir.Constant(i64, 1))
+        body_end = builder.basic_block
+        k.add_incoming(k1, body_end)
+        for i in range(mr):
+            for v in range(nv):
+                acc[i][v].add_incoming(new[i][v], body_end)
+        builder.cbranch(builder.icmp_signed("<", k1, n), loop, done)
+
+        builder.position_at_end(done)
+        result = [[builder.phi(vec) for _ in range(nv)] for _ in range(mr)]
+        for i in range(mr):
+            for v in range(nv):
+                result[i][v].add_incoming(init[i][v], entry)
+                result[i][v].add_incoming(new[i][v], body_end)
+        for i in range(mr):
+            for v in range(nv):
+                builder.store(result[i][v], cvp[i][v], align=4)
+        return context.get_dummy_value()
+    return codegen
+
+
+def _make_micro(vw: int, nv: int, accumulate: bool):
+    mr = MR[nv]
+
+    @intrinsic
+    def micro(typingctx, c, co, ldc, a, ao, ars, aks, b, bo, ldb, n, rows):
+        arrays = (c, a, b)
+        ok = (all(isinstance(x, types.Array) and x.dtype == types.float32 for x in arrays)
+              and all(isinstance(x, types.Integer) for x in (co, ldc, ao, ars, aks, bo, ldb, n, rows)))
+        if not ok:
+            return None
+        i64 = types.int64
+        return types.void(c, i64, i64, a, i64, i64, i64, b, i64, i64, i64, i64), _micro_ir(vw, nv, mr, accumulate)
+    return micro
+
+
+_set1, _set2, _set3, _set4 = (_make_micro(VW, v, False) for v in range(1, NV + 1))
+_add1, _add2, _add3, _add4 = (_make_micro(VW, v, True) for v in range(1, NV + 1))
 
 
 @kernel
-def _gemm_nt(c, a, b, m, n, k):
-    # c[:m, :n] += a[:m, :k] @ b[:n, :k]^T, in 4x2 blocks, then the odd edges one dot at a time.
-    m4 = m - m % 4
-    n2 = n - n % 2
-    for r in range(0, m4, 4):
-        for j in range(0, n2, 2):
-            _tile_4x2(c, a, b, r, j, k)
-    for r in range(m):
-        for j in range(n2 if r < m4 else 0, n):
-            acc = np.float32(0.0)
-            for i in range(k):
-                acc += a[r, i] * b[j, i]
-            c[r, j] += acc
+def _gemm(c, co, ldc, a, ao, ars, aks, b, bo, ldb, m, cols, n, accumulate):
+    """c[co + i ldc + j] (+)= sum_k a[ao + i ars + k aks] b[bo + k ldb + j] for i < m, j < cols
+    (a multiple of VW), k < n: flat offsets into the data of c, a, b (a may be any view: the
+    offsets count from its first element)."""
+    for j0 in range(0, cols, NV * VW):
+        nv = min(NV, (cols - j0) // VW)
+        mr = MR[nv]
+        for i0 in range(0, m, mr):
+            r = min(mr, m - i0)
+            cc = co + i0 * ldc + j0
+            aa = ao + i0 * ars
+            bb = bo + j0
+            if accumulate:
+                if nv == 4:
+                    _add4(c, cc, ldc, a, aa, ars, aks, b, bb, ldb, n, r)
+                elif nv == 3:
+                    _add3(c, cc, ldc, a, aa, ars, aks, b, bb, ldb, n, r)
+                elif nv == 2:
+                    _add2(c, cc, ldc, a, aa, ars, aks, b, bb, ldb, n, r)
+                else:
+                    _add1(c, cc, ldc, a, aa, ars, aks, b, bb, ldb, n, r)
+            else:
+                if nv == 4:
+                    _set4(c, cc, ldc, a, aa, ars, aks, b, bb, ldb, n, r)
+                elif nv == 3:
+                    _set3(c, cc, ldc, a, aa, ars, aks, b, bb, ldb, n, r)
+                elif nv == 2:
+                    _set2(c, cc, ldc, a, aa, ars, aks, b, bb, ldb, n, r)
+                else:
+                    _set1(c, cc, ldc, a, aa, ars, aks, b, bb, ldb, n, r)
+
+
+# ----------------------------------------------------------------------------------------------
+# the softmax, elementwise over rows
+# ----------------------------------------------------------------------------------------------
+
+def _exp_ir(builder, x, vw):
+    """exp(x) for x <= 0 on a <vw x float> (no libm): exp(v) = 2^n e^f with n = round(v log2 e),
+    f = v - n ln 2 in [-ln2/2, ln2/2], e^f from Cephes' expf polynomial (relative error ~1e-7), 2^n
+    built as float bits. v is clamped at EXP_LO, where 2^n is exactly 0, so -inf gives 0; exp(0)
+    is exactly 1."""
+    f32, i32 = ir.FloatType(), ir.IntType(32)
+    vec, ivec = ir.VectorType(f32, vw), ir.VectorType(i32, vw)
+
+    def c(v):
+        return ir.Constant(vec, [v] * vw)
+
+    mul, add, sub = builder.fmul, builder.fadd, builder.fsub
+    v = builder.select(builder.fcmp_ordered("<", x, c(EXP_LO)), c(EXP_LO), x)
+    ni = builder.fptosi(sub(mul(v, c(LOG2E)), c(0.5)), ivec)  # v <= 0: truncation rounds to nearest
+    k = builder.sitofp(ni, vec)
+    f = add(sub(v, mul(k, c(0.693359375))), mul(k, c(2.12194440e-4)))
+    p = c(1.9875691500e-4)
+    for coef in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        p = add(mul(p, f), c(coef))
+    e = add(add(mul(p, mul(f, f)), f), c(1.0))
+    b = builder.add(ni, ir.Constant(ivec, [127] * vw))
+    b = builder.select(builder.icmp_signed(">", b, ir.Constant(ivec, [0] * vw)), b, ir.Constant(ivec, [0] * vw))
+    two_n = builder.bitcast(builder.shl(b, ir.Constant(ivec, [23] * vw)), vec)
+    return mul(e, two_n)
+
+
+def _softmax_ir(vw: int):
+    """The online-softmax step of a tile, vw rows at a time: see `_softmax`."""
+    def codegen(context, builder, sig, args):
+        st, mx, den, al, lo, hi = [context.make_array(t)(context, builder, v).data
+                                   for t, v in zip(sig.args, args) if isinstance(t, types.Array)]
+        n, R, j0, mask = args[1], args[2], args[8], args[9]
+        i64, i32, f32 = ir.IntType(64), ir.IntType(32), ir.FloatType()
+        vec, ivec = ir.VectorType(f32, vw), ir.VectorType(i32, vw)
+
+        def ptr(base, i, t):
+            return builder.bitcast(builder.gep(base, [i]), t.as_pointer())
+
+        def splat(x, t):
+            return builder.shuffle_vector(builder.insert_element(ir.Constant(t, ir.Undefined), x,
+                                                                 ir.Constant(i32, 0)),
+                                          ir.Constant(t, ir.Undefined), ir.Constant(ivec, [0] * vw))
+
+        ninf = ir.Constant(vec, [float("-inf")] * vw)
+        acc = cgutils.alloca_once(builder, vec)
+        masked = builder.icmp_signed("!=", mask, ir.Constant(i64, 0))
+        with cgutils.for_range_slice(builder, ir.Constant(i64, 0), R, ir.Constant(i64, vw)) as (cb, _):
+            m_old = builder.load(ptr(mx, cb, vec), align=4)
+            lov = builder.load(ptr(lo, cb, ivec), align=4)
+            hiv = builder.load(ptr(hi, cb, ivec), align=4)
+            builder.store(m_old, acc)
+            with cgutils.for_range(builder, n) as loop:       # running max; masked keys -> -inf
+                j = loop.index
+                xp = ptr(st, builder.add(builder.mul(j, R), cb), vec)
+                x = builder.load(xp, align=4)
+                with builder.if_then(masked):
+                    key = splat(builder.trunc(builder.add(j0, j), i32), ivec)
+                    hidden = builder.or_(builder.icmp_signed("<=", key, lov), builder.icmp_signed(">", key, hiv))
+                    x = builder.select(hidden, ninf, x)
+                    builder.store(x, xp, align=4)
+                x = builder.load(xp, align=4)
+                b = builder.load(acc)
+                builder.store(builder.select(builder.fcmp_ordered(">", x, b), x, b), acc)
+            best = builder.load(acc)
+            # a row that has seen no key yet keeps max -inf; its weights come out 0 against 0
+            safe = builder.select(builder.fcmp_ordered("==", best, ninf), ir.Constant(vec, [0.0] * vw), best)
+            alpha = _exp_ir(builder, builder.fsub(m_old, safe), vw)     # m_old = -inf at first: 0
+            builder.store(alpha, ptr(al, cb, vec), align=4)
+            builder.store(best, ptr(mx, cb, vec), align=4)
+            dp = ptr(den, cb, vec)
+            builder.store(builder.fmul(builder.load(dp, align=4), alpha), acc)
+            with cgutils.for_range(builder, n) as loop:       # weights, and their sum
+                xp = ptr(st, builder.add(builder.mul(loop.index, R), cb), vec)
+                e = _exp_ir(builder, builder.fsub(builder.load(xp, align=4), safe), vw)
+                builder.store(e, xp, align=4)
+                builder.store(builder.fadd(builder.load(acc), e), acc)
+            builder.store(builder.load(acc), dp, align=4)
+        return context.get_dummy_value()
+    return codegen
+
+
+def _make_softmax(vw: int):
+    @intrinsic
+    def softmax(typingctx, st, n, R, mx, den, alpha, lo, hi, j0, mask):
+        f = (st, mx, den, alpha)
+        ok = (all(isinstance(x, types.Array) and x.dtype == types.float32 for x in f)
+              and all(isinstance(x, types.Array) and x.dtype == types.int32 for x in (lo, hi))
+              and all(isinstance(x, (types.Integer, types.Boolean)) for x in (n, R, j0, mask)))
+        if not ok:
+            return None
+        i64 = types.int64
+        return types.void(st, i64, i64, mx, den, alpha, lo, hi, i64, i64), _softmax_ir(vw)
+    return softmax
+
+
+_softmax_vw = _make_softmax(VW)
 
 
 @kernel
-def _row_max(x, start):
-    """max(start, x) in four independent chains (a single max chain waits on each step)."""
-    b0 = b1 = b2 = b3 = start
-    n = x.shape[0]
-    n4 = n - n % 4
-    for j in range(0, n4, 4):
-        b0 = max(b0, x[j])
-        b1 = max(b1, x[j + 1])
-        b2 = max(b2, x[j + 2])
-        b3 = max(b3, x[j + 3])
-    for j in range(n4, n):
-        b0 = max(b0, x[j])
-    return max(max(b0, b1), max(b2, b3))
+def _softmax(st, n, R, mx, den, alpha, lo, hi, j0, mask):
+    """The online softmax over scores st (n keys, R rows) flat, keys j0..: hide key j from row c
+    unless lo[c] < j <= hi[c] (when mask), then per row new max M = max(mx, scores),
+    alpha = exp(mx - M), st <- exp(st - M), den <- den alpha + sum of st, mx <- M. R is a
+    multiple of VW."""
+    _softmax_vw(st, n, R, mx, den, alpha, lo, hi, j0, 1 if mask else 0)
 
 
 @kernel
-def _softmax_row(x, best, bits):
-    """x <- exp(x - best) for x <= best, returning the sum; flat loops that vectorize (no libm).
+def _tile(kc, vc, j0, n, R, lo, hi, mask, qt, st, ot, mx, den, alpha):
+    """Keys j0..j0+n-1 of one kv head's cache kc, vc (slots, hd) against the task's R rows: scores
+    into st (n, R) flat, masked where mask (row c sees keys lo[c] < j <= hi[c]), folded into the
+    running max mx, sum den and output ot (hd, R) flat."""
+    hd = kc.shape[1]
+    ks = kc.strides[0] // 4
+    vs = vc.strides[0] // 4
+    _gemm(st, 0, R, kc, j0 * ks, ks, 1, qt, 0, R, n, R, hd, False)    # S^T = K (Q scaled)^T
+    _softmax(st, n, R, mx, den, alpha, lo, hi, j0, mask)
+    rescale = False
+    for c in range(R):
+        rescale |= alpha[c] != np.float32(1.0)
+    if rescale:   # some row's max moved: its output scales by exp(old max - new max)
+        for i in range(hd):
+            o = i * R
+            for c in range(R):
+                ot[o + c] *= alpha[c]
+    _gemm(ot, 0, R, vc, j0 * vs, 1, vs, st, 0, R, hd, R, n, True)     # O^T += V^T P^T
 
-    exp(v) = 2^n e^f with n = round(v log2 e), f = v - n ln 2 in [-ln2/2, ln2/2]; e^f from Cephes'
-    expf polynomial (relative error ~1e-7), 2^n built as float bits in `bits` (int32, len(x)).
-    Loops run over range(len) so the indices are known non-negative and LLVM vectorizes them.
-    """
+
+@kernel
+def _exp_row(x, bits):
+    """x <- exp(x) for x <= 0, returning the sum: `_exp_ir` as a flat loop LLVM vectorizes, 2^n
+    built in `bits` (int32, len(x))."""
     n = x.shape[0]
     for j in range(n):
-        v = max(x[j] - best, np.float32(EXP_MIN))
-        ni = np.int32(v * np.float32(LOG2E) - np.float32(0.5))  # v <= 0: truncation rounds to nearest
+        v = max(x[j], np.float32(EXP_LO))
+        ni = np.int32(v * np.float32(LOG2E) - np.float32(0.5))
         k = np.float32(ni)
         f = v - k * np.float32(0.693359375) + k * np.float32(2.12194440e-4)
-        z = f * f
         p = ((((np.float32(1.9875691500e-4) * f + np.float32(1.3981999507e-3)) * f
                + np.float32(8.3334519073e-3)) * f + np.float32(4.1665795894e-2)) * f
              + np.float32(1.6666665459e-1)) * f + np.float32(5.0000001201e-1)
-        x[j] = p * z + f + np.float32(1.0)
-        bits[j] = (ni + np.int32(127)) << 23
+        x[j] = p * (f * f) + f + np.float32(1.0)
+        bits[j] = max(ni + np.int32(127), np.int32(0)) << 23
     scale = bits.view(np.float32)
     total = np.float32(0.0)
     for j in range(n):
@@ -133,78 +370,92 @@ def _softmax_row(x, best, bits):
 
 
 @kernel
-def _tile(kc, vc, j0, n, rows, m, p0, window, qs, s, o, vt, mx, den, bits):
-    """One tile: query rows 0..rows-1 (row r is token r % m, at position p0 + r % m) against keys
-    j0..j0+n-1 of one kv head's cache kc, vc (slots, hd), folded into the running max mx, sum
-    den and output o."""
+def _tile_few(kc, vc, j0, n, rows, lo, hi, qs, s, o, mx, den, bits):
+    """`_tile` for at most 8 rows (decoding), where rows along the vector lanes would leave most
+    lanes idle: everything runs along head_dim or the keys instead (a dot product per visible
+    score, the softmax along each row, weight times value row), with qs, o (rows, hd) and
+    s (rows, KT) flat."""
     hd = kc.shape[1]
-    for r in range(rows):
-        s[r, :n] = 0.0
-    _gemm_nt(s, qs, kc[j0:j0 + n], rows, n, hd)         # s = (scaled q) k^T
-    for r in range(rows):
-        p = p0 + r % m
-        hi = min(n, p - j0 + 1)                          # causal: keys up to the query itself
-        lo = max(0, p - window + 1 - j0) if window > 0 else 0
-        row = s[r]
-        if hi <= lo:                                     # nothing visible from this row here
-            row[:n] = 0.0
+    for c in range(rows):
+        row = s[c * KT:c * KT + n]
+        a = max(0, lo[c] + 1 - j0)                       # visible keys j0 + a .. j0 + b - 1
+        b = min(n, hi[c] + 1 - j0)
+        row[:] = 0.0
+        if b <= a:
             continue
-        vis = row[lo:hi]
-        best = _row_max(vis, mx[r])
-        total = _softmax_row(vis, best, bits[:hi - lo])
-        row[:lo] = 0.0
-        row[hi:n] = 0.0
-        if best == mx[r]:                                # the usual case once a row has run a while
-            den[r] += total
-        else:
-            alpha = np.exp(mx[r] - best)                 # mx = -inf at first: alpha = 0
-            den[r] = den[r] * alpha + total
-            mx[r] = best
+        qc = qs[c * hd:(c + 1) * hd]
+        for j in range(a, b):
+            kj = kc[j0 + j]
+            acc = np.float32(0.0)
             for i in range(hd):
-                o[r, i] *= alpha
-    if rows >= 4:   # o += p v as dot products against v^T, in 4x2 blocks
-        for i in range(hd):
-            vti = vt[i]
-            for j in range(n):
-                vti[j] = vc[j0 + j, i]
-        _gemm_nt(o, s, vt, rows, hd, n)
-    else:           # one to three rows (decoding): add the value rows straight in
-        for r in range(rows):
-            for j in range(n):
-                pj = s[r, j]
-                vj = vc[j0 + j]
-                for i in range(hd):
-                    o[r, i] += pj * vj[i]
+                acc += qc[i] * kj[i]
+            row[j] = acc
+        best = mx[c]
+        for j in range(a, b):
+            best = max(best, row[j])
+        vis = row[a:b]
+        for j in range(b - a):
+            vis[j] -= best
+        total = _exp_row(vis, bits[:b - a])
+        if best == mx[c]:
+            den[c] += total
+        else:
+            alpha = np.exp(mx[c] - best)                 # mx = -inf at first: alpha = 0
+            den[c] = den[c] * alpha + total
+            mx[c] = best
+            oc = o[c * hd:(c + 1) * hd]
+            for i in range(hd):
+                oc[i] *= alpha
+    for j in range(n):
+        vj = vc[j0 + j]
+        for c in range(rows):
+            p = s[c * KT + j]
+            oc = o[c * hd:(c + 1) * hd]
+            for i in range(hd):
+                oc[i] += p * vj[i]
 
 
 @kernel
 def _attend(out, q, kc, vc, t0, m, kv, group, p0, window, pattern, buf):
     """Tokens t0..t0+m-1 (one sequence, one query block, positions p0..) over the cache kc, vc
     (slots of that sequence from its start, hd) of kv head kv, for the `group` query heads that
-    read it: row r is head kv * group + r // m, token t0 + r % m. -> out[t, h]."""
+    read it: row c is head kv * group + c // m, token t0 + c % m. -> out[t, h]."""
     block, n_global, n_local, stride = pattern
     hd = q.shape[2]
-    rows = m * group
-    R = QT * group
-    qs = buf[:R * hd].reshape((R, hd))
-    o = buf[R * hd:2 * R * hd].reshape((R, hd))
-    at = 2 * R * hd
-    s = buf[at:at + R * KT].reshape((R, KT))
-    at += R * KT
-    vt = buf[at:at + hd * KT].reshape((hd, KT))
-    at += hd * KT
-    mx = buf[at:at + R]
-    den = buf[at + R:at + 2 * R]
-    bits = buf[at + 2 * R:at + 2 * R + KT].view(np.int32)
+    used = m * group
+    few = used <= 8      # decoding: rows along head_dim instead (`_tile_few`)
+    R = 8 if few else -(-used // VW) * VW
+    Rmax = _rows(group)
+    qt = buf[:hd * R]                               # Q^T (hd, R) scaled by 1/sqrt(hd); Q (R, hd) if few
+    ot = buf[hd * Rmax:hd * Rmax + hd * R]          # O^T (hd, R); O (R, hd) if few
+    at = 2 * hd * Rmax
+    st = buf[at:at + KT * R]                        # S^T (keys, R), then P^T
+    at += KT * Rmax
+    mx = buf[at:at + R]                             # running max, sum, last rescale per row
+    den = buf[at + Rmax:at + Rmax + R]
+    alpha = buf[at + 2 * Rmax:at + 2 * Rmax + R]
+    lo = buf[at + 3 * Rmax:at + 3 * Rmax + R].view(np.int32)   # row c sees keys lo < j <= hi
+    hi = buf[at + 4 * Rmax:at + 4 * Rmax + R].view(np.int32)
+    bits = buf[at + 5 * Rmax:at + 5 * Rmax + KT].view(np.int32)    # exp's 2^n (few rows)
     scale = np.float32(1.0 / math.sqrt(hd))
-    for r in range(rows):
-        h = kv * group + r // m
-        t = t0 + r % m
+    for c in range(R):
+        p = p0 + c % m
+        hi[c] = p
+        lo[c] = p - window if window > 0 else -1
+        mx[c] = -np.inf
+        den[c] = 0.0
+    for i in range(hd):
+        for c in range(R):
+            qt[i * R + c] = 0.0
+            ot[i * R + c] = 0.0
+    for c in range(used):
+        h = kv * group + c // m
+        t = t0 + c % m
         for i in range(hd):
-            qs[r, i] = q[t, h, i] * scale
-            o[r, i] = 0.0
-        mx[r] = -np.inf
-        den[r] = 0.0
+            if few:
+                qt[c * hd + i] = q[t, h, i] * scale
+            else:
+                qt[i * R + c] = q[t, h, i] * scale
     last = p0 + m - 1
     first_key = max(0, p0 - window + 1) if window > 0 else 0
     qb = p0 // block
@@ -215,13 +466,19 @@ def _attend(out, q, kc, vc, t0, m, kv, group, p0, window, pattern, buf):
         k0 = max(kb * block, first_key)
         k1 = min((kb + 1) * block, last + 1)
         for j0 in range(k0, k1, KT):
-            _tile(kc, vc, j0, min(KT, k1 - j0), rows, m, p0, window, qs, s, o, vt, mx, den, bits)
-    for r in range(rows):
-        h = kv * group + r // m
-        t = t0 + r % m
-        inv = np.float32(1.0) / den[r]
+            n = min(KT, k1 - j0)
+            # mask unless every row sees every key: causal edge, or the window's far edge
+            mask = j0 + n - 1 > p0 or (window > 0 and j0 <= last - window)
+            if few:
+                _tile_few(kc, vc, j0, n, used, lo, hi, qt, st, ot, mx, den, bits)
+            else:
+                _tile(kc, vc, j0, n, R, lo, hi, mask, qt, st, ot, mx, den, alpha)
+    for c in range(used):
+        h = kv * group + c // m
+        t = t0 + c % m
+        inv = np.float32(1.0) / den[c]
         for i in range(hd):
-            out[t, h, i] = o[r, i] * inv
+            out[t, h, i] = (ot[c * hd + i] if few else ot[i * R + c]) * inv
 
 
 @kernel(parallel=True)
@@ -232,7 +489,7 @@ def attention(out, q, k_cache, v_cache, l, starts, slots, window, pattern, scrat
     to slots starts[t]..slots[t] (several sequences share one cache in separate stretches), thinned
     by `pattern` = (block, global_blocks, local_blocks, stride) as the module docstring says, and
     to the last `window` of them when window > 0. Query head h reads kv head h // (heads // kv_heads).
-    out (T, heads, head_dim). scratch f32 (threads, >= scratch_size(head_dim)).
+    out (T, heads, head_dim). scratch f32 (threads, >= scratch_size(head_dim, group)).
     """
     T, H, hd = q.shape
     KV = k_cache.shape[1]
@@ -240,7 +497,11 @@ def attention(out, q, k_cache, v_cache, l, starts, slots, window, pattern, scrat
     block = pattern[0]
     groups = (T + QT - 1) // QT
     for task in prange(groups * KV):
-        g0 = (task // KV) * QT
+        # Later tokens see more keys: order the groups first, last, second, second to last...
+        # so that the even split of the tasks over threads gives each a similar share of work.
+        i = task // KV
+        g = i // 2 if i % 2 == 0 else groups - 1 - i // 2
+        g0 = g * QT
         g1 = min(T, g0 + QT)
         kv = task % KV
         buf = scratch[get_thread_id()]

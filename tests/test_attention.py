@@ -83,6 +83,19 @@ def test_dense(H, KV, hd, T, pos0, q_scale):
     assert_close(out, q, k_cache, v_cache, l, pos0, score_scale=q_scale)
 
 
+@pytest.mark.parametrize("window", [0, 70])
+@pytest.mark.parametrize("H,KV", [(10, 2), (8, 1), (3, 3)])
+def test_wide_groups_long_prefill(H, KV, window):
+    """Groups of 5 and 8 heads (a task's rows span several column blocks of the register block)
+    and group 1, over a prefill that crosses many query tasks and key tiles."""
+    hd, T, pos0, S, l = 32, 90, 130, 240, 0
+    rng = rng_for("wide", H, KV, window)
+    k_cache, v_cache = filled_caches(rng, 1, KV, S, hd, l, used=pos0 + T)
+    q = (rng.standard_normal((T, H, hd)) * 3).astype(np.float32)
+    out = run(q, k_cache, v_cache, l, pos0, window=window)
+    assert_close(out, q, k_cache, v_cache, l, pos0, window=window, score_scale=3.0)
+
+
 # (block, global_blocks, local_blocks, stride): odd blocks leave tail blocks; blocks longer and
 # shorter than the kernel's 64-key tiles and 16-token query tasks
 PATTERNS = [(4, 1, 1, 0), (3, 0, 0, 0), (5, 2, 0, 3), (7, 0, 2, 2), (1, 1, 2, 4), (80, 0, 0, 0), (70, 1, 0, 0),
