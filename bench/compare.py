@@ -454,7 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens for pp (default: 512)")
     ap.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens for tg (default: 128)")
     ap.add_argument("-r", "--repetitions", type=int, default=5, help="counted repetitions (default: 5)")
-    ap.add_argument("--dtypes", nargs="+", default=["auto", "int8"], help="fastinfer dtypes, '+a8' for 8-bit activations: auto, int8, auto+a8, ... (default: auto int8)")
+    ap.add_argument("--dtypes", nargs="+", default=["auto+a8", "int8", "auto"],
+                    help="fastinfer dtypes, '+a8' for 8-bit activations, otherwise f32 activations "
+                         "(default: auto+a8 int8 auto)")
     ap.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES,
                     help="engines to run (default: all; missing ones are skipped with a note)")
     ap.add_argument("--ct2-types", nargs="+", default=["int8"], choices=CT2_TYPES,

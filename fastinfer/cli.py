@@ -27,9 +27,10 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=list(DTYPES),
                    help="weight format: auto keeps the file's; f32, bf16, int8 (8-bit blocks) and int4 "
                         "(4-bit blocks) convert while loading (default: auto)")
-    p.add_argument("--activations", default="f32", choices=["f32", "int8"],
+    p.add_argument("--activations", default="auto", choices=["auto", "f32", "int8"],
                    help="matmul inputs: f32 (exact), or int8 in blocks of 32 as llama.cpp does, so 4- and "
-                        "8-bit weights multiply on integer dot products (default: f32)")
+                        "8-bit weights multiply on integer dot products; auto = int8 for 4/8-bit Llama-family "
+                        "weights on a CPU with AVX512-VNNI, else f32 (default: auto)")
     p.add_argument("-t", "--threads", type=_positive_int, default=None, help="kernel threads (default: all cores)")
 
 
@@ -331,7 +332,7 @@ def cmd_bench(args) -> int:
         runs.append({"attention": setting, "pp": {"tokens": args.n_prompt, **_stats(pp[name])},
                      "tg": {"tokens": args.n_gen, **_stats(tg[name])}})
     # the first setting's figures at the top level, as before --attention existed
-    res = {"model": model.source, "dtype": args.dtype, "activations": args.activations, "threads": model.threads,
+    res = {"model": model.source, "dtype": args.dtype, "activations": model.activations, "threads": model.threads,
            "batch": args.batch, **runs[0]}
     if len(runs) == 2:
         res["sparse"] = runs[1]
@@ -339,7 +340,7 @@ def cmd_bench(args) -> int:
     for run in runs:
         for key in ("pp", "tg"):
             r = run[key]
-            print(f"| {model.source} | {args.dtype} | {args.activations} | {model.threads} | {run['attention']} | "
+            print(f"| {model.source} | {args.dtype} | {model.activations} | {model.threads} | {run['attention']} | "
                   f"{key}{r['tokens']} | "
                   f"{r['mean']:.2f} ± {r['std']:.2f} |")
     if len(runs) == 2:  # per repetition, so the machine's drift cancels

@@ -24,7 +24,7 @@ from .weights.fetch import default_model
 PREFILL_CHUNK = 256  # tokens per compiled prefill call; bounds the scratch and logits buffers. Each call
                      # dequantizes every weight once: 256 prefills 512 tokens 1.2-1.3x faster than 64
 DEFAULT_CTX = 4096   # context allocated by default, capped by the model's own
-ACTIVATIONS = ("f32", "int8")
+ACTIVATIONS = ("auto", "f32", "int8")
 
 
 def _return_freed_memory() -> None:
@@ -43,13 +43,15 @@ def _return_freed_memory() -> None:
 
 
 def load(source: str | Path | None = None, dtype: str = "auto", threads: int | None = None,
-         n_ctx: int | None = None, activations: str = "f32") -> "Model":
+         n_ctx: int | None = None, activations: str = "auto") -> "Model":
     """Load a GGUF file, an HF directory, a converted checkpoint, or (source=None) the default model.
 
     dtype "auto" keeps the file's formats; "f32", "bf16", "int8" and "int4" convert in memory.
     n_ctx is the longest sequence a session holds (default: min(4096, the model's context)).
     activations "int8" quantizes every matmul input in blocks of 32 (llama.cpp's method) so that
-    matmuls over 8- and 4-bit weight blocks run on integer dot products; "f32" keeps them exact.
+    matmuls over 8- and 4-bit weight blocks run on integer dot products; "f32" keeps them exact;
+    "auto" is int8 for a Llama-family model with 4/8-bit block weights on a CPU with AVX512-VNNI
+    (3-4x faster there, about +0.35% perplexity), f32 otherwise. `Model.activations` says which.
     """
     check_dtype(dtype)
     if activations not in ACTIVATIONS:
@@ -61,19 +63,30 @@ def load(source: str | Path | None = None, dtype: str = "auto", threads: int | N
     return Model(ckpt, threads, n_ctx, activations)
 
 
+def _resolve_activations(activations: str, arch, weights) -> str:
+    """"auto" -> "int8" where integer dot products pay (see `load`), else "f32"."""
+    if activations != "auto":
+        return activations
+    from .kernels.linear import Q4_0, Q4_1, Q8_0
+    from .kernels.qgemm import VNNI
+    blocks = getattr(arch, "ACT8", False) and getattr(weights, "w13", None) is not None \
+        and weights.w13.kind in (Q8_0, Q4_0, Q4_1)
+    return "int8" if blocks and VNNI else "f32"
+
+
 class Model:
-    def __init__(self, ckpt, threads: int, n_ctx: int | None = None, activations: str = "f32"):
+    def __init__(self, ckpt, threads: int, n_ctx: int | None = None, activations: str = "auto"):
         ctx_limit = int(ckpt.config["max_seq_len"])
         n_ctx = min(DEFAULT_CTX, ctx_limit) if n_ctx is None else int(n_ctx)
         if not 1 <= n_ctx <= ctx_limit:
             raise ValueError(f"n_ctx must be between 1 and the model's context length {ctx_limit}; got {n_ctx}")
         self.n_ctx, self.threads = n_ctx, threads
         self.arch = architecture(ckpt.config["arch"])
-        if activations != "f32" and not getattr(self.arch, "ACT8", False):
+        if activations == "int8" and not getattr(self.arch, "ACT8", False):
             raise ValueError(f"activations={activations!r} is supported for Llama-family models only; "
                              f"{ckpt.source} is {ckpt.config['arch']}")
-        self.activations = activations
         self.args, self.weights = self.arch.build(ckpt, n_ctx)
+        self.activations = _resolve_activations(activations, self.arch, self.weights)
         self.config = self.args
         self.tokenizer: tokenizers.Tokenizer = ckpt.tokenizer
         self.bos_id, self.eos_ids = ckpt.bos_id, list(ckpt.eos_ids)
@@ -82,7 +95,7 @@ class Model:
         self.source = ckpt.source
         self._w = self.weights.args()
         self.is_encoder = getattr(self.arch, "ENCODER", False)  # FNet: forward and embed only
-        with compile_notice(f"{self.args.arch}-forward-{activations}"):
+        with compile_notice(f"{self.args.arch}-forward-{self.activations}"):
             if self.is_encoder:
                 self.arch.run(self.args, self._w, np.zeros(2, np.int64), threads, self.args.has_head)
             else:

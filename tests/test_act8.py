@@ -303,7 +303,7 @@ def test_model_matches_fake_quantized_reference(tiny, ggml_type, monkeypatch):
     assert_allclose(full, want, atol=2e-4, rtol=0)
     assert_allclose(steps, want, atol=2e-4, rtol=0)
 
-    f32 = fastinfer.load(paths[ggml_type]).forward(IDS)
+    f32 = fastinfer.load(paths[ggml_type], activations="f32").forward(IDS)
     rel = np.linalg.norm(full - f32) / np.linalg.norm(f32)
     assert 1e-3 < rel < 4e-2, rel
     assert np.abs(full - f32).max() < 0.05 * np.abs(f32).max()
@@ -313,7 +313,7 @@ def test_float_weights_ignore_int8_activations(tiny):
     """An F32 checkpoint has no integer blocks to multiply: activations="int8" changes nothing."""
     paths, _ = tiny
     got = fastinfer.load(paths["F32"], activations="int8").forward(IDS)
-    assert_array_equal(got, fastinfer.load(paths["F32"]).forward(IDS))
+    assert_array_equal(got, fastinfer.load(paths["F32"], activations="f32").forward(IDS))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,7 +323,7 @@ def test_float_weights_ignore_int8_activations(tiny):
 def test_unknown_activations_option(tiny):
     """activations="int4" is refused with one ValueError that names the option and the choices."""
     paths, _ = tiny
-    with pytest.raises(ValueError, match=r"activations must be one of f32, int8; got 'int4'"):
+    with pytest.raises(ValueError, match=r"activations must be one of auto, f32, int8; got 'int4'"):
         fastinfer.load(paths["Q8_0"], activations="int4")
 
 
