@@ -126,7 +126,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model path (default: the default model)")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--activations", default="f32", choices=["f32", "int8"])
+    p.add_argument("--activations", default="auto", choices=["auto", "f32", "int8"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("-r", "--repetitions", type=int, default=20)
     p.add_argument("--label", default="", help="a note for the file name, e.g. before / after")
@@ -137,13 +137,13 @@ def main() -> None:
     prefill = profile(model, 256, 128, max(3, a.repetitions // 4))
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     head = (f"# Profile: {model.source.name if hasattr(model.source, 'name') else model.source}, dtype {a.dtype}, "
-            f"{a.activations} activations, "
+            f"{model.activations} activations, "
             f"{a.threads} threads {('· ' + a.label) if a.label else ''}\n\n{datetime.date.today()} · {cpu} · "
             f"median of {a.repetitions} (decode) runs, warm-up excluded\n\n")
     text = head + table(decode, prefill, 2)
     print(text)
     if a.out:
-        name = f"profile-{datetime.date.today()}-{a.dtype}-{a.activations}{('-' + a.label) if a.label else ''}.md"
+        name = f"profile-{datetime.date.today()}-{a.dtype}-{model.activations}{('-' + a.label) if a.label else ''}.md"
         path = Path(a.out) / name
         tmp = path.with_suffix(".tmp")
         tmp.write_text(text)

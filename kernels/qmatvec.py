@@ -32,7 +32,9 @@ from .jit import kernel
 Q8_0, Q4_0, Q4_1 = 3, 4, 5  # the weight kinds of kernels/linear.py (which imports this module)
 QK = 32  # elements per quantization block
 
-MAX_T = 8  # tokens per call: T accumulators stay in registers
+MAX_T = 8  # tokens per call
+PASS_T = 4  # tokens per pass over the weights: one specialised row loop per count 1..PASS_T and
+            # kind; 5..8 tokens take two passes (compiling 8 x 3 loops cost 7.6 s of the first run)
 # Rows the row loop takes at a time, by token count: two rows share each activation load and
 # overlap their accumulator chains (measured ~5-10% at T = 1, 2; nothing at T >= 4, where
 # 2 x T accumulators start to crowd the 32 registers).
@@ -126,7 +128,7 @@ def _hsum(builder, v):
 
 
 def _rows_ir(vnni: bool):
-    """Codegen: rows r0..r1 of W[l] times all T tokens (T = xq.shape[0], 1..MAX_T)."""
+    """Codegen: rows r0..r1 of W[l] times all T tokens (T = xq.shape[0], 1..PASS_T)."""
     def codegen(context, builder, sig, args):
         arrs = [context.make_array(ty)(context, builder, v) for ty, v in zip(sig.args[:7], args[:7])]
         out, xq, xd, xs, q, s, m = arrs
@@ -249,7 +251,7 @@ def _rows_ir(vnni: bool):
         # one specialized row loop per (T, kind), chosen once per call
         done = builder.append_basic_block("qmv.exit")
         by_t = builder.switch(T, done)
-        for T_ in range(1, MAX_T + 1):
+        for T_ in range(1, PASS_T + 1):
             blk = builder.append_basic_block(f"qmv.t{T_}")
             by_t.add_case(_c(_i64, T_), blk)
             builder.position_at_end(blk)
@@ -302,4 +304,7 @@ def linear_a8_rows(out, xq, xd, xs, w, l, tasks):
     if tasks < 1:
         raise ValueError("linear_a8_rows: tasks must be at least 1")
     for task in prange(tasks):
-        _rows(out, xq, xd, xs, q, s, m, l, task * rows // tasks, (task + 1) * rows // tasks, kind)
+        r0, r1 = task * rows // tasks, (task + 1) * rows // tasks
+        for t0 in range(0, T, PASS_T):
+            t1 = min(T, t0 + PASS_T)
+            _rows(out[t0:t1], xq[t0:t1], xd[t0:t1], xs[t0:t1], q, s, m, l, r0, r1, kind)
