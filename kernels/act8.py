@@ -55,3 +55,12 @@ def quantize(xq, xd, xs, x):
     else:
         for t in range(x.shape[0]):
             _quantize_row(xq[t], xd[t], xs[t], x[t])
+
+
+@kernel
+def residual(xr, x, xq, xd):
+    """What 8-bit quantization missed: xr = x - xd xq, all (T, n) (xd per 32-block)."""
+    T, n = x.shape
+    for t in range(T):
+        for i in range(n):
+            xr[t, i] = x[t, i] - xd[t, i // QK] * np.float32(xq[t, i])

@@ -241,29 +241,53 @@ def dequant_matrix(out, w, l):
 
 # -- 8-bit activations (kernels/act8.py) over the block formats -------------------------------------
 @kernel
-def linear_act(out, x, w, l, lin):
-    """`linear`, with 8-bit activations over block-format weights when lin carries their buffers.
-
-    lin = (scratch, xq int8 (T_max * n_max,), xd f32 (T_max * n_max // 32,), xs f32 (same)); empty
-    xq buffers (or a float weight format) mean f32 activations.
-    """
-    scratch, xq_buf, xd_buf, xs_buf = lin
-    kind = w[0]
-    if xq_buf.shape[0] == 0 or not (kind == Q8_0 or kind == Q4_0 or kind == Q4_1):
-        linear(out, x, w, l, scratch)
-        return
-    T, n = x.shape
-    xq = xq_buf[:T * n].reshape((T, n))
-    xd = xd_buf[:T * (n // QK)].reshape((T, n // QK))
-    xs = xs_buf[:T * (n // QK)].reshape((T, n // QK))
-    A8.quantize(xq, xd, xs, x)
-    if T <= ROWS_PATH_MAX_T:
+def _a8(out, xq, xd, xs, w, l, scratch):
+    if xq.shape[0] <= ROWS_PATH_MAX_T:
         QV.linear_a8_rows(out, xq, xd, xs, w, l, scratch.shape[0])
     else:
         QG.linear_a8_tiles(out, xq, xd, xs, w, l, scratch)
 
 
-def act_buffers(t_max: int, n_max: int, on: bool) -> tuple:
-    """(xq, xd, xs) for `linear_act`: sized for t_max tokens of width <= n_max, or empty (off)."""
+@kernel
+def linear_act(out, x, w, l, lin, passes):
+    """`linear`, with 8-bit activations over block-format weights when lin carries their buffers.
+
+    lin = (scratch, xq int8 (2 T_max n_max,), xd, xs f32 (2 T_max n_max // 32,), xr f32
+    (T_max n_max,), o2 f32 (2 T_max rows2,)) from `act_buffers`; empty xq buffers (or a float
+    weight format) mean f32 activations. passes=2 quantizes what the 8-bit pass leaves,
+    x - xd xq, as a second 8-bit "token" and adds its product: about 15 bits per activation, for
+    the matmul whose input 8 bits hurt most (the attention projections, rows <= rows2). The
+    residual rides along in the same call, so decoding still streams the weights once.
+    """
+    scratch, xq_buf, xd_buf, xs_buf, xr_buf, o2_buf = lin
+    kind = w[0]
+    if xq_buf.shape[0] == 0 or not (kind == Q8_0 or kind == Q4_0 or kind == Q4_1):
+        linear(out, x, w, l, scratch)
+        return
+    T, n = x.shape
+    nb = n // QK
+    P = passes * T
+    xq = xq_buf[:P * n].reshape((P, n))
+    xd = xd_buf[:P * nb].reshape((P, nb))
+    xs = xs_buf[:P * nb].reshape((P, nb))
+    A8.quantize(xq[:T], xd[:T], xs[:T], x)
+    if passes == 1:
+        _a8(out, xq, xd, xs, w, l, scratch)
+        return
+    rows = out.shape[1]
+    xr = xr_buf[:T * n].reshape((T, n))
+    A8.residual(xr, x, xq[:T], xd[:T])
+    A8.quantize(xq[T:], xd[T:], xs[T:], xr)
+    o2 = o2_buf[:P * rows].reshape((P, rows))
+    _a8(o2, xq, xd, xs, w, l, scratch)
+    for t in range(T):
+        for r in range(rows):
+            out[t, r] = o2[t, r] + o2[T + t, r]
+
+
+def act_buffers(t_max: int, n_max: int, rows2: int, on: bool) -> tuple:
+    """(xq, xd, xs, xr, o2) for `linear_act`: sized for t_max tokens of width <= n_max, two passes
+    over matrices of up to rows2 rows; or empty (off)."""
     size = t_max * n_max if on else 0
-    return np.zeros(size, np.int8), np.zeros(size // QK, np.float32), np.zeros(size // QK, np.float32)
+    return (np.zeros(2 * size, np.int8), np.zeros(2 * size // QK, np.float32), np.zeros(2 * size // QK, np.float32),
+            np.zeros(size, np.float32), np.zeros(2 * t_max * rows2 if on else 0, np.float32))

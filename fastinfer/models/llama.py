@@ -26,6 +26,7 @@ from fastinfer.weights.checkpoint import Checkpoint
 from fastinfer.weights.tensors import QMatrix, concat_rows, readonly, stack
 
 ACT8 = True  # State(act8=True): matmul inputs quantized to 8 bits (kernels/act8.py)
+QKV_PASSES = 2  # with act8, the Q/K/V projection's input gets a second 8-bit pass (its residual)
 
 
 @dataclass
@@ -213,7 +214,7 @@ class State:
         widest = max(args.dim, qd, args.hidden_dim)  # the widest input a matmul reads
         self.lin_scratch = np.zeros((threads, L.scratch_size(widest)), np.float32)
         # 8-bit activations (act8): each matmul's input quantized in 32-blocks, (chunk, widest) at most
-        self.act = L.act_buffers(chunk, widest, act8)
+        self.act = L.act_buffers(chunk, widest, qd + 2 * kvd, act8)
         group = args.n_heads // args.n_kv_heads
         self.att_scratch = np.zeros((threads, A.scratch_size(args.head_dim, group)), np.float32)  # one tile each
         # Pruning and eviction (fastinfer/prune.py): layer l holds drop[l] fewer rows than a dense
@@ -260,7 +261,7 @@ def forward(ids, positions, starts, slots, pattern, all_logits, w, st, n_heads, 
         ops.embed(x, ids, emb)
     for l in range(l0, l1):
         ops.rmsnorm(xb, x, attention_norm[l], eps)
-        L.linear_act(qkv, xb, wqkv, l, lin)
+        L.linear_act(qkv, xb, wqkv, l, lin, QKV_PASSES)
         ops.split_qkv(q, k, v, qkv, bqkv[l])
         ops.rope(q3, cos, sin, positions)
         ops.rope(k3, cos, sin, positions)
@@ -269,22 +270,22 @@ def forward(ids, positions, starts, slots, pattern, all_logits, w, st, n_heads, 
         prune.store_queries(q_ring, ring_pos, q3, l, positions)
         ops.store_kv(k_cache, v_cache, k3, v3, l, sl)
         A.attention(att3, q3, k_cache, v_cache, l, starts, sl, windows[l], pattern, att_scratch)
-        L.linear_act(xb, att, wo, l, lin)
+        L.linear_act(xb, att, wo, l, lin, 1)
         ops.add_(x, xb)
         ops.rmsnorm(xb, x, ffn_norm[l], eps)
-        L.linear_act(h13, xb, w13, l, lin)
+        L.linear_act(h13, xb, w13, l, lin, 1)
         ops.swiglu(hb, h13)
-        L.linear_act(xb, hb, w2, l, lin)
+        L.linear_act(xb, hb, w2, l, lin, 1)
         ops.add_(x, xb)
         S.spectral_filter_(x, spectral[0][l], spectral[1], spectral[2], spectral[3])  # no-op unless asked for
     if l1 < attention_norm.shape[0]:
         return
     if all_logits:
         ops.rmsnorm(xb, x, norm, eps)
-        L.linear_act(logits[:T], xb, output, 0, lin)
+        L.linear_act(logits[:T], xb, output, 0, lin, 1)
     else:
         ops.rmsnorm(xb[T - 1:], x[T - 1:], norm, eps)
-        L.linear_act(logits[:1], xb[T - 1:], output, 0, lin)
+        L.linear_act(logits[:1], xb[T - 1:], output, 0, lin, 1)
 
 
 def run(args: ModelArgs, w: tuple, st: tuple, ids: np.ndarray, positions: np.ndarray, starts: np.ndarray,
