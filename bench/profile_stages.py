@@ -31,7 +31,7 @@ from fastinfer.models import llama
 @njit(cache=False)
 def _linear_layers(out, x, w, lin, passes):
     for l in range(w[1].shape[0] if w[1].shape[0] else w[4].shape[0]):
-        L.linear_act(out, x, w, l, lin, passes)  # quantizes x first when lin carries 8-bit buffers
+        L.linear_act(out, x, w, l, lin, passes, True)  # quantizes x first when lin carries 8-bit buffers
 
 
 @njit(cache=False)
@@ -95,7 +95,7 @@ def profile(model, T: int, pos: int, reps: int) -> dict[str, float]:
         "norms, rope, swiglu, adds": lambda: _elementwise_layers(
             x, xb, qkv, q, k, v, q3, k3, v3, h13, hb, w.attention_norm, w.ffn_norm, w.bqkv, w.cos, w.sin,
             positions, st.k_cache, st.v_cache, slots, float(a.norm_eps)),
-        "lm head": lambda: L.linear_act(st.logits[:1], xb[T - 1:], w.output.args(), 0, lin, 1),
+        "lm head": lambda: L.linear_act(st.logits[:1], xb[T - 1:], w.output.args(), 0, lin, 1, True),
     }
     out = {name: _median_seconds(fn, reps) for name, fn in stages.items()}
     ids = np.ones(T, np.int64)

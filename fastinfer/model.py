@@ -105,6 +105,7 @@ class Model:
         """The architecture's run-time state (KV cache, scratch) for one or more sequences."""
         if self.activations == "int8":
             options["act8"] = True
+            options["float_path"] = self.arch.has_float_matmuls(self.weights)
         return self.arch.State(self.args, max_seq, chunk, self.threads, **options)
 
     # -- forward passes ----------------------------------------------------------------------

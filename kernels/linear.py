@@ -249,7 +249,7 @@ def _a8(out, xq, xd, xs, w, l, scratch):
 
 
 @kernel
-def linear_act(out, x, w, l, lin, passes):
+def linear_act(out, x, w, l, lin, passes, floats):
     """`linear`, with 8-bit activations over block-format weights when lin carries their buffers.
 
     lin = (scratch, xq int8 (2 T_max n_max,), xd, xs f32 (2 T_max n_max // 32,), xr f32
@@ -258,12 +258,17 @@ def linear_act(out, x, w, l, lin, passes):
     x - xd xq, as a second 8-bit "token" and adds its product: about 15 bits per activation, for
     the matmul whose input 8 bits hurt most (the attention projections, rows <= rows2). The
     residual rides along in the same call, so decoding still streams the weights once.
+
+    floats: True, or None when lin carries buffers and every weight passed is a block format.
+    Numba prunes `floats is not None` by type, so then the float path (`linear`, a third of
+    the first run's compile time) is never compiled.
     """
     scratch, xq_buf, xd_buf, xs_buf, xr_buf, o2_buf = lin
     kind = w[0]
-    if xq_buf.shape[0] == 0 or not (kind == Q8_0 or kind == Q4_0 or kind == Q4_1):
-        linear(out, x, w, l, scratch)
-        return
+    if floats is not None:
+        if xq_buf.shape[0] == 0 or not (kind == Q8_0 or kind == Q4_0 or kind == Q4_1):
+            linear(out, x, w, l, scratch)
+            return
     T, n = x.shape
     nb = n // QK
     P = passes * T

@@ -217,7 +217,7 @@ def test_linear_act_matches_integer_formula(fmt, T, rows, n):
     lin = lin_buffers()
     for l in (0, 1):
         out = np.full((T, rows), np.nan, np.float32)
-        L.linear_act(out, x, w, l, lin, 1)
+        L.linear_act(out, x, w, l, lin, 1, True)
         want, scale = integer_formula(xq, xd, xs, w, l)
         bound = 2 * (n // 32 + 3) * EPS32 * scale + 1e-30
         err = np.abs(out - want)
@@ -242,7 +242,7 @@ def test_linear_act_falls_back_to_linear(fmt, T):
     L.linear(want, x, w, 0, lin_buffers(on=False)[0])
     for on in ([False, True] if fmt in tw.FLOAT_FORMATS else [False]):
         out = np.full((T, rows), np.nan, np.float32)
-        L.linear_act(out, x, w, 0, lin_buffers(on), 2)
+        L.linear_act(out, x, w, 0, lin_buffers(on), 2, True)
         assert_array_equal(out, want, err_msg=f"buffers {'on' if on else 'off'}")
 
 
@@ -260,7 +260,7 @@ def test_two_passes_add_the_residual(fmt, T):
     rq, rd, rs, _ = tw.quantize_act8(r)
     lin = lin_buffers()
     out = np.full((T, rows), np.nan, np.float32)
-    L.linear_act(out, x, w, 1, lin, 2)
+    L.linear_act(out, x, w, 1, lin, 2, None)
     first, s1 = integer_formula(xq, xd, xs, w, 1)
     second, s2 = integer_formula(rq, rd, rs, w, 1)
     bound = 2 * (n // 32 + 3) * EPS32 * (s1 + s2) + 1e-30
@@ -269,7 +269,7 @@ def test_two_passes_add_the_residual(fmt, T):
     exact = np.full((T, rows), np.nan, np.float32)
     L.linear(exact, x, w, 1, lin[0])
     one = np.full((T, rows), np.nan, np.float32)
-    L.linear_act(one, x, w, 1, lin, 1)
+    L.linear_act(one, x, w, 1, lin, 1, None)
     rel2 = np.linalg.norm(out - exact) / np.linalg.norm(exact)
     rel1 = np.linalg.norm(one - exact) / np.linalg.norm(exact)
     assert rel2 < rel1 / 30, (rel1, rel2)
@@ -412,3 +412,16 @@ def test_real_model_knows_paris(smollm2_gguf):
     """SmolLM2-135M (Q4_1) with 8-bit activations still continues the prompt with " Paris"."""
     model = fastinfer.load(smollm2_gguf, activations="int8")
     assert model.generate("The capital of France is", max_new_tokens=3, temperature=0).startswith(" Paris")
+
+
+def test_float_path_left_out_only_when_every_matmul_is_blocks(tiny):
+    """With int8 activations and only block-format matmul weights, the state tells the graph to
+    leave the float matmul path out (floats=None); float weights or f32 activations keep it."""
+    paths, _ = tiny
+    q = fastinfer.load(paths["Q4_1"], activations="int8")
+    assert q.session().state.floats is None
+    assert fastinfer.load(paths["Q4_1"], activations="f32").session().state.floats is True
+    f = fastinfer.load(paths["F32"], activations="int8")
+    assert f.session().state.floats is True
+    from fastinfer.models import llama
+    assert not llama.has_float_matmuls(q.weights) and llama.has_float_matmuls(f.weights)

@@ -138,6 +138,11 @@ def build(ckpt: Checkpoint, max_seq: int) -> tuple[ModelArgs, Weights]:
     return args, w
 
 
+def has_float_matmuls(w: Weights) -> bool:
+    """Whether any matmul weight is a float format (which 8-bit activations cannot use)."""
+    return any(m.kind not in (L.Q8_0, L.Q4_0, L.Q4_1) for m in (w.wqkv, w.wo, w.w13, w.w2, w.output))
+
+
 def _windows(args: ModelArgs) -> np.ndarray:
     """Per-layer attention window (0 = full), int64 (n_layers,)."""
     w = np.zeros(args.n_layers, np.int64)
@@ -195,7 +200,7 @@ class State:
     """Everything one sequence needs at run time, allocated once: KV cache and scratch buffers."""
 
     def __init__(self, args: ModelArgs, max_seq: int, chunk: int, threads: int, ring: int = 0,
-                 act8: bool = False):
+                 act8: bool = False, float_path: bool = True):
         qd, kvd = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
         self.max_seq, self.chunk = max_seq, chunk
         # np.zeros maps pages lazily, so a long context costs memory only as it fills.
@@ -215,6 +220,9 @@ class State:
         self.lin_scratch = np.zeros((threads, L.scratch_size(widest)), np.float32)
         # 8-bit activations (act8): each matmul's input quantized in 32-blocks, (chunk, widest) at most
         self.act = L.act_buffers(chunk, widest, qd + 2 * kvd, act8)
+        # None: every matrix is 8/4-bit blocks and runs on integers, so the float matmul path is
+        # left out of the compiled graph (kernels/linear.py linear_act)
+        self.floats = None if act8 and not float_path else True
         group = args.n_heads // args.n_kv_heads
         self.att_scratch = np.zeros((threads, A.scratch_size(args.head_dim, group)), np.float32)  # one tile each
         # Pruning and eviction (fastinfer/prune.py): layer l holds drop[l] fewer rows than a dense
@@ -228,7 +236,7 @@ class State:
     def args(self) -> tuple:
         return (self.k_cache, self.v_cache, self.x, self.xb, self.qkv, self.q, self.k, self.v, self.att,
                 self.h13, self.hb, self.logits, (self.lin_scratch, *self.act), self.att_scratch, self.drop, self.layer_slots,
-                self.q_ring, self.ring_pos)
+                self.q_ring, self.ring_pos, self.floats)
 
 
 @kernel
@@ -247,7 +255,7 @@ def forward(ids, positions, starts, slots, pattern, all_logits, w, st, n_heads, 
     """
     emb, attention_norm, wqkv, bqkv, wo, ffn_norm, w13, w2, norm, output, cos, sin, windows = w
     (k_cache, v_cache, x_all, xb_all, qkv_all, q_all, k_all, v_all, att_all, h13_all, hb_all, logits,
-     lin, att_scratch, drop, layer_slots, q_ring, ring_pos) = st
+     lin, att_scratch, drop, layer_slots, q_ring, ring_pos, floats) = st
     T = ids.shape[0]
     hd = k_cache.shape[3]
     x, xb, qkv, h13, hb = x_all[:T], xb_all[:T], qkv_all[:T], h13_all[:T], hb_all[:T]
@@ -261,7 +269,7 @@ def forward(ids, positions, starts, slots, pattern, all_logits, w, st, n_heads, 
         ops.embed(x, ids, emb)
     for l in range(l0, l1):
         ops.rmsnorm(xb, x, attention_norm[l], eps)
-        L.linear_act(qkv, xb, wqkv, l, lin, QKV_PASSES)
+        L.linear_act(qkv, xb, wqkv, l, lin, QKV_PASSES, floats)
         ops.split_qkv(q, k, v, qkv, bqkv[l])
         ops.rope(q3, cos, sin, positions)
         ops.rope(k3, cos, sin, positions)
@@ -270,22 +278,22 @@ def forward(ids, positions, starts, slots, pattern, all_logits, w, st, n_heads, 
         prune.store_queries(q_ring, ring_pos, q3, l, positions)
         ops.store_kv(k_cache, v_cache, k3, v3, l, sl)
         A.attention(att3, q3, k_cache, v_cache, l, starts, sl, windows[l], pattern, att_scratch)
-        L.linear_act(xb, att, wo, l, lin, 1)
+        L.linear_act(xb, att, wo, l, lin, 1, floats)
         ops.add_(x, xb)
         ops.rmsnorm(xb, x, ffn_norm[l], eps)
-        L.linear_act(h13, xb, w13, l, lin, 1)
+        L.linear_act(h13, xb, w13, l, lin, 1, floats)
         ops.swiglu(hb, h13)
-        L.linear_act(xb, hb, w2, l, lin, 1)
+        L.linear_act(xb, hb, w2, l, lin, 1, floats)
         ops.add_(x, xb)
         S.spectral_filter_(x, spectral[0][l], spectral[1], spectral[2], spectral[3])  # no-op unless asked for
     if l1 < attention_norm.shape[0]:
         return
     if all_logits:
         ops.rmsnorm(xb, x, norm, eps)
-        L.linear_act(logits[:T], xb, output, 0, lin, 1)
+        L.linear_act(logits[:T], xb, output, 0, lin, 1, floats)
     else:
         ops.rmsnorm(xb[T - 1:], x[T - 1:], norm, eps)
-        L.linear_act(logits[:1], xb[T - 1:], output, 0, lin, 1)
+        L.linear_act(logits[:1], xb[T - 1:], output, 0, lin, 1, floats)
 
 
 def run(args: ModelArgs, w: tuple, st: tuple, ids: np.ndarray, positions: np.ndarray, starts: np.ndarray,
