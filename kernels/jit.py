@@ -49,10 +49,13 @@ else:
     CACHE_DIR = Path(os.environ["NUMBA_CACHE_DIR"])
 
 
-def kernel(fn=None, *, parallel=False):
-    """Decorate a hot loop: njit, cached on disk, explicit fastmath, numpy error model."""
+def kernel(fn=None, *, parallel=False, inline=False):
+    """Decorate a hot loop: njit, cached on disk, explicit fastmath, numpy error model.
+
+    inline=True inlines the function into its callers' Numba IR (no call, no array views), for
+    a loop body shared by a serial loop and its prange twin."""
     deco = numba.njit(cache=True, fastmath=set(FASTMATH), parallel=parallel,
-                      error_model="numpy", nogil=True)
+                      error_model="numpy", nogil=True, inline="always" if inline else "never")
     return deco if fn is None else deco(fn)
 
 

@@ -72,10 +72,21 @@ def silu(v):
     return v * num / (np.float32(1.0) + e)
 
 
-# -- the public kernels: the token loop inline for little work (a call to a shared row helper
-# would cost as much as a decode step's row), the same loop under prange in a `_..._many` twin
-# from PARALLEL_MIN_ELEMS on. Flat loops over the last axis, indexed directly (no per-token views,
-# so no reference counting), for LLVM to vectorize. ------------------------------------------------
+# -- the public kernels: a serial token loop for little work, the same loop under prange in a
+# `_..._many` twin from PARALLEL_MIN_ELEMS on. Both run one inlined per-token body (Numba IR
+# inlining: no call and no per-token views, which cost as much as a decode step's row), with flat
+# loops over the last axis for LLVM to vectorize. ---------------------------------------------------
+
+@kernel(inline=True)
+def _rmsnorm_row(out, x, w, eps, t):
+    n = x.shape[1]
+    ss = np.float32(0.0)
+    for i in range(n):  # vectorizes: reassoc lets LLVM keep several partial sums
+        ss += x[t, i] * x[t, i]
+    inv = np.float32(1.0) / np.sqrt(ss / np.float32(n) + np.float32(eps))
+    for i in range(n):
+        out[t, i] = x[t, i] * inv * w[i]
+
 
 @kernel
 def rmsnorm(out, x, w, eps):
@@ -85,24 +96,13 @@ def rmsnorm(out, x, w, eps):
         _rmsnorm_many(out, x, w, eps)
         return
     for t in range(T):
-        ss = np.float32(0.0)
-        for i in range(n):  # vectorizes: reassoc lets LLVM keep several partial sums
-            ss += x[t, i] * x[t, i]
-        inv = np.float32(1.0) / np.sqrt(ss / np.float32(n) + np.float32(eps))
-        for i in range(n):
-            out[t, i] = x[t, i] * inv * w[i]
+        _rmsnorm_row(out, x, w, eps, t)
 
 
 @kernel(parallel=True)
 def _rmsnorm_many(out, x, w, eps):
-    T, n = x.shape
-    for t in prange(T):
-        ss = np.float32(0.0)
-        for i in range(n):
-            ss += x[t, i] * x[t, i]
-        inv = np.float32(1.0) / np.sqrt(ss / np.float32(n) + np.float32(eps))
-        for i in range(n):
-            out[t, i] = x[t, i] * inv * w[i]
+    for t in prange(x.shape[0]):
+        _rmsnorm_row(out, x, w, eps, t)
 
 
 @kernel
@@ -143,6 +143,19 @@ def add_bias_(x, b):
             x[t, i] += b[i]
 
 
+@kernel(inline=True)
+def _rope_row(x, cos, sin, positions, t):
+    H, hd = x.shape[1], x.shape[2]
+    half = hd // 2
+    p = positions[t]
+    for h in range(H):
+        for i in range(half):
+            a = x[t, h, i]
+            b = x[t, h, half + i]
+            x[t, h, i] = a * cos[p, i] - b * sin[p, i]
+            x[t, h, half + i] = b * cos[p, i] + a * sin[p, i]
+
+
 @kernel
 def rope(x, cos, sin, positions):
     """Rotate x (T, heads, head_dim) in place, token t at position positions[t] (HF rotate-half).
@@ -150,32 +163,24 @@ def rope(x, cos, sin, positions):
     cos, sin (max_seq, head_dim // 2). Pair i is (x[i], x[i + head_dim // 2]).
     """
     T, H, hd = x.shape
-    half = hd // 2
     if T * H * hd >= PARALLEL_MIN_ELEMS:
         _rope_many(x, cos, sin, positions)
         return
     for t in range(T):
-        p = positions[t]
-        for h in range(H):
-            for i in range(half):
-                a = x[t, h, i]
-                b = x[t, h, half + i]
-                x[t, h, i] = a * cos[p, i] - b * sin[p, i]
-                x[t, h, half + i] = b * cos[p, i] + a * sin[p, i]
+        _rope_row(x, cos, sin, positions, t)
 
 
 @kernel(parallel=True)
 def _rope_many(x, cos, sin, positions):
-    T, H, hd = x.shape
-    half = hd // 2
-    for t in prange(T):
-        p = positions[t]
-        for h in range(H):
-            for i in range(half):
-                a = x[t, h, i]
-                b = x[t, h, half + i]
-                x[t, h, i] = a * cos[p, i] - b * sin[p, i]
-                x[t, h, half + i] = b * cos[p, i] + a * sin[p, i]
+    for t in prange(x.shape[0]):
+        _rope_row(x, cos, sin, positions, t)
+
+
+@kernel(inline=True)
+def _swiglu_row(out, gate_up, t):
+    n = out.shape[1]
+    for i in range(n):
+        out[t, i] = silu(gate_up[t, i]) * gate_up[t, n + i]
 
 
 @kernel
@@ -186,44 +191,46 @@ def swiglu(out, gate_up):
         _swiglu_many(out, gate_up)
         return
     for t in range(T):
-        for i in range(n):
-            out[t, i] = silu(gate_up[t, i]) * gate_up[t, n + i]
+        _swiglu_row(out, gate_up, t)
 
 
 @kernel(parallel=True)
 def _swiglu_many(out, gate_up):
-    T, n = out.shape
-    for t in prange(T):
-        for i in range(n):
-            out[t, i] = silu(gate_up[t, i]) * gate_up[t, n + i]
+    for t in prange(out.shape[0]):
+        _swiglu_row(out, gate_up, t)
+
+
+@kernel(inline=True)
+def _split_qkv_row(q, k, v, qkv, b, t):
+    dq, dkv = q.shape[1], k.shape[1]
+    for i in range(dq):
+        q[t, i] = qkv[t, i] + b[i]
+    for i in range(dkv):
+        k[t, i] = qkv[t, dq + i] + b[dq + i]
+        v[t, i] = qkv[t, dq + dkv + i] + b[dq + dkv + i]
 
 
 @kernel
 def split_qkv(q, k, v, qkv, b):
     """qkv (T, dq + 2 dkv) = [q | k | v] plus bias b (dq + 2 dkv,) -> q (T, dq), k, v (T, dkv)."""
     T, dq = q.shape
-    dkv = k.shape[1]
-    if T * (dq + 2 * dkv) >= PARALLEL_MIN_ELEMS:
+    if T * qkv.shape[1] >= PARALLEL_MIN_ELEMS:
         _split_qkv_many(q, k, v, qkv, b)
         return
     for t in range(T):
-        for i in range(dq):
-            q[t, i] = qkv[t, i] + b[i]
-        for i in range(dkv):
-            k[t, i] = qkv[t, dq + i] + b[dq + i]
-            v[t, i] = qkv[t, dq + dkv + i] + b[dq + dkv + i]
+        _split_qkv_row(q, k, v, qkv, b, t)
 
 
 @kernel(parallel=True)
 def _split_qkv_many(q, k, v, qkv, b):
-    T, dq = q.shape
-    dkv = k.shape[1]
-    for t in prange(T):
-        for i in range(dq):
-            q[t, i] = qkv[t, i] + b[i]
-        for i in range(dkv):
-            k[t, i] = qkv[t, dq + i] + b[dq + i]
-            v[t, i] = qkv[t, dq + dkv + i] + b[dq + dkv + i]
+    for t in prange(q.shape[0]):
+        _split_qkv_row(q, k, v, qkv, b, t)
+
+
+@kernel(inline=True)
+def _add_row(x, y, t):
+    for i in range(x.shape[1]):
+        x[t, i] += y[t, i]
 
 
 @kernel
@@ -234,16 +241,13 @@ def add_(x, y):
         _add_many(x, y)
         return
     for t in range(T):
-        for i in range(n):
-            x[t, i] += y[t, i]
+        _add_row(x, y, t)
 
 
 @kernel(parallel=True)
 def _add_many(x, y):
-    T, n = x.shape
-    for t in prange(T):
-        for i in range(n):
-            x[t, i] += y[t, i]
+    for t in prange(x.shape[0]):
+        _add_row(x, y, t)
 
 
 @kernel
@@ -262,6 +266,17 @@ def _embed_many(out, ids, w):
         dequant_row(out[t], w, 0, ids[t])
 
 
+@kernel(inline=True)
+def _store_kv_row(k_cache, v_cache, k, v, l, slots, t):
+    Hkv, hd = k.shape[1], k.shape[2]
+    s = slots[t]
+    for h in range(Hkv):  # element loops: a slice assignment per row costs more than the copy
+        for i in range(hd):
+            k_cache[l, h, s, i] = k[t, h, i]
+        for i in range(hd):
+            v_cache[l, h, s, i] = v[t, h, i]
+
+
 @kernel
 def store_kv(k_cache, v_cache, k, v, l, slots):
     """k, v (T, kv_heads, head_dim) -> caches (L, kv_heads, slots_total, head_dim) at slots[t]."""
@@ -269,25 +284,14 @@ def store_kv(k_cache, v_cache, k, v, l, slots):
     if 2 * T * Hkv * hd >= PARALLEL_MIN_ELEMS:
         _store_kv_many(k_cache, v_cache, k, v, l, slots)
         return
-    for t in range(T):  # element loops: a slice assignment per row costs more than the copy
-        s = slots[t]
-        for h in range(Hkv):
-            for i in range(hd):
-                k_cache[l, h, s, i] = k[t, h, i]
-            for i in range(hd):
-                v_cache[l, h, s, i] = v[t, h, i]
+    for t in range(T):
+        _store_kv_row(k_cache, v_cache, k, v, l, slots, t)
 
 
 @kernel(parallel=True)
 def _store_kv_many(k_cache, v_cache, k, v, l, slots):
-    T, Hkv, hd = k.shape
-    for t in prange(T):
-        s = slots[t]
-        for h in range(Hkv):
-            for i in range(hd):
-                k_cache[l, h, s, i] = k[t, h, i]
-            for i in range(hd):
-                v_cache[l, h, s, i] = v[t, h, i]
+    for t in prange(k.shape[0]):
+        _store_kv_row(k_cache, v_cache, k, v, l, slots, t)
 
 
 # Activation codes for `activation_` (HF hidden_act names map onto these in weights/hf_fnet.py).
