@@ -51,7 +51,8 @@ def load(source: str | Path | None = None, dtype: str = "auto", threads: int | N
     activations "int8" quantizes every matmul input in blocks of 32 (llama.cpp's method) so that
     matmuls over 8- and 4-bit weight blocks run on integer dot products; "f32" keeps them exact;
     "auto" is int8 for a Llama-family model with 4/8-bit block weights on a CPU with AVX512-VNNI
-    (3-4x faster there, about +0.35% perplexity), f32 otherwise. `Model.activations` says which.
+    (about 2x faster there, +0.25-0.4% perplexity on SmolLM2), f32 otherwise. `Model.activations`
+    says which.
     """
     check_dtype(dtype)
     if activations not in ACTIVATIONS:
