@@ -81,8 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     # name -> (forward: ids -> logits (T, vocab), greedy: (ids, n) -> n token ids)
     engines: dict = {}
     fi = fastinfer.load(gguf, dtype="f32", threads=args.threads, n_ctx=512)
-    fi8 = fastinfer.load(gguf, dtype="int8", threads=args.threads, n_ctx=512)
-    for name, m in (("fastinfer f32", fi), ("fastinfer int8", fi8)):
+    fi8 = fastinfer.load(gguf, dtype="int8", threads=args.threads, n_ctx=512, activations="f32")
+    models = [("fastinfer f32", fi), ("fastinfer int8", fi8)]
+    default = fastinfer.load(gguf, threads=args.threads, n_ctx=512)  # what load() gives on this CPU
+    if default.activations == "int8":
+        models.append(("fastinfer default", default))  # the file's blocks, 8-bit activations
+    for name, m in models:
         engines[name] = (m.forward, lambda ids, n, m=m: greedy_fastinfer(m, ids, n))
     ids, q = fi.encode(TEXT), fi.encode(PARIS)
     print(f"prompt: {len(ids)} tokens; continuation prompt {q}")
