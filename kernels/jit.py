@@ -70,6 +70,27 @@ def set_threads(n: int | None) -> int:
     return numba.get_num_threads()
 
 
+STALE_DAYS = 14  # a cache of other sources unused this long is removed after a fresh compile
+
+
+def remove_stale_caches(root: Path, keep: Path, days: float = STALE_DAYS) -> list[Path]:
+    """Delete the cache directories of other source versions under root (named by their 16-hex
+    digest) that nothing has written for `days`: every upgrade or edit compiles into a new one, and
+    the old ones would pile up (~20 MB each). Returns what was removed."""
+    import re
+    import shutil
+    cutoff = time.time() - days * 86400
+    removed = []
+    for d in root.iterdir() if root.is_dir() else ():
+        if d == keep or not d.is_dir() or not re.fullmatch(r"[0-9a-f]{16}", d.name):
+            continue
+        newest = max((f.stat().st_mtime for f in d.rglob("*")), default=d.stat().st_mtime)
+        if newest < cutoff:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
 @contextmanager
 def compile_notice(tag: str):
     """Print one line while kernels compile for the first time on this machine.
@@ -90,5 +111,7 @@ def compile_notice(tag: str):
             marker.write_text(f"{time.perf_counter() - t0:.1f}s\n")
             print(f"fastinfer: kernels compiled in {time.perf_counter() - t0:.1f} s (cached for next time)",
                   file=sys.stderr, flush=True)
+            if not os.environ.get("NUMBA_CACHE_DIR"):  # our own cache layout: tidy the old versions
+                remove_stale_caches(CACHE_DIR.parent, CACHE_DIR)
         except OSError:
             pass
