@@ -69,9 +69,8 @@ def _resolve_activations(activations: str, arch, weights) -> str:
     if activations != "auto":
         return activations
     from .kernels.linear import Q4_0, Q4_1, Q8_0
-    from .kernels.qgemm import VNNI
-    blocks = getattr(arch, "ACT8", False) and getattr(weights, "w13", None) is not None \
-        and weights.w13.kind in (Q8_0, Q4_0, Q4_1)
+    from .kernels.simd import VNNI
+    blocks = getattr(arch, "ACT8", False) and weights.w13.kind in (Q8_0, Q4_0, Q4_1)  # the bulk of the work
     return "int8" if blocks and VNNI else "f32"
 
 

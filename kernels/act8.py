@@ -14,9 +14,9 @@ overflow to inf, and rounding inf to int32 is undefined.
 import numpy as np
 from numba import prange
 
+from .formats import QK
 from .jit import kernel
 
-QK = 32
 PARALLEL_MIN_T = 16  # below this many tokens, one thread quantizes (a parallel region costs more)
 FLT_MIN = np.float32(1.1754944e-38)  # the smallest normal float32; 1 / FLT_MIN = 8.5e37 is finite
 

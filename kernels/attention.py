@@ -37,7 +37,6 @@ balances the causal triangle (later tokens see more keys).
 """
 import math
 
-import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
 from numba import get_thread_id, prange, types
@@ -45,6 +44,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .jit import kernel
+from .simd import AVX512
 
 QT = 16  # query tokens per task: enough rows to reuse each key tile, enough tasks to share out
 KT = 64  # keys per tile
@@ -52,10 +52,9 @@ KT = 64  # keys per tile
 # Vector width in floats, chosen for the host (Numba's disk cache is keyed on the CPU): 16 with
 # AVX-512 (32 registers), else 8 (AVX2, 16 registers). MR[nv] = left-operand rows per register
 # block with nv vectors of columns: MR[nv] * nv accumulators plus nv loads and a broadcast fit.
-_AVX512 = bool(llvm.get_host_cpu_features().get("avx512f", False))
-VW = 16 if _AVX512 else 8
+VW = 16 if AVX512 else 8
 NV = 4  # at most 4 vectors of columns per block
-MR = (0, 8, 8, 8, 6) if _AVX512 else (0, 8, 6, 4, 3)
+MR = (0, 8, 8, 8, 6) if AVX512 else (0, 8, 6, 4, 3)
 
 LOG2E = 1.4426950408889634
 EXP_LO = -100.0  # exp clamps its argument here, where 2^n has underflowed to exactly 0 (-inf -> 0)

@@ -25,9 +25,7 @@ from . import qgemm as QG
 from . import qmatvec as QV
 from .jit import kernel
 
-F32, F16, BF16, Q8_0, Q4_0, Q4_1 = 0, 1, 2, 3, 4, 5
-KIND_NAMES = {F32: "F32", F16: "F16", BF16: "BF16", Q8_0: "Q8_0", Q4_0: "Q4_0", Q4_1: "Q4_1"}
-QK = 32  # elements per quantization block
+from .formats import BF16, F16, F32, KIND_NAMES, Q4_0, Q4_1, Q8_0, QK  # noqa: F401 (re-exported)
 
 ROWS_PER_TASK = 48  # weight rows one thread takes at a time in prefill: three 16-row panels
 

@@ -19,37 +19,20 @@ add mn xs: 4 float operations.
 On a CPU without avx512vnni the same lane sums are emitted as generic LLVM IR (widen, multiply,
 add groups of 4), chosen once at import; numba's disk cache is keyed on the CPU.
 """
-import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
 from numba import get_thread_id, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .formats import Q4_0, Q4_1, Q8_0, QK
 from .jit import kernel
+from .simd import VNNI, dpbusd
 
-Q8_0, Q4_0, Q4_1 = 3, 4, 5  # the weight kinds of kernels/linear.py
-QK = 32   # elements per quantization block
 NR = 32   # weight rows per panel: two 16-lane int32 vectors
 MR = 6    # tokens per register block: 12 int + 12 float accumulators + 2 weights + scales
 ALIGN = 64  # bytes: panels start on a cache line
 
-VNNI = bool(llvm.get_host_cpu_features().get("avx512vnni", False))
-
-
-def _lane_sums_generic(builder, acc, a, b):
-    """acc + (four u8 x s8 products of a, b summed per int32 lane): vpdpbusd in plain IR."""
-    i8x64 = ir.VectorType(ir.IntType(8), 64)
-    i32x64 = ir.VectorType(ir.IntType(32), 64)
-    ua = builder.zext(builder.bitcast(a, i8x64), i32x64)
-    sb = builder.sext(builder.bitcast(b, i8x64), i32x64)
-    p = builder.mul(ua, sb)
-    undef = ir.Constant(i32x64, ir.Undefined)
-    for j in range(4):
-        part = builder.shuffle_vector(p, undef, ir.Constant(ir.VectorType(ir.IntType(32), 16),
-                                                            [4 * i + j for i in range(16)]))
-        acc = builder.add(acc, part)
-    return acc
 
 
 def _micro_ir(mr: int, vnni: bool):
@@ -69,12 +52,7 @@ def _micro_ir(mr: int, vnni: bool):
         ivec, fvec = ir.VectorType(i32, 16), ir.VectorType(f32, 16)
         c = lambda v: ir.Constant(i64, v)  # noqa: E731
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(fvec, [fvec] * 3), "llvm.fma.v16f32")
-        if vnni:
-            dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ivec, [ivec] * 3),
-                                                "llvm.x86.avx512.vpdpbusd.512")
-            dot = lambda acc, a, b: builder.call(dp, [acc, a, b])  # noqa: E731
-        else:
-            dot = lambda acc, a, b: _lane_sums_generic(builder, acc, a, b)  # noqa: E731
+        dot = lambda acc, a, b: dpbusd(builder, acc, a, b, vnni)  # noqa: E731
 
         def splat(s, vt):
             u = ir.Constant(vt, ir.Undefined)

@@ -22,15 +22,14 @@ zero-filled upper half. At T <= 2 two rows go together (ROWS_AT_ONCE).
 On a CPU without AVX512-VNNI the same int32 lane sums come from plain widening multiplies (chosen at
 import; Numba's disk cache is keyed on the CPU, so the choice is safe to cache).
 """
-import llvmlite.binding as llvm
 from llvmlite import ir
 from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .formats import Q4_0, Q4_1, Q8_0, QK
 from .jit import kernel
-Q8_0, Q4_0, Q4_1 = 3, 4, 5  # the weight kinds of kernels/linear.py (which imports this module)
-QK = 32  # elements per quantization block
+from .simd import VNNI, dpbusd
 
 MAX_T = 8  # tokens per call
 PASS_T = 4  # tokens per pass over the weights: one specialised row loop per count 1..PASS_T and
@@ -39,8 +38,6 @@ PASS_T = 4  # tokens per pass over the weights: one specialised row loop per cou
 # overlap their accumulator chains (measured ~5-10% at T = 1, 2; nothing at T >= 4, where
 # 2 x T accumulators start to crowd the 32 registers).
 ROWS_AT_ONCE = {1: 2, 2: 2}
-
-VNNI = bool(llvm.get_host_cpu_features().get("avx512vnni", False))
 
 _i8, _i32, _i64, _f32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
 _v64i8, _v32i8, _v16i8 = ir.VectorType(_i8, 64), ir.VectorType(_i8, 32), ir.VectorType(_i8, 16)
@@ -80,11 +77,7 @@ def _loop(builder, start, stop, init, body, name):
         p.add_incoming(v, end)
     builder.cbranch(builder.icmp_signed("<", i1, stop), loop, done)
     builder.position_at_end(done)
-    out = [builder.phi(v.type) for v in init]
-    for p, a, b in zip(out, init, new):
-        p.add_incoming(a, pre)
-        p.add_incoming(b, end)
-    return out
+    return _join(builder, init, pre, new, end)
 
 
 def _if(builder, cond, init, body, name):
@@ -98,23 +91,16 @@ def _if(builder, cond, init, body, name):
     end = builder.basic_block
     builder.branch(done)
     builder.position_at_end(done)
+    return _join(builder, init, pre, new, end)
+
+
+def _join(builder, init, pre, new, end):
+    """Phis at the current block: each value is init's coming from block pre, new's from end."""
     out = [builder.phi(v.type) for v in init]
     for p, a, b in zip(out, init, new):
         p.add_incoming(a, pre)
         p.add_incoming(b, end)
     return out
-
-
-def _dot4(builder, u, x, vnni):
-    """<64 x i8> unsigned u, signed x -> <16 x i32>: lane i = sum_k u[4i+k] x[4i+k]."""
-    if vnni:
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_v16i32, [_v16i32] * 3),
-                                            "llvm.x86.avx512.vpdpbusd.512")
-        return builder.call(fn, [_c(_v16i32, [0] * 16), builder.bitcast(u, _v16i32), builder.bitcast(x, _v16i32)])
-    v64i32 = ir.VectorType(_i32, 64)
-    p = builder.mul(builder.zext(u, v64i32), builder.sext(x, v64i32))
-    parts = [builder.shuffle_vector(p, p, _mask(range(k, 64, 4))) for k in range(4)]
-    return builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3]))
 
 
 def _hsum(builder, v):
@@ -183,7 +169,7 @@ def _rows_ir(vnni: bool):
                             xs_ = builder.load(builder.gep(xs_rows[t], [b]))
                         for i in range(R):
                             k = (i * T_ + t) * 2
-                            dp = builder.sitofp(_dot4(builder, us[i], xv, vnni), _v16f32)
+                            dp = builder.sitofp(dpbusd(builder, _c(_v16i32, [0] * 16), us[i], xv, vnni), _v16f32)
                             sd = builder.fmul(s2s[i], xd_)
                             if width == 2:
                                 sc = builder.shuffle_vector(sd, sd, _mask(lo_hi))

@@ -1,0 +1,31 @@
+"""What the CPU's vector units offer, and the LLVM IR pieces the hand-written kernels share.
+
+Read once at import; Numba's disk cache is keyed on the CPU, so code chosen from these flags is
+safe to cache."""
+import llvmlite.binding as llvm
+from llvmlite import ir
+from numba.core import cgutils
+
+_FEATURES = llvm.get_host_cpu_features()
+AVX512 = bool(_FEATURES.get("avx512f", False))
+VNNI = bool(_FEATURES.get("avx512vnni", False))
+
+_I32X16 = ir.VectorType(ir.IntType(32), 16)
+_I8X64 = ir.VectorType(ir.IntType(8), 64)
+_I32X64 = ir.VectorType(ir.IntType(32), 64)
+
+
+def dpbusd(builder, acc, u, x, vnni: bool):
+    """acc <16 x i32> + the four products u[4i+k] x[4i+k] (u unsigned, x signed bytes) per lane i.
+
+    u and x are any 512-bit vectors, read as 64 bytes. With vnni this is AVX512-VNNI's vpdpbusd;
+    without, the same integer sums from widening multiplies in plain IR."""
+    if vnni:
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I32X16, [_I32X16] * 3),
+                                            "llvm.x86.avx512.vpdpbusd.512")
+        return builder.call(fn, [acc, builder.bitcast(u, _I32X16), builder.bitcast(x, _I32X16)])
+    p = builder.mul(builder.zext(builder.bitcast(u, _I8X64), _I32X64),
+                    builder.sext(builder.bitcast(x, _I8X64), _I32X64))
+    for k in range(4):
+        acc = builder.add(acc, builder.shuffle_vector(p, p, ir.Constant(_I32X16, list(range(k, 64, 4)))))
+    return acc
