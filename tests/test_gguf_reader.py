@@ -38,3 +38,33 @@ def test_bad_magic_and_version(tmp_path):
     p.write_bytes(b"GGUF" + (9).to_bytes(4, "little") + bytes(60))
     with pytest.raises(ValueError, match="version 9"):
         open_gguf(p)
+
+
+def _resident_kb(path) -> int:
+    """Resident KB of this process's mappings of `path` (from /proc/self/smaps)."""
+    total, ours = 0, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+            ours = len(head) >= 6 and head[-1] == str(path)
+        elif ours and head[0] == "Rss:":
+            total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/smaps"), reason="needs Linux /proc")
+def test_release_drops_the_mapping_from_resident_memory(tmp_path):
+    """Reading every tensor faults the file in; release (per tensor, including pages faulted in
+    around it) and release_all leave nothing of the mapping resident, and reading again still works."""
+    path = write_gguf(tmp_path / "m.gguf", TINY_CFG, random_llama_weights(TINY_CFG), "Q8_0",
+                      tokenizer_vocab=gguf_tokenizer_fields(tiny_bpe_tokenizer()))
+    f = open_gguf(path)
+    before = [np.array(t.data) for t in f.tensors]
+    assert _resident_kb(path) > 0
+    for t in f.tensors:
+        f.release(t)
+    assert _resident_kb(path) == 0
+    for t, b in zip(f.tensors, before):
+        np.testing.assert_array_equal(np.asarray(t.data), b)   # faults back in from the file
+    f.release_all()
+    assert _resident_kb(path) == 0

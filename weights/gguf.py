@@ -113,6 +113,11 @@ def read_gguf(path: Path) -> Checkpoint:
     elif scaling not in (None, "none"):
         raise ValueError(f"{path}: unsupported RoPE scaling {scaling!r}")
 
+    if "tokenizer.ggml.tokens" not in meta:
+        raise ValueError(f"{path}: GGUF file has no tokenizer (tokenizer.ggml.tokens)")
+    # Built before the weights are read: its Python vocabulary and merges (~25 MB, freed at once)
+    # then add to a small process instead of to the peak beside every weight.
+    tokenizer = tokenizer_from_gguf(meta)
     tensors = {}
     for t in reader.tensors:
         name = _canonical(t.name)
@@ -120,6 +125,7 @@ def read_gguf(path: Path) -> Checkpoint:
             raise ValueError(f"{path}: unexpected tensor {t.name} for architecture {arch}")
         tensors[name] = _tensor(t, path)
         reader.release(t)  # copied (or, for plain floats, re-read on demand): keep RSS to one copy
+    reader.release_all()
 
     # Undo llama.cpp's Q/K row permutation so one rotate-half RoPE serves GGUF and HF weights.
     q_order = _llama_cpp_rope_order(config["n_heads"], head_dim)
@@ -132,15 +138,13 @@ def read_gguf(path: Path) -> Checkpoint:
             if b in tensors:
                 tensors[b] = tensors[b][order]
 
-    if "tokenizer.ggml.tokens" not in meta:
-        raise ValueError(f"{path}: GGUF file has no tokenizer (tokenizer.ggml.tokens)")
     eos = [int(meta[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
            if k in meta]
     bos = meta.get("tokenizer.ggml.bos_token_id")
     return Checkpoint(
         config=config,
         tensors=tensors,
-        tokenizer=tokenizer_from_gguf(meta),
+        tokenizer=tokenizer,
         bos_id=None if bos is None else int(bos),
         eos_ids=list(dict.fromkeys(eos)),
         chat_template=meta.get("tokenizer.chat_template"),

@@ -37,19 +37,33 @@ class GGUFFile:
     mapping: np.memmap | None = None  # the whole file, read-only
 
     def release(self, t: GGUFTensor) -> None:
-        """Drop t's pages from this process's resident memory once its data has been copied.
+        """Drop t's pages, and any faulted in just before it, from this process's resident memory.
 
-        The mapping is read-only and file-backed, so MADV_DONTNEED loses nothing: a later read
-        (a view that was not copied) faults the page back in from the page cache. Without this,
-        every byte of the file stays counted in RSS beside the arrays built from it.
+        Call it once t's data has been copied. The mapping is read-only and file-backed, so
+        MADV_DONTNEED loses nothing: a later read (a view that was not copied) faults the page back
+        in from the page cache. Without this, every byte of the file stays counted in RSS beside
+        the arrays built from it. Reading one tensor also maps neighbouring pages (the kernel's
+        fault-around, whole large folios of the page cache), which can reach back into tensors
+        released earlier; so the range starts `_BACK` bytes before t. `release_all` ends a load.
         """
         if self.mapping is None or t.data.size == 0:
             return
-        page = mmap.PAGESIZE
         lo = t.data.ctypes.data - self.mapping.ctypes.data
-        hi = lo + t.data.nbytes
-        lo, hi = lo // page * page, min(-(-hi // page) * page, self.mapping.shape[0])
-        self.mapping._mmap.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        self._drop(lo - _BACK, lo + t.data.nbytes)
+
+    def release_all(self) -> None:
+        """Drop every page of the mapping from resident memory (see `release`)."""
+        if self.mapping is not None:
+            self._drop(0, self.mapping.shape[0])
+
+    def _drop(self, lo: int, hi: int) -> None:
+        page = mmap.PAGESIZE
+        lo, hi = max(lo, 0) // page * page, min(-(-hi // page) * page, self.mapping.shape[0])
+        if hi > lo:
+            self.mapping._mmap.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
+_BACK = 4 << 20  # twice the largest page-cache folio that one fault maps (2 MiB on x86-64)
 
 
 class _Cursor:

@@ -100,29 +100,39 @@ def to_f32(w: QMatrix) -> QMatrix:
 
 def stack(ws: list[QMatrix]) -> QMatrix:
     """Stack per-layer matrices of one shape. Mixed formats fall back to f32 for the stack."""
-    first = ws[0]
-    if any((w.rows, w.cols) != (first.rows, first.cols) for w in ws):
-        raise ValueError(f"layers disagree on a weight's shape: {sorted({(w.rows, w.cols) for w in ws})}")
-    if any(w.kind != first.kind for w in ws):
-        ws = [to_f32(w) for w in ws]
-        first = ws[0]
-    cat = lambda name: getattr(first, name) if getattr(first, name).shape[0] == 0 else \
-        np.concatenate([getattr(w, name) for w in ws])  # noqa: E731
-    return QMatrix(first.kind, cat("q"), cat("s"), cat("m"), cat("f"), first.rows, first.cols)
+    return stack_joined([[w] for w in ws])
 
 
-def concat_rows(ws: list[QMatrix]) -> QMatrix:
-    """Stacks with the same layers and columns joined along their rows (one matmul for several).
+def stack_joined(layers: list[list[QMatrix]]) -> QMatrix:
+    """One stack over layers, each layer's matrices joined along their rows (one matmul for several).
 
-    Every format quantizes within a row, so joining rows keeps values exact; mixed formats fall
-    back to f32.
+    layers[i] lists layer i's matrices in row order. Every format quantizes within a row, so
+    joining rows keeps values exact; mixed formats fall back to f32 for the whole stack.
+
+    Consumes `layers`: each entry is dropped once copied into the stack, whose pages the OS
+    supplies as they are written, so a load holds about one copy of the weights instead of the
+    per-layer, stacked and joined copies side by side.
     """
-    first = ws[0]
-    if any((w.n, w.cols) != (first.n, first.cols) for w in ws):
-        raise ValueError("matrices to join must share their layer count and columns")
-    if any(w.kind != first.kind for w in ws):
-        ws = [to_f32(w) for w in ws]
-        first = ws[0]
-    cat = lambda name: getattr(first, name) if getattr(first, name).shape[0] == 0 else \
-        np.concatenate([getattr(w, name) for w in ws], axis=1)  # noqa: E731
-    return QMatrix(first.kind, cat("q"), cat("s"), cat("m"), cat("f"), sum(w.rows for w in ws), first.cols)
+    first = layers[0]
+    shapes = [(w.rows, w.cols) for w in first]
+    if any([(w.rows, w.cols) for w in ws] != shapes for ws in layers):
+        raise ValueError(f"layers disagree on a weight's shape: "
+                         f"{sorted({(w.rows, w.cols) for ws in layers for w in ws})}")
+    if len({cols for _, cols in shapes}) != 1:
+        raise ValueError(f"matrices to join must share their columns: {shapes}")
+    widen = to_f32 if len({w.kind for ws in layers for w in ws}) > 1 else (lambda w: w)
+    proto = widen(first[0])
+    out = {}
+    for name in "qsmf":
+        a = getattr(proto, name)
+        out[name] = a if a.shape[0] == 0 else np.empty((len(layers), sum(r for r, _ in shapes), a.shape[2]), a.dtype)
+    for i in range(len(layers)):
+        ws, layers[i] = layers[i], None
+        row = 0
+        for w in map(widen, ws):
+            for name, a in out.items():
+                if a.shape[0]:
+                    a[i, row:row + w.rows] = getattr(w, name)[0]
+            row += w.rows
+        del ws, w
+    return QMatrix(proto.kind, out["q"], out["s"], out["m"], out["f"], sum(r for r, _ in shapes), shapes[0][1])

@@ -23,7 +23,7 @@ from fastinfer.kernels import prune
 from fastinfer.kernels import spectral as S
 from fastinfer.kernels.jit import kernel
 from fastinfer.weights.checkpoint import Checkpoint
-from fastinfer.weights.tensors import QMatrix, concat_rows, readonly, stack
+from fastinfer.weights.tensors import QMatrix, readonly, stack_joined
 
 ACT8 = True  # State(act8=True): matmul inputs quantized to 8 bits (kernels/act8.py)
 QKV_PASSES = 2  # with act8, the Q/K/V projection's input gets a second 8-bit pass (its residual)
@@ -161,24 +161,22 @@ def _stack_layers(ckpt: Checkpoint, args: ModelArgs, qd: int, kvd: int) -> tuple
     expect = {"wq": (qd, args.dim), "wk": (kvd, args.dim), "wv": (kvd, args.dim), "wo": (args.dim, qd),
               "w1": (args.hidden_dim, args.dim), "w2": (args.dim, args.hidden_dim),
               "w3": (args.hidden_dim, args.dim)}
-    stacked = {}
-    for name, shape in expect.items():
-        # Popped as they are stacked, so the per-layer copies are freed one role at a time and
-        # peak memory stays near one copy of the weights.
-        per_layer = [t.pop(f"layers.{i}.{name}") for i in range(args.n_layers)]
-        for i, m in enumerate(per_layer):
+    for i in range(args.n_layers):
+        for name, shape in expect.items():
+            m = t[f"layers.{i}.{name}"]
             if (m.rows, m.cols) != shape:
                 raise ValueError(f"{ckpt.source}: layers.{i}.{name} has shape {(m.rows, m.cols)}; "
                                  f"expected {shape} from the model's config")
-        stacked[name] = stack(per_layer)
+
+    def joined(*names):
+        """The roles' per-layer matrices, popped: stack_joined frees each layer once copied."""
+        return stack_joined([[t.pop(f"layers.{i}.{n}") for n in names] for i in range(args.n_layers)])
 
     def vectors(name, size):
         got = [t.get(f"layers.{i}.{name}") for i in range(args.n_layers)]
         return np.stack([np.zeros(size, np.float32) if g is None else g for g in got]).astype(np.float32)
 
-    mats = {"wqkv": concat_rows([stacked.pop("wq"), stacked.pop("wk"), stacked.pop("wv")]), "wo": stacked["wo"]}
-    mats["w13"] = concat_rows([stacked.pop("w1"), stacked.pop("w3")])
-    mats["w2"] = stacked["w2"]
+    mats = {"wqkv": joined("wq", "wk", "wv"), "wo": joined("wo"), "w13": joined("w1", "w3"), "w2": joined("w2")}
     vec = {"bqkv": np.concatenate([vectors("bq", qd), vectors("bk", kvd), vectors("bv", kvd)], axis=1),
            "attention_norm": vectors("attention_norm", args.dim), "ffn_norm": vectors("ffn_norm", args.dim)}
     return mats, vec
