@@ -18,7 +18,7 @@ import numpy as np
 from fastinfer.kernels import linear as LIN
 from fastinfer.kernels import qgemm as Q
 
-SHAPES = [(256, 3072, 576), (256, 576, 1536), (256, 960, 576)]  # (T, rows, n)
+SHAPES = [(256, 3072, 576), (256, 576, 1536), (256, 960, 576), (256, 576, 576)]  # (T, rows, n)
 
 
 def q4_1_weight(rows: int, n: int, rng) -> tuple:

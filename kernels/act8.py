@@ -16,26 +16,37 @@ from numba import prange
 
 from .formats import QK
 from .jit import kernel
+from .simd import bits_float, float_bits
 
 PARALLEL_MIN_T = 16  # below this many tokens, one thread quantizes (a parallel region costs more)
 FLT_MIN = np.float32(1.1754944e-38)  # the smallest normal float32; 1 / FLT_MIN = 8.5e37 is finite
+# Rounding without a libm call, so the loops vectorize: adding 1.5 * 2^23 to |v| < 2^22 leaves
+# round-to-nearest-even(v) in the low mantissa bits, read back as an integer by subtracting the
+# constant's own bits. (fastmath may fuse x * inv + MAGIC into one FMA, which can break an exact
+# .5 tie the other way: as np.rint of the rounded product may, within a few ulps.)
+MAGIC = np.float32(12582912.0)
+MAGIC_BITS = np.int32(0x4B400000)
+ABS_BITS = np.int32(0x7FFFFFFF)
 
 
 @kernel
 def _quantize_row(xq, xd, xs, x):
     # x (n,) -> xq int8 (n,), xd, xs (n // 32,)
     for b in range(x.shape[0] // QK):
-        amax = np.float32(0.0)
-        for i in range(b * QK, (b + 1) * QK):
-            amax = max(amax, abs(x[i]))
-        d = amax / np.float32(127.0)
+        o = b * QK
+        # max |x| on the bits: a float's magnitude orders as its integer bits do, and an integer
+        # max reduction vectorizes where a float one (without fastmath's no-NaN) does not
+        m = np.int32(0)
+        for i in range(QK):
+            m = max(m, np.int32(float_bits(x[o + i]) & ABS_BITS))
+        d = bits_float(m) / np.float32(127.0)
         if d < FLT_MIN:
             d = np.float32(0.0)
         inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
-        total = 0
-        for i in range(b * QK, (b + 1) * QK):
-            v = np.int32(np.rint(x[i] * inv))
-            xq[i] = np.int8(v)
+        total = np.int32(0)
+        for i in range(QK):
+            v = np.int32(float_bits(x[o + i] * inv + MAGIC) - MAGIC_BITS)
+            xq[o + i] = np.int8(v)
             total += v
         xd[b] = d
         xs[b] = d * np.float32(total)
@@ -57,10 +68,25 @@ def quantize(xq, xd, xs, x):
             _quantize_row(xq[t], xd[t], xs[t], x[t])
 
 
+@kernel(inline=True)
+def _residual_row(xr, x, xq, xd):
+    for b in range(x.shape[0] // QK):
+        d = xd[b]
+        for i in range(b * QK, (b + 1) * QK):
+            xr[i] = x[i] - d * np.float32(xq[i])
+
+
+@kernel(parallel=True)
+def _residual_many(xr, x, xq, xd):
+    for t in prange(x.shape[0]):
+        _residual_row(xr[t], x[t], xq[t], xd[t])
+
+
 @kernel
 def residual(xr, x, xq, xd):
     """What 8-bit quantization missed: xr = x - xd xq, all (T, n) (xd per 32-block)."""
-    T, n = x.shape
-    for t in range(T):
-        for i in range(n):
-            xr[t, i] = x[t, i] - xd[t, i // QK] * np.float32(xq[t, i])
+    if x.shape[0] >= PARALLEL_MIN_T:
+        _residual_many(xr, x, xq, xd)
+    else:
+        for t in range(x.shape[0]):
+            _residual_row(xr[t], x[t], xq[t], xd[t])

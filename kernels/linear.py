@@ -246,6 +246,19 @@ def _a8(out, xq, xd, xs, w, l, scratch):
         QG.linear_a8_tiles(out, xq, xd, xs, w, l, scratch)
 
 
+@kernel(inline=True)
+def _add_passes(out, a, b):
+    for r in range(out.shape[0]):
+        out[r] = a[r] + b[r]
+
+
+@kernel(parallel=True)
+def _add_passes_many(out, o2):
+    T = out.shape[0]
+    for t in prange(T):
+        _add_passes(out[t], o2[t], o2[T + t])
+
+
 @kernel
 def linear_act(out, x, w, l, lin, passes, floats):
     """`linear`, with 8-bit activations over block-format weights when lin carries their buffers.
@@ -283,9 +296,11 @@ def linear_act(out, x, w, l, lin, passes, floats):
     A8.quantize(xq[T:], xd[T:], xs[T:], xr)
     o2 = o2_buf[:P * rows].reshape((P, rows))
     _a8(o2, xq, xd, xs, w, l, scratch)
-    for t in range(T):
-        for r in range(rows):
-            out[t, r] = o2[t, r] + o2[T + t, r]
+    if T >= A8.PARALLEL_MIN_T:
+        _add_passes_many(out, o2)
+    else:
+        for t in range(T):
+            _add_passes(out[t], o2[t], o2[T + t])
 
 
 def act_buffers(t_max: int, n_max: int, rows2: int, on: bool) -> tuple:

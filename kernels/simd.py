@@ -4,7 +4,9 @@ Read once at import; Numba's disk cache is keyed on the CPU, so code chosen from
 safe to cache."""
 import llvmlite.binding as llvm
 from llvmlite import ir
+from numba import types
 from numba.core import cgutils
+from numba.extending import intrinsic
 
 _FEATURES = llvm.get_host_cpu_features()
 AVX512 = bool(_FEATURES.get("avx512f", False))
@@ -13,6 +15,22 @@ VNNI = bool(_FEATURES.get("avx512vnni", False))
 _I32X16 = ir.VectorType(ir.IntType(32), 16)
 _I8X64 = ir.VectorType(ir.IntType(8), 64)
 _I32X64 = ir.VectorType(ir.IntType(32), 64)
+
+
+@intrinsic
+def float_bits(typingctx, v):
+    """The bits of a float32 as an int32 (a bitcast, which the loop vectorizer keeps in vectors)."""
+    if v != types.float32:
+        return None
+    return types.int32(types.float32), lambda context, builder, sig, args: builder.bitcast(args[0], ir.IntType(32))
+
+
+@intrinsic
+def bits_float(typingctx, v):
+    """The float32 whose bits an int32 holds (the inverse of float_bits)."""
+    if v != types.int32:
+        return None
+    return types.float32(types.int32), lambda context, builder, sig, args: builder.bitcast(args[0], ir.FloatType())
 
 
 def dpbusd(builder, acc, u, x, vnni: bool):
