@@ -4,7 +4,8 @@
     python bench/sparse_attention.py --contexts 2048 -r 1 --texts /path/to/book.txt:0
 
 The continuation protocol of fastinfer/evaluate.py: prefill the first N tokens of a text (timed),
-then score the next 256 true tokens; dense and each pattern on the same tokens. The 8192 point
+then score the next 256 true tokens, fed one decode step each as generation feeds them (--chunked:
+in one call); dense and each pattern on the same tokens. The 8192 point
 uses 7936 context + 256 scored tokens, so the total stays within SmolLM2's 8192 positions (the
 model is loaded with n_ctx=8192).
 
@@ -44,7 +45,8 @@ N_NEXT = 256
 
 
 def label(b: fastinfer.BlockSparse) -> str:
-    return f"b{b.block} g{b.global_blocks} w{b.local_blocks}" + (f" s{b.stride}" if b.stride else "")
+    return (f"b{b.block} g{b.global_blocks} w{b.local_blocks}" + (f" s{b.stride}" if b.stride else "")
+            + f" d{b.dense_last}")
 
 
 def main() -> None:
@@ -56,8 +58,16 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--local-blocks", type=int, nargs="+", default=None, metavar="W",
                     help="measure BlockSparse(local_blocks=W) for each W instead of the default set")
+    ap.add_argument("--dense-last", type=int, nargs="+", default=None, metavar="N",
+                    help="with --local-blocks: each W with each dense_last N (default: BlockSparse()'s)")
+    ap.add_argument("--tag", default="", help="suffix for the output files' names")
+    ap.add_argument("--chunked", action="store_true",
+                    help="feed the scored tokens in one chunk (under the pattern, but for the last dense_last) "
+                         "instead of one decode step each, as generation does")
     args = ap.parse_args()
-    patterns = PATTERNS if args.local_blocks is None else [fastinfer.BlockSparse(local_blocks=w) for w in args.local_blocks]
+    patterns = PATTERNS if args.local_blocks is None else [
+        fastinfer.BlockSparse(local_blocks=w, dense_last=d)
+        for w in args.local_blocks for d in (args.dense_last or [fastinfer.BlockSparse().dense_last])]
 
     model = fastinfer.load(n_ctx=8192, threads=args.threads)
     texts = []
@@ -75,7 +85,8 @@ def main() -> None:
     for ctx in args.contexts:
         context = min(ctx, model.n_ctx) - N_NEXT if ctx + N_NEXT > model.n_ctx else ctx
         # quality: every setting on every text; the first text's prefills are the first timing
-        runs = {name: [continuation(model, ids, context, N_NEXT, attention=att) for _, ids in texts]
+        runs = {name: [continuation(model, ids, context, N_NEXT, steps=not args.chunked, attention=att)
+                       for _, ids in texts]
                 for name, att in settings}
         secs = {name: [runs[name][0].prefill_seconds] for name, _ in settings}
         for rep in range(1, args.repetitions):
@@ -105,7 +116,9 @@ def main() -> None:
             for att in (None, cover):
                 s = model.session(n_ctx=context + N_NEXT, attention=att)
                 last = s.prefill(ids[:context])
-                logits.append(np.concatenate([last[None], s.append(ids[context:context + N_NEXT - 1])]))
+                rest = (s.append(ids[context:context + N_NEXT - 1]) if args.chunked else
+                        np.array([s.decode_step(t).copy() for t in ids[context:context + N_NEXT - 1]]))
+                logits.append(np.concatenate([last[None], rest]))
             diff = float(np.abs(logits[0] - logits[1]).max())
             cover_note = (f"A pattern covering every key ({label(cover)}) against dense at {context} context: "
                           f"max |logit difference| over the {N_NEXT} scored positions = {diff:.2e}.")
@@ -113,7 +126,8 @@ def main() -> None:
 
     date = _dt.date.today().isoformat()
     args.out.mkdir(parents=True, exist_ok=True)
-    md = args.out / f"sparse-attention-{date}.md"
+    stem = f"sparse-attention-{date}{'-' + args.tag if args.tag else ''}"
+    md = args.out / f"{stem}.md"
     names = ", ".join(f"{n} from token {spec.rpartition(':')[2]}" for (n, _), spec in zip(texts, args.texts))
     head = (f"# Block-sparse attention vs dense, {date}\n\n"
             f"SmolLM2-135M-Instruct Q4_1 (auto dtype), {args.threads} threads, {platform.machine()}. Texts: "
@@ -122,14 +136,16 @@ def main() -> None:
             f"Δppl and top-1 agreement pooled over the texts' {N_NEXT * len(texts)} scored tokens; Δppl per "
             f"text in text order. Prefill seconds on the first text, mean ± std over {args.repetitions} "
             f"repetitions, settings alternating; speedup = per-repetition dense/sparse ratio. Settings: "
-            f"b = block tokens, g = global (sink) blocks, w = local blocks before the query's own, s = stride.\n\n")
+            f"b = block tokens, g = global (sink) blocks, w = local blocks before the query's own, s = stride, "
+            f"d = dense_last (the last d tokens of each call attend densely). The scored tokens are fed "
+            f"{'in one chunk' if args.chunked else 'one decode step each, as generation does'}.\n\n")
     table = ("| context | setting | prefill s (dense) | prefill s | speedup | ppl (dense) | ppl | Δppl | "
              "Δppl per text | top-1 agree |\n|---:|---|---:|---:|---:|---:|---:|---:|---|---:|\n"
              + "\n".join(lines) + "\n")
     tmp = md.with_name(md.name + ".tmp")
     tmp.write_text(head + table + "\n" + cover_note + "\n", encoding="utf-8")
     tmp.replace(md)
-    plot(rows, args.out / f"sparse-attention-{date}.png", "SmolLM2: block-sparse attention vs dense")
+    plot(rows, args.out / f"{stem}.png", "SmolLM2: block-sparse attention vs dense")
     print(f"wrote {md}")
 
 

@@ -46,13 +46,16 @@ def _attention_options(p: argparse.ArgumentParser, choices: list[str]) -> None:
                    help=f"sparse: each block sees itself and the W blocks before it (default: {d.local_blocks})")
     p.add_argument("--stride", type=int, default=None, metavar="S",
                    help="sparse: also every S-th block back (default: none)")
+    p.add_argument("--dense-last", type=int, default=None, metavar="N",
+                   help=f"sparse: the last N tokens of each call (the end of the prompt) and every generated "
+                        f"token attend to everything; 0 = the pattern everywhere (default: {d.dense_last})")
 
 
 def _block_sparse(args):
     """The BlockSparse the flags ask for (errors name the flag), or None when no sparse run needs it."""
     from .sparse import BlockSparse
     flags = {"block": args.block, "global_blocks": args.global_blocks, "local_blocks": args.local_blocks,
-             "stride": args.stride}
+             "stride": args.stride, "dense_last": args.dense_last}
     given = {k: v for k, v in flags.items() if v is not None}
     if args.attention == "dense":
         if given:
@@ -328,7 +331,7 @@ def cmd_bench(args) -> int:
     for name, attention in modes:
         setting = "dense" if attention is None else (
             f"sparse block={attention.block} global={attention.global_blocks} local={attention.local_blocks}"
-            + (f" stride={attention.stride}" if attention.stride else ""))
+            + (f" stride={attention.stride}" if attention.stride else "") + f" dense_last={attention.dense_last}")
         runs.append({"attention": setting, "pp": {"tokens": args.n_prompt, **_stats(pp[name])},
                      "tg": {"tokens": args.n_gen, **_stats(tg[name])}})
     # the first setting's figures at the top level, as before --attention existed

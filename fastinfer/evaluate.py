@@ -2,8 +2,10 @@
 costs in speed and quality against dense, on text the model has not seen.
 
 For a context length N: the first N tokens of a text are prefilled (timed), then the next
-`n_next` true tokens are fed one chunk at a time (teacher forcing) and each is scored by the
-logits before it. The same runs densely and approximately; a comparison reports the prefill
+`n_next` true tokens are fed (teacher forcing) and each is scored by the logits before it. They
+are fed in chunks, or with steps=True one per call, as generation feeds the tokens it samples;
+the two are the same computation except where a session treats a call's last tokens apart
+(BlockSparse's dense_last: every generated token attends densely). The same runs densely and approximately; a comparison reports the prefill
 speedup, the continuation perplexity under both, and how often the two agree on the top-1 token.
 
 Session options (`prune=`, `kv_budget=`, `attention=`, ...) pass straight to `model.session`.
@@ -56,9 +58,10 @@ class Comparison:
         return self.ppl / self.dense_ppl - 1.0
 
 
-def continuation(model, ids: Sequence[int], context: int, n_next: int = N_NEXT,
+def continuation(model, ids: Sequence[int], context: int, n_next: int = N_NEXT, steps: bool = False,
                  **session_options) -> Continuation:
-    """Prefill ids[:context] (timed), then score ids[context:context + n_next] token by token."""
+    """Prefill ids[:context] (timed), then score ids[context:context + n_next], each by the logits
+    before it; steps=True feeds them one decode step at a time (see the module docstring)."""
     need = context + n_next
     if context < 1 or n_next < 1:
         raise ValueError(f"context and n_next must be positive; got {context} and {n_next}")
@@ -70,7 +73,10 @@ def continuation(model, ids: Sequence[int], context: int, n_next: int = N_NEXT,
     t0 = time.perf_counter()
     last = s.prefill(ids[:context])                         # (vocab,) predicts ids[context]
     seconds = time.perf_counter() - t0
-    rest = s.append(ids[context:need - 1])                  # (n_next - 1, vocab)
+    if steps:
+        rest = np.array([s.decode_step(t).copy() for t in ids[context:need - 1]]).reshape(-1, last.shape[0])
+    else:
+        rest = s.append(ids[context:need - 1])              # (n_next - 1, vocab)
     logits = np.concatenate([last[None, :], rest])          # (n_next, vocab) predicts ids[context:need]
     nll = token_nll(logits, ids[context:need])
     if np.isnan(nll).any():

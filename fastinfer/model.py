@@ -435,7 +435,9 @@ class Session:
             # Pruning and eviction renumber each layer's cache rows, so blocks of rows would no
             # longer be blocks of positions.
             raise ValueError("attention=BlockSparse(...) does not combine with prune= or kv_budget=")
-        self._pattern = _pattern(attention, self.state)
+        self._pattern = _pattern(attention, self.state)  # the kernel's pattern for most tokens
+        self._dense_pattern = dense_pattern(self.state.k_cache.shape[2])
+        self._dense_last = 0 if attention is None else attention.dense_last
         chunk = self.state.chunk
         # Per-token positions, cache slots and stretch starts, filled in place for every call.
         self._steps = np.arange(chunk, dtype=np.int64)
@@ -450,17 +452,17 @@ class Session:
         ids = self._take(ids)
         if self._pruning is not None:
             return self._pruning.prefill(self, ids)
-        for c in range(0, len(ids), self.state.chunk):
-            self._run(ids[c:c + self.state.chunk], all_logits=False)
+        for a, b, pattern in self._spans(len(ids)):
+            self._run(ids[a:b], False, pattern)
         return self.state.logits[0].copy()
 
     def append(self, ids: Sequence[int]) -> np.ndarray:
         """Add ids to the sequence; return the logits (len(ids), vocab) at each of them."""
         ids = self._take(ids)
         out = np.empty((len(ids), self.model.args.vocab_size), np.float32)
-        for c in range(0, len(ids), self.state.chunk):
-            n = self._run(ids[c:c + self.state.chunk], all_logits=True)
-            out[c:c + n] = self.state.logits[:n]
+        for a, b, pattern in self._spans(len(ids)):
+            self._run(ids[a:b], True, pattern)
+            out[a:b] = self.state.logits[:b - a]
         return out
 
     def decode_step(self, token: int) -> np.ndarray:
@@ -468,7 +470,7 @@ class Session:
         if self.pos >= self.max_seq:
             raise ValueError(f"the context is full ({self.max_seq} tokens)")
         self._one[0] = token
-        self._run(self._one, all_logits=False)
+        self._run(self._one, False, self._dense_pattern if self._dense_last else self._pattern)
         return self.state.logits[0]
 
     def reset(self) -> None:
@@ -482,7 +484,16 @@ class Session:
                              f"{self.max_seq} (ask for a larger n_ctx)")
         return np.asarray(self.model._check_ids(ids, self.max_seq), dtype=np.int64)
 
-    def _run(self, ids: np.ndarray, all_logits: bool) -> int:
+    def _spans(self, n: int) -> list[tuple[int, int, tuple]]:
+        """(start, stop, pattern) of the chunks of a call of n tokens: under BlockSparse its last
+        `dense_last` tokens run with the dense pattern."""
+        cut = max(0, n - self._dense_last)
+        chunk = self.state.chunk
+        return [(c, min(c + chunk, stop), pattern)
+                for start, stop, pattern in ((0, cut, self._pattern), (cut, n, self._dense_pattern))
+                for c in range(start, stop, chunk)]
+
+    def _run(self, ids: np.ndarray, all_logits: bool, pattern: tuple) -> int:
         T = len(ids)
         positions, slots = self._positions[:T], self._slots[:T]
         np.add(self._steps[:T], self.pos, out=positions)
@@ -493,7 +504,7 @@ class Session:
         np.add(positions, self.base, out=slots)
         numba.set_num_threads(self.model.threads)
         self.model.arch.run(self.model.args, self.model._w, self._st, ids, positions, self._starts[:T], slots,
-                            self._pattern, all_logits, **self.run_options)
+                            pattern, all_logits, **self.run_options)
         self.pos += T
         return T
 
@@ -511,7 +522,8 @@ class Batch:
         self.state = model.new_state(n * n_ctx, chunk)
         self.sessions = [Session(model, n_ctx, state=self.state, base=b * n_ctx, attention=attention)
                          for b in range(n)]
-        self._pattern = self.sessions[0]._pattern
+        first = self.sessions[0]  # a decode step is one token per sequence: the last of its call
+        self._pattern = first._dense_pattern if first._dense_last else first._pattern
         self._ids = np.zeros(n, np.int64)
         self._positions = np.zeros(n, np.int64)
         self._slots = np.zeros(n, np.int64)

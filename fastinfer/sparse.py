@@ -6,6 +6,12 @@ Positions are cut into blocks of `block` tokens. A query in block qb attends, ca
     its own block and the `local_blocks` before it
     with `stride`, every stride-th block back from its own: qb - stride, qb - 2 stride, ...
 
+except that the last `dense_last` tokens of every call (prefill, append, decode step) attend to
+every earlier position. The default, 1, is the token whose logits choose what comes next: the last
+token of a prompt and every generated token see the whole context, and only the bulk of a long
+prefill is thinned (MInference likewise keeps its last queries dense). Generating a token after a
+long prompt then costs a dense decode step. dense_last=0 applies the pattern everywhere.
+
 The kernel (kernels/attention.py) visits only those blocks, so prefill and decoding cost
 O(T (global + local + T / stride) block) instead of O(T^2). It is an approximation for models
 trained with dense attention; `BlockSparse()` is the setting measured as the best trade-off on
@@ -20,9 +26,10 @@ class BlockSparse:
     global_blocks: int = 1
     local_blocks: int = 19
     stride: int | None = None
+    dense_last: int = 1
 
     def __post_init__(self):
-        for name, least in (("block", 1), ("global_blocks", 0), ("local_blocks", 0)):
+        for name, least in (("block", 1), ("global_blocks", 0), ("local_blocks", 0), ("dense_last", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < least:
                 raise ValueError(f"BlockSparse {name} must be an integer >= {least}; got {v!r}")

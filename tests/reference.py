@@ -172,7 +172,8 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int = 
     window > 0: HF's sliding-window mask, query i sees key j only when i - j < window.
     block_sparse (block, global_blocks, local_blocks, stride): with blocks qb = i // block and
     kb = j // block, key j is kept only when kb < global_blocks, qb - kb <= local_blocks, or
-    stride and (qb - kb) % stride == 0."""
+    stride and (qb - kb) % stride == 0. An optional fifth entry, a boolean array (T,): the queries
+    marked True keep every causal key (BlockSparse's dense_last)."""
     T, H, hd = q.shape
     rep = H // k.shape[1]
     k = np.repeat(k, rep, axis=1)
@@ -181,9 +182,11 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int = 
     i, j = np.arange(T)[:, None], np.arange(T)[None, :]
     visible = (j <= i) & ((i - j < window) if window else True)
     if block_sparse is not None:
-        block, n_global, n_local, stride = block_sparse
+        block, n_global, n_local, stride = block_sparse[:4]
+        dense = np.asarray(block_sparse[4])[:, None] if len(block_sparse) > 4 else False
         qb, kb = i // block, j // block
-        visible = visible & ((kb < n_global) | (qb - kb <= n_local) | ((qb - kb) % stride == 0 if stride else False))
+        visible = visible & ((kb < n_global) | (qb - kb <= n_local) | ((qb - kb) % stride == 0 if stride else False)
+                             | dense)
     scores = np.where(visible, scores, -np.inf)
     out = np.einsum("hts,shd->thd", softmax(scores), v)
     return out.reshape(T, H * hd)

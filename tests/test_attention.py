@@ -261,8 +261,8 @@ def _tiny(tmp_path, tok, cfg):
 
 @pytest.mark.parametrize("cfg", [TINY_CFG, {**TINY_CFG, "model_type": "mistral", "sliding_window": 7}],
                          ids=["llama", "mistral-window"])
-@pytest.mark.parametrize("sparse", [fastinfer.BlockSparse(block=3, global_blocks=1, local_blocks=1, stride=3),
-                                    fastinfer.BlockSparse(block=4, global_blocks=0, local_blocks=0)])
+@pytest.mark.parametrize("sparse", [fastinfer.BlockSparse(block=3, global_blocks=1, local_blocks=1, stride=3, dense_last=0),
+                                    fastinfer.BlockSparse(block=4, global_blocks=0, local_blocks=0, dense_last=0)])
 def test_model_block_sparse_matches_reference(tmp_path, tok, cfg, sparse):
     """A session with a pattern equals the reference forward with that block mask (and the
     checkpoint's sliding window, written by the test); step by step equals all at once."""
@@ -280,6 +280,35 @@ def test_model_block_sparse_matches_reference(tmp_path, tok, cfg, sparse):
     assert_allclose(s.append(IDS[11:]), full[11:], atol=5e-5, rtol=0)
 
 
+def test_dense_last_tokens_of_each_call_see_everything(tmp_path, tok):
+    """BlockSparse(dense_last=k): the last k tokens of every call attend densely (over a cache the
+    earlier tokens filled under the pattern), and so does every generated token."""
+    model, w = _tiny(tmp_path, tok, TINY_CFG)
+    sparse = fastinfer.BlockSparse(block=3, global_blocks=1, local_blocks=0, dense_last=5)
+    pattern = (3, 1, 0, 0)
+    full = model.session(attention=sparse).append(IDS)
+    n = len(IDS)
+    want = _reference_mixed(w, pattern, lambda i: i >= n - 5)
+    assert_allclose(full, want, atol=2e-4, rtol=0)
+    assert np.abs(full - reference.llama_forward(w, TINY_CFG, IDS, block_sparse=pattern)).max() > 1e-3
+    assert np.abs(full - reference.llama_forward(w, TINY_CFG, IDS)).max() > 1e-3
+    # two calls: each call's own last 5 are dense; a call of one token (a decode step) is dense
+    s = model.session(attention=sparse)
+    s.prefill(IDS[:12])
+    got = s.append(IDS[12:])
+    assert_allclose(got, _reference_mixed(w, pattern, lambda i: 7 <= i < 12 or i >= n - 5)[12:], atol=2e-4, rtol=0)
+    s = model.session(attention=sparse)
+    s.prefill(IDS[:12])
+    steps = [s.decode_step(t).copy() for t in IDS[12:]]
+    assert_allclose(np.array(steps), _reference_mixed(w, pattern, lambda i: i >= 7)[12:], atol=2e-4, rtol=0)
+
+
+def _reference_mixed(w, pattern, dense):
+    """The reference forward over IDS where query i attends densely when dense(i), else under pattern."""
+    mask = np.array([bool(dense(i)) for i in range(len(IDS))])
+    return reference.llama_forward(w, TINY_CFG, IDS, block_sparse=pattern + (mask,))
+
+
 def test_model_covering_pattern_equals_dense(tmp_path, tok):
     model, _ = _tiny(tmp_path, tok, TINY_CFG)
     dense = model.forward(IDS)
@@ -290,7 +319,7 @@ def test_model_covering_pattern_equals_dense(tmp_path, tok):
 
 def test_generate_and_batch_take_the_pattern(tmp_path, tok):
     model, w = _tiny(tmp_path, tok, TINY_CFG)
-    sparse = fastinfer.BlockSparse(block=2, global_blocks=1, local_blocks=0)
+    sparse = fastinfer.BlockSparse(block=2, global_blocks=1, local_blocks=0, dense_last=0)
     ids = IDS[:15]
     got = model.generate(ids, max_new_tokens=6, temperature=0, attention=sparse)
     seq = list(ids)
@@ -310,9 +339,13 @@ def test_smollm2_covering_pattern_matches_dense(smollm2_gguf):
     text = gzip.open(DATA / "corpus" / "persuasion.txt.gz", "rt", encoding="utf-8").read()[:4000]
     ids = model.encode(text)[:300]
     dense = model.forward(ids)
-    cover = model.session(attention=fastinfer.BlockSparse(block=64, global_blocks=0, local_blocks=4)).append(ids)
+    # dense_last=0: one call of the pattern alone. (A last token run as a call of its own would
+    # take int8 activations' few-token path, whose rounding may flip against the batched one.)
+    cover = model.session(attention=fastinfer.BlockSparse(block=64, global_blocks=0, local_blocks=4,
+                                                          dense_last=0)).append(ids)
     assert np.abs(cover - dense).max() < 1e-3
-    sparse = model.session(attention=fastinfer.BlockSparse(block=32, global_blocks=1, local_blocks=1)).append(ids)
+    sparse = model.session(attention=fastinfer.BlockSparse(block=32, global_blocks=1, local_blocks=1,
+                                                           dense_last=0)).append(ids)
     assert np.abs(sparse - dense).max() > 1e-2  # and one that hides keys does change them
 
 
@@ -327,6 +360,7 @@ def test_smollm2_covering_pattern_matches_dense(smollm2_gguf):
     (dict(local_blocks=True), "local_blocks must be an integer >= 0"),
     (dict(stride=0), "stride must be None"),
     (dict(stride="4"), "stride must be None"),
+    (dict(dense_last=-1), "dense_last must be an integer >= 0"),
 ])
 def test_block_sparse_validation(kw, msg):
     with pytest.raises(ValueError, match=msg):

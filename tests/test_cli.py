@@ -31,12 +31,12 @@ def test_bench_json_line(tiny):
 
 def test_bench_dense_and_sparse(tiny):
     r = _cli("bench", "-m", str(tiny), "-p", "40", "-n", "3", "-r", "2", "--threads", "1", "--json",
-             "--attention", "both", "--block", "4", "--local-blocks", "1")
+             "--attention", "both", "--block", "4", "--local-blocks", "1", "--dense-last", "8")
     assert r.returncode == 0, r.stderr
     assert "prefill speedup, sparse over dense" in r.stdout
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["attention"] == "dense" and res["pp"]["tokens"] == 40
-    assert res["sparse"]["attention"] == "sparse block=4 global=1 local=1"
+    assert res["sparse"]["attention"] == "sparse block=4 global=1 local=1 dense_last=8"
     assert res["sparse"]["pp"]["mean"] > 0
 
 
@@ -44,6 +44,8 @@ def test_bench_dense_and_sparse(tiny):
     (["--block", "8"], "--block: only with --attention sparse"),
     (["--attention", "sparse", "--local-blocks", "-2"], "--local-blocks: must be an integer >= 0"),
     (["--attention", "sparse", "--stride", "0"], "--stride: must be"),
+    (["--attention", "sparse", "--dense-last", "-1"], "--dense-last: must be an integer >= 0"),
+    (["--dense-last", "4"], "--dense-last: only with --attention sparse"),
     (["--attention", "sparse", "--block", "0"], "--block: expected a positive integer"),
 ])
 def test_generate_attention_flags_are_checked(tiny, flags, msg):

@@ -27,6 +27,19 @@ def test_continuation_scores_the_true_next_tokens(model):
     assert np.array_equal(c.top1, logits[29:41].argmax(axis=1))
 
 
+def test_steps_score_the_same_tokens_one_call_each(model):
+    """steps=True feeds the scored tokens as decode steps; dense, that is the same computation, and
+    under BlockSparse(dense_last=1) each step attends densely where a chunk would follow the pattern."""
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, model.args.vocab_size, 50)
+    a, b = continuation(model, ids, 30, 12), continuation(model, ids, 30, 12, steps=True)
+    assert math.isclose(a.nll, b.nll, rel_tol=1e-5) and np.array_equal(a.top1, b.top1)
+    sparse = fastinfer.BlockSparse(block=4, global_blocks=0, local_blocks=0, dense_last=1)
+    chunked = continuation(model, ids, 30, 12, attention=sparse)
+    stepped = continuation(model, ids, 30, 12, steps=True, attention=sparse)
+    assert not math.isclose(chunked.nll, stepped.nll, rel_tol=1e-4)
+
+
 def test_compare_dense_with_itself(model):
     ids = np.arange(40) % model.args.vocab_size
     a = continuation(model, ids, 20, 10)
