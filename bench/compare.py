@@ -464,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", type=Path, default=None,
                     help="the Q4_1 GGUF (default: $FASTINFER_HOME/models/SmolLM2-135M-Instruct.Q4_1.gguf)")
     ap.add_argument("--out", type=Path, default=HERE / "results", help="output directory (default: bench/results)")
+    ap.add_argument("--tag", default="", help="suffix for the output files' names (compare-<date>-<tag>.*)")
     args = ap.parse_args(argv)
     for name in ("threads", "n_prompt", "n_gen", "repetitions"):
         if getattr(args, name) < 1:
@@ -511,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     md = markdown(rows, meta, args)
     print(md)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"compare-{meta['date']}"
+    stem = args.out / f"compare-{meta['date']}{'-' + args.tag if args.tag else ''}"
     Path(f"{stem}.md").write_text(md)
     Path(f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     try:

@@ -37,10 +37,10 @@ from fastinfer.evaluate import Comparison, continuation, plot, prefill_seconds
 CORPUS = Path("/work/shared/corpus")
 TEXTS = [f"{CORPUS / 'persuasion.txt'}:0", f"{CORPUS / 'prideprejudice.txt'}:10000",
          f"{CORPUS / 'sensesensibility.txt'}:40000"]
-PATTERNS = [fastinfer.BlockSparse(),
-            fastinfer.BlockSparse(block=64, global_blocks=1, local_blocks=15),
-            fastinfer.BlockSparse(block=64, global_blocks=1, local_blocks=19),
-            fastinfer.BlockSparse(block=64, global_blocks=1, local_blocks=31)]
+PATTERNS = [fastinfer.BlockSparse(),                              # b64 g1 w11 d1
+            fastinfer.BlockSparse(local_blocks=7),
+            fastinfer.BlockSparse(local_blocks=19),
+            fastinfer.BlockSparse(dense_last=0)]                    # the pattern on every token
 N_NEXT = 256
 
 
@@ -111,7 +111,8 @@ def main() -> None:
             print(lines[-1], flush=True)
         if ctx == max(args.contexts):  # a pattern covering every key: the same logits as dense
             ids = texts[0][1]
-            cover = fastinfer.BlockSparse(block=64, global_blocks=0, local_blocks=-(-(context + N_NEXT) // 64))
+            cover = fastinfer.BlockSparse(block=64, global_blocks=0, local_blocks=-(-(context + N_NEXT) // 64),
+                                          dense_last=0)  # the pattern alone (see tests/test_attention.py)
             logits = []
             for att in (None, cover):
                 s = model.session(n_ctx=context + N_NEXT, attention=att)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 class BlockSparse:
     block: int = 64
     global_blocks: int = 1
-    local_blocks: int = 19
+    local_blocks: int = 11
     stride: int | None = None
     dense_last: int = 1
 
