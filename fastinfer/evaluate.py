@@ -5,8 +5,9 @@ For a context length N: the first N tokens of a text are prefilled (timed), then
 `n_next` true tokens are fed (teacher forcing) and each is scored by the logits before it. They
 are fed in chunks, or with steps=True one per call, as generation feeds the tokens it samples;
 the two are the same computation except where a session treats a call's last tokens apart
-(BlockSparse's dense_last: every generated token attends densely). The same runs densely and approximately; a comparison reports the prefill
-speedup, the continuation perplexity under both, and how often the two agree on the top-1 token.
+(BlockSparse's dense_last: every generated token attends densely). The same runs densely and
+approximately; a comparison reports the prefill speedup, the continuation perplexity under both,
+and how often the two agree on the top-1 token.
 
 Session options (`prune=`, `kv_budget=`, `attention=`, ...) pass straight to `model.session`.
 """

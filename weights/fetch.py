@@ -29,7 +29,6 @@ import tempfile
 import time
 import zipfile
 
-
 from fastinfer import paths
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

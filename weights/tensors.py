@@ -114,6 +114,8 @@ def stack_joined(layers: list[list[QMatrix]]) -> QMatrix:
     per-layer, stacked and joined copies side by side.
     """
     first = layers[0]
+    if any(w.n != 1 for ws in layers for w in ws):
+        raise ValueError("stack_joined takes one layer per matrix")
     shapes = [(w.rows, w.cols) for w in first]
     if any([(w.rows, w.cols) for w in ws] != shapes for ws in layers):
         raise ValueError(f"layers disagree on a weight's shape: "
