@@ -10,12 +10,11 @@ hand it to a `_..._many` twin, the same loop under prange, from PARALLEL_MIN_ELE
 import math
 
 import numpy as np
-from llvmlite import ir
-from numba import prange, types
-from numba.extending import intrinsic
+from numba import prange
 
 from .jit import kernel
 from .linear import dequant_row
+from .simd import bits_float
 
 # When the token loop is split over threads. A parallel region costs about 2 us here (2 threads,
 # bench/ops_kernels.py); a copy-like op (norm, add, split, rope, KV store) moves about 10 elements
@@ -27,20 +26,6 @@ PARALLEL_MIN_T = 16  # embed
 
 LOG2E = 1.4426950408889634
 EXP_MIN = -87.0  # exp(v) for v below this is taken as 0 (float32's normal range ends at exp(-87.3))
-
-
-@intrinsic
-def _f32_bits(typingctx, i):
-    """The float32 whose bits are the low 32 bits of integer i (a bitcast; vectorizes)."""
-    if not isinstance(i, types.Integer):
-        return None
-
-    def codegen(context, builder, sig, args):
-        v = args[0]
-        if i.bitwidth != 32:
-            v = builder.trunc(v, ir.IntType(32)) if i.bitwidth > 32 else builder.sext(v, ir.IntType(32))
-        return builder.bitcast(v, ir.FloatType())
-    return types.float32(i), codegen
 
 
 @kernel
@@ -58,7 +43,7 @@ def _exp_le0(v):
     p = ((((np.float32(1.9875691500e-4) * f + np.float32(1.3981999507e-3)) * f
            + np.float32(8.3334519073e-3)) * f + np.float32(4.1665795894e-2)) * f
          + np.float32(1.6666665459e-1)) * f + np.float32(5.0000001201e-1)
-    e = (p * z + f + np.float32(1.0)) * _f32_bits((ni + np.int32(127)) << 23)
+    e = (p * z + f + np.float32(1.0)) * bits_float((ni + np.int32(127)) << 23)
     return e if v >= np.float32(EXP_MIN) else np.float32(0.0)
 
 

@@ -26,11 +26,18 @@ def float_bits(typingctx, v):
 
 
 @intrinsic
-def bits_float(typingctx, v):
-    """The float32 whose bits an int32 holds (the inverse of float_bits)."""
-    if v != types.int32:
+def bits_float(typingctx, i):
+    """The float32 whose bits are the low 32 bits of integer i (the inverse of float_bits; a
+    bitcast, which vectorizes)."""
+    if not isinstance(i, types.Integer):
         return None
-    return types.float32(types.int32), lambda context, builder, sig, args: builder.bitcast(args[0], ir.FloatType())
+
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        if i.bitwidth != 32:
+            v = builder.trunc(v, ir.IntType(32)) if i.bitwidth > 32 else builder.sext(v, ir.IntType(32))
+        return builder.bitcast(v, ir.FloatType())
+    return types.float32(i), codegen
 
 
 def dpbusd(builder, acc, u, x, vnni: bool):
