@@ -178,12 +178,13 @@ def forward(ids, types, w, st, eps, act, nthreads, head):
     (emb, pos, typ, en, enb, proj, projb, mn, mnb, w1, b1, w2, b2, fn, fnb, hd, hdb, hn, hnb, out, outb) = w
     x, hid, hb, spec, lin, logits = st
     T, d = x.shape
+    zero = np.int64(0)  # not a literal 0: Numba would compile linear again for it
     ops.embed(x, ids, emb)
     for t in range(T):
         for i in range(d):  # HF's order: (word + type) + position
             x[t, i] = (x[t, i] + typ[types[t], i]) + pos[t, i]
     ops.layernorm(x, x, en, enb, eps)
-    L.linear(hid, x, proj, 0, lin)
+    L.linear(hid, x, proj, zero, lin)
     ops.add_bias_(hid, projb)
     for l in range(mn.shape[0]):
         fft.fourier_mix(x, hid, spec, nthreads)   # x = Re(FFT2(hidden))
@@ -197,11 +198,11 @@ def forward(ids, types, w, st, eps, act, nthreads, head):
         ops.add_(x, hid)
         ops.layernorm(hid, x, fn[l], fnb[l], eps)
     if head:
-        L.linear(x, hid, hd, 0, lin)
+        L.linear(x, hid, hd, zero, lin)
         ops.add_bias_(x, hdb)
         ops.activation_(x, act)
         ops.layernorm(x, x, hn, hnb, eps)
-        L.linear(logits, x, out, 0, lin)
+        L.linear(logits, x, out, zero, lin)
         ops.add_bias_(logits, outb)
 
 

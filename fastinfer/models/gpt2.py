@@ -167,6 +167,7 @@ def forward(ids, positions, starts, slots, pattern, all_logits, w, st, n_heads, 
     k3 = k.reshape((T, n_heads, hd))
     v3 = v.reshape((T, n_heads, hd))
     att3 = att.reshape((T, n_heads, hd))
+    zero = np.int64(0)  # not a literal 0: Numba would compile linear again for it
     ops.embed(x, ids, emb)
     for t in range(T):
         x[t] += pos_emb[positions[t]]
@@ -175,7 +176,7 @@ def forward(ids, positions, starts, slots, pattern, all_logits, w, st, n_heads, 
         L.linear(qkv, xb, wqkv, l, lin)
         ops.split_qkv(q, k, v, qkv, bqkv[l])
         ops.store_kv(k_cache, v_cache, k3, v3, l, slots)
-        A.attention(att3, q3, k_cache, v_cache, l, starts, slots, 0, pattern, att_scratch)
+        A.attention(att3, q3, k_cache, v_cache, l, starts, slots, zero, pattern, att_scratch)
         L.linear(xb, att, wo, l, lin)
         ops.add_bias_(xb, bo[l])
         ops.add_(x, xb)
@@ -188,10 +189,10 @@ def forward(ids, positions, starts, slots, pattern, all_logits, w, st, n_heads, 
         ops.add_(x, xb)
     if all_logits:
         ops.layernorm(xb, x, norm, norm_b, eps)
-        L.linear(logits[:T], xb, emb, 0, lin)
+        L.linear(logits[:T], xb, emb, zero, lin)
     else:
         ops.layernorm(xb[T - 1:], x[T - 1:], norm, norm_b, eps)
-        L.linear(logits[:1], xb[T - 1:], emb, 0, lin)
+        L.linear(logits[:1], xb[T - 1:], emb, zero, lin)
 
 
 def run(args: ModelArgs, w: tuple, st: tuple, ids: np.ndarray, positions: np.ndarray, starts: np.ndarray,

@@ -263,11 +263,14 @@ def forward(ids, positions, starts, slots, pattern, all_logits, w, st, n_heads, 
     v3 = v.reshape((T, n_kv_heads, hd))
     att3 = att.reshape((T, n_heads, hd))
     sl = layer_slots[:T]
+    # Constants passed to kernels as int64 values, not literals: Numba compiles a callee once per
+    # literal argument, and the first run would compile the matmuls three times over.
+    zero, one, qkv_passes = np.int64(0), np.int64(1), np.int64(QKV_PASSES)
     if l0 == 0:
         ops.embed(x, ids, emb)
     for l in range(l0, l1):
         ops.rmsnorm(xb, x, attention_norm[l], eps)
-        L.linear_act(qkv, xb, wqkv, l, lin, QKV_PASSES, floats)
+        L.linear_act(qkv, xb, wqkv, l, lin, qkv_passes, floats)
         ops.split_qkv(q, k, v, qkv, bqkv[l])
         ops.rope(q3, cos, sin, positions)
         ops.rope(k3, cos, sin, positions)
@@ -276,22 +279,22 @@ def forward(ids, positions, starts, slots, pattern, all_logits, w, st, n_heads, 
         prune.store_queries(q_ring, ring_pos, q3, l, positions)
         ops.store_kv(k_cache, v_cache, k3, v3, l, sl)
         A.attention(att3, q3, k_cache, v_cache, l, starts, sl, windows[l], pattern, att_scratch)
-        L.linear_act(xb, att, wo, l, lin, 1, floats)
+        L.linear_act(xb, att, wo, l, lin, one, floats)
         ops.add_(x, xb)
         ops.rmsnorm(xb, x, ffn_norm[l], eps)
-        L.linear_act(h13, xb, w13, l, lin, 1, floats)
+        L.linear_act(h13, xb, w13, l, lin, one, floats)
         ops.swiglu(hb, h13)
-        L.linear_act(xb, hb, w2, l, lin, 1, floats)
+        L.linear_act(xb, hb, w2, l, lin, one, floats)
         ops.add_(x, xb)
         S.spectral_filter_(x, spectral[0][l], spectral[1], spectral[2], spectral[3])  # no-op unless asked for
     if l1 < attention_norm.shape[0]:
         return
     if all_logits:
         ops.rmsnorm(xb, x, norm, eps)
-        L.linear_act(logits[:T], xb, output, 0, lin, 1, floats)
+        L.linear_act(logits[:T], xb, output, zero, lin, one, floats)
     else:
         ops.rmsnorm(xb[T - 1:], x[T - 1:], norm, eps)
-        L.linear_act(logits[:1], xb[T - 1:], output, 0, lin, 1, floats)
+        L.linear_act(logits[:1], xb[T - 1:], output, zero, lin, one, floats)
 
 
 def run(args: ModelArgs, w: tuple, st: tuple, ids: np.ndarray, positions: np.ndarray, starts: np.ndarray,
