@@ -12,7 +12,7 @@ import tokenizers
 from .beam import beam_search
 from .generate import GenerationOptions, TextStream, generate_batch, generate_ids
 from .kernels.attention import dense_pattern
-from .kernels.jit import compile_in_child, compile_notice, set_threads
+from .kernels.jit import compile_notice, set_threads
 from .models import architecture
 from .sampling import SamplingParams
 from .sparse import BlockSparse, check_attention
@@ -72,7 +72,7 @@ def load(source: str | Path | None = None, dtype: str = "auto", threads: int | N
     threads = set_threads(threads)
     path = default_model() if source is None else Path(source)
     ckpt = open_checkpoint(path, dtype)
-    return Model(ckpt, threads, n_ctx, activations, rebuild=(str(path), dtype))
+    return Model(ckpt, threads, n_ctx, activations)
 
 
 def _resolve_activations(activations: str, arch, weights) -> str:
@@ -86,10 +86,7 @@ def _resolve_activations(activations: str, arch, weights) -> str:
 
 
 class Model:
-    def __init__(self, ckpt, threads: int, n_ctx: int | None = None, activations: str = "auto",
-                 rebuild: tuple[str, str] | None = None):
-        """rebuild: (source, dtype) that `load` read ckpt from; on the first run a child process
-        loads the same to compile the model graph (kernels/jit.py `compile_in_child`)."""
+    def __init__(self, ckpt, threads: int, n_ctx: int | None = None, activations: str = "auto"):
         ctx_limit = int(ckpt.config["max_seq_len"])
         n_ctx = min(DEFAULT_CTX, ctx_limit) if n_ctx is None else int(n_ctx)
         if not 1 <= n_ctx <= ctx_limit:
@@ -111,11 +108,7 @@ class Model:
         self.source = ckpt.source
         self._w = self.weights.args()
         self.is_encoder = getattr(self.arch, "ENCODER", False)  # FNet: forward and embed only
-        floats = "" if self.is_encoder or self.activations != "int8" else f"-{self.arch.has_float_matmuls(self.weights)}"
-        with compile_notice(f"{self.args.arch}-forward-{self.activations}{floats}") as first:
-            if first and rebuild is not None:
-                compile_in_child(f"import fastinfer; fastinfer.load({rebuild[0]!r}, dtype={rebuild[1]!r}, "
-                                 f"threads={threads}, n_ctx={n_ctx}, activations={self.activations!r})")
+        with compile_notice(f"{self.args.arch}-forward-{self.activations}"):
             if self.is_encoder:
                 self.arch.run(self.args, self._w, np.zeros(2, np.int64), threads, self.args.has_head)
             else:

@@ -121,8 +121,7 @@ def remove_stale_caches(root: Path, keep: Path, days: float = STALE_DAYS) -> lis
 
 @contextmanager
 def compile_notice(tag: str):
-    """Print one line while kernels compile for the first time on this machine; yields whether
-    this is that first time.
+    """Print one line while kernels compile for the first time on this machine.
 
     A marker file in the cache directory records that `tag` has been compiled once; later
     processes load the cached machine code and print nothing.
@@ -133,7 +132,7 @@ def compile_notice(tag: str):
     if first:
         print("fastinfer: compiling kernels (first run on this machine, about a minute)...",
               file=sys.stderr, flush=True)
-    yield first
+    yield
     if first:
         try:
             marker.parent.mkdir(parents=True, exist_ok=True)
@@ -144,28 +143,3 @@ def compile_notice(tag: str):
                 remove_stale_caches(CACHE_DIR.parent, CACHE_DIR)
         except OSError:
             pass
-
-
-CHILD_ENV = "FASTINFER_COMPILING"  # set in the child that compiles for its parent
-
-
-def compile_in_child(code: str) -> bool:
-    """Run `code` (Python that compiles kernels into the disk cache) in a child interpreter, so that
-    this process then loads what the cache holds, as every later process will.
-
-    A graph compiled in the process that runs it binds its calls to the callee kernels compiled
-    beside it, while the cached object carries its own copies, optimized in the graph's context;
-    with fastmath the two can round apart, and 8-bit activations turn that into different logits
-    (0.03 on a tiny model) and now and then different tokens in the first process on a machine.
-    False if the child failed (the caller compiles in-process instead); never in a child itself.
-    """
-    import subprocess
-    if os.environ.get(CHILD_ENV):
-        return False
-    env = dict(os.environ, **{CHILD_ENV: "1", "NUMBA_CACHE_DIR": str(CACHE_DIR)})
-    try:
-        done = subprocess.run([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
-    except OSError:
-        return False
-    return done.returncode == 0

@@ -45,6 +45,13 @@ ROWS_AT_ONCE = {1: 2, 2: 2}
 # the tied Q8_0 head 1.05-1.2x (bench/results/decode-prefetch-2026-11-26.md); 1 and 8 KB did no better.
 PREFETCH = 4096
 
+# Flags for every float instruction written here. Numba adds its fastmath flags (reassoc,
+# contract, ...) to each float instruction that has none, the intrinsic's included, and LLVM then
+# reordered the row sums differently in different compiles of the same kernel: the prange body
+# compiled on its own and its copy inside the caller came out a last bit apart, which 8-bit
+# activations turn into different logits (tests/test_jit_cache.py). nsz alone reorders nothing.
+STRICT = ("nsz",)
+
 _i8, _i32, _i64, _f32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
 _v64i8, _v32i8, _v16i8 = ir.VectorType(_i8, 64), ir.VectorType(_i8, 32), ir.VectorType(_i8, 16)
 _v16i32, _v16f32, _v2f32 = ir.VectorType(_i32, 16), ir.VectorType(_f32, 16), ir.VectorType(_f32, 2)
@@ -115,7 +122,7 @@ def _hsum(builder, v):
     while n > 1:
         n //= 2
         v = builder.fadd(builder.shuffle_vector(v, v, _mask(range(n))),
-                         builder.shuffle_vector(v, v, _mask(range(n, 2 * n))))
+                         builder.shuffle_vector(v, v, _mask(range(n, 2 * n))), flags=STRICT)
     return builder.extract_element(v, _c(_i32, 0))
 
 
@@ -178,15 +185,15 @@ def _rows_ir(vnni: bool):
                         for i in range(R):
                             k = (i * T_ + t) * 2
                             dp = builder.sitofp(dpbusd(builder, _c(_v16i32, [0] * 16), us[i], xv, vnni), _v16f32)
-                            sd = builder.fmul(s2s[i], xd_)
+                            sd = builder.fmul(s2s[i], xd_, flags=STRICT)
                             if width == 2:
                                 sc = builder.shuffle_vector(sd, sd, _mask(lo_hi))
                                 new[k + 1] = builder.call(fma2, [mn2s[i], xs_, accs[k + 1]])
                             else:  # lanes 8-15 of dp are zero: xq's upper half was zero-filled
                                 sd = builder.insert_element(_c(_v16f32, ir.Undefined), sd, _c(_i32, 0))
                                 sc = builder.shuffle_vector(sd, sd, _mask([0] * 16))
-                                mx = builder.insert_element(zero2, builder.fmul(mn2s[i], xs_), _c(_i32, 0))
-                                new[k + 1] = builder.fadd(accs[k + 1], mx)
+                                mx = builder.insert_element(zero2, builder.fmul(mn2s[i], xs_, flags=STRICT), _c(_i32, 0))
+                                new[k + 1] = builder.fadd(accs[k + 1], mx, flags=STRICT)
                             new[k] = builder.call(fma, [dp, sc, accs[k]])
                     return new
 
@@ -208,7 +215,7 @@ def _rows_ir(vnni: bool):
                         if kd == Q4_1:
                             mn2s.append(_load(builder, builder.gep(mrow[i], [b]), _v2f32))
                         else:
-                            mn2s.append(builder.fmul(s2s[i], _c(_v2f32, [mn_const] * 2)))
+                            mn2s.append(builder.fmul(s2s[i], _c(_v2f32, [mn_const] * 2), flags=STRICT))
                     return step(b, accs, us, s2s, mn2s, lambda ptr: _load(builder, ptr, _v64i8), 2)
 
                 def last(accs):
@@ -224,7 +231,7 @@ def _rows_ir(vnni: bool):
                             us.append(unpack_q4(builder.shuffle_vector(v, z, _mask(list(range(16)) * 2 + [16] * 32))))
                         s1s.append(builder.load(builder.gep(srow[i], [b])))
                         mn1s.append(builder.load(builder.gep(mrow[i], [b])) if kd == Q4_1
-                                    else builder.fmul(s1s[i], _c(_f32, mn_const)))
+                                    else builder.fmul(s1s[i], _c(_f32, mn_const), flags=STRICT))
                     zx = _c(_v32i8, [0] * 32)
                     return step(b, accs, us, s1s, mn1s,
                                 lambda ptr: builder.shuffle_vector(_load(builder, ptr, _v32i8), zx, half), 1)
@@ -235,7 +242,7 @@ def _rows_ir(vnni: bool):
                     ri = builder.add(r, _c(_i64, i))
                     for t in range(T_):
                         k = (i * T_ + t) * 2
-                        total = builder.fadd(_hsum(builder, accs[k]), _hsum(builder, accs[k + 1]))
+                        total = builder.fadd(_hsum(builder, accs[k]), _hsum(builder, accs[k + 1]), flags=STRICT)
                         builder.store(total, builder.gep(out.data, [builder.add(builder.mul(_c(_i64, t), ldo), ri)]))
                 return []
 
