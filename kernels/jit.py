@@ -77,6 +77,75 @@ def _load_cached_without_refresh() -> None:
 _load_cached_without_refresh()
 
 
+def _elf_defined_symbols(obj: bytes) -> set[str] | None:
+    """Names of the global and weak symbols an ELF64 little-endian object defines; None if obj is
+    not one."""
+    import struct
+    if len(obj) < 64 or obj[:4] != b"\x7fELF" or obj[4] != 2 or obj[5] != 1:
+        return None
+    shoff, = struct.unpack_from("<Q", obj, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", obj, 0x3A)
+    sections = [struct.unpack_from("<4xI16xQQI", obj, shoff + i * shentsize) for i in range(shnum)]
+    names = set()
+    for kind, offset, size, link in sections:
+        if kind != 2:  # SHT_SYMTAB
+            continue
+        strings = sections[link][1]
+        for e in range(offset, offset + size, 24):
+            name, info, shndx = struct.unpack_from("<IB1xH", obj, e)
+            if shndx != 0 and info >> 4 in (1, 2):  # defined; STB_GLOBAL or STB_WEAK
+                start = strings + name
+                names.add(obj[start:obj.index(b"\0", start)].decode())
+    return names
+
+
+def _load_objects_without_their_bitcode() -> None:
+    """Load cached machine code without parsing the LLVM bitcode stored beside it.
+
+    A cached kernel holds its object code and, for linking into kernels compiled later, its LLVM
+    bitcode. On every load Numba parses that bitcode into a module only to read off the names it
+    defines, and keeps it: ~13 MB for the model graph, for the life of the process. The same
+    names are in the object's ELF symbol table; this reads them there and parses the bitcode
+    only if a later compile links against the kernel. Where Numba's internals differ from what
+    this expects, or the object is not ELF, Numba's own path runs.
+    """
+    from llvmlite import binding as ll
+    from numba.core import codegen
+    lib = codegen.CPUCodeLibrary
+    needed = ("_unserialize", "_get_module_for_linking", "enable_object_caching", "_set_compiled_object",
+              "_finalize_final_module")
+    if not all(hasattr(lib, a) for a in needed) or not isinstance(lib.__dict__.get("_unserialize"), classmethod):
+        return
+    numba_unserialize = lib._unserialize.__func__
+    numba_module_for_linking = lib._get_module_for_linking
+
+    def _unserialize(cls, cg, state):
+        name, kind, data = state
+        names = _elf_defined_symbols(data[0]) if kind == "object" else None
+        engine = getattr(cg, "_engine", None)
+        if not names or not hasattr(engine, "_defined_symbols"):
+            return numba_unserialize(cls, cg, state)
+        self = cg.create_library(name)
+        self.enable_object_caching()
+        self._set_compiled_object(data[0])
+        self._fastinfer_bitcode = data[1]
+        self._finalize_final_module()
+        engine._defined_symbols |= names
+        return self
+
+    def _get_module_for_linking(self):
+        bitcode = self.__dict__.pop("_fastinfer_bitcode", None)
+        if bitcode is not None and self._shared_module is None:
+            self._shared_module = ll.parse_bitcode(bitcode)
+        return numba_module_for_linking(self)
+
+    lib._unserialize = classmethod(_unserialize)
+    lib._get_module_for_linking = _get_module_for_linking
+
+
+_load_objects_without_their_bitcode()
+
+
 def kernel(fn=None, *, parallel=False, inline=False):
     """Decorate a hot loop: njit, cached on disk, explicit fastmath, numpy error model.
 

@@ -64,3 +64,66 @@ def test_cached_kernels_load_without_numbas_compiler_library(tmp_path):
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     assert first.stdout.split() == ["True"]     # compiling refreshes Numba's whole target context
     assert second.stdout.split() == ["False"]   # loading from the cache does not
+
+
+def test_cached_kernels_load_without_parsing_their_bitcode(tmp_path):
+    """A second process loads a cached kernel without parsing the LLVM bitcode stored beside its
+    machine code (kernels/jit.py `_load_objects_without_their_bitcode`: ~13 MB for the model
+    graph), and a new kernel that calls it still compiles, links against it and runs."""
+    code = ("import sys, numpy as np, numba\n"
+            "from fastinfer.kernels import act8\n"
+            "x = np.full((2, 64), 3.0, np.float32); xq = np.ones((2, 64), np.int8)\n"
+            "xd = np.ones((2, 2), np.float32); xr = np.zeros((2, 64), np.float32)\n"
+            "act8.residual(xr, x, xq, xd)\n"
+            "lib = next(iter(act8.residual.overloads.values())).library\n"
+            "print(lib._shared_module is None)\n"
+            "@numba.njit\n"
+            "def twice(xr, x, xq, xd):\n"
+            "    act8.residual(xr, x, xq, xd)\n"
+            "    return xr.sum()\n"
+            "assert twice(xr, x, xq, xd) == 2.0 * xr.size\n")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    run = lambda: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,  # noqa: E731
+                                 timeout=600)
+    first, second = run(), run()
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert first.stdout.split() == ["False"]    # compiled here: Numba keeps its module
+    assert second.stdout.split() == ["True"]    # loaded: nothing parsed until something links
+
+
+def test_elf_symbols_are_the_modules_definitions():
+    """The names read from a kernel's object code are the ones LLVM's own module of it defines."""
+    import numba
+    from llvmlite import binding as ll
+
+    from fastinfer.kernels.jit import _elf_defined_symbols
+
+    @numba.njit
+    def f(a):
+        return a.sum() * 2.0
+
+    f(np.ones(3))
+    lib = next(iter(f.overloads.values())).library
+    module = ll.parse_bitcode(lib._get_module_for_linking().as_bitcode())
+    names = _elf_defined_symbols(lib._codegen._tm.emit_object(module))  # LLVM's object of that module
+    defined = {g.name for g in (*module.functions, *module.global_variables)
+               if not g.is_declaration and g.linkage.name in ("external", "linkonce_odr", "weak_odr")}
+    assert defined and defined <= names
+    assert _elf_defined_symbols(b"not an object") is None
+
+
+def test_reading_a_gguf_of_our_types_does_not_import_the_gguf_package(tmp_path):
+    """The gguf package costs ~3.5 MB of resident memory; F32/F16/BF16/Q4_0/Q4_1/Q8_0 files are
+    read without it (weights/gguf_meta.py GGML_TYPES)."""
+    from tiny_models import TINY_CFG, gguf_tokenizer_fields, random_llama_weights, tiny_bpe_tokenizer, write_gguf
+
+    path = write_gguf(tmp_path / "m.gguf", TINY_CFG, random_llama_weights(TINY_CFG, seed=0), "Q4_1",
+                      tokenizer_vocab=gguf_tokenizer_fields(tiny_bpe_tokenizer()))
+    code = ("import sys\n"
+            "from fastinfer.weights.checkpoint import open_checkpoint\n"
+            f"ck = open_checkpoint({str(path)!r}, 'auto')\n"
+            "assert 'layers.0.wq' in ck.tensors\n"
+            "print('gguf' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False"]

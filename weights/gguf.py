@@ -2,13 +2,11 @@
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType as T
-from gguf import quants
 
 from fastinfer.kernels import linear as K
 
 from .checkpoint import Checkpoint
-from .gguf_meta import open_gguf
+from .gguf_meta import ggml_type_name, open_gguf
 from .tensors import GGML_BLOCKS, from_f32, from_ggml_blocks, from_half_bits, permute_rows
 from .tokenizer import tokenizer_from_gguf
 
@@ -50,30 +48,36 @@ def _llama_cpp_rope_order(n_heads: int, head_dim: int) -> np.ndarray:
     return (h * head_dim + 2 * i + j).reshape(-1)
 
 
+def _dequantize(data: np.ndarray, ttype: int) -> np.ndarray:
+    """A tensor type fastinfer does not read itself (K-quants, IQ...), widened by the gguf package."""
+    from gguf import GGMLQuantizationType, quants
+    return quants.dequantize(data, GGMLQuantizationType(ttype))
+
+
 def _tensor(t, path: Path):
     """One GGUF tensor -> QMatrix (2-D) or f32 vector (1-D)."""
-    kind = T(t.tensor_type)
+    kind = ggml_type_name(t.tensor_type)
     shape = t.shape
     data = t.data
     if len(shape) == 1:
-        if kind in (T.F32, T.F16):
+        if kind in ("F32", "F16"):
             return np.array(data, dtype=np.float32).reshape(shape)  # a copy: no view pins the mapping
-        return quants.dequantize(data, kind).astype(np.float32).reshape(shape)
+        return _dequantize(data, t.tensor_type).astype(np.float32).reshape(shape)
     if len(shape) != 2:
         raise ValueError(f"{path}: tensor {t.name} has {len(shape)} dimensions; expected 1 or 2")
     rows, cols = shape
-    if kind == T.F32:
+    if kind == "F32":
         return from_f32(np.asarray(data).reshape(rows, cols))
-    if kind == T.F16:
+    if kind == "F16":
         return from_half_bits(np.asarray(data).view(np.uint16).reshape(rows, cols), K.F16)
-    if kind == T.BF16:
+    if kind == "BF16":
         return from_half_bits(np.asarray(data).view(np.uint16).reshape(rows, cols), K.BF16)
-    if kind.name in GGML_BLOCKS:
-        return from_ggml_blocks(np.asarray(data).reshape(rows, -1), kind.name, cols)
-    try:  # other ggml types (K-quants, IQ...) are widened through the gguf package
-        return from_f32(quants.dequantize(data, kind).reshape(rows, cols))
-    except NotImplementedError:
-        raise ValueError(f"{path}: tensor {t.name} has GGML type {kind.name}, which fastinfer cannot read") from None
+    if kind in GGML_BLOCKS:
+        return from_ggml_blocks(np.asarray(data).reshape(rows, -1), kind, cols)
+    try:
+        return from_f32(_dequantize(data, t.tensor_type).reshape(rows, cols))
+    except (NotImplementedError, ValueError):
+        raise ValueError(f"{path}: tensor {t.name} has GGML type {kind}, which fastinfer cannot read") from None
 
 
 def read_gguf(path: Path) -> Checkpoint:

@@ -3,7 +3,7 @@
 The `gguf` package's GGUFReader builds a numpy view for every element of every metadata array,
 which takes about 3 s on a 49k-token vocabulary; this reads the same file format (GGUF v2/v3:
 header, key/value pairs, tensor infos, aligned data) in a fraction of that. The `gguf` package
-still provides the type constants and the dequantizers for exotic tensor types.
+still provides the sizes and dequantizers of the tensor types fastinfer does not read itself.
 """
 import mmap
 import struct
@@ -12,19 +12,45 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 # GGUF value type -> numpy dtype, for scalars and numeric arrays
 _NUMERIC = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
             6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
 _STRING, _ARRAY = 8, 9
-_TENSOR_DTYPES = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}
+# The GGML tensor types fastinfer reads itself (ggml.h, enum ggml_type): id -> (name, elements per
+# block, bytes per block). The other types' sizes and dequantizers come from the gguf package,
+# imported only when a file has one: importing it costs ~3.5 MB of resident memory.
+GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
+              8: ("Q8_0", 32, 34), 30: ("BF16", 1, 2)}
+_TENSOR_DTYPES = {0: np.float32, 1: np.float16}
+
+
+def ggml_type_name(ttype: int) -> str:
+    """"Q4_1" for 3, and so on; the gguf package names the types fastinfer does not read itself."""
+    if ttype in GGML_TYPES:
+        return GGML_TYPES[ttype][0]
+    from gguf import GGMLQuantizationType
+    try:
+        return GGMLQuantizationType(ttype).name
+    except ValueError:
+        return f"type {ttype}"
+
+
+def _block_size(ttype: int) -> tuple[int, int]:
+    """(elements, bytes) of one block of GGML type ttype."""
+    if ttype in GGML_TYPES:
+        return GGML_TYPES[ttype][1:]
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    try:
+        return GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+    except (ValueError, KeyError):
+        raise ValueError(f"unknown GGML tensor type {ttype}") from None
 
 
 @dataclass
 class GGUFTensor:
     name: str
-    tensor_type: GGMLQuantizationType
+    tensor_type: int        # GGML type id (ggml_type_name names it)
     shape: tuple[int, ...]  # outermost first (rows, cols), unlike GGUF's own order
     data: np.ndarray        # F32/F16: values of `shape`; other types: uint8 (rows, row_bytes)
 
@@ -133,12 +159,12 @@ def _read(path: Path) -> GGUFFile:
         name = c.string()
         n_dims = c.take("I")
         dims = [c.take("Q") for _ in range(n_dims)]
-        infos.append((name, dims, GGMLQuantizationType(c.take("I")), c.take("Q")))
+        infos.append((name, dims, c.take("I"), c.take("Q")))
     align = int(meta.get("general.alignment", 32))
     start = (c.pos + align - 1) // align * align
     tensors = []
     for name, dims, ttype, offset in infos:
-        block, type_size = GGML_QUANT_SIZES[ttype]
+        block, type_size = _block_size(ttype)
         n = int(np.prod(dims)) if dims else 1
         nbytes = n // block * type_size
         lo = start + offset

@@ -78,7 +78,9 @@ class Weights:
 
     @property
     def nbytes(self) -> int:
-        return sum(v.nbytes for v in vars(self).values() if isinstance(v, (QMatrix, np.ndarray)))
+        """Bytes held, each array once (a tied head is the embedding table)."""
+        held = {id(v): v for v in vars(self).values() if isinstance(v, (QMatrix, np.ndarray))}
+        return sum(v.nbytes for v in held.values())
 
 
 def rope_tables(args: ModelArgs, max_seq: int) -> tuple[np.ndarray, np.ndarray]:
@@ -213,7 +215,9 @@ class State:
         self.att = np.zeros((chunk, qd), np.float32)              # attention output per head
         self.h13 = np.zeros((chunk, 2 * args.hidden_dim), np.float32)  # [gate | up]
         self.hb = np.zeros((chunk, args.hidden_dim), np.float32)  # silu(gate) * up
-        self.logits = np.zeros((chunk, args.vocab_size), np.float32)
+        # (chunk, vocab) is 50 MB at a 256-token chunk, of which decoding writes one row: numpy's
+        # huge pages would make that row cost 2 MB
+        self.logits = lazy_zeros((chunk, args.vocab_size))
         widest = max(args.dim, qd, args.hidden_dim)  # the widest input a matmul reads
         self.lin_scratch = np.zeros((threads, L.scratch_size(widest)), np.float32)
         # 8-bit activations (act8): each matmul's input quantized in 32-blocks, (chunk, widest) at most
