@@ -46,22 +46,27 @@ def test_stack_joined_rejects_disagreeing_layers():
         WT.stack_joined(layers)
 
 
-def test_cached_kernels_load_without_numbas_compiler_library(tmp_path):
-    """A second process runs a cached kernel without the ~380 modules Numba imports to compile
-    (kernels/jit.py `_load_cached_without_refresh`); numba.np.linalg stands for them. A first
-    process, which compiles, does import them, so the check can fail."""
+def _compile_then_load(tmp_path, then: str):
+    """Run act8.residual, then the code `then`, in two processes sharing an empty kernel cache: the
+    first compiles, the second loads. Returns both finished processes."""
     code = ("import sys, numpy as np\n"
             "from fastinfer.kernels import act8\n"
             "x = np.full((2, 64), 3.0, np.float32); xq = np.ones((2, 64), np.int8)\n"
             "xd = np.ones((2, 2), np.float32); xr = np.zeros((2, 64), np.float32)\n"
             "act8.residual(xr, x, xq, xd)\n"
-            "assert (xr == 2.0).all(), xr\n"
-            "print('numba.np.linalg' in sys.modules)\n")
+            "assert (xr == 2.0).all(), xr\n") + then
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
-    run = lambda: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,  # noqa: E731
-                                 timeout=600)
-    first, second = run(), run()
-    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+            for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr + runs[1].stderr
+    return runs
+
+
+def test_cached_kernels_load_without_numbas_compiler_library(tmp_path):
+    """A second process runs a cached kernel without the ~380 modules Numba imports to compile
+    (kernels/jit.py `_load_cached_without_refresh`); numba.np.linalg stands for them. A first
+    process, which compiles, does import them, so the check can fail."""
+    first, second = _compile_then_load(tmp_path, "print('numba.np.linalg' in sys.modules)\n")
     assert first.stdout.split() == ["True"]     # compiling refreshes Numba's whole target context
     assert second.stdout.split() == ["False"]   # loading from the cache does not
 
@@ -70,23 +75,15 @@ def test_cached_kernels_load_without_parsing_their_bitcode(tmp_path):
     """A second process loads a cached kernel without parsing the LLVM bitcode stored beside its
     machine code (kernels/jit.py `_load_objects_without_their_bitcode`: ~13 MB for the model
     graph), and a new kernel that calls it still compiles, links against it and runs."""
-    code = ("import sys, numpy as np, numba\n"
-            "from fastinfer.kernels import act8\n"
-            "x = np.full((2, 64), 3.0, np.float32); xq = np.ones((2, 64), np.int8)\n"
-            "xd = np.ones((2, 2), np.float32); xr = np.zeros((2, 64), np.float32)\n"
-            "act8.residual(xr, x, xq, xd)\n"
-            "lib = next(iter(act8.residual.overloads.values())).library\n"
-            "print(lib._shared_module is None)\n"
-            "@numba.njit\n"
-            "def twice(xr, x, xq, xd):\n"
-            "    act8.residual(xr, x, xq, xd)\n"
-            "    return xr.sum()\n"
-            "assert twice(xr, x, xq, xd) == 2.0 * xr.size\n")
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
-    run = lambda: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,  # noqa: E731
-                                 timeout=600)
-    first, second = run(), run()
-    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    first, second = _compile_then_load(tmp_path, (
+        "lib = next(iter(act8.residual.overloads.values())).library\n"
+        "print(lib._shared_module is None)\n"
+        "import numba\n"
+        "@numba.njit\n"
+        "def twice(xr, x, xq, xd):\n"
+        "    act8.residual(xr, x, xq, xd)\n"
+        "    return xr.sum()\n"
+        "assert twice(xr, x, xq, xd) == 2.0 * xr.size\n"))
     assert first.stdout.split() == ["False"]    # compiled here: Numba keeps its module
     assert second.stdout.split() == ["True"]    # loaded: nothing parsed until something links
 
