@@ -10,11 +10,14 @@ import numpy as np
 
 from fastinfer.kernels import linear as K
 
+from .gguf_meta import GGML_TYPES
+
 _NO_U8 = np.zeros((0, 0, 0), np.uint8)
 _NO_F32 = np.zeros((0, 0, 0), np.float32)
 
 # ggml block types kept as stored: name -> (kernel kind, bytes per 32-element block)
-GGML_BLOCKS = {"Q8_0": (K.Q8_0, 34), "Q4_0": (K.Q4_0, 18), "Q4_1": (K.Q4_1, 20)}
+_BLOCK_BYTES = {name: nbytes for name, _, nbytes in GGML_TYPES.values()}
+GGML_BLOCKS = {name: (kind, _BLOCK_BYTES[name]) for name, kind in (("Q8_0", K.Q8_0), ("Q4_0", K.Q4_0), ("Q4_1", K.Q4_1))}
 
 
 def readonly(a: np.ndarray) -> np.ndarray:
