@@ -144,6 +144,8 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--tokens", type=_positive_int, default=4096, help="tokens of FILE to use (default: 4096)")
     x.add_argument("--json", action="store_true", help="end with one JSON line of the results")
 
+    from .prune import Prune
+    d = Prune()
     e = sub.add_parser("eval-prune", help="measure what prefill pruning saves and costs on text files",
                        description="The continuation protocol on each FILE: for each context length N, prefill "
                                    "the first N tokens dense and pruned, then score the next 256 true tokens "
@@ -155,10 +157,10 @@ def _parser() -> argparse.ArgumentParser:
     _model_options(e)
     e.add_argument("--contexts", type=_int_list, default=[512, 1024, 2048, 4096], metavar="N,N,...",
                    help="context lengths (default: 512,1024,2048,4096)")
-    e.add_argument("--keep", type=_float_list, default=[0.3, 0.5], metavar="F,F,...",
-                   help="keep ratios to try (default: 0.3,0.5)")
-    e.add_argument("--scores", type=_str_list, default=["norm", "attention"], metavar="S,S,...",
-                   help="scores to try (default: norm,attention)")
+    e.add_argument("--keep", type=_float_list, default=[0.3, d.keep], metavar="F,F,...",
+                   help=f"keep ratios to try (default: 0.3,{d.keep})")
+    e.add_argument("--scores", type=_str_list, default=["recent", "attention", "norm"], metavar="S,S,...",
+                   help="scores to try (default: recent,attention,norm)")
     e.add_argument("--from-layer", type=_positive_int, default=None,
                    help="first pruned layer (default: Prune()'s)")
     e.add_argument("--offset", type=int, default=0, metavar="TOKENS",
@@ -195,6 +197,10 @@ def _prune_options(g: argparse.ArgumentParser) -> None:
                    help=f"first layer that sees only the kept tokens (default {d.from_layer})")
     g.add_argument("--prune-score", choices=list(SCORES), default=None,
                    help=f"how tokens are ranked (default {d.score})")
+    g.add_argument("--prune-sinks", type=int, default=None, metavar="N",
+                   help=f"always keep the first N tokens (default {d.sinks})")
+    g.add_argument("--prune-keep-last", type=int, default=None, metavar="N",
+                   help=f"always keep the prompt's last N tokens (default {d.keep_last})")
     g.add_argument("--kv-budget", type=int, default=None, metavar="N",
                    help="cap every layer's KV cache at N rows, evicting the least attended (flat memory and speed)")
 
@@ -202,7 +208,8 @@ def _prune_options(g: argparse.ArgumentParser) -> None:
 def _prune_from_args(args):
     """A Prune from the --prune-* flags (None when none is given), checked before loading."""
     from .prune import Prune, check_options
-    given = {"keep": args.prune_keep, "from_layer": args.prune_from_layer, "score": args.prune_score}
+    given = {"keep": args.prune_keep, "from_layer": args.prune_from_layer, "score": args.prune_score,
+             "sinks": args.prune_sinks, "keep_last": args.prune_keep_last}
     given = {k: v for k, v in given.items() if v is not None}
     prune = Prune(**given) if given else None
     if args.kv_budget is not None:

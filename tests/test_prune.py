@@ -275,7 +275,9 @@ def ref_pruned_prefill(ref, ids, p: Prune):
     if p.score == "attention-last":
         m, seen = ref.mass(k - 1)
         got = m * N / ref.H
-    if p.score.startswith("attention"):
+    if p.score == "recent":
+        scores = np.arange(N, dtype=float)
+    elif p.score.startswith("attention"):
         scores = got / np.maximum(seen, 1)
     else:
         scores = np.linalg.norm(xs, axis=1) * (-1 if p.score == "low-norm" else 1)
@@ -294,7 +296,7 @@ def _ids(n, seed=0, vocab=TINY_CFG["vocab_size"]):
     return np.random.default_rng(seed).integers(3, vocab, n).tolist()
 
 
-@pytest.mark.parametrize("score", ["norm", "attention"])
+@pytest.mark.parametrize("score", ["recent", "norm", "attention"])
 @pytest.mark.parametrize("from_layer", [1, 2])
 def test_keep_all_equals_dense(model, score, from_layer):
     ids = _ids(150)
@@ -305,7 +307,7 @@ def test_keep_all_equals_dense(model, score, from_layer):
     np.testing.assert_array_equal(s.decode_step(7), dense.decode_step(7))
 
 
-@pytest.mark.parametrize("score", ["norm", "low-norm", "attention", "attention-last"])
+@pytest.mark.parametrize("score", ["recent", "norm", "low-norm", "attention", "attention-last"])
 def test_pruned_session_matches_numpy_model(model, weights, score):
     N = 150  # three prefill chunks, the last one short
     ids = _ids(N + 7, seed=1)
@@ -326,12 +328,20 @@ def test_pruned_session_matches_numpy_model(model, weights, score):
 @pytest.mark.parametrize("keep", [0.01, 0.2])
 def test_sinks_and_last_tokens_always_kept(model, keep):
     ids = _ids(200, seed=2)
-    for score in ("norm", "low-norm", "attention", "attention-last"):
+    for score in ("recent", "norm", "low-norm", "attention", "attention-last"):
         s = model.session(prune=Prune(keep=keep, from_layer=1, score=score, sinks=4, keep_last=10))
         s.prefill(ids)
         kept = set(s._pruning.kept.tolist())
         assert set(range(4)) <= kept and set(range(190, 200)) <= kept
         assert len(kept) == max(14, math.ceil(keep * 200))
+
+
+def test_recent_score_keeps_the_sinks_and_one_window(model):
+    """score="recent" spends the whole budget on the sinks and the prompt's last tokens."""
+    ids = _ids(200, seed=4)
+    s = model.session(prune=Prune(keep=0.3, from_layer=1, score="recent", sinks=6, keep_last=1))
+    s.prefill(ids)
+    assert s._pruning.kept.tolist() == list(range(6)) + list(range(200 - 54, 200))  # 60 = ceil(0.3 * 200)
 
 
 def test_eviction_never_exceeds_budget_and_matches_numpy_model(model, weights):
@@ -425,10 +435,11 @@ def test_cli_generate_with_pruning_flags(model, capsys):
     assert main(args + ["--prune-keep", "1.0", "--prune-from-layer", "1"]) == 0
     assert capsys.readouterr().out == dense                        # keep=1.0 is dense
     assert main(args + ["--prune-keep", "0.3", "--prune-from-layer", "2", "--prune-score", "norm",
-                        "--kv-budget", "128"]) == 0
+                        "--prune-sinks", "2", "--prune-keep-last", "8", "--kv-budget", "128"]) == 0
     assert capsys.readouterr().out.startswith("hello world")
     for bad, match in ((["--prune-keep", "2"], "keep"), (["--kv-budget", "5"], "kv_budget"),
-                       (["--prune-from-layer", "3"], "from_layer")):
+                       (["--prune-from-layer", "3"], "from_layer"), (["--prune-sinks", "-1"], "sinks"),
+                       (["--prune-keep-last", "0"], "keep_last")):
         assert main(args + bad) == 1
         assert match in capsys.readouterr().err
 
