@@ -195,13 +195,13 @@ def _compact(k_cache, v_cache, row_pos, l, idx, n):
 
 
 @kernel(parallel=True)
-def evict(k_cache, v_cache, row_pos, fill, q_ring, ring_pos, l0, l1, limit, target, sinks, recent,
+def evict(k_cache, v_cache, row_pos, fill, q_ring, ring_pos, l0, l1, limit, target, sinks, recent, queries,
           fscratch, iscratch, bscratch):
     """Shrink every layer l in [l0, l1) holding more than `limit` rows to `target` rows.
 
     A layer keeps the sinks (rows of positions < sinks), its last `recent` rows, and the rows
-    with the most attention mass from the queries in its ring; kept rows stay in order, at the
-    front of the cache. caches (L, kv_heads, rows, hd); row_pos (L, rows); fill (L,) rows held,
+    with the most attention mass from the newest `queries` positions in its ring; kept rows stay
+    in order, at the front of the cache. caches (L, kv_heads, rows, hd); row_pos (L, rows); fill (L,) rows held,
     updated. Per-thread scratch: fscratch f32 (threads, >= 3 rows), iscratch int64
     (threads, >= rows), bscratch bool (threads, >= rows).
     """
@@ -215,8 +215,12 @@ def evict(k_cache, v_cache, row_pos, fill, q_ring, ring_pos, l0, l1, limit, targ
         tid = get_thread_id()
         mass = fscratch[tid, :n]
         mass[:] = 0.0
+        newest = -1
         for w in range(q_ring.shape[1]):
-            if ring_pos[l, w] >= 0:
+            newest = max(newest, ring_pos[l, w])
+        first = max(newest - queries + 1, 0)
+        for w in range(q_ring.shape[1]):
+            if ring_pos[l, w] >= first:
                 for h in range(H):
                     _query_mass(mass, fscratch[tid, n:2 * n], q_ring[l, w, h], k_cache[l, h // group],
                                 row_pos[l, :n], ring_pos[l, w], scale)

@@ -135,7 +135,9 @@ def test_store_queries_and_append_rows():
     assert list(row_pos[1, 5:8]) == [7, 9, 10] and list(row_pos[2, :3]) == [7, 9, 10] and (row_pos[0] == -1).all()
 
 
-def test_evict_matches_twin():
+@pytest.mark.parametrize("queries", [5, 2])
+def test_evict_matches_twin(queries):
+    """queries=2: only the two newest ring positions score the rows."""
     rng = np.random.default_rng(3)
     L, KV, H, hd, rows, W = 4, 2, 4, 6, 50, 5
     k_cache = rng.standard_normal((L, KV, rows, hd)).astype(np.float32)
@@ -145,11 +147,11 @@ def test_evict_matches_twin():
     for l in range(L):
         row_pos[l, :fill[l]] = np.sort(rng.choice(200, fill[l], replace=False))
     q_ring = rng.standard_normal((L, W, H, hd)).astype(np.float32)
-    ring_pos = np.full((L, W), 199, np.int64)
+    ring_pos = np.tile(np.array([197, 198, 199, 195, 196], np.int64), (L, 1))  # a ring wrapped around
     ring_pos[2, 1] = -1
     k0, v0, p0, f0 = k_cache.copy(), v_cache.copy(), row_pos.copy(), fill.copy()
     limit, target, sinks, recent = 40, 33, 20, 7
-    K.evict(k_cache, v_cache, row_pos, fill, q_ring, ring_pos, 1, 4, limit, target, sinks, recent,
+    K.evict(k_cache, v_cache, row_pos, fill, q_ring, ring_pos, 1, 4, limit, target, sinks, recent, queries,
             np.zeros((2, 3 * rows), np.float32), np.zeros((2, rows), np.int64), np.zeros((2, rows), np.bool_))
     for l in range(L):
         n = f0[l]
@@ -157,7 +159,7 @@ def test_evict_matches_twin():
             assert fill[l] == n
             np.testing.assert_array_equal(k_cache[l], k0[l])
             continue
-        mass = twin_mass(q_ring, ring_pos, k0, p0, l, n)
+        mass = twin_mass(q_ring, ring_pos, k0, p0, l, n, q0=ring_pos[l].max() - queries + 1)
         forced = (p0[l, :n] < sinks) | (np.arange(n) >= n - recent)
         keep = twin_select(mass, forced, target)
         assert fill[l] == len(keep) == max(target, forced.sum())
@@ -248,9 +250,9 @@ class RefModel:
                 out += R.softmax(s)
         return out, seen
 
-    def evict(self, l, target, sinks, recent):
+    def evict(self, l, target, sinks, recent, queries):
         n = len(self.cache[l])
-        mass, _ = self.mass(l)
+        mass, _ = self.mass(l, q0=self.queries[l][-1][0] - queries + 1)  # the newest `queries` positions
         forced = np.array([c[0] < sinks for c in self.cache[l]]) | (np.arange(n) >= n - recent)
         keep = twin_select(mass, forced, target)
         self.cache[l] = [self.cache[l][j] for j in keep]
@@ -344,7 +346,8 @@ def test_recent_score_keeps_the_sinks_and_one_window(model):
     assert s._pruning.kept.tolist() == list(range(6)) + list(range(200 - 54, 200))  # 60 = ceil(0.3 * 200)
 
 
-def test_eviction_never_exceeds_budget_and_matches_numpy_model(model, weights):
+def test_eviction_never_exceeds_budget_and_matches_numpy_model(model, weights, monkeypatch):
+    monkeypatch.setattr(fastinfer.prune, "EVICT_QUERIES", 8)  # fewer than the ring's 32
     budget, n_prompt, n_total = 128, 60, 190
     ids = _ids(n_total, seed=3)
     s = model.session(kv_budget=budget)
@@ -358,7 +361,7 @@ def test_eviction_never_exceeds_budget_and_matches_numpy_model(model, weights):
     for pos in range(n_prompt, n_total):
         for l in range(ref.L):  # the documented rule: overflow -> budget - budget // 8 rows
             if len(ref.cache[l]) > budget - 1:
-                ref.evict(l, budget - budget // 8, sinks=4, recent=budget // 4)
+                ref.evict(l, budget - budget // 8, sinks=4, recent=budget // 4, queries=8)
                 evicted += 1
         got = s.decode_step(ids[pos])
         assert s._pruning.fill.max() <= budget
