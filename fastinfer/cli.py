@@ -31,6 +31,9 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    help="matmul inputs: f32 (exact), or int8 in blocks of 32 as llama.cpp does, so 4- and "
                         "8-bit weights multiply on integer dot products; auto = int8 for 4/8-bit Llama-family "
                         "weights on a CPU with AVX512-VNNI, else f32 (default: auto)")
+    p.add_argument("--kv-type", default="f32", choices=["f32", "f16"],
+                   help="KV cache element type: f32 (exact) or f16 (half the memory, faster decoding at long "
+                        "contexts; llama.cpp's default) (default: f32)")
     p.add_argument("-t", "--threads", type=_positive_int, default=None, help="kernel threads (default: all cores)")
 
 
@@ -225,7 +228,8 @@ def _version() -> str:
 def _load(args):
     from .model import load
     n_ctx = getattr(args, "ctx", None)
-    return load(args.model, dtype=args.dtype, threads=args.threads, n_ctx=n_ctx, activations=args.activations)
+    return load(args.model, dtype=args.dtype, threads=args.threads, n_ctx=n_ctx, activations=args.activations,
+                kv_type=args.kv_type)
 
 
 def cmd_generate(args) -> int:

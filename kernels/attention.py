@@ -44,7 +44,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .jit import kernel
-from .simd import AVX512
+from .simd import AVX512, kv_get
 
 QT = 16  # query tokens per task: enough rows to reuse each key tile, enough tasks to share out
 KT = 64  # keys per tile
@@ -68,9 +68,10 @@ def _rows(group):
 
 def scratch_size(head_dim: int, group: int) -> int:
     """Per-thread scratch floats `attention` needs for query heads sharing a kv head in `group`s:
-    Q^T, O^T (hd, rows), S^T (KT, rows), five row vectors and KT exponents."""
+    Q^T, O^T (hd, rows), S^T (KT, rows), five row vectors, KT exponents, and a K and a V tile
+    (KT, hd) widened from a half-float cache."""
     R = _rows(group)
-    return R * (2 * head_dim + KT + 5) + KT
+    return R * (2 * head_dim + KT + 5) + KT + 2 * KT * head_dim
 
 
 def dense_pattern(slots_total: int) -> tuple[int, int, int, int]:
@@ -83,7 +84,8 @@ def dense_pattern(slots_total: int) -> tuple[int, int, int, int]:
 # ----------------------------------------------------------------------------------------------
 
 def _micro_ir(vw: int, nv: int, mr: int, accumulate: bool):
-    """c[i, :nv*vw] (+)= sum_k a[i*ars + k*aks] * b[k*ldb + :nv*vw] for i < mr. Rows at or past
+    """c[i, :nv*vw] (+)= sum_k a[i*ars + k*aks] * b[k*ldb + :nv*vw] for i < mr (a float32, or half
+    floats as uint16 bits: a KV cache, widened as loaded). Rows at or past
     `rows` repeat row rows-1 (same loads, same result, same address), so any 1 <= rows <= mr works
     with no tail code and no store outside the rows asked for."""
     def codegen(context, builder, sig, args):
@@ -136,6 +138,8 @@ def _micro_ir(vw: int, nv: int, mr: int, accumulate: bool):
         new = []
         for i in range(mr):
             s = builder.load(builder.gep(arow[i], [ak]))
+            if a_t.dtype != types.float32:  # half bits (a uint16 KV cache): widen
+                s = builder.fpext(builder.bitcast(s, ir.HalfType()), f32)
             bc = builder.shuffle_vector(builder.insert_element(undef_vec, s, ir.Constant(ir.IntType(32), 0)),
                                         undef_vec, mask0)
             new.append([builder.call(fma, [bc, w[v], acc[i][v]]) for v in range(nv)])
@@ -166,7 +170,8 @@ def _make_micro(vw: int, nv: int, accumulate: bool):
     @intrinsic
     def micro(typingctx, c, co, ldc, a, ao, ars, aks, b, bo, ldb, n, rows):
         arrays = (c, a, b)
-        ok = (all(isinstance(x, types.Array) and x.dtype == types.float32 for x in arrays)
+        ok = (all(isinstance(x, types.Array) for x in arrays)
+              and c.dtype == b.dtype == types.float32 and a.dtype in (types.float32, types.uint16)
               and all(isinstance(x, types.Integer) for x in (co, ldc, ao, ars, aks, bo, ldb, n, rows)))
         if not ok:
             return None
@@ -324,14 +329,29 @@ def _softmax(st, n, R, mx, den, alpha, lo, hi, j0, mask):
 
 
 @kernel
-def _tile(kc, vc, j0, n, R, lo, hi, mask, qt, st, ot, mx, den, alpha):
+def _widen(dst, src, j0, n):
+    """dst[:n * hd] (n, hd) flat <- rows j0..j0+n-1 of a half-float cache src (slots, hd), as f32."""
+    hd = src.shape[1]
+    for j in range(n):
+        row = src[j0 + j]
+        o = j * hd
+        for i in range(hd):
+            dst[o + i] = kv_get(row[i])
+
+
+@kernel
+def _tile(kc, vc, j0, n, R, lo, hi, mask, qt, st, ot, mx, den, alpha, kw, vw):
     """Keys j0..j0+n-1 of one kv head's cache kc, vc (slots, hd) against the task's R rows: scores
     into st (n, R) flat, masked where mask (row c sees keys lo[c] < j <= hi[c]), folded into the
-    running max mx, sum den and output ot (hd, R) flat."""
+    running max mx, sum den and output ot (hd, R) flat. A half-float cache is widened into the
+    f32 tiles kw, vw (KT * hd) first, once per tile rather than once per use."""
     hd = kc.shape[1]
-    ks = kc.strides[0] // 4
-    vs = vc.strides[0] // 4
-    _gemm(st, 0, R, kc, j0 * ks, ks, 1, qt, 0, R, n, R, hd, False)    # S^T = K (Q scaled)^T
+    if kc.itemsize == 2:
+        _widen(kw, kc, j0, n)
+        _widen(vw, vc, j0, n)
+        _gemm(st, 0, R, kw, 0, hd, 1, qt, 0, R, n, R, hd, False)         # S^T = K (Q scaled)^T
+    else:
+        _gemm(st, 0, R, kc, j0 * (kc.strides[0] // 4), kc.strides[0] // 4, 1, qt, 0, R, n, R, hd, False)
     _softmax(st, n, R, mx, den, alpha, lo, hi, j0, mask)
     rescale = False
     for c in range(R):
@@ -341,7 +361,11 @@ def _tile(kc, vc, j0, n, R, lo, hi, mask, qt, st, ot, mx, den, alpha):
             o = i * R
             for c in range(R):
                 ot[o + c] *= alpha[c]
-    _gemm(ot, 0, R, vc, j0 * vs, 1, vs, st, 0, R, hd, R, n, True)     # O^T += V^T P^T
+    if kc.itemsize == 2:
+        _gemm(ot, 0, R, vw, 0, 1, hd, st, 0, R, hd, R, n, True)       # O^T += V^T P^T
+    else:
+        vs = vc.strides[0] // 4
+        _gemm(ot, 0, R, vc, j0 * vs, 1, vs, st, 0, R, hd, R, n, True)
 
 
 @kernel
@@ -387,7 +411,7 @@ def _tile_few(kc, vc, j0, n, rows, lo, hi, qs, s, o, mx, den, bits):
             kj = kc[j0 + j]
             acc = np.float32(0.0)
             for i in range(hd):
-                acc += qc[i] * kj[i]
+                acc += qc[i] * kv_get(kj[i])
             row[j] = acc
         best = mx[c]
         for j in range(a, b):
@@ -411,7 +435,7 @@ def _tile_few(kc, vc, j0, n, rows, lo, hi, qs, s, o, mx, den, bits):
             p = s[c * KT + j]
             oc = o[c * hd:(c + 1) * hd]
             for i in range(hd):
-                oc[i] += p * vj[i]
+                oc[i] += p * kv_get(vj[i])
 
 
 @kernel
@@ -436,6 +460,9 @@ def _attend(out, q, kc, vc, t0, m, kv, group, p0, window, pattern, buf):
     lo = buf[at + 3 * Rmax:at + 3 * Rmax + R].view(np.int32)   # row c sees keys lo < j <= hi
     hi = buf[at + 4 * Rmax:at + 4 * Rmax + R].view(np.int32)
     bits = buf[at + 5 * Rmax:at + 5 * Rmax + KT].view(np.int32)    # exp's 2^n (few rows)
+    at += 5 * Rmax + KT
+    kw = buf[at:at + KT * hd]                       # K and V tiles widened from a half-float cache
+    vw = buf[at + KT * hd:at + 2 * KT * hd]
     scale = np.float32(1.0 / math.sqrt(hd))
     for c in range(R):
         p = p0 + c % m
@@ -471,7 +498,7 @@ def _attend(out, q, kc, vc, t0, m, kv, group, p0, window, pattern, buf):
             if few:
                 _tile_few(kc, vc, j0, n, used, lo, hi, qt, st, ot, mx, den, bits)
             else:
-                _tile(kc, vc, j0, n, R, lo, hi, mask, qt, st, ot, mx, den, alpha)
+                _tile(kc, vc, j0, n, R, lo, hi, mask, qt, st, ot, mx, den, alpha, kw, vw)
     for c in range(used):
         h = kv * group + c // m
         t = t0 + c % m
@@ -484,7 +511,8 @@ def _attend(out, q, kc, vc, t0, m, kv, group, p0, window, pattern, buf):
 def attention(out, q, k_cache, v_cache, l, starts, slots, window, pattern, scratch):
     """Grouped-query causal attention of each token over its own stretch of the cache.
 
-    q (T, heads, head_dim); caches (L, kv_heads, slots_total, head_dim), layer l; token t attends
+    q (T, heads, head_dim); caches (L, kv_heads, slots_total, head_dim), float32 or half bits
+    (uint16), layer l; token t attends
     to slots starts[t]..slots[t] (several sequences share one cache in separate stretches), thinned
     by `pattern` = (block, global_blocks, local_blocks, stride) as the module docstring says, and
     to the last `window` of them when window > 0. Query head h reads kv head h // (heads // kv_heads).

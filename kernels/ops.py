@@ -14,7 +14,7 @@ from numba import prange
 
 from .jit import kernel
 from .linear import dequant_row
-from .simd import bits_float
+from .simd import bits_float, kv_put
 
 # When the token loop is split over threads. A parallel region costs about 2 us here (2 threads,
 # bench/ops_kernels.py); a copy-like op (norm, add, split, rope, KV store) moves about 10 elements
@@ -257,14 +257,15 @@ def _store_kv_row(k_cache, v_cache, k, v, l, slots, t):
     s = slots[t]
     for h in range(Hkv):  # element loops: a slice assignment per row costs more than the copy
         for i in range(hd):
-            k_cache[l, h, s, i] = k[t, h, i]
+            k_cache[l, h, s, i] = kv_put(k_cache, k[t, h, i])
         for i in range(hd):
-            v_cache[l, h, s, i] = v[t, h, i]
+            v_cache[l, h, s, i] = kv_put(v_cache, v[t, h, i])
 
 
 @kernel
 def store_kv(k_cache, v_cache, k, v, l, slots):
-    """k, v (T, kv_heads, head_dim) -> caches (L, kv_heads, slots_total, head_dim) at slots[t]."""
+    """k, v (T, kv_heads, head_dim) -> caches (L, kv_heads, slots_total, head_dim) at slots[t]
+    (float32, or half floats as uint16 bits: kernels/simd.py's kv_put)."""
     T, Hkv, hd = k.shape
     if 2 * T * Hkv * hd >= PARALLEL_MIN_ELEMS:
         _store_kv_many(k_cache, v_cache, k, v, l, slots)

@@ -18,6 +18,7 @@ import numpy as np
 from numba import get_thread_id, prange
 
 from .jit import kernel
+from .simd import kv_get
 
 
 @kernel(parallel=True)
@@ -58,7 +59,7 @@ def _query_mass(acc, sc, qv, keys, rows_pos, qpos, scale):
         kj = keys[j]
         s = np.float32(0.0)
         for i in range(hd):
-            s += qv[i] * kj[i]
+            s += qv[i] * kv_get(kj[i])
         s *= scale
         sc[j] = s
         mx = max(mx, s)

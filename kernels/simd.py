@@ -54,3 +54,39 @@ def dpbusd(builder, acc, u, x, vnni: bool):
     for k in range(4):
         acc = builder.add(acc, builder.shuffle_vector(p, p, ir.Constant(_I32X16, list(range(k, 64, 4)))))
     return acc
+
+
+# The KV cache holds float32, or IEEE half floats as their uint16 bits (Numba has no float16 on
+# the CPU). kv_get / kv_put convert one element either way; in a loop over a row LLVM turns them
+# into vcvtph2ps / vcvtps2ph. For float32 caches both are the identity, so the same kernel source
+# compiles for either cache type.
+
+def _is_half_bits(t) -> bool:
+    return isinstance(t, types.Integer) and t.bitwidth == 16 and not t.signed
+
+
+@intrinsic
+def kv_get(typingctx, x):
+    """A KV-cache element as a float32: half bits (uint16) widen exactly, a float32 is itself."""
+    if _is_half_bits(x):
+        def codegen(context, builder, sig, args):
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+        return types.float32(x), codegen
+    if x == types.float32:
+        return types.float32(x), lambda context, builder, sig, args: args[0]
+    return None
+
+
+@intrinsic
+def kv_put(typingctx, cache, x):
+    """The float32 x as an element of the array `cache`: half bits (round to nearest even) for a
+    uint16 cache, x itself for a float32 one."""
+    if not isinstance(cache, types.Array) or x != types.float32:
+        return None
+    if _is_half_bits(cache.dtype):
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(builder.fptrunc(args[1], ir.HalfType()), ir.IntType(16))
+        return types.uint16(cache, x), codegen
+    if cache.dtype == types.float32:
+        return types.float32(cache, x), lambda context, builder, sig, args: args[1]
+    return None

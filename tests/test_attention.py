@@ -45,6 +45,13 @@ def filled_caches(rng, layers: int, kv: int, max_seq: int, hd: int, l: int, used
     return k_cache.astype(np.float32), v_cache.astype(np.float32)
 
 
+def half(cache):
+    """A cache rounded to half floats: (the uint16 bits the kernel reads, the same values as f32 for
+    the twin)."""
+    h = cache.astype(np.float16)
+    return h.view(np.uint16), h.astype(np.float32)
+
+
 def run(q, k_cache, v_cache, l, pos0, window=0, pattern=DENSE, starts=None, slots=None):
     T, H, hd = q.shape
     out = nans(T, H, hd)
@@ -81,6 +88,34 @@ def test_dense(H, KV, hd, T, pos0, q_scale):
     q = (rng.standard_normal((T, H, hd)) * q_scale).astype(np.float32)
     out = run(q, k_cache, v_cache, l, pos0)
     assert_close(out, q, k_cache, v_cache, l, pos0, score_scale=q_scale)
+
+
+@pytest.mark.parametrize("pattern", [None, (4, 1, 2, 3)])
+@pytest.mark.parametrize("T,pos0", [(1, 0), (1, 13), (1, 300), (3, 150), (37, 0), (20, 70)])
+@pytest.mark.parametrize("H,KV", [(9, 3), (8, 2)])
+def test_half_float_cache(H, KV, T, pos0, pattern):
+    """A uint16 (half-float) cache gives what the twin gives on the same values widened to f32."""
+    rng = rng_for("half", H, KV, T, pos0, pattern)
+    hd = 64
+    k_cache, v_cache = filled_caches(rng, 2, KV, pos0 + T + 5, hd, 1, pos0 + T)
+    (kh, kf), (vh, vf) = half(k_cache), half(v_cache)
+    q = rng.standard_normal((T, H, hd)).astype(np.float32)
+    assert_close(run(q, kh, vh, 1, pos0, pattern=pattern), q, kf, vf, 1, pos0, pattern=pattern)
+
+
+def test_store_kv_rounds_to_nearest_half():
+    """kv_put rounds as numpy's float16 does (to nearest, ties to even), overflow to inf included."""
+    rng = np.random.default_rng(7)
+    k = (rng.standard_normal((5, 2, 8)) * np.logspace(-8, 5, 8)).astype(np.float32)
+    k[0, 0, :4] = [65519.0, 65520.0, 1e6, 2.0 ** -25]     # largest half, rounds to inf, inf, ties to 0
+    v = -k
+    kc, vc = np.zeros((2, 2, 9, 8), np.uint16), np.zeros((2, 2, 9, 8), np.uint16)
+    slots = np.array([3, 0, 8, 1, 5], np.int64)
+    ops.store_kv(kc, vc, k, v, 1, slots)
+    with np.errstate(over="ignore"):  # the values past the largest half
+        want_k, want_v = k.astype(np.float16).view(np.uint16), v.astype(np.float16).view(np.uint16)
+    np.testing.assert_array_equal(kc[1][:, slots].transpose(1, 0, 2), want_k)
+    np.testing.assert_array_equal(vc[1][:, slots].transpose(1, 0, 2), want_v)
 
 
 @pytest.mark.parametrize("window", [0, 70])

@@ -20,7 +20,7 @@ from fastinfer.kernels.jit import kernel
 from fastinfer.weights.checkpoint import Checkpoint
 from fastinfer.weights.tensors import QMatrix, readonly, stack, to_f32
 
-from .llama import lazy_zeros
+from .llama import KV_TYPES, lazy_zeros
 
 
 @dataclass
@@ -126,11 +126,11 @@ def build(ckpt: Checkpoint, max_seq: int) -> tuple[ModelArgs, Weights]:
 class State:
     """KV cache and scratch buffers for one sequence, allocated once."""
 
-    def __init__(self, args: ModelArgs, max_seq: int, chunk: int, threads: int):
+    def __init__(self, args: ModelArgs, max_seq: int, chunk: int, threads: int, kv_type: str = "f32"):
         d, hd = args.dim, args.head_dim
         self.max_seq, self.chunk = max_seq, chunk
-        self.k_cache = lazy_zeros((args.n_layers, args.n_heads, max_seq, hd))
-        self.v_cache = lazy_zeros(self.k_cache.shape)
+        self.k_cache = lazy_zeros((args.n_layers, args.n_heads, max_seq, hd), KV_TYPES[kv_type])
+        self.v_cache = lazy_zeros(self.k_cache.shape, self.k_cache.dtype)
         self.x = np.zeros((chunk, d), np.float32)
         self.xb = np.zeros((chunk, d), np.float32)
         self.qkv = np.zeros((chunk, 3 * d), np.float32)

@@ -184,28 +184,31 @@ def _stack_layers(ckpt: Checkpoint, args: ModelArgs, qd: int, kvd: int) -> tuple
     return mats, vec
 
 
-def lazy_zeros(shape: tuple) -> np.ndarray:
-    """Zeroed f32 memory that the OS fills in page by page as it is written.
+KV_TYPES = {"f32": np.float32, "f16": np.uint16}  # f16: IEEE half floats as their bits (kernels/simd.py)
+
+
+def lazy_zeros(shape: tuple, dtype=np.float32) -> np.ndarray:
+    """Zeroed memory (f32 unless told) that the OS fills in page by page as it is written.
 
     numpy asks for transparent huge pages on big arrays, so the first write to each
     (layer, head) slab of the cache would fault in 2 MB at once and a short sequence would pay for
     the whole context. An anonymous mapping of our own uses normal pages: memory grows with use.
     """
-    n = int(np.prod(shape))
-    buf = mmap.mmap(-1, max(n * 4, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    return np.frombuffer(buf, np.float32, count=n).reshape(shape)  # the array keeps buf alive
+    n, dtype = int(np.prod(shape)), np.dtype(dtype)
+    buf = mmap.mmap(-1, max(n * dtype.itemsize, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return np.frombuffer(buf, dtype, count=n).reshape(shape)  # the array keeps buf alive
 
 
 class State:
     """Everything one sequence needs at run time, allocated once: KV cache and scratch buffers."""
 
     def __init__(self, args: ModelArgs, max_seq: int, chunk: int, threads: int, ring: int = 0,
-                 act8: bool = False, float_path: bool = True):
+                 act8: bool = False, float_path: bool = True, kv_type: str = "f32"):
         qd, kvd = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
         self.max_seq, self.chunk = max_seq, chunk
-        # np.zeros maps pages lazily, so a long context costs memory only as it fills.
-        self.k_cache = lazy_zeros((args.n_layers, args.n_kv_heads, max_seq, args.head_dim))
-        self.v_cache = lazy_zeros(self.k_cache.shape)
+        # Mapped lazily, so a long context costs memory only as it fills.
+        self.k_cache = lazy_zeros((args.n_layers, args.n_kv_heads, max_seq, args.head_dim), KV_TYPES[kv_type])
+        self.v_cache = lazy_zeros(self.k_cache.shape, self.k_cache.dtype)
         self.x = np.zeros((chunk, args.dim), np.float32)          # residual stream
         self.xb = np.zeros((chunk, args.dim), np.float32)         # normed input / branch output
         self.qkv = np.zeros((chunk, qd + 2 * kvd), np.float32)  # joined projection output
