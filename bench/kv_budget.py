@@ -5,7 +5,7 @@ alternates with one step of a reference session that restarts every window (so i
 at a short context): the ratio of the two per window cancels the noise of a shared machine. The
 dense session runs the same way for contrast. Prints per-window tokens/s, ratio and RSS.
 
-    python bench/kv_budget.py --budget 512 --tokens 4096
+    python bench/kv_budget.py --budget 512 --tokens 4096 [--kv-type f16]
 """
 import argparse
 import gzip
@@ -55,9 +55,10 @@ def main():
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--dense", action="store_true", help="also run without a budget, for contrast")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--kv-type", default="f32", choices=["f32", "f16"], help="KV cache element type")
     a = ap.parse_args()
     text = gzip.open(Path(__file__).parents[1] / "tests/data/corpus/persuasion.txt.gz", "rt").read()
-    model = fastinfer.load(n_ctx=64 + a.tokens + 1, threads=a.threads)
+    model = fastinfer.load(n_ctx=64 + a.tokens + 1, threads=a.threads, kv_type=a.kv_type)
     prompt = model.encode(text)[5000:5064]
     runs = [("kv_budget=%d" % a.budget, {"kv_budget": a.budget})] + ([("dense", {})] if a.dense else [])
     for label, opts in runs:

@@ -48,6 +48,8 @@ from .simd import AVX512, kv_get
 
 QT = 16  # query tokens per task: enough rows to reuse each key tile, enough tasks to share out
 KT = 64  # keys per tile
+SPLIT_MIN = 256  # a decode step splits its keys into pieces of at least this many (flash-decoding)
+SPLIT_MAX = 32   # pieces in all, over the kv heads
 
 # Vector width in floats, chosen for the host (Numba's disk cache is keyed on the CPU): 16 with
 # AVX-512 (32 registers), else 8 (AVX2, 16 registers). MR[nv] = left-operand rows per register
@@ -68,10 +70,11 @@ def _rows(group):
 
 def scratch_size(head_dim: int, group: int) -> int:
     """Per-thread scratch floats `attention` needs for query heads sharing a kv head in `group`s:
-    Q^T, O^T (hd, rows), S^T (KT, rows), five row vectors, KT exponents, and a K and a V tile
-    (KT, hd) widened from a half-float cache."""
+    Q^T, O^T (hd, rows), S^T (KT, rows), five row vectors, KT exponents, a K and a V tile
+    (KT, hd) widened from a half-float cache, and (used in row 0 only) the pieces of a split
+    decode step."""
     R = _rows(group)
-    return R * (2 * head_dim + KT + 5) + KT + 2 * KT * head_dim
+    return R * (2 * head_dim + KT + 5) + KT + 2 * KT * head_dim + SPLIT_MAX * (2 + head_dim) * group
 
 
 def dense_pattern(slots_total: int) -> tuple[int, int, int, int]:
@@ -84,8 +87,8 @@ def dense_pattern(slots_total: int) -> tuple[int, int, int, int]:
 # ----------------------------------------------------------------------------------------------
 
 def _micro_ir(vw: int, nv: int, mr: int, accumulate: bool):
-    """c[i, :nv*vw] (+)= sum_k a[i*ars + k*aks] * b[k*ldb + :nv*vw] for i < mr (a float32, or half
-    floats as uint16 bits: a KV cache, widened as loaded). Rows at or past
+    """c[i, :nv*vw] (+)= sum_k a[i*ars + k*aks] * b[k*ldb + :nv*vw] for i < mr (a and b float32, or
+    half floats as uint16 bits: a KV cache, widened as loaded). Rows at or past
     `rows` repeat row rows-1 (same loads, same result, same address), so any 1 <= rows <= mr works
     with no tail code and no store outside the rows asked for."""
     def codegen(context, builder, sig, args):
@@ -132,8 +135,14 @@ def _micro_ir(vw: int, nv: int, mr: int, accumulate: bool):
             for v in range(nv):
                 acc[i][v].add_incoming(init[i][v], entry)
         bp = builder.gep(bbase, [builder.mul(k, ldb)])
-        w = [builder.load(builder.bitcast(builder.gep(bp, [ir.Constant(i64, vw * v)]), vptr), align=4)
-             for v in range(nv)]
+        if b_t.dtype == types.float32:
+            w = [builder.load(builder.bitcast(builder.gep(bp, [ir.Constant(i64, vw * v)]), vptr), align=4)
+                 for v in range(nv)]
+        else:  # half bits (a uint16 KV cache): widen as loaded
+            hptr = ir.VectorType(ir.IntType(16), vw).as_pointer()
+            w = [builder.fpext(builder.bitcast(builder.load(builder.bitcast(
+                builder.gep(bp, [ir.Constant(i64, vw * v)]), hptr), align=2), ir.VectorType(ir.HalfType(), vw)), vec)
+                 for v in range(nv)]
         ak = builder.mul(k, aks)
         new = []
         for i in range(mr):
@@ -171,7 +180,8 @@ def _make_micro(vw: int, nv: int, accumulate: bool):
     def micro(typingctx, c, co, ldc, a, ao, ars, aks, b, bo, ldb, n, rows):
         arrays = (c, a, b)
         ok = (all(isinstance(x, types.Array) for x in arrays)
-              and c.dtype == b.dtype == types.float32 and a.dtype in (types.float32, types.uint16)
+              and c.dtype == types.float32 and a.dtype in (types.float32, types.uint16)
+              and b.dtype in (types.float32, types.uint16)
               and all(isinstance(x, types.Integer) for x in (co, ldc, ao, ars, aks, bo, ldb, n, rows)))
         if not ok:
             return None
@@ -393,7 +403,7 @@ def _exp_row(x, bits):
 
 
 @kernel
-def _tile_few(kc, vc, j0, n, rows, lo, hi, qs, s, o, mx, den, bits):
+def _tile_few(kc, vc, j0, n, rows, lo, hi, qs, s, o, mx, den, bits, vw):
     """`_tile` for at most 8 rows (decoding), where rows along the vector lanes would leave most
     lanes idle: everything runs along head_dim or the keys instead (a dot product per visible
     score, the softmax along each row, weight times value row), with qs, o (rows, hd) and
@@ -429,6 +439,10 @@ def _tile_few(kc, vc, j0, n, rows, lo, hi, qs, s, o, mx, den, bits):
             oc = o[c * hd:(c + 1) * hd]
             for i in range(hd):
                 oc[i] *= alpha
+    if hd % VW == 0:  # O (rows, hd) += P (rows, keys) V (keys, hd): the register block, O in registers
+        vs = vc.strides[0] // vc.itemsize
+        _gemm(o, 0, hd, s, 0, KT, 1, vc, j0 * vs, vs, rows, hd, n, True)
+        return
     for j in range(n):
         vj = vc[j0 + j]
         for c in range(rows):
@@ -439,10 +453,13 @@ def _tile_few(kc, vc, j0, n, rows, lo, hi, qs, s, o, mx, den, bits):
 
 
 @kernel
-def _attend(out, q, kc, vc, t0, m, kv, group, p0, window, pattern, buf):
+def _attend(out, q, kc, vc, t0, m, kv, group, p0, window, pattern, buf, ka, kz, part):
     """Tokens t0..t0+m-1 (one sequence, one query block, positions p0..) over the cache kc, vc
     (slots of that sequence from its start, hd) of kv head kv, for the `group` query heads that
-    read it: row c is head kv * group + c // m, token t0 + c % m. -> out[t, h]."""
+    read it: row c is head kv * group + c // m, token t0 + c % m. -> out[t, h].
+
+    Only keys ka <= j < kz count (a piece of a split decode step). With part.size > 0 the result
+    stays unnormalized in part: the rows' running max, their sums, then O (rows, hd)."""
     block, n_global, n_local, stride = pattern
     hd = q.shape[2]
     used = m * group
@@ -489,22 +506,80 @@ def _attend(out, q, kc, vc, t0, m, kv, group, p0, window, pattern, buf):
         d = qb - kb
         if not (kb < n_global or d <= n_local or (stride > 0 and d % stride == 0)):
             continue
-        k0 = max(kb * block, first_key)
-        k1 = min((kb + 1) * block, last + 1)
+        k0 = max(kb * block, first_key, ka)
+        k1 = min((kb + 1) * block, last + 1, kz)
         for j0 in range(k0, k1, KT):
             n = min(KT, k1 - j0)
             # mask unless every row sees every key: causal edge, or the window's far edge
             mask = j0 + n - 1 > p0 or (window > 0 and j0 <= last - window)
             if few:
-                _tile_few(kc, vc, j0, n, used, lo, hi, qt, st, ot, mx, den, bits)
+                _tile_few(kc, vc, j0, n, used, lo, hi, qt, st, ot, mx, den, bits, vw)
             else:
                 _tile(kc, vc, j0, n, R, lo, hi, mask, qt, st, ot, mx, den, alpha, kw, vw)
+    if part.shape[0] > 0:
+        for c in range(used):
+            part[c] = mx[c]
+            part[used + c] = den[c]
+            o = 2 * used + c * hd
+            for i in range(hd):
+                part[o + i] = ot[c * hd + i] if few else ot[i * R + c]
+        return
     for c in range(used):
         h = kv * group + c // m
         t = t0 + c % m
         inv = np.float32(1.0) / den[c]
         for i in range(hd):
             out[t, h, i] = (ot[c * hd + i] if few else ot[i * R + c]) * inv
+
+
+@kernel
+def _decode_pieces(n_keys, KV, threads):
+    """How many pieces to cut one decode step's keys into, per kv head: enough tasks for every
+    thread (4 each, for balance), at least SPLIT_MIN keys per piece, SPLIT_MAX pieces in all."""
+    want = -(-4 * threads // KV)
+    return max(1, min(want, n_keys // SPLIT_MIN, SPLIT_MAX // KV))
+
+
+@kernel(parallel=True)
+def _decode_split(out, q, k_cache, v_cache, l, base, slot, window, pattern, scratch, pieces):
+    # One token (decoding), its keys cut into `pieces` contiguous ranges per kv head so that all
+    # threads work (a step has only KV tasks otherwise). Each piece leaves its rows' running max,
+    # sum and unnormalized output in the tail of scratch row 0 (flash-decoding); then they merge.
+    H, hd = q.shape[1], q.shape[2]
+    KV = k_cache.shape[1]
+    group = H // KV
+    n_keys = slot - base + 1
+    size = (2 + hd) * group
+    tail = scratch.shape[1] - SPLIT_MAX * size
+    per = -(-n_keys // pieces)
+    per = -(-per // KT) * KT                         # whole tiles
+    for task in prange(KV * pieces):
+        kv = task // pieces
+        p = task % pieces
+        part = scratch[0, tail + task * size:tail + (task + 1) * size]
+        _attend(out, q, k_cache[l, kv, base:], v_cache[l, kv, base:], 0, 1, kv, group, n_keys - 1, window,
+                pattern, scratch[get_thread_id()], p * per, min(n_keys, (p + 1) * per), part)
+    for kv in range(KV):
+        for c in range(group):
+            best = -np.inf
+            for p in range(pieces):
+                best = max(best, scratch[0, tail + (kv * pieces + p) * size + c])
+            h = kv * group + c
+            for i in range(hd):
+                out[0, h, i] = 0.0
+            den = np.float32(0.0)
+            for p in range(pieces):
+                part = scratch[0, tail + (kv * pieces + p) * size:tail + (kv * pieces + p + 1) * size]
+                if part[c] == -np.inf:   # no key of this piece is visible
+                    continue
+                w = np.exp(part[c] - best)
+                den += part[group + c] * w
+                o = 2 * group + c * hd
+                for i in range(hd):
+                    out[0, h, i] += part[o + i] * w
+            inv = np.float32(1.0) / den
+            for i in range(hd):
+                out[0, h, i] *= inv
 
 
 @kernel(parallel=True)
@@ -521,6 +596,11 @@ def attention(out, q, k_cache, v_cache, l, starts, slots, window, pattern, scrat
     T, H, hd = q.shape
     KV = k_cache.shape[1]
     group = H // KV
+    if T == 1:
+        pieces = _decode_pieces(slots[0] - starts[0] + 1, KV, scratch.shape[0])  # a scratch row per thread
+        if pieces > 1:
+            _decode_split(out, q, k_cache, v_cache, l, starts[0], slots[0], window, pattern, scratch, pieces)
+            return
     block = pattern[0]
     groups = (T + QT - 1) // QT
     for task in prange(groups * KV):
@@ -541,5 +621,5 @@ def attention(out, q, k_cache, v_cache, l, starts, slots, window, pattern, scrat
                    and (slots[e] - base) // block == qb):
                 e += 1
             _attend(out, q, k_cache[l, kv, base:], v_cache[l, kv, base:], t, e - t, kv, group,
-                    slots[t] - base, window, pattern, buf)
+                    slots[t] - base, window, pattern, buf, 0, slots[e - 1] - base + 1, buf[:0])
             t = e

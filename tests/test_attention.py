@@ -103,6 +103,25 @@ def test_half_float_cache(H, KV, T, pos0, pattern):
     assert_close(run(q, kh, vh, 1, pos0, pattern=pattern), q, kf, vf, 1, pos0, pattern=pattern)
 
 
+@pytest.mark.parametrize("cache", ["f32", "f16"])
+@pytest.mark.parametrize("window,pattern", [(0, None), (0, (64, 1, 3, 0)), (0, (50, 2, 1, 4)), (300, None)])
+@pytest.mark.parametrize("pos0", [600, 1537])
+@pytest.mark.parametrize("H,KV", HEADS)
+def test_split_decode_step(H, KV, pos0, window, pattern, cache):
+    """A decode step over many keys is cut into pieces that threads share (flash-decoding); the
+    merged result is the twin's."""
+    assert A._decode_pieces(pos0 + 1, KV, THREADS) > 1 or THREADS == 1
+    rng = rng_for("split", H, KV, pos0, window, pattern)
+    hd = 64
+    k_cache, v_cache = filled_caches(rng, 1, KV, pos0 + 9, hd, 0, pos0 + 1)
+    kf, vf = k_cache, v_cache
+    if cache == "f16":
+        (k_cache, kf), (v_cache, vf) = half(k_cache), half(v_cache)
+    q = (3 * rng.standard_normal((1, H, hd))).astype(np.float32)
+    got = run(q, k_cache, v_cache, 0, pos0, window=window, pattern=pattern)
+    assert_close(got, q, kf, vf, 0, pos0, window=window, pattern=pattern, score_scale=3.0)
+
+
 def test_store_kv_rounds_to_nearest_half():
     """kv_put rounds as numpy's float16 does (to nearest, ties to even), overflow to inf included."""
     rng = np.random.default_rng(7)
