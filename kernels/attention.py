@@ -409,20 +409,46 @@ def _tile_few(kc, vc, j0, n, rows, lo, hi, qs, s, o, mx, den, bits, vw):
     score, the softmax along each row, weight times value row), with qs, o (rows, hd) and
     s (rows, KT) flat."""
     hd = kc.shape[1]
+    for c0 in range(0, rows, 4):  # scores of up to 4 rows per pass: each key row loaded (widened) once
+        c1 = min(c0 + 4, rows)
+        a = n
+        b = 0
+        for c in range(c0, c1):
+            a = min(a, max(0, lo[c] + 1 - j0))
+            b = max(b, min(n, hi[c] + 1 - j0))
+        q0 = qs[c0 * hd:(c0 + 1) * hd]
+        q1 = qs[min(c0 + 1, c1 - 1) * hd:(min(c0 + 1, c1 - 1) + 1) * hd]   # past the last row: repeat it
+        q2 = qs[min(c0 + 2, c1 - 1) * hd:(min(c0 + 2, c1 - 1) + 1) * hd]
+        q3 = qs[min(c0 + 3, c1 - 1) * hd:(min(c0 + 3, c1 - 1) + 1) * hd]
+        r0 = s[c0 * KT:c0 * KT + KT]
+        r1 = s[min(c0 + 1, c1 - 1) * KT:min(c0 + 1, c1 - 1) * KT + KT]
+        r2 = s[min(c0 + 2, c1 - 1) * KT:min(c0 + 2, c1 - 1) * KT + KT]
+        r3 = s[min(c0 + 3, c1 - 1) * KT:min(c0 + 3, c1 - 1) * KT + KT]
+        for j in range(a, b):
+            kj = kc[j0 + j]
+            s0 = np.float32(0.0)
+            s1 = np.float32(0.0)
+            s2 = np.float32(0.0)
+            s3 = np.float32(0.0)
+            for i in range(hd):
+                kv = kv_get(kj[i])
+                s0 += q0[i] * kv
+                s1 += q1[i] * kv
+                s2 += q2[i] * kv
+                s3 += q3[i] * kv
+            r3[j] = s3  # the repeated rows write the same value to the same place, last row last
+            r2[j] = s2
+            r1[j] = s1
+            r0[j] = s0
     for c in range(rows):
         row = s[c * KT:c * KT + n]
         a = max(0, lo[c] + 1 - j0)                       # visible keys j0 + a .. j0 + b - 1
         b = min(n, hi[c] + 1 - j0)
-        row[:] = 0.0
         if b <= a:
+            row[:] = 0.0
             continue
-        qc = qs[c * hd:(c + 1) * hd]
-        for j in range(a, b):
-            kj = kc[j0 + j]
-            acc = np.float32(0.0)
-            for i in range(hd):
-                acc += qc[i] * kv_get(kj[i])
-            row[j] = acc
+        row[:a] = 0.0
+        row[b:] = 0.0
         best = mx[c]
         for j in range(a, b):
             best = max(best, row[j])

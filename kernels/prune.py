@@ -17,6 +17,7 @@ import math
 import numpy as np
 from numba import get_thread_id, prange
 
+from .attention import _exp_row
 from .jit import kernel
 from .simd import kv_get
 
@@ -46,9 +47,10 @@ def store_queries(q_ring, ring_pos, q, l, positions):
 
 
 @kernel
-def _query_mass(acc, sc, qv, keys, rows_pos, qpos, scale):
+def _query_mass(acc, sc, qv, keys, rows_pos, qpos, scale, bits):
     # qv (hd,) one query at position qpos; keys (>= n, hd), rows_pos (n,) -> acc (n,) +=
-    # softmax over the rows it may see (rows_pos <= qpos). sc (n,) holds the scores.
+    # softmax over the rows it may see (rows_pos <= qpos). sc (n,) holds the scores, bits
+    # (int32, n) the exponents of the vectorized exp.
     n = acc.shape[0]
     hd = qv.shape[0]
     mx = -np.inf
@@ -65,11 +67,9 @@ def _query_mass(acc, sc, qv, keys, rows_pos, qpos, scale):
         mx = max(mx, s)
     if mx == -np.inf:
         return
-    total = np.float32(0.0)
     for j in range(n):
-        e = np.exp(sc[j] - mx)  # exp(-inf) = 0: invisible rows get nothing
-        sc[j] = e
-        total += e
+        sc[j] -= mx
+    total = _exp_row(sc, bits)  # exp(-inf) = 0: invisible rows get nothing
     inv = np.float32(1.0) / total
     for j in range(n):
         acc[j] += sc[j] * inv
@@ -82,7 +82,7 @@ def attention_mass(out, q_ring, ring_pos, k_cache, row_pos, l, q0, scratch):
 
     q_ring (L, W, heads, hd); ring_pos (L, W), -1 = empty; k_cache (L, kv_heads, rows, hd);
     row_pos (L, rows). Query head h reads kv head h // (heads // kv_heads). scratch f32
-    (threads, >= 2 n): each thread sums into its own row; the rows are added up at the end.
+    (threads, >= 3 n): each thread sums into its own row; the rows are added up at the end.
     """
     n = out.shape[0]
     W, H, hd = q_ring.shape[1], q_ring.shape[2], q_ring.shape[3]
@@ -96,7 +96,7 @@ def attention_mass(out, q_ring, ring_pos, k_cache, row_pos, l, q0, scratch):
         if ring_pos[l, w] >= max(q0, 0):
             tid = get_thread_id()
             _query_mass(scratch[tid, :n], scratch[tid, n:2 * n], q_ring[l, w, h], k_cache[l, h // group],
-                        row_pos[l, :n], ring_pos[l, w], scale)
+                        row_pos[l, :n], ring_pos[l, w], scale, scratch[tid, 2 * n:3 * n].view(np.int32))
     out[:] = 0.0
     for i in range(scratch.shape[0]):
         for j in range(n):
@@ -224,7 +224,7 @@ def evict(k_cache, v_cache, row_pos, fill, q_ring, ring_pos, l0, l1, limit, targ
             if ring_pos[l, w] >= first:
                 for h in range(H):
                     _query_mass(mass, fscratch[tid, n:2 * n], q_ring[l, w, h], k_cache[l, h // group],
-                                row_pos[l, :n], ring_pos[l, w], scale)
+                                row_pos[l, :n], ring_pos[l, w], scale, fscratch[tid, 2 * n:3 * n].view(np.int32))
         forced = bscratch[tid, :n]
         for j in range(n):
             forced[j] = row_pos[l, j] < sinks or j >= n - recent

@@ -80,7 +80,7 @@ def test_attention_mass_matches_twin(H, KV, n, W):
     row_pos[:, :n] = np.sort(rng.choice(3 * n, n, replace=False))   # gaps: some tokens were dropped
     ring_pos = rng.integers(0, 3 * n, (L, W))
     ring_pos[:, 0] = -1                                            # an empty ring slot
-    scratch = np.full((4, 2 * n + 3), np.nan, np.float32)          # garbage must not leak in
+    scratch = np.full((4, 3 * n + 3), np.nan, np.float32)          # garbage must not leak in
     for l in range(L):
         for q0 in (0, n):
             out = np.zeros(n, np.float32)
