@@ -43,8 +43,8 @@ RING = 128           # recent queries kept per layer for the attention-mass scor
                      # half of each 256-token prefill chunk (fastinfer/model.py)
 MIN_KV_BUDGET = 128  # room for the sinks, the recent window and one prefill chunk after eviction
 EVICT_SINKS = 4      # sinks kept by eviction when no Prune says otherwise (StreamingLLM's 4)
-EVICT_QUERIES = 8    # eviction scores rows by the attention of this many newest queries: 16x fewer
-                     # than the ring holds, so an eviction of 30 layers at 512 rows takes ~20 ms, not ~90
+EVICT_QUERIES = 8    # eviction scores rows by the attention of this many newest queries (TOVA uses
+                     # one): 16x fewer than the ring holds, so evicting 30 layers at 512 rows takes ~15 ms
 
 
 @dataclass(frozen=True)
