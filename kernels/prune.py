@@ -75,6 +75,54 @@ def _query_mass(acc, sc, qv, keys, rows_pos, qpos, scale, bits):
         acc[j] += sc[j] * inv
 
 
+@kernel
+def _group_mass(acc, sc, qs, keys, rows_pos, qpos, scale, bits):
+    # `_query_mass` for the up to 4 query heads qs (g, hd) that read one kv head: each key row is
+    # loaded once for all of them. sc (>= 4 n) holds their scores.
+    n = acc.shape[0]
+    hd = qs.shape[1]
+    g = qs.shape[0]
+    q0 = qs[0]
+    q1 = qs[min(1, g - 1)]
+    q2 = qs[min(2, g - 1)]
+    q3 = qs[min(3, g - 1)]
+    vis = 0
+    for j in range(n):
+        if rows_pos[j] > qpos:
+            continue
+        vis = j + 1
+        kj = keys[j]
+        s0 = np.float32(0.0)
+        s1 = np.float32(0.0)
+        s2 = np.float32(0.0)
+        s3 = np.float32(0.0)
+        for i in range(hd):
+            k = kv_get(kj[i])
+            s0 += q0[i] * k
+            s1 += q1[i] * k
+            s2 += q2[i] * k
+            s3 += q3[i] * k
+        sc[j] = s0 * scale
+        sc[n + j] = s1 * scale
+        sc[2 * n + j] = s2 * scale
+        sc[3 * n + j] = s3 * scale
+    if vis == 0:
+        return
+    for h in range(g):
+        row = sc[h * n:h * n + n]
+        mx = -np.inf
+        for j in range(n):
+            if rows_pos[j] > qpos:  # a later token: causally invisible
+                row[j] = -np.inf
+            mx = max(mx, row[j])
+        for j in range(n):
+            row[j] -= mx
+        total = _exp_row(row, bits)  # exp(-inf) = 0: invisible rows get nothing
+        inv = np.float32(1.0) / total
+        for j in range(n):
+            acc[j] += row[j] * inv
+
+
 @kernel(parallel=True)
 def attention_mass(out, q_ring, ring_pos, k_cache, row_pos, l, q0, scratch):
     """Attention mass the first n = out.shape[0] cache rows of layer l receive from the queries in
@@ -203,7 +251,7 @@ def evict(k_cache, v_cache, row_pos, fill, q_ring, ring_pos, l0, l1, limit, targ
     A layer keeps the sinks (rows of positions < sinks), its last `recent` rows, and the rows
     with the most attention mass from the newest `queries` positions in its ring; kept rows stay
     in order, at the front of the cache. caches (L, kv_heads, rows, hd); row_pos (L, rows); fill (L,) rows held,
-    updated. Per-thread scratch: fscratch f32 (threads, >= 3 rows), iscratch int64
+    updated. Per-thread scratch: fscratch f32 (threads, >= 6 rows), iscratch int64
     (threads, >= rows), bscratch bool (threads, >= rows).
     """
     H, hd = q_ring.shape[2], q_ring.shape[3]
@@ -222,9 +270,11 @@ def evict(k_cache, v_cache, row_pos, fill, q_ring, ring_pos, l0, l1, limit, targ
         first = max(newest - queries + 1, 0)
         for w in range(q_ring.shape[1]):
             if ring_pos[l, w] >= first:
-                for h in range(H):
-                    _query_mass(mass, fscratch[tid, n:2 * n], q_ring[l, w, h], k_cache[l, h // group],
-                                row_pos[l, :n], ring_pos[l, w], scale, fscratch[tid, 2 * n:3 * n].view(np.int32))
+                for kv in range(k_cache.shape[1]):
+                    for h0 in range(kv * group, (kv + 1) * group, 4):
+                        _group_mass(mass, fscratch[tid, n:5 * n], q_ring[l, w, h0:min(h0 + 4, (kv + 1) * group)],
+                                    k_cache[l, kv], row_pos[l, :n], ring_pos[l, w], scale,
+                                    fscratch[tid, 5 * n:6 * n].view(np.int32))
         forced = bscratch[tid, :n]
         for j in range(n):
             forced[j] = row_pos[l, j] < sinks or j >= n - recent
