@@ -402,6 +402,23 @@ def _exp_row(x, bits):
     return total
 
 
+@kernel(inline=True)
+def dot4(k, q0, q1, q2, q3):
+    """The dot products of one key row k (float32 or half bits) with four query rows, k loaded
+    (and widened) once for all four."""
+    s0 = np.float32(0.0)
+    s1 = np.float32(0.0)
+    s2 = np.float32(0.0)
+    s3 = np.float32(0.0)
+    for i in range(k.shape[0]):
+        x = kv_get(k[i])
+        s0 += q0[i] * x
+        s1 += q1[i] * x
+        s2 += q2[i] * x
+        s3 += q3[i] * x
+    return s0, s1, s2, s3
+
+
 @kernel
 def _tile_few(kc, vc, j0, n, rows, lo, hi, qs, s, o, mx, den, bits, vw):
     """`_tile` for at most 8 rows (decoding), where rows along the vector lanes would leave most
@@ -425,17 +442,7 @@ def _tile_few(kc, vc, j0, n, rows, lo, hi, qs, s, o, mx, den, bits, vw):
         r2 = s[min(c0 + 2, c1 - 1) * KT:min(c0 + 2, c1 - 1) * KT + KT]
         r3 = s[min(c0 + 3, c1 - 1) * KT:min(c0 + 3, c1 - 1) * KT + KT]
         for j in range(a, b):
-            kj = kc[j0 + j]
-            s0 = np.float32(0.0)
-            s1 = np.float32(0.0)
-            s2 = np.float32(0.0)
-            s3 = np.float32(0.0)
-            for i in range(hd):
-                kv = kv_get(kj[i])
-                s0 += q0[i] * kv
-                s1 += q1[i] * kv
-                s2 += q2[i] * kv
-                s3 += q3[i] * kv
+            s0, s1, s2, s3 = dot4(kc[j0 + j], q0, q1, q2, q3)
             r3[j] = s3  # the repeated rows write the same value to the same place, last row last
             r2[j] = s2
             r1[j] = s1

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import get_thread_id, prange
 
-from .attention import _exp_row
+from .attention import _exp_row, dot4
 from .jit import kernel
 from .simd import kv_get
 
@@ -67,11 +67,17 @@ def _query_mass(acc, sc, qv, keys, rows_pos, qpos, scale, bits):
         mx = max(mx, s)
     if mx == -np.inf:
         return
-    for j in range(n):
+    _add_softmax(acc, sc, mx, bits)
+
+
+@kernel
+def _add_softmax(acc, sc, mx, bits):
+    # acc += softmax of the scores sc, whose largest is mx (sc is overwritten; -inf gets nothing).
+    for j in range(sc.shape[0]):
         sc[j] -= mx
-    total = _exp_row(sc, bits)  # exp(-inf) = 0: invisible rows get nothing
+    total = _exp_row(sc, bits)
     inv = np.float32(1.0) / total
-    for j in range(n):
+    for j in range(sc.shape[0]):
         acc[j] += sc[j] * inv
 
 
@@ -80,7 +86,6 @@ def _group_mass(acc, sc, qs, keys, rows_pos, qpos, scale, bits):
     # `_query_mass` for the up to 4 query heads qs (g, hd) that read one kv head: each key row is
     # loaded once for all of them. sc (>= 4 n) holds their scores.
     n = acc.shape[0]
-    hd = qs.shape[1]
     g = qs.shape[0]
     q0 = qs[0]
     q1 = qs[min(1, g - 1)]
@@ -91,17 +96,7 @@ def _group_mass(acc, sc, qs, keys, rows_pos, qpos, scale, bits):
         if rows_pos[j] > qpos:
             continue
         vis = j + 1
-        kj = keys[j]
-        s0 = np.float32(0.0)
-        s1 = np.float32(0.0)
-        s2 = np.float32(0.0)
-        s3 = np.float32(0.0)
-        for i in range(hd):
-            k = kv_get(kj[i])
-            s0 += q0[i] * k
-            s1 += q1[i] * k
-            s2 += q2[i] * k
-            s3 += q3[i] * k
+        s0, s1, s2, s3 = dot4(keys[j], q0, q1, q2, q3)
         sc[j] = s0 * scale
         sc[n + j] = s1 * scale
         sc[2 * n + j] = s2 * scale
@@ -115,12 +110,7 @@ def _group_mass(acc, sc, qs, keys, rows_pos, qpos, scale, bits):
             if rows_pos[j] > qpos:  # a later token: causally invisible
                 row[j] = -np.inf
             mx = max(mx, row[j])
-        for j in range(n):
-            row[j] -= mx
-        total = _exp_row(row, bits)  # exp(-inf) = 0: invisible rows get nothing
-        inv = np.float32(1.0) / total
-        for j in range(n):
-            acc[j] += row[j] * inv
+        _add_softmax(acc, row, mx, bits)
 
 
 @kernel(parallel=True)
