@@ -420,7 +420,7 @@ def dot4(k, q0, q1, q2, q3):
 
 
 @kernel
-def _tile_few(kc, vc, j0, n, rows, lo, hi, qs, s, o, mx, den, bits, vw):
+def _tile_few(kc, vc, j0, n, rows, lo, hi, qs, s, o, mx, den, bits):
     """`_tile` for at most 8 rows (decoding), where rows along the vector lanes would leave most
     lanes idle: everything runs along head_dim or the keys instead (a dot product per visible
     score, the softmax along each row, weight times value row), with qs, o (rows, hd) and
@@ -546,7 +546,7 @@ def _attend(out, q, kc, vc, t0, m, kv, group, p0, window, pattern, buf, ka, kz, 
             # mask unless every row sees every key: causal edge, or the window's far edge
             mask = j0 + n - 1 > p0 or (window > 0 and j0 <= last - window)
             if few:
-                _tile_few(kc, vc, j0, n, used, lo, hi, qt, st, ot, mx, den, bits, vw)
+                _tile_few(kc, vc, j0, n, used, lo, hi, qt, st, ot, mx, den, bits)
             else:
                 _tile(kc, vc, j0, n, R, lo, hi, mask, qt, st, ot, mx, den, alpha, kw, vw)
     if part.shape[0] > 0:

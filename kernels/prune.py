@@ -91,17 +91,17 @@ def _group_mass(acc, sc, qs, keys, rows_pos, qpos, scale, bits):
     q1 = qs[min(1, g - 1)]
     q2 = qs[min(2, g - 1)]
     q3 = qs[min(3, g - 1)]
-    vis = 0
+    seen = False
     for j in range(n):
         if rows_pos[j] > qpos:
             continue
-        vis = j + 1
+        seen = True
         s0, s1, s2, s3 = dot4(keys[j], q0, q1, q2, q3)
         sc[j] = s0 * scale
         sc[n + j] = s1 * scale
         sc[2 * n + j] = s2 * scale
         sc[3 * n + j] = s3 * scale
-    if vis == 0:
+    if not seen:  # every row is later than the query
         return
     for h in range(g):
         row = sc[h * n:h * n + n]
