@@ -13,7 +13,7 @@ from .beam import beam_search
 from .generate import GenerationOptions, TextStream, generate_batch, generate_ids
 from .kernels.attention import dense_pattern
 from .kernels.jit import compile_notice, set_threads
-from .models import architecture
+from .models import KV_TYPES, architecture
 from .sampling import SamplingParams
 from .sparse import BlockSparse, check_attention
 from .weights.checkpoint import check_dtype, open_checkpoint
@@ -23,7 +23,6 @@ PREFILL_CHUNK = 256  # tokens per compiled prefill call; bounds the scratch and 
                      # dequantizes every weight once: 256 prefills 512 tokens 1.2-1.3x faster than 64
 DEFAULT_CTX = 4096   # context allocated by default, capped by the model's own
 ACTIVATIONS = ("auto", "f32", "int8")
-KV_TYPES = ("f32", "f16")  # the KV cache's element type (fastinfer/models/llama.py KV_TYPES)
 
 
 def _return_freed_memory() -> None:
@@ -127,9 +126,7 @@ class Model:
         if self.activations == "int8":
             options["act8"] = True
             options["float_path"] = self.arch.has_float_matmuls(self.weights)
-        if self.kv_type != "f32":
-            options["kv_type"] = self.kv_type
-        return self.arch.State(self.args, max_seq, chunk, self.threads, **options)
+        return self.arch.State(self.args, max_seq, chunk, self.threads, kv_type=self.kv_type, **options)
 
     # -- forward passes ----------------------------------------------------------------------
     def forward(self, ids: Sequence[int]) -> np.ndarray:

@@ -6,7 +6,12 @@ pay for the others (FNet's FFT library pulls in scipy.fft).
 import importlib
 from types import ModuleType
 
+import numpy as np
+
 ARCHITECTURES = ("llama", "gpt2", "fnet")
+# The KV cache's element type -> its array dtype: f16 stores IEEE half floats as their uint16 bits
+# (Numba has no float16 on the CPU; the kernels widen them, kernels/simd.py kv_get / kv_put).
+KV_TYPES = {"f32": np.float32, "f16": np.uint16}
 
 
 def architecture(name: str) -> ModuleType:

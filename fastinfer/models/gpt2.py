@@ -20,7 +20,8 @@ from fastinfer.kernels.jit import kernel
 from fastinfer.weights.checkpoint import Checkpoint
 from fastinfer.weights.tensors import QMatrix, readonly, stack, to_f32
 
-from .llama import KV_TYPES, lazy_zeros
+from . import KV_TYPES
+from .llama import lazy_zeros
 
 
 @dataclass

@@ -25,6 +25,8 @@ from fastinfer.kernels.jit import kernel
 from fastinfer.weights.checkpoint import Checkpoint
 from fastinfer.weights.tensors import QMatrix, readonly, stack_joined
 
+from . import KV_TYPES
+
 ACT8 = True  # State(act8=True): matmul inputs quantized to 8 bits (kernels/act8.py)
 QKV_PASSES = 2  # with act8, the Q/K/V projection's input gets a second 8-bit pass (its residual)
 
@@ -182,9 +184,6 @@ def _stack_layers(ckpt: Checkpoint, args: ModelArgs, qd: int, kvd: int) -> tuple
     vec = {"bqkv": np.concatenate([vectors("bq", qd), vectors("bk", kvd), vectors("bv", kvd)], axis=1),
            "attention_norm": vectors("attention_norm", args.dim), "ffn_norm": vectors("ffn_norm", args.dim)}
     return mats, vec
-
-
-KV_TYPES = {"f32": np.float32, "f16": np.uint16}  # f16: IEEE half floats as their bits (kernels/simd.py)
 
 
 def lazy_zeros(shape: tuple, dtype=np.float32) -> np.ndarray:
