@@ -5,7 +5,7 @@ alternates with one step of a reference session that restarts every window (so i
 at a short context): the ratio of the two per window cancels the noise of a shared machine. The
 dense session runs the same way for contrast. Prints per-window tokens/s, ratio and RSS.
 
-    python bench/kv_budget.py --budget 512 --tokens 4096 [--kv-type f16]
+    python bench/kv_budget.py --budget 512 --tokens 4096 [--kv-type f32]
 """
 import argparse
 import gzip
@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 import fastinfer
+from fastinfer.models import DEFAULT_KV_TYPE, KV_TYPES
 
 
 def rss_mb() -> float:
@@ -55,7 +56,8 @@ def main():
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--dense", action="store_true", help="also run without a budget, for contrast")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--kv-type", default="f32", choices=["f32", "f16"], help="KV cache element type")
+    ap.add_argument("--kv-type", default=DEFAULT_KV_TYPE, choices=list(KV_TYPES),
+                    help="KV cache element type (default: %(default)s)")
     a = ap.parse_args()
     text = gzip.open(Path(__file__).parents[1] / "tests/data/corpus/persuasion.txt.gz", "rt").read()
     model = fastinfer.load(n_ctx=64 + a.tokens + 1, threads=a.threads, kv_type=a.kv_type)

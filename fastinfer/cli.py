@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .models import KV_TYPES
+from .models import DEFAULT_KV_TYPE, KV_TYPES
 from .weights.checkpoint import DTYPES
 
 
@@ -32,9 +32,9 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    help="matmul inputs: f32 (exact), or int8 in blocks of 32 as llama.cpp does, so 4- and "
                         "8-bit weights multiply on integer dot products; auto = int8 for 4/8-bit Llama-family "
                         "weights on a CPU with AVX512-VNNI, else f32 (default: auto)")
-    p.add_argument("--kv-type", default="f32", choices=list(KV_TYPES),
-                   help="KV cache element type: f32 (exact) or f16 (half the memory, faster decoding at long "
-                        "contexts; llama.cpp's default) (default: f32)")
+    p.add_argument("--kv-type", default=DEFAULT_KV_TYPE, choices=list(KV_TYPES),
+                   help="KV cache element type: f16 (half the memory, faster decoding at long contexts; "
+                        "llama.cpp's default) or f32 (exact) (default: %(default)s)")
     p.add_argument("-t", "--threads", type=_positive_int, default=None, help="kernel threads (default: all cores)")
 
 

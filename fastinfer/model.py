@@ -13,7 +13,7 @@ from .beam import beam_search
 from .generate import GenerationOptions, TextStream, generate_batch, generate_ids
 from .kernels.attention import dense_pattern
 from .kernels.jit import compile_notice, set_threads
-from .models import KV_TYPES, architecture
+from .models import DEFAULT_KV_TYPE, KV_TYPES, architecture
 from .sampling import SamplingParams
 from .sparse import BlockSparse, check_attention
 from .weights.checkpoint import check_dtype, open_checkpoint
@@ -56,7 +56,7 @@ def _trim_heap() -> None:
 
 
 def load(source: str | Path | None = None, dtype: str = "auto", threads: int | None = None,
-         n_ctx: int | None = None, activations: str = "auto", kv_type: str = "f32") -> "Model":
+         n_ctx: int | None = None, activations: str = "auto", kv_type: str = DEFAULT_KV_TYPE) -> "Model":
     """Load a GGUF file, an HF directory, a converted checkpoint, or (source=None) the default model.
 
     dtype "auto" keeps the file's formats; "f32", "bf16", "int8" and "int4" convert in memory.
@@ -65,8 +65,9 @@ def load(source: str | Path | None = None, dtype: str = "auto", threads: int | N
     matmuls over 8- and 4-bit weight blocks run on integer dot products; "f32" keeps them exact;
     "auto" is int8 for a Llama-family model with 4/8-bit block weights on a CPU with AVX512-VNNI
     (about 2x faster there, +0.25-0.4% perplexity on SmolLM2), f32 otherwise. `Model.activations`
-    says which. kv_type "f16" keeps the KV cache in half floats (as llama.cpp does): half the
-    memory, and less to read per generated token at long contexts; "f32" is exact.
+    says which. kv_type "f16" (the default, as in llama.cpp) keeps the KV cache in half floats:
+    half the memory, and less to read per generated token at long contexts, for a perplexity
+    change under 0.1%; "f32" is exact.
     """
     check_dtype(dtype)
     if activations not in ACTIVATIONS:
@@ -92,7 +93,7 @@ def _resolve_activations(activations: str, arch, weights) -> str:
 
 class Model:
     def __init__(self, ckpt, threads: int, n_ctx: int | None = None, activations: str = "auto",
-                 kv_type: str = "f32"):
+                 kv_type: str = DEFAULT_KV_TYPE):
         ctx_limit = int(ckpt.config["max_seq_len"])
         n_ctx = min(DEFAULT_CTX, ctx_limit) if n_ctx is None else int(n_ctx)
         if not 1 <= n_ctx <= ctx_limit:

@@ -31,7 +31,10 @@ horizontal sum each). The left operand is read through strides, so K and V come 
 cache. The softmax step is LLVM IR too (`_softmax_ir`), one vector of rows at a time in registers.
 
 Decoding (at most 8 rows) would leave most lanes idle that way: `_tile_few` keeps the rows apart
-and runs along head_dim (dot products, weight times value row) and along the keys (softmax).
+and runs along head_dim and the keys instead. Its scores come from another IR block (`_scores`):
+up to 3 query rows against 8 key rows at a time, each key vector loaded once for all rows, the
+8 x 3 products summed across lanes by one transposing tree of shuffles (`_reduce8`) rather than
+a horizontal sum per dot product; O += P V uses register blocks of exactly the rows there are.
 Tasks are handed out first, last, second, second last... so that the even split over threads
 balances the causal triangle (later tokens see more keys).
 """
@@ -173,8 +176,8 @@ def _micro_ir(vw: int, nv: int, mr: int, accumulate: bool):
     return codegen
 
 
-def _make_micro(vw: int, nv: int, accumulate: bool):
-    mr = MR[nv]
+def _make_micro(vw: int, nv: int, accumulate: bool, mr: int = 0):
+    mr = mr or MR[nv]
 
     @intrinsic
     def micro(typingctx, c, co, ldc, a, ao, ars, aks, b, bo, ldb, n, rows):
@@ -192,6 +195,9 @@ def _make_micro(vw: int, nv: int, accumulate: bool):
 
 _set1, _set2, _set3, _set4 = (_make_micro(VW, v, False) for v in range(1, NV + 1))
 _add1, _add2, _add3, _add4 = (_make_micro(VW, v, True) for v in range(1, NV + 1))
+# Decoding's O += P V has 1-4 rows: blocks of exactly that many rows, 4 vectors of columns (the
+# blocks above repeat the last row up to MR, which would double a 3-row step's work).
+_pv1, _pv2, _pv3, _pv4 = (_make_micro(VW, NV, True, r) for r in range(1, 5))
 
 
 @kernel
@@ -225,6 +231,159 @@ def _gemm(c, co, ldc, a, ao, ars, aks, b, bo, ldb, m, cols, n, accumulate):
                     _set2(c, cc, ldc, a, aa, ars, aks, b, bb, ldb, n, r)
                 else:
                     _set1(c, cc, ldc, a, aa, ars, aks, b, bb, ldb, n, r)
+
+
+@kernel
+def _gemm_few(c, ldc, a, lda, b, bo, ldb, m, cols, n):
+    """c[i ldc + j] += sum_k a[i lda + k] b[bo + k ldb + j] for i < m <= 8, j < cols (a multiple
+    of NV * VW), k < n: decoding's O (rows, hd) += P (rows, keys) V (keys, hd), in blocks of
+    exactly the rows there are (at most 4 at a time)."""
+    for j0 in range(0, cols, NV * VW):
+        for i0 in range(0, m, 4):
+            r = min(4, m - i0)
+            cc = i0 * ldc + j0
+            aa = i0 * lda
+            if r == 4:
+                _pv4(c, cc, ldc, a, aa, lda, 1, b, bo + j0, ldb, n, r)
+            elif r == 3:
+                _pv3(c, cc, ldc, a, aa, lda, 1, b, bo + j0, ldb, n, r)
+            elif r == 2:
+                _pv2(c, cc, ldc, a, aa, lda, 1, b, bo + j0, ldb, n, r)
+            else:
+                _pv1(c, cc, ldc, a, aa, lda, 1, b, bo + j0, ldb, n, r)
+
+
+# ----------------------------------------------------------------------------------------------
+# decoding's scores: a few query rows against key rows, 8 keys at a time
+# ----------------------------------------------------------------------------------------------
+
+SJ = 8  # keys per step of `_scores`: SR rows x SJ keys accumulators in registers
+SR = 3  # query rows per call at most
+
+
+def _reduce8(builder, vecs):
+    """Eight <16 x float> -> one <8 x float> of their horizontal sums, in order: a transposing
+    tree of shuffles and adds (3 levels pair vectors up, a fourth adds neighbouring lanes), about
+    3 instructions per key instead of a full horizontal sum each."""
+    i32 = ir.IntType(32)
+    labels = [[k] * 16 for k in range(8)]     # which key's partial sums each lane holds
+
+    def level(pairs, h):
+        out, lab = [], []
+        for (x, lx), (y, ly) in pairs:
+            lo_idx, hi_idx = [], []
+            for base in range(0, 16, 2 * h):   # each 2h-lane group of x and of y keeps its low h
+                lo_idx += list(range(base, base + h)) + list(range(16 + base, 16 + base + h))
+                hi_idx += list(range(base + h, base + 2 * h)) + list(range(16 + base + h, 16 + base + 2 * h))
+            lo = builder.shuffle_vector(x, y, ir.Constant(ir.VectorType(i32, 16), lo_idx))
+            hi = builder.shuffle_vector(x, y, ir.Constant(ir.VectorType(i32, 16), hi_idx))
+            out.append(builder.fadd(lo, hi))
+            both = lx + ly
+            lab.append([both[i] for i in lo_idx])
+        return out, lab
+
+    vs, lab = list(vecs), labels
+    for h in (8, 4, 2):
+        vs, lab = level([((vs[2 * p], lab[2 * p]), (vs[2 * p + 1], lab[2 * p + 1])) for p in range(len(vs) // 2)], h)
+    v, lv = vs[0], lab[0]                      # lanes 2i, 2i+1 hold halves of the same key's sum
+    swap = [i ^ 1 for i in range(16)]
+    v = builder.fadd(v, builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, 16), swap)))
+    order = [lv.index(k) for k in range(8)]
+    assert all(lv[i] == lv[i ^ 1] for i in range(16))
+    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, 8), order))
+
+
+def _scores_ir(rows: int):
+    """s[so + r lds + j] = sum_i q[qo + r ldq + i] k[ko + j ldk + i] for r < rows, j < n rounded
+    up to SJ (key rows past n - 1 repeat row n - 1), i < hd (a multiple of 16); k float32 or half
+    bits (widened as loaded). Each key vector is loaded once for all rows; SJ keys' products
+    accumulate in SJ vectors per row, reduced by `_reduce8`."""
+    def codegen(context, builder, sig, args):
+        s_t, _, _, q_t, _, _, k_t = sig.args[:7]
+        s_v, so, lds, q_v, qo, ldq, k_v, ko, ldk, hd, n = args
+        s = context.make_array(s_t)(context, builder, s_v).data
+        q = context.make_array(q_t)(context, builder, q_v).data
+        k = context.make_array(k_t)(context, builder, k_v).data
+        i64, f32 = ir.IntType(64), ir.FloatType()
+        vec = ir.VectorType(f32, 16)
+        half = k_t.dtype != types.float32
+        kvec = ir.VectorType(ir.IntType(16), 16) if half else vec
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]), "llvm.fma.v16f32")
+        zero = ir.Constant(vec, [0.0] * 16)
+        c = lambda x: ir.Constant(i64, x)  # noqa: E731
+        last = builder.sub(n, c(1))
+        with cgutils.for_range_slice(builder, c(0), n, c(SJ)) as (j0, _):
+            kp = []
+            for jj in range(SJ):
+                j = builder.add(j0, c(jj))
+                j = builder.select(builder.icmp_signed("<", j, last), j, last)
+                kp.append(builder.gep(k, [builder.add(ko, builder.mul(j, ldk))]))
+            qp = [builder.gep(q, [builder.add(qo, builder.mul(c(r), ldq))]) for r in range(rows)]
+            entry = builder.basic_block
+            loop = builder.append_basic_block("scores.loop")
+            done = builder.append_basic_block("scores.done")
+            builder.branch(loop)
+            builder.position_at_end(loop)
+            i = builder.phi(i64)
+            i.add_incoming(c(0), entry)
+            acc = [[builder.phi(vec) for _ in range(SJ)] for _ in range(rows)]
+            for r in range(rows):
+                for jj in range(SJ):
+                    acc[r][jj].add_incoming(zero, entry)
+            qv = [builder.load(builder.bitcast(builder.gep(qp[r], [i]), vec.as_pointer()), align=4)
+                  for r in range(rows)]
+            new = [[None] * SJ for _ in range(rows)]
+            for jj in range(SJ):
+                kv = builder.load(builder.bitcast(builder.gep(kp[jj], [i]), kvec.as_pointer()), align=2 if half else 4)
+                if half:
+                    kv = builder.fpext(builder.bitcast(kv, ir.VectorType(ir.HalfType(), 16)), vec)
+                for r in range(rows):
+                    new[r][jj] = builder.call(fma, [qv[r], kv, acc[r][jj]])
+            i1 = builder.add(i, c(16))
+            body_end = builder.basic_block
+            i.add_incoming(i1, body_end)
+            for r in range(rows):
+                for jj in range(SJ):
+                    acc[r][jj].add_incoming(new[r][jj], body_end)
+            builder.cbranch(builder.icmp_signed("<", i1, hd), loop, done)
+            builder.position_at_end(done)
+            v8 = ir.VectorType(f32, SJ)
+            for r in range(rows):
+                out = builder.gep(s, [builder.add(builder.add(so, builder.mul(c(r), lds)), j0)])
+                builder.store(_reduce8(builder, new[r]), builder.bitcast(out, v8.as_pointer()), align=4)
+        return context.get_dummy_value()
+    return codegen
+
+
+def _make_scores(rows: int):
+    @intrinsic
+    def scores(typingctx, s, so, lds, q, qo, ldq, k, ko, ldk, hd, n):
+        ok = (all(isinstance(x, types.Array) for x in (s, q, k)) and s.dtype == types.float32
+              and q.dtype == types.float32 and k.dtype in (types.float32, types.uint16)
+              and all(isinstance(x, types.Integer) for x in (so, lds, qo, ldq, ko, ldk, hd, n)))
+        if not ok:
+            return None
+        i64 = types.int64
+        return types.void(s, i64, i64, q, i64, i64, k, i64, i64, i64, i64), _scores_ir(rows)
+    return scores
+
+
+_scores1, _scores2, _scores3 = (_make_scores(r) for r in range(1, SR + 1))
+
+
+@kernel
+def _scores(s, lds, q, ldq, k, ko, ldk, m, hd, n):
+    """s[r lds + j] = q[r ldq:] . k[ko + j ldk:] (hd each, a multiple of 16) for r < m,
+    j < n (and up to the next multiple of SJ, repeating key n - 1): decoding's scores, SR rows at
+    a time. k is the cache's data (float32 or half bits) read in place."""
+    for r0 in range(0, m, SR):
+        r = min(SR, m - r0)
+        if r == 3:
+            _scores3(s, r0 * lds, lds, q, r0 * ldq, ldq, k, ko, ldk, hd, n)
+        elif r == 2:
+            _scores2(s, r0 * lds, lds, q, r0 * ldq, ldq, k, ko, ldk, hd, n)
+        else:
+            _scores1(s, r0 * lds, lds, q, r0 * ldq, ldq, k, ko, ldk, hd, n)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -422,11 +581,19 @@ def dot4(k, q0, q1, q2, q3):
 @kernel
 def _tile_few(kc, vc, j0, n, rows, lo, hi, qs, s, o, mx, den, bits):
     """`_tile` for at most 8 rows (decoding), where rows along the vector lanes would leave most
-    lanes idle: everything runs along head_dim or the keys instead (a dot product per visible
-    score, the softmax along each row, weight times value row), with qs, o (rows, hd) and
-    s (rows, KT) flat."""
+    lanes idle: everything runs along head_dim or the keys instead (the scores block, or without
+    AVX-512 a dot product per visible score; the softmax along each row; O += P V), with qs,
+    o (rows, hd) and s (rows, KT) flat."""
     hd = kc.shape[1]
-    for c0 in range(0, rows, 4):  # scores of up to 4 rows per pass: each key row loaded (widened) once
+    fast = VW == 16 and hd % 16 == 0
+    if fast:  # the IR scores block, from the tile's first key to the last any row sees
+        b = 0
+        for c in range(rows):
+            b = max(b, min(n, hi[c] + 1 - j0))
+        if b > 0:
+            ks = kc.strides[0] // kc.itemsize
+            _scores(s, KT, qs, hd, kc, j0 * ks, ks, rows, hd, b)
+    for c0 in range(0, rows if not fast else 0, 4):  # else 4 rows per pass, each key row loaded once
         c1 = min(c0 + 4, rows)
         a = n
         b = 0
@@ -472,7 +639,11 @@ def _tile_few(kc, vc, j0, n, rows, lo, hi, qs, s, o, mx, den, bits):
             oc = o[c * hd:(c + 1) * hd]
             for i in range(hd):
                 oc[i] *= alpha
-    if hd % VW == 0:  # O (rows, hd) += P (rows, keys) V (keys, hd): the register block, O in registers
+    if hd % (NV * VW) == 0:  # O (rows, hd) += P (rows, keys) V (keys, hd): register blocks of the rows
+        vs = vc.strides[0] // vc.itemsize
+        _gemm_few(o, hd, s, KT, vc, j0 * vs, vs, rows, hd, n)
+        return
+    if hd % VW == 0:
         vs = vc.strides[0] // vc.itemsize
         _gemm(o, 0, hd, s, 0, KT, 1, vc, j0 * vs, vs, rows, hd, n, True)
         return

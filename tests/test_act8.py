@@ -345,7 +345,7 @@ def test_model_matches_fake_quantized_reference(tiny, ggml_type, monkeypatch):
     costs of the f32-activation model's."""
     paths, w = tiny
     wq = as_quantized(w, ggml_type)
-    model = fastinfer.load(paths[ggml_type], activations="int8")
+    model = fastinfer.load(paths[ggml_type], activations="int8", kv_type="f32")
     full = model.forward(IDS)
     s = model.session()
     steps = np.array([s.decode_step(t).copy() for t in IDS])
@@ -362,7 +362,7 @@ def test_model_matches_fake_quantized_reference(tiny, ggml_type, monkeypatch):
             _same_up_to_rounding_ties(got, want)
         assert worst.max() < 0.15, worst
 
-    f32 = fastinfer.load(paths[ggml_type], activations="f32").forward(IDS)
+    f32 = fastinfer.load(paths[ggml_type], activations="f32", kv_type="f32").forward(IDS)
     rel = np.linalg.norm(full - f32) / np.linalg.norm(f32)
     assert 1e-3 < rel < 4e-2, rel
     assert np.abs(full - f32).max() < 0.05 * np.abs(f32).max()

@@ -104,6 +104,25 @@ def test_half_float_cache(H, KV, T, pos0, pattern):
 
 
 @pytest.mark.parametrize("cache", ["f32", "f16"])
+@pytest.mark.parametrize("hd", [64, 128, 48])
+@pytest.mark.parametrize("H,KV,T", [(1, 1, 1), (2, 1, 1), (3, 1, 1), (4, 1, 1), (9, 3, 2), (5, 1, 1),
+                                    (8, 2, 2), (4, 1, 2), (7, 1, 1), (2, 1, 4)])
+@pytest.mark.parametrize("pos0,window", [(0, 0), (5, 0), (70, 0), (131, 0), (131, 37)])
+def test_decode_rows(H, KV, T, hd, pos0, window, cache):
+    """Steps of at most 8 query rows per kv head (1-8: every size of the scores block, 3 rows at
+    a time, and of O += P V, 4 at a time), key counts off the 8-key step, windows, head sizes
+    that are and are not a multiple of 64 and of 16."""
+    rng = rng_for("rows", H, KV, T, hd, pos0, window, cache)
+    k_cache, v_cache = filled_caches(rng, 2, KV, pos0 + T + 9, hd, 1, pos0 + T)
+    kf, vf = k_cache, v_cache
+    if cache == "f16":
+        (k_cache, kf), (v_cache, vf) = half(k_cache), half(v_cache)
+    q = (2 * rng.standard_normal((T, H, hd))).astype(np.float32)
+    got = run(q, k_cache, v_cache, 1, pos0, window=window)
+    assert_close(got, q, kf, vf, 1, pos0, window=window, score_scale=2.0)
+
+
+@pytest.mark.parametrize("cache", ["f32", "f16"])
 @pytest.mark.parametrize("window,pattern", [(0, None), (0, (64, 1, 3, 0)), (0, (50, 2, 1, 4)), (300, None)])
 @pytest.mark.parametrize("pos0", [600, 1537])
 @pytest.mark.parametrize("H,KV", HEADS)
@@ -310,7 +329,7 @@ def tok():
 
 def _tiny(tmp_path, tok, cfg):
     w = random_llama_weights(cfg, seed=3)
-    return fastinfer.load(write_hf_dir(tmp_path / "hf", cfg, w, tokenizer=tok)), w
+    return fastinfer.load(write_hf_dir(tmp_path / "hf", cfg, w, tokenizer=tok), kv_type="f32"), w
 
 
 @pytest.mark.parametrize("cfg", [TINY_CFG, {**TINY_CFG, "model_type": "mistral", "sliding_window": 7}],

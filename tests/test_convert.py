@@ -54,7 +54,7 @@ def test_dtype_formats(sources):
 
 
 def test_gguf_int4_keeps_source_values(sources):
-    a = fastinfer.load(sources["gguf"], dtype="int4", activations="f32").forward(IDS)
+    a = fastinfer.load(sources["gguf"], dtype="int4", activations="f32", kv_type="f32").forward(IDS)
     want = reference.llama_forward_gguf(sources["gguf"], IDS)
     np.testing.assert_allclose(a, want, atol=2e-4, rtol=0)
 
@@ -63,7 +63,7 @@ def test_gguf_int4_keeps_source_values(sources):
 # weights amplify quantization error through the layers, so these bound regressions, not quality.
 @pytest.mark.parametrize("dtype,tol", [("f32", 1e-5), ("bf16", 0.015), ("int8", 0.04), ("int4", 0.5)])
 def test_quantized_logits_near_reference(sources, dtype, tol):
-    got = fastinfer.load(sources["hf"], dtype=dtype, activations="f32").forward(IDS)
+    got = fastinfer.load(sources["hf"], dtype=dtype, activations="f32", kv_type="f32").forward(IDS)
     want = reference.llama_forward(sources["weights"], TINY_CFG, IDS)
     assert np.linalg.norm(got - want) / np.linalg.norm(want) <= tol
 

@@ -18,14 +18,14 @@ IDS = [5, 17, 42, 3, 250, 99, 7, 7, 128, 64, 1, 200, 33, 0, 299]
 def test_logits_match_reference(tmp_path, prefix, buffers):
     w = random_gpt2_weights(GPT2_TINY_CFG, seed=1, prefix=prefix, with_buffers=buffers)
     d = write_gpt2_dir(tmp_path / "g", GPT2_TINY_CFG, w)
-    got = fastinfer.load(d).forward(IDS)
+    got = fastinfer.load(d, kv_type="f32").forward(IDS)
     np.testing.assert_allclose(got, gpt2_forward(w, GPT2_TINY_CFG, IDS), atol=2e-4, rtol=0)
 
 
 def test_fp16_checkpoint(tmp_path):
     w = random_gpt2_weights(GPT2_TINY_CFG, seed=2)
     d = write_gpt2_dir(tmp_path / "g", GPT2_TINY_CFG, w, dtype="float16")
-    model = fastinfer.load(d)
+    model = fastinfer.load(d, kv_type="f32")
     assert model.weights.wqkv.kind_name == "F16"
     w16 = {k: v.astype(np.float16).astype(np.float32) for k, v in w.items()}
     np.testing.assert_allclose(model.forward(IDS), gpt2_forward(w16, GPT2_TINY_CFG, IDS), atol=2e-4, rtol=0)

@@ -36,7 +36,7 @@ def _gguf(tmp_path, cfg, tok, ggml_type, seed=0):
 def test_hf_f32_matches_reference(tmp_path, tok, name):
     cfg = CFGS[name]
     d, w = _hf(tmp_path, cfg, tok)
-    got = fastinfer.load(d).forward(IDS)
+    got = fastinfer.load(d, kv_type="f32").forward(IDS)
     want = reference.llama_forward(w, cfg, IDS)
     np.testing.assert_allclose(got, want, atol=2e-4, rtol=0)
 
@@ -44,7 +44,7 @@ def test_hf_f32_matches_reference(tmp_path, tok, name):
 @pytest.mark.parametrize("dtype,shards", [("float16", 1), ("bfloat16", 2), ("float32", 3)])
 def test_hf_stored_dtypes_and_shards(tmp_path, tok, dtype, shards):
     d, w = _hf(tmp_path, TINY_CFG, tok, dtype, shards)
-    got = fastinfer.load(d).forward(IDS)
+    got = fastinfer.load(d, kv_type="f32").forward(IDS)
     want = reference.llama_forward(as_stored(w, dtype), TINY_CFG, IDS)
     np.testing.assert_allclose(got, want, atol=2e-4, rtol=0)
 
@@ -52,7 +52,7 @@ def test_hf_stored_dtypes_and_shards(tmp_path, tok, dtype, shards):
 @pytest.mark.parametrize("ggml_type", ["F32", "F16", "Q8_0", "Q4_0", "Q4_1"])
 def test_gguf_matches_reference(tmp_path, tok, ggml_type):
     path, w = _gguf(tmp_path, TINY_CFG, tok, ggml_type)
-    model = fastinfer.load(path, activations="f32")  # exact: the reference runs f32 activations
+    model = fastinfer.load(path, activations="f32", kv_type="f32")  # exact: the reference runs f32 activations
     got = model.forward(IDS)
     want = reference.llama_forward(as_quantized(w, ggml_type), TINY_CFG, IDS)
     np.testing.assert_allclose(got, want, atol=2e-4, rtol=0)
@@ -61,7 +61,7 @@ def test_gguf_matches_reference(tmp_path, tok, ggml_type):
     # block formats stay packed unless f32 is asked for
     kinds = {model.weights.wqkv.kind_name, model.weights.w2.kind_name}
     assert kinds == {ggml_type}
-    f32 = fastinfer.load(path, dtype="f32")
+    f32 = fastinfer.load(path, dtype="f32", kv_type="f32")
     assert f32.weights.wqkv.kind_name == "F32"
     np.testing.assert_allclose(f32.forward(IDS), got, atol=2e-4, rtol=0)
 
@@ -95,7 +95,7 @@ def test_prefill_longer_than_one_chunk(tmp_path, tok, monkeypatch):
     monkeypatch.setattr(fastinfer.model, "PREFILL_CHUNK", 64)
     path, w = _gguf(tmp_path, TINY_CFG, tok, "F32")
     ids = [int(i) for i in np.random.default_rng(1).integers(0, 300, 150)]
-    got = fastinfer.load(path).forward(ids)
+    got = fastinfer.load(path, kv_type="f32").forward(ids)
     np.testing.assert_allclose(got, reference.llama_forward(w, TINY_CFG, ids), atol=3e-4, rtol=0)
 
 
@@ -205,7 +205,7 @@ def test_batch_decode_logits_match_sessions(tmp_path, tok):
 def test_sliding_window_models(tmp_path, tok, cfg):
     # exact sliding-window attention as the config asks, full sequence and step by step
     d, w = _hf(tmp_path, cfg, tok)
-    model = fastinfer.load(d)
+    model = fastinfer.load(d, kv_type="f32")
     ids = IDS + IDS[::-1]
     want = reference.llama_forward(w, cfg, ids)
     full = model.forward(ids)

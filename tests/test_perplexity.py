@@ -162,7 +162,7 @@ def _reference_ppl(w, ids, ctx):
 @pytest.mark.parametrize("n,ctx", [(50, 16), (49, 16), (33, 16), (40, 40)])
 def test_windows_match_reference(tiny, n, ctx):
     path, w, tok = tiny
-    model = fastinfer.load(path, n_ctx=ctx)
+    model = fastinfer.load(path, n_ctx=ctx, kv_type="f32")
     ids = tok.encode(TEXT * 3, add_special_tokens=False).ids[:n]
     assert len(ids) == n
     want, want_scored = _reference_ppl(w, ids, ctx)
@@ -176,7 +176,7 @@ def test_windows_do_not_see_each_other(tiny):
     # the same tokens scored with the whole sequence as context give a different number
     path, w, tok = tiny
     ids = tok.encode(TEXT * 3, add_special_tokens=False).ids[:48]
-    windowed = perplexity(fastinfer.load(path, n_ctx=16), ids, 16).ppl
+    windowed = perplexity(fastinfer.load(path, n_ctx=16, kv_type="f32"), ids, 16).ppl
     np.testing.assert_allclose(windowed, _reference_ppl(w, ids, 16)[0], rtol=1e-5)
     assert abs(windowed - _reference_ppl(w, ids, 48)[0]) > 1e-3 * windowed
 
@@ -194,7 +194,7 @@ def test_cli_json(tiny, tmp_path):
     path, w, tok = tiny
     f = tmp_path / "text.txt"
     f.write_text(TEXT * 5, encoding="utf-8")
-    r = _cli(str(f), "-m", str(path), "--ctx", "16", "--tokens", "100", "--json")
+    r = _cli(str(f), "-m", str(path), "--ctx", "16", "--tokens", "100", "--json", "--kv-type", "f32")  # exact
     out, err = r.stdout.decode(), r.stderr.decode()
     assert r.returncode == 0, err
     lines = out.strip().splitlines()
@@ -209,7 +209,7 @@ def test_cli_json(tiny, tmp_path):
 
 def test_cli_stdin_gzip_and_short_text(tiny):
     path, w, tok = tiny
-    r = _cli("-", "-m", str(path), "--ctx", "16", "--tokens", "100000", "--json",
+    r = _cli("-", "-m", str(path), "--ctx", "16", "--tokens", "100000", "--json", "--kv-type", "f32",
              stdin=gzip.compress(TEXT.encode("utf-8")))
     assert r.returncode == 0, r.stderr.decode()
     ids = tok.encode(TEXT, add_special_tokens=False).ids

@@ -183,7 +183,7 @@ def weights():
 @pytest.fixture(scope="module")
 def model(tmp_path_factory, weights):
     d = tmp_path_factory.mktemp("tiny-prune")
-    return fastinfer.load(write_hf_dir(d / "hf", CFG, weights, tokenizer=tiny_bpe_tokenizer()), n_ctx=256)
+    return fastinfer.load(write_hf_dir(d / "hf", CFG, weights, tokenizer=tiny_bpe_tokenizer()), n_ctx=256, kv_type="f32")
 
 
 class RefModel:

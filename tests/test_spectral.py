@@ -54,7 +54,7 @@ IDS = [5, 17, 42, 3, 250, 99, 7, 7, 128, 64, 1, 200, 33]
 def tiny(tmp_path_factory):
     w = random_llama_weights(TINY_CFG, seed=3)
     d = write_hf_dir(tmp_path_factory.mktemp("spec") / "hf", TINY_CFG, w, tokenizer=tiny_bpe_tokenizer())
-    return fastinfer.load(d), w
+    return fastinfer.load(d, kv_type="f32"), w
 
 
 @pytest.mark.parametrize("keep,layers", [(0.5, None), (0.25, [1]), (0.9, [0, 2])])

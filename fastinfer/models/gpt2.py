@@ -127,7 +127,7 @@ def build(ckpt: Checkpoint, max_seq: int) -> tuple[ModelArgs, Weights]:
 class State:
     """KV cache and scratch buffers for one sequence, allocated once."""
 
-    def __init__(self, args: ModelArgs, max_seq: int, chunk: int, threads: int, kv_type: str = "f32"):
+    def __init__(self, args: ModelArgs, max_seq: int, chunk: int, threads: int, *, kv_type: str):
         d, hd = args.dim, args.head_dim
         self.max_seq, self.chunk = max_seq, chunk
         self.k_cache = lazy_zeros((args.n_layers, args.n_heads, max_seq, hd), KV_TYPES[kv_type])

@@ -202,7 +202,7 @@ class State:
     """Everything one sequence needs at run time, allocated once: KV cache and scratch buffers."""
 
     def __init__(self, args: ModelArgs, max_seq: int, chunk: int, threads: int, ring: int = 0,
-                 act8: bool = False, float_path: bool = True, kv_type: str = "f32"):
+                 act8: bool = False, float_path: bool = True, *, kv_type: str):
         qd, kvd = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
         self.max_seq, self.chunk = max_seq, chunk
         # Mapped lazily, so a long context costs memory only as it fills.
