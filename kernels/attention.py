@@ -47,7 +47,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .jit import kernel
-from .simd import AVX512, kv_get
+from .simd import AVX512, bits_float, float_bits, kv_get
 
 QT = 16  # query tokens per task: enough rows to reuse each key tile, enough tasks to share out
 KT = 64  # keys per tile
@@ -561,6 +561,18 @@ def _exp_row(x, bits):
     return total
 
 
+@kernel
+def _max_row(x):
+    """The largest of x (no NaN; -inf if empty) as an integer reduction, which vectorizes (a float
+    max does not without fastmath's no-NaN flag): a float's bits, its magnitude bits flipped when
+    negative, order as signed integers do."""
+    m = np.int32(-2139095041)   # -inf's bits 0xff800000 so mapped: an empty x gives -inf
+    for j in range(x.shape[0]):
+        i = float_bits(x[j])
+        m = max(m, i ^ ((i >> 31) & np.int32(0x7FFFFFFF)))
+    return bits_float(m ^ ((m >> 31) & np.int32(0x7FFFFFFF)))
+
+
 @kernel(inline=True)
 def dot4(k, q0, q1, q2, q3):
     """The dot products of one key row k (float32 or half bits) with four query rows, k loaded
@@ -623,9 +635,7 @@ def _tile_few(kc, vc, j0, n, rows, lo, hi, qs, s, o, mx, den, bits):
             continue
         row[:a] = 0.0
         row[b:] = 0.0
-        best = mx[c]
-        for j in range(a, b):
-            best = max(best, row[j])
+        best = max(mx[c], _max_row(row[a:b]))
         vis = row[a:b]
         for j in range(b - a):
             vis[j] -= best

@@ -103,6 +103,18 @@ def test_half_float_cache(H, KV, T, pos0, pattern):
     assert_close(run(q, kh, vh, 1, pos0, pattern=pattern), q, kf, vf, 1, pos0, pattern=pattern)
 
 
+def test_max_row_is_the_float_maximum():
+    """The integer-bits maximum decoding's softmax uses orders every float as comparison does."""
+    rng = np.random.default_rng(7)
+    cases = [rng.standard_normal(n).astype(np.float32) * 10 for n in (1, 7, 16, 63, 64, 1000)]
+    cases += [np.array(v, np.float32) for v in ([-3, -1, -2], [-np.inf, 2.5, 0.0, -0.0], [np.inf, 1],
+                                                 [-np.inf], [-0.0, -1e-40], [1e-40, 0.0], [-5e30, -6e30])]
+    for x in cases:
+        got = A._max_row(x)
+        assert got == x.max() and np.signbit(got) == np.signbit(x.max()), x
+    assert A._max_row(np.zeros(0, np.float32)) == -np.inf
+
+
 @pytest.mark.parametrize("cache", ["f32", "f16"])
 @pytest.mark.parametrize("hd", [64, 128, 48])
 @pytest.mark.parametrize("H,KV,T", [(1, 1, 1), (2, 1, 1), (3, 1, 1), (4, 1, 1), (9, 3, 2), (5, 1, 1),
