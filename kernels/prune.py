@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import get_thread_id, prange
 
-from .attention import _exp_row, dot4
+from .attention import _exp_row, _max_row, dot4
 from .jit import kernel
 from .simd import kv_get
 
@@ -105,12 +105,10 @@ def _group_mass(acc, sc, qs, keys, rows_pos, qpos, scale, bits):
         return
     for h in range(g):
         row = sc[h * n:h * n + n]
-        mx = -np.inf
         for j in range(n):
             if rows_pos[j] > qpos:  # a later token: causally invisible
                 row[j] = -np.inf
-            mx = max(mx, row[j])
-        _add_softmax(acc, row, mx, bits)
+        _add_softmax(acc, row, _max_row(row), bits)
 
 
 @kernel(parallel=True)
