@@ -47,7 +47,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .jit import kernel
-from .simd import AVX512, bits_float, float_bits, kv_get
+from .simd import AVX512, bits_float, counted_loop, float_bits, kv_get
 
 QT = 16  # query tokens per task: enough rows to reuse each key tile, enough tasks to share out
 KT = 64  # keys per tile
@@ -125,50 +125,28 @@ def _micro_ir(vw: int, nv: int, mr: int, accumulate: bool):
             init = [[zero] * nv for _ in range(mr)]
         bbase = builder.gep(b.data, [bo])
 
-        entry = builder.basic_block
-        loop = builder.append_basic_block("micro.loop")
-        done = builder.append_basic_block("micro.done")
-        builder.cbranch(builder.icmp_signed(">", n, ir.Constant(i64, 0)), loop, done)
+        def step(k, acc):
+            bp = builder.gep(bbase, [builder.mul(k, ldb)])
+            if b_t.dtype == types.float32:
+                w = [builder.load(builder.bitcast(builder.gep(bp, [ir.Constant(i64, vw * v)]), vptr), align=4)
+                     for v in range(nv)]
+            else:  # half bits (a uint16 KV cache): widen as loaded
+                hptr = ir.VectorType(ir.IntType(16), vw).as_pointer()
+                w = [builder.fpext(builder.bitcast(builder.load(builder.bitcast(
+                    builder.gep(bp, [ir.Constant(i64, vw * v)]), hptr), align=2), ir.VectorType(ir.HalfType(), vw)),
+                    vec) for v in range(nv)]
+            ak = builder.mul(k, aks)
+            new = []
+            for i in range(mr):
+                s = builder.load(builder.gep(arow[i], [ak]))
+                if a_t.dtype != types.float32:  # half bits (a uint16 KV cache): widen
+                    s = builder.fpext(builder.bitcast(s, ir.HalfType()), f32)
+                bc = builder.shuffle_vector(builder.insert_element(undef_vec, s, ir.Constant(ir.IntType(32), 0)),
+                                            undef_vec, mask0)
+                new.append([builder.call(fma, [bc, w[v], acc[i][v]]) for v in range(nv)])
+            return new
 
-        builder.position_at_end(loop)
-        k = builder.phi(i64)
-        k.add_incoming(ir.Constant(i64, 0), entry)
-        acc = [[builder.phi(vec) for _ in range(nv)] for _ in range(mr)]
-        for i in range(mr):
-            for v in range(nv):
-                acc[i][v].add_incoming(init[i][v], entry)
-        bp = builder.gep(bbase, [builder.mul(k, ldb)])
-        if b_t.dtype == types.float32:
-            w = [builder.load(builder.bitcast(builder.gep(bp, [ir.Constant(i64, vw * v)]), vptr), align=4)
-                 for v in range(nv)]
-        else:  # half bits (a uint16 KV cache): widen as loaded
-            hptr = ir.VectorType(ir.IntType(16), vw).as_pointer()
-            w = [builder.fpext(builder.bitcast(builder.load(builder.bitcast(
-                builder.gep(bp, [ir.Constant(i64, vw * v)]), hptr), align=2), ir.VectorType(ir.HalfType(), vw)), vec)
-                 for v in range(nv)]
-        ak = builder.mul(k, aks)
-        new = []
-        for i in range(mr):
-            s = builder.load(builder.gep(arow[i], [ak]))
-            if a_t.dtype != types.float32:  # half bits (a uint16 KV cache): widen
-                s = builder.fpext(builder.bitcast(s, ir.HalfType()), f32)
-            bc = builder.shuffle_vector(builder.insert_element(undef_vec, s, ir.Constant(ir.IntType(32), 0)),
-                                        undef_vec, mask0)
-            new.append([builder.call(fma, [bc, w[v], acc[i][v]]) for v in range(nv)])
-        k1 = builder.add(k, ir.Constant(i64, 1))
-        body_end = builder.basic_block
-        k.add_incoming(k1, body_end)
-        for i in range(mr):
-            for v in range(nv):
-                acc[i][v].add_incoming(new[i][v], body_end)
-        builder.cbranch(builder.icmp_signed("<", k1, n), loop, done)
-
-        builder.position_at_end(done)
-        result = [[builder.phi(vec) for _ in range(nv)] for _ in range(mr)]
-        for i in range(mr):
-            for v in range(nv):
-                result[i][v].add_incoming(init[i][v], entry)
-                result[i][v].add_incoming(new[i][v], body_end)
+        result = counted_loop(builder, n, 1, init, step, "micro")
         for i in range(mr):
             for v in range(nv):
                 builder.store(result[i][v], cvp[i][v], align=4)
@@ -319,38 +297,25 @@ def _scores_ir(rows: int):
                 j = builder.select(builder.icmp_signed("<", j, last), j, last)
                 kp.append(builder.gep(k, [builder.add(ko, builder.mul(j, ldk))]))
             qp = [builder.gep(q, [builder.add(qo, builder.mul(c(r), ldq))]) for r in range(rows)]
-            entry = builder.basic_block
-            loop = builder.append_basic_block("scores.loop")
-            done = builder.append_basic_block("scores.done")
-            builder.branch(loop)
-            builder.position_at_end(loop)
-            i = builder.phi(i64)
-            i.add_incoming(c(0), entry)
-            acc = [[builder.phi(vec) for _ in range(SJ)] for _ in range(rows)]
-            for r in range(rows):
+
+            def step(i, acc):
+                qv = [builder.load(builder.bitcast(builder.gep(qp[r], [i]), vec.as_pointer()), align=4)
+                      for r in range(rows)]
+                new = [[None] * SJ for _ in range(rows)]
                 for jj in range(SJ):
-                    acc[r][jj].add_incoming(zero, entry)
-            qv = [builder.load(builder.bitcast(builder.gep(qp[r], [i]), vec.as_pointer()), align=4)
-                  for r in range(rows)]
-            new = [[None] * SJ for _ in range(rows)]
-            for jj in range(SJ):
-                kv = builder.load(builder.bitcast(builder.gep(kp[jj], [i]), kvec.as_pointer()), align=2 if half else 4)
-                if half:
-                    kv = builder.fpext(builder.bitcast(kv, ir.VectorType(ir.HalfType(), 16)), vec)
-                for r in range(rows):
-                    new[r][jj] = builder.call(fma, [qv[r], kv, acc[r][jj]])
-            i1 = builder.add(i, c(16))
-            body_end = builder.basic_block
-            i.add_incoming(i1, body_end)
-            for r in range(rows):
-                for jj in range(SJ):
-                    acc[r][jj].add_incoming(new[r][jj], body_end)
-            builder.cbranch(builder.icmp_signed("<", i1, hd), loop, done)
-            builder.position_at_end(done)
+                    kv = builder.load(builder.bitcast(builder.gep(kp[jj], [i]), kvec.as_pointer()),
+                                      align=2 if half else 4)
+                    if half:
+                        kv = builder.fpext(builder.bitcast(kv, ir.VectorType(ir.HalfType(), 16)), vec)
+                    for r in range(rows):
+                        new[r][jj] = builder.call(fma, [qv[r], kv, acc[r][jj]])
+                return new
+
+            sums = counted_loop(builder, hd, 16, [[zero] * SJ for _ in range(rows)], step, "scores")
             v8 = ir.VectorType(f32, SJ)
             for r in range(rows):
                 out = builder.gep(s, [builder.add(builder.add(so, builder.mul(c(r), lds)), j0)])
-                builder.store(_reduce8(builder, new[r]), builder.bitcast(out, v8.as_pointer()), align=4)
+                builder.store(_reduce8(builder, sums[r]), builder.bitcast(out, v8.as_pointer()), align=4)
         return context.get_dummy_value()
     return codegen
 

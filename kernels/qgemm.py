@@ -27,7 +27,7 @@ from numba.extending import intrinsic
 
 from .formats import Q4_0, Q4_1, Q8_0, QK
 from .jit import kernel
-from .simd import VNNI, dpbusd
+from .simd import VNNI, counted_loop, dpbusd
 
 NR = 32   # weight rows per panel: two 16-lane int32 vectors
 MR = 6    # tokens per register block: 12 int + 12 float accumulators + 2 weights + scales
@@ -74,58 +74,36 @@ def _micro_ir(mr: int, vnni: bool):
         fzero = ir.Constant(fvec, [0.0] * 16)
         izero = ir.Constant(ivec, [0] * 16)
 
-        entry = builder.basic_block
-        loop = builder.append_basic_block("qmicro.loop")
-        done = builder.append_basic_block("qmicro.done")
-        builder.cbranch(builder.icmp_signed(">", nb, c(0)), loop, done)
-
-        builder.position_at_end(loop)
-        b = builder.phi(i64)
-        b.add_incoming(c(0), entry)
-        acc = [[builder.phi(fvec) for _ in range(nv)] for _ in range(mr)]
-        for a in acc:
-            for p in a:
-                p.add_incoming(fzero, entry)
-        iacc = [[izero] * nv for _ in range(mr)]
-        wblock = builder.gep(pbase, [builder.mul(b, c(QK * NR))])  # 32 k x NR rows bytes per block
-        for kq in range(QK // 4):
-            w = [builder.load(builder.bitcast(builder.gep(wblock, [c(kq * 4 * NR + 64 * v)]), ivec.as_pointer()),
-                              align=ALIGN) for v in range(nv)]
+        def step(b, acc):
+            iacc = [[izero] * nv for _ in range(mr)]
+            wblock = builder.gep(pbase, [builder.mul(b, c(QK * NR))])  # 32 k x NR rows bytes per block
+            for kq in range(QK // 4):
+                w = [builder.load(builder.bitcast(builder.gep(wblock, [c(kq * 4 * NR + 64 * v)]), ivec.as_pointer()),
+                                  align=ALIGN) for v in range(nv)]
+                for i in range(mr):
+                    x4 = builder.load(builder.bitcast(builder.gep(qrows[i], [builder.add(builder.mul(b, c(QK)), c(4 * kq))]),
+                                                      i32.as_pointer()), align=1)
+                    xb = splat(x4, ivec)
+                    for v in range(nv):
+                        iacc[i][v] = dot(iacc[i][v], w[v], xb)
+            srow = builder.gep(sbase, [builder.mul(b, c(2 * NR))])  # [d of NR rows, mn of NR rows]
+            dv = [builder.load(builder.bitcast(builder.gep(srow, [c(16 * v)]), fvec.as_pointer()), align=4)
+                  for v in range(nv)]
+            mv = [builder.load(builder.bitcast(builder.gep(srow, [c(NR + 16 * v)]), fvec.as_pointer()), align=4)
+                  for v in range(nv)]
+            new = []
             for i in range(mr):
-                x4 = builder.load(builder.bitcast(builder.gep(qrows[i], [builder.add(builder.mul(b, c(QK)), c(4 * kq))]),
-                                                  i32.as_pointer()), align=1)
-                xb = splat(x4, ivec)
+                xdb = splat(builder.load(builder.gep(drows[i], [b])), fvec)
+                xsb = splat(builder.load(builder.gep(srows[i], [b])), fvec)
+                row = []
                 for v in range(nv):
-                    iacc[i][v] = dot(iacc[i][v], w[v], xb)
-        srow = builder.gep(sbase, [builder.mul(b, c(2 * NR))])  # [d of NR rows, mn of NR rows]
-        dv = [builder.load(builder.bitcast(builder.gep(srow, [c(16 * v)]), fvec.as_pointer()), align=4)
-              for v in range(nv)]
-        mv = [builder.load(builder.bitcast(builder.gep(srow, [c(NR + 16 * v)]), fvec.as_pointer()), align=4)
-              for v in range(nv)]
-        new = []
-        for i in range(mr):
-            xdb = splat(builder.load(builder.gep(drows[i], [b])), fvec)
-            xsb = splat(builder.load(builder.gep(srows[i], [b])), fvec)
-            row = []
-            for v in range(nv):
-                f = builder.sitofp(iacc[i][v], fvec)
-                a = builder.call(fma, [f, builder.fmul(dv[v], xdb), acc[i][v]])
-                row.append(builder.call(fma, [mv[v], xsb, a]))
-            new.append(row)
-        b1 = builder.add(b, c(1))
-        body_end = builder.basic_block
-        b.add_incoming(b1, body_end)
-        for i in range(mr):
-            for v in range(nv):
-                acc[i][v].add_incoming(new[i][v], body_end)
-        builder.cbranch(builder.icmp_signed("<", b1, nb), loop, done)
+                    f = builder.sitofp(iacc[i][v], fvec)
+                    a = builder.call(fma, [f, builder.fmul(dv[v], xdb), acc[i][v]])
+                    row.append(builder.call(fma, [mv[v], xsb, a]))
+                new.append(row)
+            return new
 
-        builder.position_at_end(done)
-        result = [[builder.phi(fvec) for _ in range(nv)] for _ in range(mr)]
-        for i in range(mr):
-            for v in range(nv):
-                result[i][v].add_incoming(fzero, entry)
-                result[i][v].add_incoming(new[i][v], body_end)
+        result = counted_loop(builder, nb, 1, [[fzero] * nv for _ in range(mr)], step, "qmicro")
         for i in range(mr):
             orow = builder.gep(out.data, [builder.add(builder.mul(builder.add(o0, c(i)), ldo), c0)])
             for v in range(nv):

@@ -90,3 +90,37 @@ def kv_put(typingctx, cache, x):
     if cache.dtype == types.float32:
         return types.float32(cache, x), lambda context, builder, sig, args: args[1]
     return None
+
+
+def counted_loop(builder, stop, step, init, body, name: str):
+    """Emit `for k in range(0, stop, step)` (k, stop: i64 values; step an int) carrying the values
+    `init` (a list of lists, e.g. vector accumulators) in phis. body(k, acc) emits one iteration
+    and returns the new values, shaped like init. Returns the values after the loop: init when
+    stop <= 0. The register blocks' loops, so that their accumulators stay in registers."""
+    i64 = ir.IntType(64)
+    entry = builder.basic_block
+    loop = builder.append_basic_block(f"{name}.loop")
+    done = builder.append_basic_block(f"{name}.done")
+    builder.cbranch(builder.icmp_signed(">", stop, ir.Constant(i64, 0)), loop, done)
+    builder.position_at_end(loop)
+    k = builder.phi(i64)
+    k.add_incoming(ir.Constant(i64, 0), entry)
+    acc = [[builder.phi(v.type) for v in row] for row in init]
+    for phis, row in zip(acc, init):
+        for p, v in zip(phis, row):
+            p.add_incoming(v, entry)
+    new = body(k, acc)
+    k1 = builder.add(k, ir.Constant(i64, step))
+    end = builder.basic_block
+    k.add_incoming(k1, end)
+    for phis, row in zip(acc, new):
+        for p, v in zip(phis, row):
+            p.add_incoming(v, end)
+    builder.cbranch(builder.icmp_signed("<", k1, stop), loop, done)
+    builder.position_at_end(done)
+    out = [[builder.phi(v.type) for v in row] for row in init]
+    for phis, a, b in zip(out, init, new):
+        for p, v0, v1 in zip(phis, a, b):
+            p.add_incoming(v0, entry)
+            p.add_incoming(v1, end)
+    return out
