@@ -181,9 +181,20 @@ def weights():
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory, weights):
-    d = tmp_path_factory.mktemp("tiny-prune")
-    return fastinfer.load(write_hf_dir(d / "hf", CFG, weights, tokenizer=tiny_bpe_tokenizer()), n_ctx=256, kv_type="f32")
+def tiny_dir(tmp_path_factory, weights):
+    return write_hf_dir(tmp_path_factory.mktemp("tiny-prune") / "hf", CFG, weights, tokenizer=tiny_bpe_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def model(tiny_dir):
+    """An f32 KV cache: exact against the float64 NumPy model below."""
+    return fastinfer.load(tiny_dir, n_ctx=256, kv_type="f32")
+
+
+@pytest.fixture(scope="module")
+def half_model(tiny_dir):
+    """The default (f16) KV cache."""
+    return fastinfer.load(tiny_dir, n_ctx=256)
 
 
 class RefModel:
@@ -298,9 +309,12 @@ def _ids(n, seed=0, vocab=TINY_CFG["vocab_size"]):
     return np.random.default_rng(seed).integers(3, vocab, n).tolist()
 
 
+@pytest.mark.parametrize("cache", ["model", "half_model"])
 @pytest.mark.parametrize("score", ["recent", "norm", "attention"])
 @pytest.mark.parametrize("from_layer", [1, 2])
-def test_keep_all_equals_dense(model, score, from_layer):
+def test_keep_all_equals_dense(request, cache, score, from_layer):
+    model = request.getfixturevalue(cache)
+    assert model.session().state.k_cache.dtype == (np.float32 if cache == "model" else np.uint16)
     ids = _ids(150)
     dense = model.session()
     s = model.session(prune=Prune(keep=1.0, from_layer=from_layer, score=score))
@@ -371,7 +385,9 @@ def test_eviction_never_exceeds_budget_and_matches_numpy_model(model, weights, m
     assert s.pos == n_total
 
 
-def test_prune_with_budget_never_exceeds_it(model):
+@pytest.mark.parametrize("cache", ["model", "half_model"])
+def test_prune_with_budget_never_exceeds_it(request, cache):
+    model = request.getfixturevalue(cache)
     ids = _ids(250, seed=4)
     s = model.session(prune=Prune(keep=0.5, from_layer=1, keep_last=20), kv_budget=128)
     s.prefill(ids[:200])
