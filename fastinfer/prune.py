@@ -110,7 +110,7 @@ class Pruning:
         self.row_pos = np.full((L, self.rows), -1, np.int64)
         self.sinks = EVICT_SINKS if prune is None else prune.sinks
         self.recent = 0 if kv_budget is None else kv_budget // 4
-        self.fscratch = np.zeros((threads, 6 * self.rows), np.float32)
+        self.fscratch = np.zeros((threads, 6 * self.rows + 4 * K.SJ), np.float32)
         self.iscratch = np.zeros((threads, self.rows), np.int64)
         self.bscratch = np.zeros((threads, self.rows), np.bool_)
         self.kept: np.ndarray | None = None                # positions the last pruned prefill kept

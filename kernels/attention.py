@@ -538,6 +538,35 @@ def _max_row(x):
     return bits_float(m ^ ((m >> 31) & np.int32(0x7FFFFFFF)))
 
 
+@kernel
+def few_scores(s, lds, qs, ldq, kc, j0, m, n):
+    """s[r lds + j] = qs[r ldq:r ldq + hd] . kc[j0 + j] for r < m, j < n: a few query rows (flat qs)
+    against key rows of a cache (keys, hd), float32 or half bits. With AVX-512 the IR scores block
+    (`_scores`), which also writes j up to the next multiple of SJ (so lds must leave room); else
+    four rows per pass of the keys, each key row loaded once (`dot4`)."""
+    hd = kc.shape[1]
+    if VW == 16 and hd % 16 == 0:
+        ks = kc.strides[0] // kc.itemsize
+        _scores(s, lds, qs, ldq, kc, j0 * ks, ks, m, hd, n)
+        return
+    for c0 in range(0, m, 4):
+        c1 = min(c0 + 4, m)
+        q0 = qs[c0 * ldq:c0 * ldq + hd]
+        q1 = qs[min(c0 + 1, c1 - 1) * ldq:min(c0 + 1, c1 - 1) * ldq + hd]   # past the last row: repeat it
+        q2 = qs[min(c0 + 2, c1 - 1) * ldq:min(c0 + 2, c1 - 1) * ldq + hd]
+        q3 = qs[min(c0 + 3, c1 - 1) * ldq:min(c0 + 3, c1 - 1) * ldq + hd]
+        r0 = s[c0 * lds:c0 * lds + n]
+        r1 = s[min(c0 + 1, c1 - 1) * lds:min(c0 + 1, c1 - 1) * lds + n]
+        r2 = s[min(c0 + 2, c1 - 1) * lds:min(c0 + 2, c1 - 1) * lds + n]
+        r3 = s[min(c0 + 3, c1 - 1) * lds:min(c0 + 3, c1 - 1) * lds + n]
+        for j in range(n):
+            s0, s1, s2, s3 = dot4(kc[j0 + j], q0, q1, q2, q3)
+            r3[j] = s3  # the repeated rows write the same value to the same place, last row last
+            r2[j] = s2
+            r1[j] = s1
+            r0[j] = s0
+
+
 @kernel(inline=True)
 def dot4(k, q0, q1, q2, q3):
     """The dot products of one key row k (float32 or half bits) with four query rows, k loaded
@@ -558,39 +587,14 @@ def dot4(k, q0, q1, q2, q3):
 @kernel
 def _tile_few(kc, vc, j0, n, rows, lo, hi, qs, s, o, mx, den, bits):
     """`_tile` for at most 8 rows (decoding), where rows along the vector lanes would leave most
-    lanes idle: everything runs along head_dim or the keys instead (the scores block, or without
-    AVX-512 a dot product per visible score; the softmax along each row; O += P V), with qs,
-    o (rows, hd) and s (rows, KT) flat."""
+    lanes idle: everything runs along head_dim or the keys instead (`few_scores`, the softmax
+    along each row, O += P V), with qs, o (rows, hd) and s (rows, KT) flat."""
     hd = kc.shape[1]
-    fast = VW == 16 and hd % 16 == 0
-    if fast:  # the IR scores block, from the tile's first key to the last any row sees
-        b = 0
-        for c in range(rows):
-            b = max(b, min(n, hi[c] + 1 - j0))
-        if b > 0:
-            ks = kc.strides[0] // kc.itemsize
-            _scores(s, KT, qs, hd, kc, j0 * ks, ks, rows, hd, b)
-    for c0 in range(0, rows if not fast else 0, 4):  # else 4 rows per pass, each key row loaded once
-        c1 = min(c0 + 4, rows)
-        a = n
-        b = 0
-        for c in range(c0, c1):
-            a = min(a, max(0, lo[c] + 1 - j0))
-            b = max(b, min(n, hi[c] + 1 - j0))
-        q0 = qs[c0 * hd:(c0 + 1) * hd]
-        q1 = qs[min(c0 + 1, c1 - 1) * hd:(min(c0 + 1, c1 - 1) + 1) * hd]   # past the last row: repeat it
-        q2 = qs[min(c0 + 2, c1 - 1) * hd:(min(c0 + 2, c1 - 1) + 1) * hd]
-        q3 = qs[min(c0 + 3, c1 - 1) * hd:(min(c0 + 3, c1 - 1) + 1) * hd]
-        r0 = s[c0 * KT:c0 * KT + KT]
-        r1 = s[min(c0 + 1, c1 - 1) * KT:min(c0 + 1, c1 - 1) * KT + KT]
-        r2 = s[min(c0 + 2, c1 - 1) * KT:min(c0 + 2, c1 - 1) * KT + KT]
-        r3 = s[min(c0 + 3, c1 - 1) * KT:min(c0 + 3, c1 - 1) * KT + KT]
-        for j in range(a, b):
-            s0, s1, s2, s3 = dot4(kc[j0 + j], q0, q1, q2, q3)
-            r3[j] = s3  # the repeated rows write the same value to the same place, last row last
-            r2[j] = s2
-            r1[j] = s1
-            r0[j] = s0
+    b = 0
+    for c in range(rows):  # scores from the tile's first key to the last any row sees
+        b = max(b, min(n, hi[c] + 1 - j0))
+    if b > 0:
+        few_scores(s, KT, qs, hd, kc, j0, rows, b)
     for c in range(rows):
         row = s[c * KT:c * KT + n]
         a = max(0, lo[c] + 1 - j0)                       # visible keys j0 + a .. j0 + b - 1

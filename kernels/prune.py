@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import get_thread_id, prange
 
-from .attention import _exp_row, _max_row, dot4
+from .attention import SJ, _exp_row, _max_row, few_scores
 from .jit import kernel
 from .simd import kv_get
 
@@ -82,32 +82,21 @@ def _add_softmax(acc, sc, mx, bits):
 
 
 @kernel
-def _group_mass(acc, sc, qs, keys, rows_pos, qpos, scale, bits):
-    # `_query_mass` for the up to 4 query heads qs (g, hd) that read one kv head: each key row is
-    # loaded once for all of them. sc (>= 4 n) holds their scores.
+def _group_mass(acc, sc, lds, qs, g, keys, rows_pos, qpos, scale, bits):
+    # `_query_mass` for the g query heads qs (flat, g rows of hd) that read one kv head, their
+    # scores from decoding's `few_scores` (each key row loaded once for all of them) into
+    # sc (rows of lds >= n rounded up to SJ).
     n = acc.shape[0]
-    g = qs.shape[0]
-    q0 = qs[0]
-    q1 = qs[min(1, g - 1)]
-    q2 = qs[min(2, g - 1)]
-    q3 = qs[min(3, g - 1)]
     seen = False
     for j in range(n):
-        if rows_pos[j] > qpos:
-            continue
-        seen = True
-        s0, s1, s2, s3 = dot4(keys[j], q0, q1, q2, q3)
-        sc[j] = s0 * scale
-        sc[n + j] = s1 * scale
-        sc[2 * n + j] = s2 * scale
-        sc[3 * n + j] = s3 * scale
+        seen |= rows_pos[j] <= qpos
     if not seen:  # every row is later than the query
         return
+    few_scores(sc, lds, qs, keys.shape[1], keys, 0, g, n)
     for h in range(g):
-        row = sc[h * n:h * n + n]
-        for j in range(n):
-            if rows_pos[j] > qpos:  # a later token: causally invisible
-                row[j] = -np.inf
+        row = sc[h * lds:h * lds + n]
+        for j in range(n):  # a later token is causally invisible
+            row[j] = -np.inf if rows_pos[j] > qpos else row[j] * scale
         _add_softmax(acc, row, _max_row(row), bits)
 
 
@@ -239,7 +228,7 @@ def evict(k_cache, v_cache, row_pos, fill, q_ring, ring_pos, l0, l1, limit, targ
     A layer keeps the sinks (rows of positions < sinks), its last `recent` rows, and the rows
     with the most attention mass from the newest `queries` positions in its ring; kept rows stay
     in order, at the front of the cache. caches (L, kv_heads, rows, hd); row_pos (L, rows); fill (L,) rows held,
-    updated. Per-thread scratch: fscratch f32 (threads, >= 6 rows), iscratch int64
+    updated. Per-thread scratch: fscratch f32 (threads, >= 6 rows + 4 SJ), iscratch int64
     (threads, >= rows), bscratch bool (threads, >= rows).
     """
     H, hd = q_ring.shape[2], q_ring.shape[3]
@@ -252,17 +241,19 @@ def evict(k_cache, v_cache, row_pos, fill, q_ring, ring_pos, l0, l1, limit, targ
         tid = get_thread_id()
         mass = fscratch[tid, :n]
         mass[:] = 0.0
+        lds = -(-n // SJ) * SJ  # score rows padded for the scores block
         newest = -1
         for w in range(q_ring.shape[1]):
             newest = max(newest, ring_pos[l, w])
         first = max(newest - queries + 1, 0)
         for w in range(q_ring.shape[1]):
             if ring_pos[l, w] >= first:
+                qf = q_ring[l, w].reshape(H * hd)
                 for kv in range(k_cache.shape[1]):
                     for h0 in range(kv * group, (kv + 1) * group, 4):
-                        _group_mass(mass, fscratch[tid, n:5 * n], q_ring[l, w, h0:min(h0 + 4, (kv + 1) * group)],
-                                    k_cache[l, kv], row_pos[l, :n], ring_pos[l, w], scale,
-                                    fscratch[tid, 5 * n:6 * n].view(np.int32))
+                        _group_mass(mass, fscratch[tid, n:n + 4 * lds], lds, qf[h0 * hd:],
+                                    min(4, (kv + 1) * group - h0), k_cache[l, kv], row_pos[l, :n], ring_pos[l, w],
+                                    scale, fscratch[tid, n + 4 * lds:2 * n + 4 * lds].view(np.int32))
         forced = bscratch[tid, :n]
         for j in range(n):
             forced[j] = row_pos[l, j] < sinks or j >= n - recent

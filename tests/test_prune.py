@@ -152,7 +152,7 @@ def test_evict_matches_twin(queries):
     k0, v0, p0, f0 = k_cache.copy(), v_cache.copy(), row_pos.copy(), fill.copy()
     limit, target, sinks, recent = 40, 33, 20, 7
     K.evict(k_cache, v_cache, row_pos, fill, q_ring, ring_pos, 1, 4, limit, target, sinks, recent, queries,
-            np.zeros((2, 6 * rows), np.float32), np.zeros((2, rows), np.int64), np.zeros((2, rows), np.bool_))
+            np.zeros((2, 6 * rows + 4 * K.SJ), np.float32), np.zeros((2, rows), np.int64), np.zeros((2, rows), np.bool_))
     for l in range(L):
         n = f0[l]
         if l == 0 or n <= limit:  # outside [l0, l1) or not over the limit: untouched
