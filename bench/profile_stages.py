@@ -29,9 +29,9 @@ from fastinfer.models import llama
 
 
 @njit(cache=False)
-def _linear_layers(out, x, w, lin, passes):
+def _linear_layers(out, x, w, lin, res_rows):
     for l in range(w[1].shape[0] if w[1].shape[0] else w[4].shape[0]):
-        L.linear_act(out, x, w, l, lin, passes, True)  # quantizes x first when lin carries 8-bit buffers
+        L.linear_act(out, x, w, l, lin, res_rows, True)  # quantizes x first when lin carries 8-bit buffers
 
 
 @njit(cache=False)
@@ -86,16 +86,16 @@ def profile(model, T: int, pos: int, reps: int) -> dict[str, float]:
     xb[:] = x
     numba.set_num_threads(model.threads)
     stages = {
-        "wqkv": lambda: _linear_layers(qkv, xb, w.wqkv.args(), lin, llama.QKV_PASSES),
+        "wqkv": lambda: _linear_layers(qkv, xb, w.wqkv.args(), lin, 2 * a.n_kv_heads * hd if llama.KV_RESIDUAL else 0),
         "attention": lambda: _attention_layers(att3, q3, st.k_cache, st.v_cache, starts, slots, w.windows,
                                                s._pattern, st.att_scratch),
-        "wo": lambda: _linear_layers(xb, att, w.wo.args(), lin, 1),
-        "w13 (gate, up)": lambda: _linear_layers(h13, xb, w.w13.args(), lin, 1),
-        "w2 (down)": lambda: _linear_layers(xb, hb, w.w2.args(), lin, 1),
+        "wo": lambda: _linear_layers(xb, att, w.wo.args(), lin, 0),
+        "w13 (gate, up)": lambda: _linear_layers(h13, xb, w.w13.args(), lin, 0),
+        "w2 (down)": lambda: _linear_layers(xb, hb, w.w2.args(), lin, 0),
         "norms, rope, swiglu, adds": lambda: _elementwise_layers(
             x, xb, qkv, q, k, v, q3, k3, v3, h13, hb, w.attention_norm, w.ffn_norm, w.bqkv, w.cos, w.sin,
             positions, st.k_cache, st.v_cache, slots, float(a.norm_eps)),
-        "lm head": lambda: L.linear_act(st.logits[:1], xb[T - 1:], w.output.args(), 0, lin, 1, True),
+        "lm head": lambda: L.linear_act(st.logits[:1], xb[T - 1:], w.output.args(), 0, lin, 0, True),
     }
     out = {name: _median_seconds(fn, reps) for name, fn in stages.items()}
     ids = np.ones(T, np.int64)

@@ -60,7 +60,7 @@ def main():
             s_f = np.zeros((threads, LIN.scratch_size(n)), np.float32)
             s_q = np.zeros((threads, Q.scratch_size(n)), np.float32)
             runs = {"f32": lambda: LIN.linear(o_f, x, w, 0, s_f),
-                    "a8": lambda: Q.linear_a8_tiles(o_q, xq, xd, xs, w, 0, s_q)}
+                    "a8": lambda: Q.linear_a8_tiles(o_q, xq, xd, xs, w, 0, 0, s_q)}
             times = {k: [] for k in runs}
             for fn in runs.values():
                 fn()  # compile / warm up

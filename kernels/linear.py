@@ -243,32 +243,33 @@ def _a8(out, xq, xd, xs, w, l, scratch):
     if xq.shape[0] <= ROWS_PATH_MAX_T:
         QV.linear_a8_rows(out, xq, xd, xs, w, l, scratch.shape[0])
     else:
-        QG.linear_a8_tiles(out, xq, xd, xs, w, l, scratch)
+        QG.linear_a8_tiles(out, xq, xd, xs, w, l, 0, scratch)
 
 
 @kernel(inline=True)
-def _add_passes(out, a, b):
-    for r in range(out.shape[0]):
-        out[r] = a[r] + b[r]
+def _add_residual(out, o2, lo):
+    # out[lo:] += o2: the residual pass's products for the last rows
+    for r in range(o2.shape[0]):
+        out[lo + r] += o2[r]
 
 
 @kernel(parallel=True)
-def _add_passes_many(out, o2):
-    T = out.shape[0]
-    for t in prange(T):
-        _add_passes(out[t], o2[t], o2[T + t])
+def _add_residual_many(out, o2, lo):
+    for t in prange(out.shape[0]):
+        _add_residual(out[t], o2[t], lo)
 
 
 @kernel
-def linear_act(out, x, w, l, lin, passes, floats):
+def linear_act(out, x, w, l, lin, res_rows, floats):
     """`linear`, with 8-bit activations over block-format weights when lin carries their buffers.
 
     lin = (scratch, xq int8 (2 T_max n_max,), xd, xs f32 (2 T_max n_max // 32,), xr f32
     (T_max n_max,), o2 f32 (2 T_max rows2,)) from `act_buffers`; empty xq buffers (or a float
-    weight format) mean f32 activations. passes=2 quantizes what the 8-bit pass leaves,
-    x - xd xq, as a second 8-bit "token" and adds its product: about 15 bits per activation, for
-    the matmul whose input 8 bits hurt most (the attention projections, rows <= rows2). The
-    residual rides along in the same call, so decoding still streams the weights once.
+    weight format) mean f32 activations. res_rows > 0 quantizes what the 8-bit pass leaves,
+    x - xd xq, as a second 8-bit input and adds its product to the last res_rows output rows:
+    about 15 bits per activation for those rows (the K and V projections, whose input 8 bits hurt
+    most; rows <= rows2). A prefill chunk runs that pass over those rows only; a few tokens
+    (decoding) ride it along as extra tokens over every row, so the weights still stream once.
 
     floats: True, or None when lin carries buffers and every weight passed is a block format.
     Numba prunes `floats is not None` by type, so then the float path (`linear`, a third of
@@ -282,25 +283,36 @@ def linear_act(out, x, w, l, lin, passes, floats):
             return
     T, n = x.shape
     nb = n // QK
-    P = passes * T
+    P = 2 * T if res_rows > 0 else T
     xq = xq_buf[:P * n].reshape((P, n))
     xd = xd_buf[:P * nb].reshape((P, nb))
     xs = xs_buf[:P * nb].reshape((P, nb))
     A8.quantize(xq[:T], xd[:T], xs[:T], x)
-    if passes == 1:
+    if res_rows == 0:
         _a8(out, xq, xd, xs, w, l, scratch)
         return
     rows = out.shape[1]
+    lo = rows - res_rows
     xr = xr_buf[:T * n].reshape((T, n))
     A8.residual(xr, x, xq[:T], xd[:T])
     A8.quantize(xq[T:], xd[T:], xs[T:], xr)
-    o2 = o2_buf[:P * rows].reshape((P, rows))
-    _a8(o2, xq, xd, xs, w, l, scratch)
+    if T <= ROWS_PATH_MAX_T:  # both inputs in one stream of the weights, every row
+        o2 = o2_buf[:P * rows].reshape((P, rows))
+        _a8(o2, xq, xd, xs, w, l, scratch)
+        for t in range(T):
+            for r in range(lo):
+                out[t, r] = o2[t, r]
+            for r in range(lo, rows):
+                out[t, r] = o2[t, r] + o2[T + t, r]
+        return
+    QG.linear_a8_tiles(out, xq[:T], xd[:T], xs[:T], w, l, 0, scratch)
+    o2 = o2_buf[:T * res_rows].reshape((T, res_rows))
+    QG.linear_a8_tiles(o2, xq[T:], xd[T:], xs[T:], w, l, lo, scratch)
     if T >= A8.PARALLEL_MIN_T:
-        _add_passes_many(out, o2)
+        _add_residual_many(out, o2, lo)
     else:
         for t in range(T):
-            _add_passes(out[t], o2[t], o2[T + t])
+            _add_residual(out[t], o2[t], lo)
 
 
 def act_buffers(t_max: int, n_max: int, rows2: int, on: bool) -> tuple:

@@ -214,8 +214,9 @@ def pack_panel(panel, sc, w, l, r0, nr):
 
 
 @kernel(parallel=True)
-def linear_a8_tiles(out, xq, xd, xs, w, l, scratch):
-    """xq int8 (T, n) with block scales xd, xs f32 (T, n // 32) @ W[l].T (n, rows) -> out f32 (T, rows).
+def linear_a8_tiles(out, xq, xd, xs, w, l, r_lo, scratch):
+    """xq int8 (T, n) with block scales xd, xs f32 (T, n // 32) @ W[l][r_lo:r_lo + rows].T
+    -> out f32 (T, rows): the weight rows from r_lo on, as many as out has columns.
 
     w is a Q8_0/Q4_0/Q4_1 weight (kernels/linear.py); scratch f32 (threads, scratch_size(n_max))
     is per-thread working space, so the call allocates nothing.
@@ -233,7 +234,7 @@ def linear_a8_tiles(out, xq, xd, xs, w, l, scratch):
         edge = buf[e0:e0 + MR * NR].reshape((MR, NR))
         r0 = task * NR
         nr = min(rows, r0 + NR) - r0
-        pack_panel(panel, sc, w, l, r0, nr)
+        pack_panel(panel, sc, w, l, r_lo + r0, nr)
         for t in range(0, T, MR):  # the panel stays in cache while every token passes
             mr = min(MR, T - t)
             if nr == NR:

@@ -81,7 +81,7 @@ def run(xq, xd, xs, w, l):
     T, n = xq.shape
     out = np.full((T, w[1].shape[1]), np.nan, np.float32)  # every element must be written
     scratch = np.zeros((numba.config.NUMBA_NUM_THREADS, Q.scratch_size(n)), np.float32)
-    Q.linear_a8_tiles(out, xq, xd, xs, w, l, scratch)
+    Q.linear_a8_tiles(out, xq, xd, xs, w, l, 0, scratch)
     return out
 
 

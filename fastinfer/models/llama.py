@@ -28,7 +28,8 @@ from fastinfer.weights.tensors import QMatrix, readonly, stack_joined
 from . import KV_TYPES
 
 ACT8 = True  # State(act8=True): matmul inputs quantized to 8 bits (kernels/act8.py)
-QKV_PASSES = 2  # with act8, the Q/K/V projection's input gets a second 8-bit pass (its residual)
+KV_RESIDUAL = True  # with act8, the K and V projections get a second 8-bit pass over their input's
+# residual (README, "8-bit activations": the Q rows gained nothing from it)
 
 
 @dataclass
@@ -271,12 +272,12 @@ def forward(ids, positions, starts, slots, pattern, all_logits, w, st, n_heads, 
     sl = layer_slots[:T]
     # Constants passed to kernels as int64 values, not literals: Numba compiles a callee once per
     # literal argument, and the first run would compile the matmuls three times over.
-    zero, one, qkv_passes = np.int64(0), np.int64(1), np.int64(QKV_PASSES)
+    zero, kv_rows = np.int64(0), np.int64(2 * n_kv_heads * hd if KV_RESIDUAL else 0)
     if l0 == 0:
         ops.embed(x, ids, emb)
     for l in range(l0, l1):
         ops.rmsnorm(xb, x, attention_norm[l], eps)
-        L.linear_act(qkv, xb, wqkv, l, lin, qkv_passes, floats)
+        L.linear_act(qkv, xb, wqkv, l, lin, kv_rows, floats)
         ops.split_qkv(q, k, v, qkv, bqkv[l])
         ops.rope(q3, cos, sin, positions)
         ops.rope(k3, cos, sin, positions)
@@ -285,22 +286,22 @@ def forward(ids, positions, starts, slots, pattern, all_logits, w, st, n_heads, 
         prune.store_queries(q_ring, ring_pos, q3, l, positions)
         ops.store_kv(k_cache, v_cache, k3, v3, l, sl)
         A.attention(att3, q3, k_cache, v_cache, l, starts, sl, windows[l], pattern, att_scratch)
-        L.linear_act(xb, att, wo, l, lin, one, floats)
+        L.linear_act(xb, att, wo, l, lin, zero, floats)
         ops.add_(x, xb)
         ops.rmsnorm(xb, x, ffn_norm[l], eps)
-        L.linear_act(h13, xb, w13, l, lin, one, floats)
+        L.linear_act(h13, xb, w13, l, lin, zero, floats)
         ops.swiglu(hb, h13)
-        L.linear_act(xb, hb, w2, l, lin, one, floats)
+        L.linear_act(xb, hb, w2, l, lin, zero, floats)
         ops.add_(x, xb)
         S.spectral_filter_(x, spectral[0][l], spectral[1], spectral[2], spectral[3])  # no-op unless asked for
     if l1 < attention_norm.shape[0]:
         return
     if all_logits:
         ops.rmsnorm(xb, x, norm, eps)
-        L.linear_act(logits[:T], xb, output, zero, lin, one, floats)
+        L.linear_act(logits[:T], xb, output, zero, lin, zero, floats)
     else:
         ops.rmsnorm(xb[T - 1:], x[T - 1:], norm, eps)
-        L.linear_act(logits[:1], xb[T - 1:], output, zero, lin, one, floats)
+        L.linear_act(logits[:1], xb[T - 1:], output, zero, lin, zero, floats)
 
 
 def run(args: ModelArgs, w: tuple, st: tuple, ids: np.ndarray, positions: np.ndarray, starts: np.ndarray,
