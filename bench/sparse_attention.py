@@ -26,6 +26,7 @@ import argparse
 import datetime as _dt
 import math
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -37,8 +38,9 @@ from fastinfer.evaluate import Comparison, continuation, plot, prefill_seconds
 CORPUS = Path("/work/shared/corpus")
 TEXTS = [f"{CORPUS / 'persuasion.txt'}:0", f"{CORPUS / 'prideprejudice.txt'}:10000",
          f"{CORPUS / 'sensesensibility.txt'}:40000"]
-PATTERNS = [fastinfer.BlockSparse(),                              # b64 g1 w11 d1
+PATTERNS = [fastinfer.BlockSparse(),                              # b64 g1 w9 d1
             fastinfer.BlockSparse(local_blocks=7),
+            fastinfer.BlockSparse(local_blocks=11),
             fastinfer.BlockSparse(local_blocks=19),
             fastinfer.BlockSparse(dense_last=0)]                    # the pattern on every token
 N_NEXT = 256
@@ -47,6 +49,50 @@ N_NEXT = 256
 def label(b: fastinfer.BlockSparse) -> str:
     return (f"b{b.block} g{b.global_blocks} w{b.local_blocks}" + (f" s{b.stride}" if b.stride else "")
             + f" d{b.dense_last}")
+
+
+def parse_pattern(spec: str, ap: argparse.ArgumentParser) -> fastinfer.BlockSparse:
+    """"g2w8" -> BlockSparse(global_blocks=2, local_blocks=8): b, g, w, s, d as in `label`."""
+    parts = re.fullmatch(r"(?:b(\d+))?(?:g(\d+))?(?:w(\d+))?(?:s(\d+))?(?:d(\d+))?", spec.replace(" ", ""))
+    if not parts or not spec:
+        ap.error(f"--patterns: {spec!r} is not a pattern like g2w8 or b64g1w7s32d1")
+    names = ("block", "global_blocks", "local_blocks", "stride", "dense_last")
+    return fastinfer.BlockSparse(**{n: int(v) for n, v in zip(names, parts.groups()) if v is not None})
+
+
+def speed_only(model, ids, args, settings) -> None:
+    """Prefill seconds of every setting, -r repetitions alternating (the order flips each time),
+    per context; the speedup is the per-repetition dense/sparse ratio, mean ± std."""
+    lines = []
+    for ctx in args.contexts:
+        context = min(ctx, model.n_ctx) - N_NEXT if ctx + N_NEXT > model.n_ctx else ctx
+        secs = {name: [] for name, _ in settings}
+        for rep in range(args.repetitions):
+            for name, att in (settings if rep % 2 == 0 else settings[::-1]):
+                secs[name].append(prefill_seconds(model, ids, context, attention=att))
+                print(f"{context} {name}: prefill {secs[name][-1]:.2f} s", flush=True)
+        dense = np.array(secs["dense"])
+        for name, _ in settings[1:]:
+            mine = np.array(secs[name])
+            ratio = dense / mine
+            lines.append(f"| {context} | {name} | {dense.mean():.2f} ± {dense.std(ddof=1):.2f} | "
+                         f"{mine.mean():.2f} ± {mine.std(ddof=1):.2f} | {ratio.mean():.2f} ± {ratio.std(ddof=1):.2f}× | "
+                         f"{ratio.min():.2f}-{ratio.max():.2f}× |")
+            print(lines[-1], flush=True)
+    date = _dt.date.today().isoformat()
+    md = args.out / f"sparse-speed-{date}{'-' + args.tag if args.tag else ''}.md"
+    head = (f"# Block-sparse prefill speed vs dense, {date}\n\nSmolLM2-135M-Instruct Q4_1 (auto dtype), "
+            f"{args.threads} threads, {platform.machine()}, the default f16 KV cache. Prefill of the first N "
+            f"tokens of {Path(args.texts[0]).name}, {args.repetitions} repetitions, settings alternating "
+            f"(order flipped every repetition) after a warm-up; speedup = per-repetition dense/sparse "
+            f"ratio, mean ± std and range.\n\n")
+    table = ("| context | setting | prefill s (dense) | prefill s | speedup | range |\n"
+             "|---:|---|---:|---:|---:|---:|\n" + "\n".join(lines) + "\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    tmp = md.with_name(md.name + ".tmp")
+    tmp.write_text(head + table, encoding="utf-8")
+    tmp.replace(md)
+    print(f"wrote {md}")
 
 
 def main() -> None:
@@ -60,6 +106,11 @@ def main() -> None:
                     help="measure BlockSparse(local_blocks=W) for each W instead of the default set")
     ap.add_argument("--dense-last", type=int, nargs="+", default=None, metavar="N",
                     help="with --local-blocks: each W with each dense_last N (default: BlockSparse()'s)")
+    ap.add_argument("--patterns", nargs="+", default=None, metavar="SPEC",
+                    help="measure these patterns instead, each as its label's letters: g2w8, w9d1, b64g1w7s32 "
+                         "(missing parts take BlockSparse()'s values)")
+    ap.add_argument("--speed-only", action="store_true",
+                    help="time the prefills only (-r alternating repetitions on the first text), no quality")
     ap.add_argument("--tag", default="", help="suffix for the output files' names")
     ap.add_argument("--chunked", action="store_true",
                     help="feed the scored tokens in one chunk (under the pattern, but for the last dense_last) "
@@ -68,6 +119,8 @@ def main() -> None:
     patterns = PATTERNS if args.local_blocks is None else [
         fastinfer.BlockSparse(local_blocks=w, dense_last=d)
         for w in args.local_blocks for d in (args.dense_last or [fastinfer.BlockSparse().dense_last])]
+    if args.patterns:
+        patterns = [parse_pattern(spec, ap) for spec in args.patterns]
 
     model = fastinfer.load(n_ctx=8192, threads=args.threads)
     texts = []
@@ -80,6 +133,9 @@ def main() -> None:
     for _, att in settings:  # warm-up: compiled kernels load, caches fault in
         continuation(model, texts[0][1], 256, 16, attention=att)
 
+    if args.speed_only:
+        speed_only(model, texts[0][1], args, settings)
+        return
     rows, lines = [], []
     cover_note = ""
     for ctx in args.contexts:
