@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--corpus", type=Path, default=Path("../shared/corpus"), help="folder with the three books")
     ap.add_argument("--held-out", action="store_true", help="the held-out passages instead of the tuning ones")
     ap.add_argument("--context", type=int, default=7936, help="tokens prefilled before the 256 scored (default 7936)")
-    ap.add_argument("--settings", nargs="+", default=None, metavar="LABEL",
+    ap.add_argument("--settings", nargs="+", default=None, metavar="LABEL", choices=list(SETTINGS),
                     help="only these settings (labels as printed; default all)")
     args = ap.parse_args()
     settings = SETTINGS if args.settings is None else {k: SETTINGS[k] for k in args.settings}
