@@ -60,6 +60,20 @@ def parse_pattern(spec: str, ap: argparse.ArgumentParser) -> fastinfer.BlockSpar
     return fastinfer.BlockSparse(**{n: int(v) for n, v in zip(names, parts.groups()) if v is not None})
 
 
+def _sd(a: np.ndarray) -> str:
+    """" ± std" of repeated figures, nothing for one run."""
+    return f" ± {a.std(ddof=1):.2f}" if len(a) > 1 else ""
+
+
+def time_prefills(model, ids, context: int, settings, secs: dict, reps: range) -> None:
+    """Append one prefill time per setting to secs[name] for each repetition in reps, settings
+    alternating and their order flipped every other repetition."""
+    for rep in reps:
+        for name, att in (settings if rep % 2 == 0 else settings[::-1]):
+            secs[name].append(prefill_seconds(model, ids, context, attention=att))
+            print(f"{context} {name}: prefill {secs[name][-1]:.2f} s", flush=True)
+
+
 def speed_only(model, ids, args, settings) -> None:
     """Prefill seconds of every setting, -r repetitions alternating (the order flips each time),
     per context; the speedup is the per-repetition dense/sparse ratio, mean ± std."""
@@ -67,17 +81,13 @@ def speed_only(model, ids, args, settings) -> None:
     for ctx in args.contexts:
         context = min(ctx, model.n_ctx) - N_NEXT if ctx + N_NEXT > model.n_ctx else ctx
         secs = {name: [] for name, _ in settings}
-        for rep in range(args.repetitions):
-            for name, att in (settings if rep % 2 == 0 else settings[::-1]):
-                secs[name].append(prefill_seconds(model, ids, context, attention=att))
-                print(f"{context} {name}: prefill {secs[name][-1]:.2f} s", flush=True)
+        time_prefills(model, ids, context, settings, secs, range(args.repetitions))
         dense = np.array(secs["dense"])
         for name, _ in settings[1:]:
             mine = np.array(secs[name])
             ratio = dense / mine
-            lines.append(f"| {context} | {name} | {dense.mean():.2f} ± {dense.std(ddof=1):.2f} | "
-                         f"{mine.mean():.2f} ± {mine.std(ddof=1):.2f} | {ratio.mean():.2f} ± {ratio.std(ddof=1):.2f}× | "
-                         f"{ratio.min():.2f}-{ratio.max():.2f}× |")
+            lines.append(f"| {context} | {name} | {dense.mean():.2f}{_sd(dense)} | {mine.mean():.2f}{_sd(mine)} | "
+                         f"{ratio.mean():.2f}{_sd(ratio)}× | {ratio.min():.2f}-{ratio.max():.2f}× |")
             print(lines[-1], flush=True)
     date = _dt.date.today().isoformat()
     md = args.out / f"sparse-speed-{date}{'-' + args.tag if args.tag else ''}.md"
@@ -145,11 +155,7 @@ def main() -> None:
                        for _, ids in texts]
                 for name, att in settings}
         secs = {name: [runs[name][0].prefill_seconds] for name, _ in settings}
-        for rep in range(1, args.repetitions):
-            order = settings if rep % 2 == 0 else settings[::-1]  # alternate, and flip the order
-            for name, att in order:
-                secs[name].append(prefill_seconds(model, texts[0][1], context, attention=att))
-                print(f"{context} {name}: prefill {secs[name][-1]:.2f} s", flush=True)
+        time_prefills(model, texts[0][1], context, settings, secs, range(1, args.repetitions))
         dense = np.array(secs["dense"])
         d_nll = np.mean([c.nll for c in runs["dense"]])
         for name, _ in settings[1:]:
@@ -160,9 +166,8 @@ def main() -> None:
             per_text = ", ".join(f"{math.exp(b.nll - a.nll) - 1:+.1%}" for a, b in zip(runs["dense"], runs[name]))
             rows.append(Comparison(name, context, float(dense.mean()), float(mine.mean()), math.exp(d_nll),
                                    math.exp(nll), agree))
-            sd = (lambda a: f" ± {a.std(ddof=1):.2f}" if len(a) > 1 else "")  # noqa: E731  (one run: no std)
-            lines.append(f"| {context} | {name} | {dense.mean():.2f}{sd(dense)} | {mine.mean():.2f}{sd(mine)} | "
-                         f"{ratio.mean():.2f}{sd(ratio)}× | {math.exp(d_nll):.3f} | {math.exp(nll):.3f} | "
+            lines.append(f"| {context} | {name} | {dense.mean():.2f}{_sd(dense)} | {mine.mean():.2f}{_sd(mine)} | "
+                         f"{ratio.mean():.2f}{_sd(ratio)}× | {math.exp(d_nll):.3f} | {math.exp(nll):.3f} | "
                          f"{math.exp(nll - d_nll) - 1:+.1%} | {per_text} | {agree:.1%} |")
             print(lines[-1], flush=True)
         if ctx == max(args.contexts):  # a pattern covering every key: the same logits as dense
