@@ -271,19 +271,20 @@ def _dist_version(name: str) -> str | None:
         return None
 
 
-def q8_0_from(src: Path) -> Path:
-    """A Q8_0 GGUF requantized from src with llama.cpp's quantizer, cached under $FASTINFER_HOME/bench."""
+def requantized(src: Path, fmt: str) -> Path:
+    """src requantized to fmt ("Q8_0" or "Q4_0") with llama.cpp's quantizer, cached under
+    $FASTINFER_HOME/bench."""
     import llama_cpp
-    out = cache_home() / "bench" / (src.name.replace(".Q4_1.gguf", "") + ".Q8_0.gguf")
+    out = cache_home() / "bench" / (src.name.replace(".Q4_1.gguf", "") + f".{fmt}.gguf")
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{fmt}")
     params.allow_requantize = True  # the source is already 4-bit
     params.nthread = os.cpu_count() or 1
-    note(f"quantizing {src.name} -> {out} (Q8_0)")
+    note(f"quantizing {src.name} -> {out} ({fmt})")
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
     if rc != 0:
         tmp.unlink(missing_ok=True)
@@ -315,8 +316,8 @@ def build_runners(args, model_path: Path) -> tuple[list, list[str]]:
     if "llama.cpp" in args.engines and _importable(
             ("llama_cpp",), f"llama.cpp skipped: llama-cpp-python is not installed (install it with `{INSTALL_HINT}`)",
             notes):
-        for label, path in ((REF[1], None), ("Q4_1", model_path)):
-            path = path or q8_0_from(model_path)
+        for label, path in ((REF[1], "Q8_0"), ("Q4_1", model_path), ("Q4_0 (from Q4_1)", "Q4_0")):
+            path = requantized(model_path, path) if isinstance(path, str) else path
             note(f"loading llama.cpp {label}")
             runners.append(LlamaCppRunner(path, label, args.threads, args.n_prompt, args.n_gen))
     if "ctranslate2" in args.engines and _importable(
@@ -405,6 +406,9 @@ def markdown(rows, meta, args) -> str:
     lines = [f"# fastinfer side by side with other engines, {meta['date']}", "",
              f"{meta['cpu']} ({meta['cpu_simd']}), {args.threads} threads, mean ± std over {args.repetitions} repetitions "
              f"(warm-up excluded, engines alternating). {versions_line(meta)}.", "",
+             f"fastinfer's ISA tier: **{meta['isa']}**" + (f" (forced with FASTINFER_ISA; the CPU runs {meta['isa_best']})"
+                                                         if meta["isa"] != meta["isa_best"] else "")
+             + (f". llama.cpp: {meta['llama_cpp_system_info']}" if meta.get("llama_cpp_system_info") else "") + ".", "",
              f"| engine | weights | pp{p} (t/s) | tg{n} (t/s) | pp{p} vs llama.cpp Q8_0 | tg{n} vs llama.cpp Q8_0 |",
              "|---|---|---|---|---|---|"]
     for x in rows:
@@ -486,7 +490,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = rows_from(runners, times, args)
 
     now = _dt.datetime.now()
+    from fastinfer.kernels import isa
     meta = {"date": now.strftime("%Y-%m-%d"), "time": now.isoformat(timespec="seconds"), "cpu": cpu_model(), "cpu_simd": cpu_simd(),
+            "isa": isa.TIER.name, "isa_best": isa.BEST.name,
             "threads": args.threads, "n_prompt": args.n_prompt, "n_gen": args.n_gen,
             "repetitions": args.repetitions, "model": str(model_path), "fastinfer": fastinfer_source(),
             "versions": {r.engine: r.version for r in runners}, "python": platform.python_version(),

@@ -1,6 +1,7 @@
-"""The `fastinfer` command line: generate, pull, convert, bench, perplexity, eval-prune, embed."""
+"""The `fastinfer` command line: generate, pull, convert, bench, info, perplexity, eval-prune, embed."""
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activations", default="auto", choices=["auto", "f32", "int8"],
                    help="matmul inputs: f32 (exact), or int8 in blocks of 32 as llama.cpp does, so 4- and "
                         "8-bit weights multiply on integer dot products; auto = int8 for 4/8-bit Llama-family "
-                        "weights on a CPU with AVX512-VNNI, else f32 (default: auto)")
+                        "weights on x86 CPUs with AVX2 or more (see `fastinfer info`), else f32 (default: auto)")
     p.add_argument("--kv-type", default=DEFAULT_KV_TYPE, choices=list(KV_TYPES),
                    help="KV cache element type: f16 (half the memory, faster decoding at long contexts; "
                         "llama.cpp's default) or f32 (exact) (default: %(default)s)")
@@ -131,6 +132,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="tg decodes this many sequences together and reports their total tokens/s (default: 1)")
     _attention_options(b, ["dense", "sparse", "both"])
     b.add_argument("--json", action="store_true", help="end with one JSON line of the results")
+
+    i = sub.add_parser("info", help="the CPU, its ISA tier, threads and the kernel cache",
+                       description="What fastinfer runs on: the CPU, the ISA tier the kernels compile for "
+                                   "(FASTINFER_ISA forces a lower one), threads, and where compiled kernels and "
+                                   "models are cached, with their sizes.")
+    i.add_argument("--json", action="store_true", help="print one JSON object instead")
 
     e = sub.add_parser("embed", help="sentence embeddings from an encoder (FNet), as JSON",
                        description="Mean-pooled last hidden states of an encoder model (FNet), one vector per "
@@ -348,9 +355,10 @@ def cmd_bench(args) -> int:
                      "tg": {"tokens": args.n_gen, **_stats(tg[name])}})
     # the first setting's figures at the top level, as before --attention existed
     res = {"model": model.source, "dtype": args.dtype, "activations": model.activations, "threads": model.threads,
-           "batch": args.batch, **runs[0]}
+           "batch": args.batch, **_machine(), **runs[0]}
     if len(runs) == 2:
         res["sparse"] = runs[1]
+    print(f"{res['cpu']}, ISA tier {res['isa']}")
     print("| model | dtype | activations | threads | attention | test | t/s |\n|---|---|---|---|---|---|---|")
     for run in runs:
         for key in ("pp", "tg"):
@@ -364,6 +372,45 @@ def cmd_bench(args) -> int:
         print(f"prefill speedup, sparse over dense: {ratio.mean():.2f} ± {sd:.2f}×")
     if args.json:
         print(json.dumps(res))
+    return 0
+
+
+def _machine() -> dict:
+    """The CPU and the ISA tier in force, for benchmark records."""
+    from .kernels import isa
+    return {"cpu": isa.cpu_model(), "isa": isa.TIER.name}
+
+
+def _dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def cmd_info(args) -> int:
+    import numba
+
+    from . import __version__
+    from .kernels import isa, jit
+    from .paths import home
+    tier = isa.require()
+    cache_root = jit.CACHE_DIR if os.environ.get("NUMBA_CACHE_DIR") else jit.CACHE_DIR.parent
+    models = home() / "models"
+    info = {"fastinfer": __version__, **isa.describe(), "isa_needs": list(tier.needs),
+            "threads": numba.config.NUMBA_NUM_THREADS, "numba": numba.__version__,
+            "kernel_cache": str(jit.CACHE_DIR), "kernel_cache_bytes": _dir_size(jit.CACHE_DIR),
+            "kernel_caches_bytes": _dir_size(cache_root), "models": str(models), "models_bytes": _dir_size(models)}
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    forced = "" if info["isa"] == info["isa_best"] else f" (forced by FASTINFER_ISA; the CPU runs {info['isa_best']})"
+    mb = lambda n: f"{n / 2**20:.1f} MB"  # noqa: E731
+    print(f"fastinfer     {info['fastinfer']} (numba {info['numba']})\n"
+          f"CPU           {info['cpu']} (LLVM: {info['llvm_cpu']})\n"
+          f"ISA tier      {info['isa']}{forced}: {info['vector_bits']}-bit vectors, {info['dot']} dot products"
+          f"{' (needs ' + ', '.join(tier.needs) + ')' if tier.needs else ''}\n"
+          f"threads       {info['threads']} (-t to use fewer)\n"
+          f"kernel cache  {info['kernel_cache']} ({mb(info['kernel_cache_bytes'])}; "
+          f"all versions {mb(info['kernel_caches_bytes'])})\n"
+          f"models        {info['models']} ({mb(info['models_bytes'])})")
     return 0
 
 
@@ -387,7 +434,7 @@ def _bench_encoder(model, args) -> int:
         model.forward(ids) if model.args.has_head else model.hidden_states(ids)
         if rep:
             rates.append(n / (time.perf_counter() - t0))
-    res = {"model": model.source, "dtype": args.dtype, "threads": model.threads, "batch": 1,
+    res = {"model": model.source, "dtype": args.dtype, "threads": model.threads, "batch": 1, **_machine(),
            "pp": {"tokens": n, **_stats(rates)}, "tg": None}
     print(f"| model | dtype | threads | test | t/s |\n|---|---|---|---|---|")
     print(f"| {model.source} | {args.dtype} | {model.threads} | encode{n} | "
@@ -450,7 +497,7 @@ def cmd_eval_prune(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "pull": cmd_pull, "convert": cmd_convert, "bench": cmd_bench,
+COMMANDS = {"generate": cmd_generate, "pull": cmd_pull, "convert": cmd_convert, "bench": cmd_bench, "info": cmd_info,
             "perplexity": cmd_perplexity, "eval-prune": cmd_eval_prune, "embed": cmd_embed}
 
 
@@ -459,7 +506,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except BrokenPipeError:  # `fastinfer generate ... | head`: the reader left, nothing to report
-        import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:

@@ -11,8 +11,9 @@ import tokenizers
 
 from .beam import beam_search
 from .generate import GenerationOptions, TextStream, generate_batch, generate_ids
+from .kernels import isa
 from .kernels.attention import dense_pattern
-from .kernels.jit import compile_notice, set_threads
+from .kernels.jit import compile_in_child, compile_notice, set_threads
 from .models import DEFAULT_KV_TYPE, KV_TYPES, architecture
 from .sampling import SamplingParams
 from .sparse import BlockSparse, check_attention
@@ -63,12 +64,13 @@ def load(source: str | Path | None = None, dtype: str = "auto", threads: int | N
     n_ctx is the longest sequence a session holds (default: min(4096, the model's context)).
     activations "int8" quantizes every matmul input in blocks of 32 (llama.cpp's method) so that
     matmuls over 8- and 4-bit weight blocks run on integer dot products; "f32" keeps them exact;
-    "auto" is int8 for a Llama-family model with 4/8-bit block weights on a CPU with AVX512-VNNI
-    (about 2x faster there, +0.25-0.4% perplexity on SmolLM2), f32 otherwise. `Model.activations`
-    says which. kv_type "f16" (the default, as in llama.cpp) keeps the KV cache in half floats:
+    "auto" is int8 for a Llama-family model with 4/8-bit block weights on every x86 ISA tier with
+    integer dot products (AVX2 and up; see `fastinfer info`), f32 otherwise (+0.1-0.4% perplexity
+    on SmolLM2, for about 2x the speed). `Model.activations` says which. kv_type "f16" (the default, as in llama.cpp) keeps the KV cache in half floats:
     half the memory, and less to read per generated token at long contexts, for perplexity
     changes within about 0.2% on SmolLM2; "f32" is exact.
     """
+    isa.require()  # a FASTINFER_ISA this CPU cannot run is refused before anything compiles
     check_dtype(dtype)
     if activations not in ACTIVATIONS:
         raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}; got {activations!r}")
@@ -78,7 +80,7 @@ def load(source: str | Path | None = None, dtype: str = "auto", threads: int | N
     threads = set_threads(threads)
     path = default_model() if source is None else Path(source)
     ckpt = open_checkpoint(path, dtype)
-    return Model(ckpt, threads, n_ctx, activations, kv_type)
+    return Model(ckpt, threads, n_ctx, activations, kv_type, rebuild=(str(path), dtype))
 
 
 def _resolve_activations(activations: str, arch, weights) -> str:
@@ -86,14 +88,15 @@ def _resolve_activations(activations: str, arch, weights) -> str:
     if activations != "auto":
         return activations
     from .kernels.linear import Q4_0, Q4_1, Q8_0
-    from .kernels.simd import VNNI
     blocks = getattr(arch, "ACT8", False) and weights.w13.kind in (Q8_0, Q4_0, Q4_1)  # the bulk of the work
-    return "int8" if blocks and VNNI else "f32"
+    return "int8" if blocks and isa.TIER.dot != "ir" else "f32"
 
 
 class Model:
     def __init__(self, ckpt, threads: int, n_ctx: int | None = None, activations: str = "auto",
-                 kv_type: str = DEFAULT_KV_TYPE):
+                 kv_type: str = DEFAULT_KV_TYPE, rebuild: tuple[str, str] | None = None):
+        """rebuild: the (source, dtype) `load` read ckpt from; on the first run a child process loads
+        the same to compile the model graph (kernels/jit.py `compile_in_child`)."""
         ctx_limit = int(ckpt.config["max_seq_len"])
         n_ctx = min(DEFAULT_CTX, ctx_limit) if n_ctx is None else int(n_ctx)
         if not 1 <= n_ctx <= ctx_limit:
@@ -116,7 +119,12 @@ class Model:
         self._w = self.weights.args()
         self.is_encoder = getattr(self.arch, "ENCODER", False)  # FNet: forward and embed only
         kv = "" if kv_type == "f32" else f"-kv-{kv_type}"
-        with compile_notice(f"{self.args.arch}-forward-{self.activations}{kv}"):
+        floats = "-floats" if self.activations == "int8" and self.arch.has_float_matmuls(self.weights) else ""
+        with compile_notice(f"{self.args.arch}-forward-{self.activations}{floats}{kv}-{isa.TIER.name}") as first:
+            if first and rebuild is not None:
+                compile_in_child(f"import fastinfer; fastinfer.load({rebuild[0]!r}, dtype={rebuild[1]!r}, "
+                                 f"threads={threads}, n_ctx={n_ctx}, activations={self.activations!r}, "
+                                 f"kv_type={kv_type!r})")
             if self.is_encoder:
                 self.arch.run(self.args, self._w, np.zeros(2, np.int64), threads, self.args.has_head)
             else:

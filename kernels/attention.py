@@ -47,19 +47,20 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .jit import kernel
-from .simd import AVX512, bits_float, counted_loop, float_bits, kv_get
+from .isa import TIER
+from .simd import bits_float, counted_loop, float_bits, kv_get
 
 QT = 16  # query tokens per task: enough rows to reuse each key tile, enough tasks to share out
 KT = 64  # keys per tile
 SPLIT_MIN = 256  # a decode step splits its keys into pieces of at least this many (flash-decoding)
 SPLIT_MAX = 32   # pieces in all, over the kv heads
 
-# Vector width in floats, chosen for the host (Numba's disk cache is keyed on the CPU): 16 with
-# AVX-512 (32 registers), else 8 (AVX2, 16 registers). MR[nv] = left-operand rows per register
-# block with nv vectors of columns: MR[nv] * nv accumulators plus nv loads and a broadcast fit.
-VW = 16 if AVX512 else 8
+# Vector width in floats, from the ISA tier (kernels/isa.py): 16 with AVX-512 (32 registers),
+# else 8 (16 registers). MR[nv] = left-operand rows per register block with nv vectors of
+# columns: MR[nv] * nv accumulators plus nv loads and a broadcast fit.
+VW = TIER.float_lanes
 NV = 4  # at most 4 vectors of columns per block
-MR = (0, 8, 8, 8, 6) if AVX512 else (0, 8, 6, 4, 3)
+MR = (0, 8, 8, 8, 6) if TIER.registers >= 32 else (0, 8, 6, 4, 3)
 
 LOG2E = 1.4426950408889634
 EXP_LO = -100.0  # exp clamps its argument here, where 2^n has underflowed to exactly 0 (-inf -> 0)

@@ -190,18 +190,19 @@ def remove_stale_caches(root: Path, keep: Path, days: float = STALE_DAYS) -> lis
 
 @contextmanager
 def compile_notice(tag: str):
-    """Print one line while kernels compile for the first time on this machine.
+    """Print one line while kernels compile for the first time on this machine; yields whether
+    this is that first time.
 
     A marker file in the cache directory records that `tag` has been compiled once; later
     processes load the cached machine code and print nothing.
     """
     marker = CACHE_DIR / f"compiled-{tag}"
-    first = not marker.exists()
+    first = not marker.exists() and not os.environ.get(CHILD_ENV)
     t0 = time.perf_counter()
     if first:
-        print("fastinfer: compiling kernels (first run on this machine, about a minute)...",
+        print("fastinfer: compiling kernels (first run on this machine, under a minute on a desktop CPU)...",
               file=sys.stderr, flush=True)
-    yield
+    yield first
     if first:
         try:
             marker.parent.mkdir(parents=True, exist_ok=True)
@@ -212,3 +213,29 @@ def compile_notice(tag: str):
                 remove_stale_caches(CACHE_DIR.parent, CACHE_DIR)
         except OSError:
             pass
+
+
+CHILD_ENV = "FASTINFER_COMPILING"  # set in the child that compiles for its parent
+
+
+def compile_in_child(code: str) -> bool:
+    """Run `code` (Python that compiles kernels into the disk cache) in a child interpreter, so that
+    this process then loads what the cache holds, as every later process does.
+
+    A parallel kernel compiled in the process that runs it runs its loop body as compiled on its
+    own, while the cached object carries a copy optimized in the caller's context; with fastmath
+    (reassociation) the two can sum in different orders, a last bit apart (seen: the f32 decode
+    matvec on every tier, and a kernel of the 8-bit path on AVX2, where a flipped rounding tie
+    moved a tiny model's logits by up to 0.09). So the first run would compute other numbers than
+    every later one. False if the child failed (the caller then compiles in-process).
+    """
+    import subprocess
+    if os.environ.get(CHILD_ENV):
+        return False
+    env = dict(os.environ, **{CHILD_ENV: "1", "NUMBA_CACHE_DIR": str(CACHE_DIR)})
+    try:
+        done = subprocess.run([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    except OSError:
+        return False
+    return done.returncode == 0

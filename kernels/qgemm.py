@@ -8,16 +8,19 @@ Unsigned weight bytes times signed activation bytes is exactly AVX512-VNNI's vpd
 u8 x s8 products summed into each of 16 int32 lanes. The integer block sums are exact; only the
 float scaling (once per 32-element block) rounds.
 
-A thread takes NR = 32 weight rows at a time and unpacks them once into the VNNI layout
-[k/4][32 rows][4 bytes] (two zmm loads per k-quad), with the block scales as vectors
-[b][d of 32 rows, mn of 32 rows]. The register block (LLVM IR, below) then runs MR = 6 tokens x
-32 rows over the whole panel for every 6 tokens: 12 int32 accumulators per block, 12 f32
+A thread takes NR weight rows at a time (two vectors of int32 lanes: 32 rows with 512-bit
+registers, 16 with 256-bit ones) and unpacks them once into the VNNI layout
+[k/4][NR rows][4 bytes] (two vector loads per k-quad), with the block scales as vectors
+[b][d of NR rows, mn of NR rows]. The register block (LLVM IR, below) then runs MR tokens x
+NR rows over the whole panel for every MR tokens: 2 MR int32 accumulators per block, 2 MR f32
 accumulators across blocks, 2 weight vectors; the activation operand is a broadcast of 4 bytes
-of xq[t] (one i32). Per block and (token, vector): 8 vpdpbusd, then convert, scale by d xd,
-add mn xs: 4 float operations.
+of xq[t] (one i32). Per block and (token, vector): 8 dot-product steps, then convert, scale by
+d xd, add mn xs: 4 float operations. MR is 6 with 32 registers (AVX-512) and 4 with 16, where
+the float accumulators spill once per block rather than once per k-quad.
 
-On a CPU without avx512vnni the same lane sums are emitted as generic LLVM IR (widen, multiply,
-add groups of 4), chosen once at import; numba's disk cache is keyed on the CPU.
+The lane sums come from the ISA tier's dot product (kernels/isa.py, simd.dot_bytes). On the
+vpmaddubsw tiers, whose int16 pair sums would saturate on q + 128, Q8_0 panels hold the signed
+bytes with mn = 0, and the block runs them through the signed form of the dot product.
 """
 import numpy as np
 from llvmlite import ir
@@ -27,21 +30,24 @@ from numba.extending import intrinsic
 
 from .formats import Q4_0, Q4_1, Q8_0, QK
 from .jit import kernel
-from .simd import VNNI, counted_loop, dpbusd
+from .isa import TIER, Tier
+from .simd import counted_loop, dot_bytes, pair_sums, widen_pairs
 
-NR = 32   # weight rows per panel: two 16-lane int32 vectors
-MR = 6    # tokens per register block: 12 int + 12 float accumulators + 2 weights + scales
+LANES = TIER.float_lanes  # int32 lanes per vector
+NR = 2 * LANES  # weight rows per panel: two vectors
+MR = 6 if TIER.registers >= 32 else 4  # tokens per register block: 2 MR int + 2 MR float accumulators
+SIGNED_Q8 = TIER.signed_q8  # Q8_0 panels hold signed bytes (see above)
 ALIGN = 64  # bytes: panels start on a cache line
 
 
-
-def _micro_ir(mr: int, vnni: bool):
-    """Codegen for mr (1..MR) tokens x NR rows over nb blocks."""
-    nv = NR // 16
+def _micro_ir(mr: int, tier: Tier):
+    """Codegen for mr tokens x 2 * tier.float_lanes rows over nb blocks."""
+    lanes = tier.float_lanes
+    nr, nv = 2 * lanes, 2
 
     def codegen(context, builder, sig, args):
-        out_t, _, _, xq_t, xd_t, xs_t, _, panel_t, _, sc_t, _, _ = sig.args
-        out_v, o0, c0, xq_v, xd_v, xs_v, t0, panel_v, p0, sc_v, s0, nb = args
+        out_t, _, _, xq_t, xd_t, xs_t, _, panel_t, _, sc_t = sig.args[:10]
+        out_v, o0, c0, xq_v, xd_v, xs_v, t0, panel_v, p0, sc_v, s0, nb, signed = args[:13]
         out = context.make_array(out_t)(context, builder, out_v)
         xq = context.make_array(xq_t)(context, builder, xq_v)
         xd = context.make_array(xd_t)(context, builder, xd_v)
@@ -49,15 +55,15 @@ def _micro_ir(mr: int, vnni: bool):
         panel = context.make_array(panel_t)(context, builder, panel_v)
         sc = context.make_array(sc_t)(context, builder, sc_v)
         i64, i32, f32 = ir.IntType(64), ir.IntType(32), ir.FloatType()
-        ivec, fvec = ir.VectorType(i32, 16), ir.VectorType(f32, 16)
+        ivec, fvec = ir.VectorType(i32, lanes), ir.VectorType(f32, lanes)
         c = lambda v: ir.Constant(i64, v)  # noqa: E731
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(fvec, [fvec] * 3), "llvm.fma.v16f32")
-        dot = lambda acc, a, b: dpbusd(builder, acc, a, b, vnni)  # noqa: E731
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(fvec, [fvec] * 3),
+                                             f"llvm.fma.v{lanes}f32")
 
         def splat(s, vt):
             u = ir.Constant(vt, ir.Undefined)
             return builder.shuffle_vector(builder.insert_element(u, s, ir.Constant(i32, 0)), u,
-                                          ir.Constant(ir.VectorType(i32, 16), [0] * 16))
+                                          ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
 
         ldq = cgutils.unpack_tuple(builder, xq.shape, 2)[1]
         ldd = cgutils.unpack_tuple(builder, xd.shape, 2)[1]
@@ -71,25 +77,35 @@ def _micro_ir(mr: int, vnni: bool):
             srows.append(builder.gep(xs.data, [builder.mul(t, lds)]))
         pbase = builder.gep(panel.data, [p0])
         sbase = builder.gep(sc.data, [s0])
-        fzero = ir.Constant(fvec, [0.0] * 16)
-        izero = ir.Constant(ivec, [0] * 16)
+        fzero = ir.Constant(fvec, [0.0] * lanes)
 
-        def step(b, acc):
+        def step(b, acc, signed_q8):
+            # vpmaddubsw tiers on nibbles: a block's 8 k-quads of pair sums add up in int16 (at most
+            # 16 products of 15 x 127 = 30480 < 2^15), widened by one vpmaddwd per block, not 8
+            pairs = tier.dot == "pmaddubsw" and not signed_q8
+            if pairs:
+                dot = lambda acc, a, b: builder.add(acc, pair_sums(builder, a, b, tier))  # noqa: E731
+                izero = ir.Constant(ir.VectorType(ir.IntType(16), 2 * lanes), [0] * (2 * lanes))
+            else:
+                dot = lambda acc, a, b: dot_bytes(builder, acc, a, b, tier, signed_q8)  # noqa: E731
+                izero = ir.Constant(ivec, [0] * lanes)
             iacc = [[izero] * nv for _ in range(mr)]
-            wblock = builder.gep(pbase, [builder.mul(b, c(QK * NR))])  # 32 k x NR rows bytes per block
+            wblock = builder.gep(pbase, [builder.mul(b, c(QK * nr))])  # 32 k x nr rows bytes per block
             for kq in range(QK // 4):
-                w = [builder.load(builder.bitcast(builder.gep(wblock, [c(kq * 4 * NR + 64 * v)]), ivec.as_pointer()),
-                                  align=ALIGN) for v in range(nv)]
+                w = [builder.load(builder.bitcast(builder.gep(wblock, [c(kq * 4 * nr + 4 * lanes * v)]),
+                                                  ivec.as_pointer()), align=4 * lanes) for v in range(nv)]
                 for i in range(mr):
                     x4 = builder.load(builder.bitcast(builder.gep(qrows[i], [builder.add(builder.mul(b, c(QK)), c(4 * kq))]),
                                                       i32.as_pointer()), align=1)
                     xb = splat(x4, ivec)
                     for v in range(nv):
                         iacc[i][v] = dot(iacc[i][v], w[v], xb)
-            srow = builder.gep(sbase, [builder.mul(b, c(2 * NR))])  # [d of NR rows, mn of NR rows]
-            dv = [builder.load(builder.bitcast(builder.gep(srow, [c(16 * v)]), fvec.as_pointer()), align=4)
+            if pairs:
+                iacc = [[widen_pairs(builder, v, tier) for v in row] for row in iacc]
+            srow = builder.gep(sbase, [builder.mul(b, c(2 * nr))])  # [d of nr rows, mn of nr rows]
+            dv = [builder.load(builder.bitcast(builder.gep(srow, [c(lanes * v)]), fvec.as_pointer()), align=4)
                   for v in range(nv)]
-            mv = [builder.load(builder.bitcast(builder.gep(srow, [c(NR + 16 * v)]), fvec.as_pointer()), align=4)
+            mv = [builder.load(builder.bitcast(builder.gep(srow, [c(nr + lanes * v)]), fvec.as_pointer()), align=4)
                   for v in range(nv)]
             new = []
             for i in range(mr):
@@ -103,39 +119,81 @@ def _micro_ir(mr: int, vnni: bool):
                 new.append(row)
             return new
 
-        result = counted_loop(builder, nb, 1, [[fzero] * nv for _ in range(mr)], step, "qmicro")
+        def run(signed_q8):
+            return counted_loop(builder, nb, 1, [[fzero] * nv for _ in range(mr)],
+                                lambda b, acc: step(b, acc, signed_q8), "qmicro")
+
+        if tier.signed_q8:  # a signed (Q8_0) panel or an unsigned one: one loop each
+            result = [[ir.Constant(fvec, ir.Undefined)] * nv for _ in range(mr)]
+            with builder.if_else(builder.icmp_signed("!=", signed, c(0))) as (then, otherwise):
+                with then:
+                    res_s, blk_s = run(True), builder.basic_block
+                with otherwise:
+                    res_u, blk_u = run(False), builder.basic_block
+            for i in range(mr):
+                for v in range(nv):
+                    phi = builder.phi(fvec)
+                    phi.add_incoming(res_s[i][v], blk_s)
+                    phi.add_incoming(res_u[i][v], blk_u)
+                    result[i][v] = phi
+        else:
+            result = run(False)
         for i in range(mr):
             orow = builder.gep(out.data, [builder.add(builder.mul(builder.add(o0, c(i)), ldo), c0)])
             for v in range(nv):
-                builder.store(result[i][v], builder.bitcast(builder.gep(orow, [c(16 * v)]), fvec.as_pointer()),
+                builder.store(result[i][v], builder.bitcast(builder.gep(orow, [c(lanes * v)]), fvec.as_pointer()),
                               align=4)
         return context.get_dummy_value()
     return codegen
 
 
-def make_micro(mr: int, vnni: bool = VNNI):
+def _micro_sig(out, o0, c0, xq, xd, xs, t0, panel, p0, sc, s0, nb, signed, *rest):
+    """The register block's Numba signature, or None for arguments of other types."""
+    def arr(a, dt, nd):
+        return isinstance(a, types.Array) and a.ndim == nd and a.dtype == dt and a.layout == "C"
+    ok = (arr(out, types.float32, 2) and arr(xq, types.int8, 2) and arr(xd, types.float32, 2)
+          and arr(xs, types.float32, 2) and arr(panel, types.uint8, 1) and arr(sc, types.float32, 1)
+          and all(isinstance(v, types.Integer) for v in (o0, c0, t0, p0, s0, nb, signed, *rest)))
+    if not ok:
+        return None
+    i64 = types.int64
+    return types.void(out, i64, i64, xq, xd, xs, i64, panel, i64, sc, i64, i64, i64, *[i64] * len(rest))
+
+
+def make_micro(mr: int, tier: Tier = TIER):
     """The register block for mr tokens as a Numba intrinsic:
 
-    micro(out, o0, c0, xq, xd, xs, t0, panel, p0, sc, s0, nb) sets out[o0 + i, c0 + j] for
-    i < mr, j < NR from tokens t0 + i of xq/xd/xs, the panel bytes from p0 (ALIGN-aligned) and
-    the scale vectors from sc[s0]. (vnni=False: the generic IR, for tests on any CPU.)
+    micro(out, o0, c0, xq, xd, xs, t0, panel, p0, sc, s0, nb, signed) sets out[o0 + i, c0 + j] for
+    i < mr, j < 2 tier.float_lanes from tokens t0 + i of xq/xd/xs, the panel bytes from p0
+    (ALIGN-aligned) and the scale vectors from sc[s0]; signed != 0 for a signed Q8_0 panel
+    (tier.signed_q8). Tests make other tiers' blocks to run them on the same CPU.
     """
     @intrinsic
-    def micro(typingctx, out, o0, c0, xq, xd, xs, t0, panel, p0, sc, s0, nb):
-        def arr(a, dt, nd):
-            return isinstance(a, types.Array) and a.ndim == nd and a.dtype == dt and a.layout == "C"
-        ok = (arr(out, types.float32, 2) and arr(xq, types.int8, 2) and arr(xd, types.float32, 2)
-              and arr(xs, types.float32, 2) and arr(panel, types.uint8, 1) and arr(sc, types.float32, 1)
-              and all(isinstance(v, types.Integer) for v in (o0, c0, t0, p0, s0, nb)))
-        if not ok:
-            return None
-        i64 = types.int64
-        sig = types.void(out, i64, i64, xq, xd, xs, i64, panel, i64, sc, i64, i64)
-        return sig, _micro_ir(mr, vnni)
+    def micro(typingctx, out, o0, c0, xq, xd, xs, t0, panel, p0, sc, s0, nb, signed):
+        sig = _micro_sig(out, o0, c0, xq, xd, xs, t0, panel, p0, sc, s0, nb, signed)
+        return None if sig is None else (sig, _micro_ir(mr, tier))
     return micro
 
 
-_micro1, _micro2, _micro3, _micro4, _micro5, _micro6 = (make_micro(m) for m in range(1, MR + 1))
+@intrinsic
+def _micro_mr(typingctx, out, o0, c0, xq, xd, xs, t0, panel, p0, sc, s0, nb, signed, mr):
+    """The register blocks for 1..MR tokens in one function: micro's arguments, then mr."""
+    sig = _micro_sig(out, o0, c0, xq, xd, xs, t0, panel, p0, sc, s0, nb, signed, mr)
+    if sig is None:
+        return None
+
+    def codegen(context, builder, sig_, args):
+        done = builder.append_basic_block("qmicro.exit")
+        by_mr = builder.switch(args[-1], done)
+        for m in range(1, MR + 1):
+            blk = builder.append_basic_block(f"qmicro.mr{m}")
+            by_mr.add_case(ir.Constant(ir.IntType(64), m), blk)
+            builder.position_at_end(blk)
+            _micro_ir(m, TIER)(context, builder, sig_, args[:-1])
+            builder.branch(done)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+    return sig, codegen
 
 
 @intrinsic
@@ -154,30 +212,20 @@ def _misalign(typingctx, a):
 
 
 @kernel
-def _micro(out, o0, c0, xq, xd, xs, t0, panel, sc, nb, mr):
-    if mr == 6:
-        _micro6(out, o0, c0, xq, xd, xs, t0, panel, 0, sc, 0, nb)
-    elif mr == 5:
-        _micro5(out, o0, c0, xq, xd, xs, t0, panel, 0, sc, 0, nb)
-    elif mr == 4:
-        _micro4(out, o0, c0, xq, xd, xs, t0, panel, 0, sc, 0, nb)
-    elif mr == 3:
-        _micro3(out, o0, c0, xq, xd, xs, t0, panel, 0, sc, 0, nb)
-    elif mr == 2:
-        _micro2(out, o0, c0, xq, xd, xs, t0, panel, 0, sc, 0, nb)
-    else:
-        _micro1(out, o0, c0, xq, xd, xs, t0, panel, 0, sc, 0, nb)
+def _micro(out, o0, c0, xq, xd, xs, t0, panel, sc, nb, signed, mr):
+    _micro_mr(out, o0, c0, xq, xd, xs, t0, panel, 0, sc, 0, nb, signed, mr)
 
 
 @kernel
-def pack_panel(panel, sc, w, l, r0, nr):
-    """Rows r0 .. r0 + nr (nr <= NR) of W[l] -> the VNNI panel and its scale vectors.
+def pack_panel(panel, sc, w, l, r0, nr, NRp, signed_q8):
+    """Rows r0 .. r0 + nr (nr <= NRp) of W[l] -> the VNNI panel of NRp rows and its scale vectors.
 
-    panel uint8 (n * NR,): [k/4][NR rows][4 bytes] of unsigned weights u (rows past nr are 0);
-    sc f32 (n // 32 * 2 * NR,): [b][d of NR rows, mn of NR rows].
+    panel uint8 (n * NRp,): [k/4][NRp rows][4 bytes] of the weights as the dot product takes them:
+    unsigned nibbles, Q8_0 bytes + 128 or (signed_q8) as they are; rows past nr are 0.
+    sc f32 (n // 32 * 2 * NRp,): [b][d of NRp rows, mn of NRp rows].
     """
     kind, q, s, m, f = w
-    nb = sc.shape[0] // (2 * NR)
+    nb = sc.shape[0] // (2 * NRp)
     n = nb * QK
     p4 = panel.view(np.uint32)
     q4 = q.view(np.uint32)  # (L, rows, row_bytes // 4)
@@ -187,18 +235,20 @@ def pack_panel(panel, sc, w, l, r0, nr):
     # with no byte shuffles. Rows go outer: each row is read in order (measured faster than rows
     # inner for n = 576; about even at 1536, where the 48 KB panel fills L1).
     if kind == Q8_0:
+        flip = np.uint32(0) if signed_q8 else np.uint32(0x80808080)
         for j in range(nr):
             for k in range(n // 4):
-                p4[k * NR + j] = q4[l, r0 + j, k] ^ np.uint32(0x80808080)
+                p4[k * NRp + j] = q4[l, r0 + j, k] ^ flip
     else:
         for j in range(nr):
             for i in range(n // 8):
                 k = (i >> 2) * 8 + (i & 3)  # the low nibbles' k-quad; the high ones' is k + 4
                 v = q4[l, r0 + j, i]
-                p4[k * NR + j] = v & np.uint32(0x0F0F0F0F)
-                p4[(k + 4) * NR + j] = (v >> np.uint32(4)) & np.uint32(0x0F0F0F0F)
+                p4[k * NRp + j] = v & np.uint32(0x0F0F0F0F)
+                p4[(k + 4) * NRp + j] = (v >> np.uint32(4)) & np.uint32(0x0F0F0F0F)
+    q8_mn = np.float32(0.0) if signed_q8 else np.float32(-128.0)
     for b in range(nb):
-        for j in range(NR):
+        for j in range(NRp):
             d = np.float32(0.0)
             mn = np.float32(0.0)
             if j < nr:
@@ -208,9 +258,9 @@ def pack_panel(panel, sc, w, l, r0, nr):
                 elif kind == Q4_0:
                     mn = np.float32(-8.0) * d
                 else:
-                    mn = np.float32(-128.0) * d
-            sc[b * 2 * NR + j] = d
-            sc[b * 2 * NR + NR + j] = mn
+                    mn = q8_mn * d
+            sc[b * 2 * NRp + j] = d
+            sc[b * 2 * NRp + NRp + j] = mn
 
 
 @kernel(parallel=True)
@@ -234,13 +284,14 @@ def linear_a8_tiles(out, xq, xd, xs, w, l, r_lo, scratch):
         edge = buf[e0:e0 + MR * NR].reshape((MR, NR))
         r0 = task * NR
         nr = min(rows, r0 + NR) - r0
-        pack_panel(panel, sc, w, l, r_lo + r0, nr)
+        pack_panel(panel, sc, w, l, r_lo + r0, nr, NR, SIGNED_Q8)
+        signed = 1 if SIGNED_Q8 and w[0] == Q8_0 else 0
         for t in range(0, T, MR):  # the panel stays in cache while every token passes
             mr = min(MR, T - t)
             if nr == NR:
-                _micro(out, t, r0, xq, xd, xs, t, panel, sc, nb, mr)
+                _micro(out, t, r0, xq, xd, xs, t, panel, sc, nb, signed, mr)
             else:
-                _micro(edge, 0, 0, xq, xd, xs, t, panel, sc, nb, mr)
+                _micro(edge, 0, 0, xq, xd, xs, t, panel, sc, nb, signed, mr)
                 for i in range(mr):
                     for j in range(nr):
                         out[t + i, r0 + j] = edge[i, j]

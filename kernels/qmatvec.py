@@ -20,8 +20,11 @@ term accumulates in a 2-float vector alongside; an odd last block runs the same 
 zero-filled upper half. At T <= 2 two rows go together (ROWS_AT_ONCE). Every stretch prefetches
 the weight bytes PREFETCH ahead.
 
-On a CPU without AVX512-VNNI the same int32 lane sums come from plain widening multiplies (chosen at
-import; Numba's disk cache is keyed on the CPU, so the choice is safe to cache).
+The int32 lane sums come from the ISA tier's dot product (kernels/isa.py, simd.dot_bytes): one
+vpdpbusd, two 256-bit {vex} vpdpbusd (AVX-VNNI), vpmaddubsw + vpmaddwd per register (AVX2 and
+AVX-512 without VNNI; there Q8_0 bytes enter signed, as |q| against xq sign(q), with mn = 0,
+since vpmaddubsw's int16 pair sums would saturate on q + 128), or plain widening multiplies.
+The 64-byte stretches stay the unit on 256-bit tiers: LLVM splits each into two registers.
 """
 from llvmlite import ir
 from numba import prange, types
@@ -30,7 +33,8 @@ from numba.extending import intrinsic
 
 from .formats import Q4_0, Q4_1, Q8_0, QK
 from .jit import kernel
-from .simd import VNNI, dpbusd
+from .isa import TIER, Tier
+from .simd import dot_bytes
 
 MAX_T = 8  # tokens per call
 PASS_T = 4  # tokens per pass over the weights: one specialised row loop per count 1..PASS_T and
@@ -126,7 +130,7 @@ def _hsum(builder, v):
     return builder.extract_element(v, _c(_i32, 0))
 
 
-def _rows_ir(vnni: bool):
+def _rows_ir(tier: Tier):
     """Codegen: rows r0..r1 of W[l] times all T tokens (T = xq.shape[0], 1..PASS_T)."""
     def codegen(context, builder, sig, args):
         arrs = [context.make_array(ty)(context, builder, v) for ty, v in zip(sig.args[:7], args[:7])]
@@ -158,7 +162,8 @@ def _rows_ir(vnni: bool):
             return builder.and_(builder.bitcast(w, _v64i8), low4)
 
         def body_for(T_, kd, R):
-            mn_const = {Q4_0: -8.0, Q8_0: -128.0}.get(kd)
+            signed = kd == Q8_0 and tier.signed_q8  # 8-bit weights enter signed: no +128 to undo
+            mn_const = {Q4_0: -8.0, Q8_0: 0.0 if signed else -128.0}.get(kd)
             xq_rows = [builder.gep(xq.data, [builder.mul(_c(_i64, t), n)]) for t in range(T_)]
             xd_rows = [builder.gep(xd.data, [builder.mul(_c(_i64, t), nb)]) for t in range(T_)]
             xs_rows = [builder.gep(xs.data, [builder.mul(_c(_i64, t), nb)]) for t in range(T_)]
@@ -184,7 +189,8 @@ def _rows_ir(vnni: bool):
                             xs_ = builder.load(builder.gep(xs_rows[t], [b]))
                         for i in range(R):
                             k = (i * T_ + t) * 2
-                            dp = builder.sitofp(dpbusd(builder, _c(_v16i32, [0] * 16), us[i], xv, vnni), _v16f32)
+                            dp = builder.sitofp(dot_bytes(builder, _c(_v16i32, [0] * 16), us[i], xv, tier, signed),
+                                                _v16f32)
                             sd = builder.fmul(s2s[i], xd_, flags=STRICT)
                             if width == 2:
                                 sc = builder.shuffle_vector(sd, sd, _mask(lo_hi))
@@ -207,7 +213,7 @@ def _rows_ir(vnni: bool):
                                                     _c(_i32, 0), _c(_i32, 3), _c(_i32, 1)])
                         if kd == Q8_0:
                             v = _load(builder, qp, _v64i8)
-                            us.append(builder.xor(v, flip))
+                            us.append(v if signed else builder.xor(v, flip))
                         else:
                             v = _load(builder, qp, _v32i8)
                             us.append(unpack_q4(builder.shuffle_vector(v, v, q4_lanes)))
@@ -224,7 +230,8 @@ def _rows_ir(vnni: bool):
                     for i in range(R):
                         if kd == Q8_0:
                             v = _load(builder, builder.gep(qrow[i], [builder.mul(b, _c(_i64, QK))]), _v32i8)
-                            us.append(builder.xor(builder.shuffle_vector(v, _c(_v32i8, [0] * 32), half), flip))
+                            v = builder.shuffle_vector(v, _c(_v32i8, [0] * 32), half)
+                            us.append(v if signed else builder.xor(v, flip))
                         else:
                             v = _load(builder, builder.gep(qrow[i], [builder.mul(b, _c(_i64, QK // 2))]), _v16i8)
                             z = _c(_v16i8, [0] * 16)
@@ -272,7 +279,7 @@ def _rows_ir(vnni: bool):
     return codegen
 
 
-def _make_rows(vnni: bool):
+def make_rows(tier: Tier):
     @intrinsic
     def rows(typingctx, out, xq, xd, xs, q, s, m, l, r0, r1, kind):
         def arr(a, dtype, ndim):
@@ -283,12 +290,11 @@ def _make_rows(vnni: bool):
         if not ok:
             return None
         i64 = types.int64
-        return types.void(out, xq, xd, xs, q, s, m, i64, i64, i64, i64), _rows_ir(vnni)
+        return types.void(out, xq, xd, xs, q, s, m, i64, i64, i64, i64), _rows_ir(tier)
     return rows
 
 
-_rows = _make_rows(VNNI)
-_rows_generic = _make_rows(False)  # the non-VNNI codegen, for the tests on a VNNI machine
+_rows = make_rows(TIER)  # the tier's row loop; tests make the others' (make_rows(isa.by_name(...)))
 
 
 @kernel(parallel=True)

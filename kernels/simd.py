@@ -1,20 +1,21 @@
-"""What the CPU's vector units offer, and the LLVM IR pieces the hand-written kernels share.
-
-Read once at import; Numba's disk cache is keyed on the CPU, so code chosen from these flags is
-safe to cache."""
-import llvmlite.binding as llvm
+"""The LLVM IR pieces the hand-written kernels share, in the instructions of the ISA tier
+(kernels/isa.py). Numba's disk cache is keyed on the target's features, which the tier follows,
+so code chosen from the tier is safe to cache."""
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-_FEATURES = llvm.get_host_cpu_features()
-AVX512 = bool(_FEATURES.get("avx512f", False))
-VNNI = bool(_FEATURES.get("avx512vnni", False))
+from .isa import TIER, Tier
 
-_I32X16 = ir.VectorType(ir.IntType(32), 16)
-_I8X64 = ir.VectorType(ir.IntType(8), 64)
-_I32X64 = ir.VectorType(ir.IntType(32), 64)
+_i8, _i16, _i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+
+# The u8 x s8 dot-product intrinsics by register width in bytes: (vpdpbusd, vpmaddubsw, vpmaddwd)
+_DOT_INTRINSICS = {
+    64: ("llvm.x86.avx512.vpdpbusd.512", "llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512"),
+    32: ("llvm.x86.avx512.vpdpbusd.256", "llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"),
+    16: ("llvm.x86.avx512.vpdpbusd.128", "llvm.x86.ssse3.pmadd.ub.sw.128", "llvm.x86.sse2.pmadd.wd"),
+}
 
 
 @intrinsic
@@ -40,20 +41,81 @@ def bits_float(typingctx, i):
     return types.float32(i), codegen
 
 
-def dpbusd(builder, acc, u, x, vnni: bool):
-    """acc <16 x i32> + the four products u[4i+k] x[4i+k] (u unsigned, x signed bytes) per lane i.
+def _lanes(builder, v, start, count):
+    """Elements start .. start + count of vector v (a register-aligned part: free)."""
+    if start == 0 and count == v.type.count:
+        return v
+    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_i32, count), list(range(start, start + count))))
 
-    u and x are any 512-bit vectors, read as 64 bytes. With vnni this is AVX512-VNNI's vpdpbusd;
-    without, the same integer sums from widening multiplies in plain IR."""
-    if vnni:
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I32X16, [_I32X16] * 3),
-                                            "llvm.x86.avx512.vpdpbusd.512")
-        return builder.call(fn, [acc, builder.bitcast(u, _I32X16), builder.bitcast(x, _I32X16)])
-    p = builder.mul(builder.zext(builder.bitcast(u, _I8X64), _I32X64),
-                    builder.sext(builder.bitcast(x, _I8X64), _I32X64))
-    for k in range(4):
-        acc = builder.add(acc, builder.shuffle_vector(p, p, ir.Constant(_I32X16, list(range(k, 64, 4)))))
-    return acc
+
+def _concat(builder, parts):
+    """One vector of the parts, in order (all the same type)."""
+    while len(parts) > 1:
+        n = parts[0].type.count
+        parts = [builder.shuffle_vector(parts[i], parts[i + 1], ir.Constant(ir.VectorType(_i32, 2 * n), list(range(2 * n))))
+                 for i in range(0, len(parts), 2)]
+    return parts[0]
+
+
+def dot_bytes(builder, acc, u, x, tier: Tier = TIER, signed: bool = False):
+    """acc <n x i32> + sum_k u[4i+k] x[4i+k] in lane i (x signed bytes; u unsigned, or signed with
+    signed=True). u and x are any vectors of 4n bytes.
+
+    The tier's instruction, register by register: vpdpbusd (VNNI tiers), vpmaddubsw + vpmaddwd
+    (AVX2, AVX-512), or widening multiplies in plain IR (generic). vpmaddubsw saturates at 2^15,
+    so there unsigned u must stay below 129 and 8-bit weights come signed (isa.Tier.signed_q8):
+    |u| against x negated where u < 0."""
+    n = acc.type.count
+    v8 = ir.VectorType(_i8, 4 * n)
+    u, x = builder.bitcast(u, v8), builder.bitcast(x, v8)
+    if signed:
+        if tier.dot != "pmaddubsw":
+            raise ValueError(f"signed 8-bit weights are for the vpmaddubsw tiers, not {tier.name}")
+        neg = builder.icmp_signed("<", u, ir.Constant(v8, [0] * (4 * n)))
+        zero = ir.Constant(v8, [0] * (4 * n))
+        x = builder.select(neg, builder.sub(zero, x), x)
+        u = builder.select(neg, builder.sub(zero, u), u)  # -(-128) wraps to 0x80: 128 unsigned
+    if tier.dot == "ir":
+        v32 = ir.VectorType(_i32, 4 * n)
+        p = builder.mul(builder.zext(u, v32), builder.sext(x, v32))
+        for k in range(4):
+            acc = builder.add(acc, builder.shuffle_vector(p, p, ir.Constant(ir.VectorType(_i32, n), list(range(k, 4 * n, 4)))))
+        return acc
+    if tier.dot == "pmaddubsw":
+        return builder.add(acc, widen_pairs(builder, pair_sums(builder, u, x, tier), tier))
+    width = min(tier.vector_bits // 8, 4 * n)  # bytes per instruction
+    vi32 = ir.VectorType(_i32, width // 4)
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi32, [vi32] * 3), _DOT_INTRINSICS[width][0])
+    parts = []
+    for c in range(4 * n // width):
+        uc, xc = _lanes(builder, u, c * width, width), _lanes(builder, x, c * width, width)
+        ac = _lanes(builder, acc, c * width // 4, width // 4)
+        parts.append(builder.call(fn, [ac, builder.bitcast(uc, vi32), builder.bitcast(xc, vi32)]))
+    return _concat(builder, parts)
+
+
+def pair_sums(builder, u, x, tier: Tier = TIER):
+    """vpmaddubsw: <2m x i16> lane j = u[2j] x[2j] + u[2j+1] x[2j+1] (u unsigned, x signed bytes,
+    any vectors of 4m bytes), saturating at +-2^15. For a vpmaddubsw tier only."""
+    nbytes = u.type.count * u.type.element.width // 8
+    v8 = ir.VectorType(_i8, nbytes)
+    u, x = builder.bitcast(u, v8), builder.bitcast(x, v8)
+    width = min(tier.vector_bits // 8, nbytes)
+    vi8, vi16 = ir.VectorType(_i8, width), ir.VectorType(_i16, width // 2)
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi16, [vi8, vi8]), _DOT_INTRINSICS[width][1])
+    return _concat(builder, [builder.call(fn, [_lanes(builder, u, c, width), _lanes(builder, x, c, width)])
+                             for c in range(0, nbytes, width)])
+
+
+def widen_pairs(builder, p, tier: Tier = TIER):
+    """vpmaddwd with ones: <2m x i16> -> <m x i32>, lane i = p[2i] + p[2i+1]."""
+    m2 = p.type.count
+    width = min(tier.vector_bits // 16, m2)  # i16 lanes per instruction
+    vi16, vi32 = ir.VectorType(_i16, width), ir.VectorType(_i32, width // 2)
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi32, [vi16, vi16]),
+                                        _DOT_INTRINSICS[2 * width][2])
+    ones = ir.Constant(vi16, [1] * width)
+    return _concat(builder, [builder.call(fn, [_lanes(builder, p, c, width), ones]) for c in range(0, m2, width)])
 
 
 # The KV cache holds float32, or IEEE half floats as their uint16 bits (Numba has no float16 on

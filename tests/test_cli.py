@@ -23,7 +23,9 @@ def test_bench_json_line(tiny):
     r = _cli("bench", "-m", str(tiny), "-p", "16", "-n", "4", "-r", "2", "--threads", "1", "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    assert set(res) == {"model", "dtype", "activations", "threads", "batch", "attention", "pp", "tg"}
+    assert set(res) == {"model", "dtype", "activations", "threads", "batch", "cpu", "isa", "attention", "pp", "tg"}
+    from fastinfer.kernels import isa
+    assert res["isa"] == isa.TIER.name and res["cpu"] == isa.cpu_model()
     assert res["threads"] == 1 and res["dtype"] == "auto" and res["attention"] == "dense"
     assert res["pp"]["tokens"] == 16 and res["tg"]["tokens"] == 4
     assert res["pp"]["mean"] > 0 and res["tg"]["std"] >= 0

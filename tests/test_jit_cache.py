@@ -34,20 +34,24 @@ _LOGITS = """
 import sys
 import numpy as np
 import fastinfer
-m = fastinfer.load(sys.argv[1], activations="int8")
-s = m.session()
-steps = [s.prefill([5, 17, 42, 3])] + [s.decode_step(t).copy() for t in (250, 99, 7)]
-np.save(sys.argv[2], np.concatenate([m.forward([5, 17, 42, 3, 250, 99, 7]), np.array(steps)]))
+out = []
+for act in ("int8", "f32"):
+    m = fastinfer.load(sys.argv[1], activations=act)
+    s = m.session()
+    steps = [s.prefill([5, 17, 42, 3])] + [s.decode_step(t).copy() for t in (250, 99, 7)]
+    out += [m.forward([5, 17, 42, 3, 250, 99, 7]), np.array(steps)]
+np.save(sys.argv[2], np.concatenate(out))
 """
 
 
 def test_first_process_runs_what_the_cache_holds(tmp_path):
     """The process that compiles the model graph computes exactly what later processes, which load
     it from the disk cache, compute: bit for bit, with 8-bit activations (which turn the smallest
-    rounding difference into visible ones). When the decode matvec's hand-written float
-    instructions took Numba's fastmath flags, its prange body compiled on its own (what the
-    compiling process runs) and its copy in the cached object summed rows in different orders,
-    and a tiny Q4_1 model's logits differed by 0.03-0.07 (kernels/qmatvec.py STRICT)."""
+    rounding difference into visible ones) and f32 ones. A parallel kernel's loop body compiled on
+    its own (what a compiling process runs) and its copy in the cached object can sum in different
+    orders under fastmath: the f32 decode matvec did on every tier, and on AVX2 a tiny Q4_1 model's
+    8-bit logits moved by up to 0.09. So the first run compiles in a child process and then loads
+    the cache (kernels/jit.py compile_in_child)."""
     import subprocess
     import sys
 

@@ -1,7 +1,7 @@
 """The int8-activation prefill matmul (kernels/qgemm.py) against a float64 NumPy twin of its
 formula, on every weight kind, odd token counts, tail rows and stacked weights; against the f32
-matmul of the dequantized weights (the error the activation quantization costs); and the generic
-LLVM IR a CPU without AVX512-VNNI gets.
+matmul of the dequantized weights (the error the activation quantization costs); and the register
+block in every ISA tier's instructions that the CPU can run.
 
 Twin and weights are built here from the format definitions (kernels/linear.py's docstring),
 not from the kernel: Q4_0/Q4_1 byte j of block b holds element 32b+j (low nibble) and 32b+j+16
@@ -11,6 +11,7 @@ import numba
 import numpy as np
 import pytest
 
+from fastinfer.kernels import isa
 from fastinfer.kernels import qgemm as Q
 
 KINDS = {"Q8_0": 3, "Q4_0": 4, "Q4_1": 5}
@@ -147,32 +148,41 @@ def test_approximates_f32_matmul(kind):
     assert np.abs(out - ref).max() < 0.05 * np.abs(ref).max()
 
 
-@pytest.mark.parametrize("vnni", [False, True])
-def test_register_block_ir(vnni):
-    """The register block alone, with the generic IR (what a CPU without AVX512-VNNI runs) and,
-    where the CPU has it, vpdpbusd; on a panel packed by pack_panel with 19 rows of 32."""
-    if vnni and not Q.VNNI:
-        pytest.skip("CPU without avx512vnni")
-    mr, T, n, nr = 3, 6, 96, 19
-    block = Q.make_micro(mr, vnni=vnni)
+@pytest.mark.parametrize("tier", isa.TIERS, ids=isa.TIER_NAMES)
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_register_block_every_tier(tier, kind):
+    """The register block alone in each ISA tier's instructions (vpdpbusd 512 / 256, vpmaddubsw
+    with Q8_0 panels signed, plain IR), where this CPU can run them; on a panel packed by
+    pack_panel with 19 of 32 rows (11 of 16 on 256-bit tiers), 3 tokens from the third on, 3 blocks, written
+    into the middle of a larger output."""
+    lacks = isa.missing(tier)
+    if lacks:
+        pytest.skip(f"{tier.name}: the CPU lacks {', '.join(lacks)}")
+    NR = 2 * tier.float_lanes
+    mr, T, n, nr = 3, 6, 96, NR - 13 if NR == 32 else NR - 5
+    block = Q.make_micro(mr, tier)
+    signed = int(tier.signed_q8 and kind == "Q8_0")
 
-    @numba.njit  # not cached: compiled here with the chosen IR
+    @numba.njit(cache=False)  # compiled here with the tier's IR
     def call(out, xq, xd, xs, panel, sc, nb):
-        block(out, 1, 4, xq, xd, xs, 2, panel, 0, sc, 0, nb)
+        block(out, 1, 4, xq, xd, xs, 2, panel, 0, sc, 0, nb, signed)
 
     rng = np.random.default_rng(3)
-    w = random_weight("Q4_1", 1, nr, n, rng)
-    raw = np.zeros(Q.NR * n + Q.ALIGN, np.uint8)
+    w = random_weight(kind, 1, nr, n, rng)
+    w[1][0, 0, :4] = [0x80, 0x7F, 0x80, 0x81]  # extreme Q8_0 bytes (-128, 127, ...)
+    raw = np.zeros(NR * n + Q.ALIGN, np.uint8)
     start = -raw.ctypes.data % Q.ALIGN
-    panel = raw[start:start + Q.NR * n]  # the block loads the panel with aligned vector loads
-    sc = np.zeros(n // 32 * 2 * Q.NR, np.float32)
-    Q.pack_panel(panel, sc, w, 0, 0, nr)
+    panel = raw[start:start + NR * n]  # the block loads the panel with aligned vector loads
+    sc = np.zeros(n // 32 * 2 * NR, np.float32)
+    Q.pack_panel(panel, sc, w, 0, 0, nr, NR, tier.signed_q8)
     xq, xd, xs = quantize_activations(rng.standard_normal((T, n)).astype(np.float32))
+    xq[2, :4] = [-127, -127, 127, -127]
+    xd[2], xs[2] = xd[2], (xd[2] * xq[2].reshape(-1, 32).astype(np.float32).sum(axis=1)).astype(np.float32)
     out = np.full((5, 40), 7.0, np.float32)
     call(out, xq, xd, xs, panel, sc, n // 32)
     want, scale = twin(xq[2:2 + mr], xd[2:2 + mr], xs[2:2 + mr], w, 0)
     expect = np.full((5, 40), 7.0)
-    expect[1:1 + mr, 4:4 + Q.NR] = 0.0  # the panel's padding rows give 0
+    expect[1:1 + mr, 4:4 + NR] = 0.0  # the panel's padding rows give 0
     expect[1:1 + mr, 4:4 + nr] = want
     yard = np.zeros((5, 40))
     yard[1:1 + mr, 4:4 + nr] = scale
@@ -183,3 +193,37 @@ def test_scratch_size_covers_alignment():
     # panel (NR n bytes) + scales (2 NR nb floats) + edge tile (MR NR) + up to ALIGN bytes skipped
     n = 576
     assert Q.scratch_size(n) * 4 >= Q.NR * n + 2 * Q.NR * (n // 32) * 4 + Q.MR * Q.NR * 4 + Q.ALIGN - 4
+
+
+@pytest.mark.parametrize("tier", isa.TIERS, ids=isa.TIER_NAMES)
+def test_register_block_at_the_extremes(tier):
+    """The largest block sums each tier must hold: nibbles all 15 (and Q8_0 bytes all -128 or 127)
+    against activations all +-127. On the vpmaddubsw tiers a block's nibble pair sums add up in
+    int16 to 16 x 15 x 127 = 30480 per lane before widening: no saturation allowed."""
+    lacks = isa.missing(tier)
+    if lacks:
+        pytest.skip(f"{tier.name}: the CPU lacks {', '.join(lacks)}")
+    NR, n, mr = 2 * tier.float_lanes, 64, 2
+    block = Q.make_micro(mr, tier)
+    for kind, byte in (("Q4_0", 0xFF), ("Q4_1", 0xFF), ("Q8_0", 0x80), ("Q8_0", 0x7F)):
+        signed = int(tier.signed_q8 and kind == "Q8_0")
+
+        @numba.njit(cache=False)
+        def call(out, xq, xd, xs, panel, sc, nb):
+            block(out, 0, 0, xq, xd, xs, 0, panel, 0, sc, 0, nb, signed)
+
+        w = random_weight(kind, 1, NR, n, np.random.default_rng(0))
+        w[1][:] = byte
+        raw = np.zeros(NR * n + Q.ALIGN, np.uint8)
+        start = -raw.ctypes.data % Q.ALIGN
+        panel = raw[start:start + NR * n]
+        sc = np.zeros(n // 32 * 2 * NR, np.float32)
+        Q.pack_panel(panel, sc, w, 0, 0, NR, NR, tier.signed_q8)
+        xq = np.full((mr, n), 127, np.int8)
+        xq[1] = -127
+        xd = np.full((mr, n // 32), 0.01, np.float32)
+        xs = (xd * xq.reshape(mr, -1, 32).astype(np.float32).sum(axis=2)).astype(np.float32)
+        out = np.zeros((mr, NR), np.float32)
+        call(out, xq, xd, xs, panel, sc, n // 32)
+        want, scale = twin(xq, xd, xs, w, 0)
+        check_against_twin(out, want, scale, n // 32)

@@ -5,6 +5,7 @@ import numba
 import numpy as np
 import pytest
 
+from fastinfer.kernels import isa
 from fastinfer.kernels import qmatvec as Q
 from fastinfer.kernels.linear import Q4_0, Q4_1, Q8_0
 
@@ -112,25 +113,68 @@ def test_every_token_count_and_layer(kind):
             check(out, xq, xd, xs, w, l)
 
 
-@numba.njit(cache=False)
-def _generic_rows(out, xq, xd, xs, w, l):
-    kind, q, s, m, f = w
-    for t0 in range(0, xq.shape[0], Q.PASS_T):  # the row loop takes PASS_T tokens a pass
-        t1 = min(xq.shape[0], t0 + Q.PASS_T)
-        Q._rows_generic(out[t0:t1], xq[t0:t1], xd[t0:t1], xs[t0:t1], q, s, m, l, 0, out.shape[1], kind)
+_TIER_ROWS = {}
 
 
+def tier_rows(tier):
+    """linear_a8_rows' row loop in another ISA tier's instructions, compiled here (not cached)."""
+    if tier.name not in _TIER_ROWS:
+        block = Q.make_rows(tier)
+
+        @numba.njit(cache=False)
+        def call(out, xq, xd, xs, w, l):
+            kind, q, s, m, f = w
+            for t0 in range(0, xq.shape[0], Q.PASS_T):  # the row loop takes PASS_T tokens a pass
+                t1 = min(xq.shape[0], t0 + Q.PASS_T)
+                block(out[t0:t1], xq[t0:t1], xd[t0:t1], xs[t0:t1], q, s, m, l, 0, out.shape[1], kind)
+        _TIER_ROWS[tier.name] = call
+    return _TIER_ROWS[tier.name]
+
+
+def runnable(tier):
+    """Skip a tier whose instructions this CPU (or Numba's target) lacks, naming them."""
+    lacks = isa.missing(tier)
+    if lacks:
+        pytest.skip(f"{tier.name}: the CPU lacks {', '.join(lacks)}")
+    return tier
+
+
+@pytest.mark.parametrize("tier", isa.TIERS, ids=isa.TIER_NAMES)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("n", [96, 576])
-def test_generic_codegen_without_vnni(kind, n):
-    # The IR a CPU without AVX512-VNNI gets (widening multiplies instead of vpdpbusd).
+def test_every_tier(tier, kind, n):
+    # Each tier's instructions (vpdpbusd 512 / 256, vpmaddubsw + vpmaddwd with Q8_0 signed, plain
+    # IR), on an odd block count (96: 3 blocks) and the model's width, T = 1, 3 (two rows at once
+    # and one), 8 (two passes), 21 rows (an odd last row).
+    rows = tier_rows(runnable(tier))
     rng = np.random.default_rng([kind, n, 7])
     w = random_weight(kind, 2, 21, n, rng)
     for T in (1, 3, 8):
         xq, xd, xs = quantize_x(rng.standard_normal((T, n)).astype(np.float32))
         out = np.zeros((T, 21), np.float32)
-        _generic_rows(out, xq, xd, xs, w, 1)
+        rows(out, xq, xd, xs, w, 1)
         check(out, xq, xd, xs, w, 1)
+
+
+@pytest.mark.parametrize("tier", isa.TIERS, ids=isa.TIER_NAMES)
+def test_every_tier_at_the_extremes(tier):
+    # The largest products each way: Q8_0 bytes -128 and 127 against activations +-127, where
+    # vpmaddubsw's int16 pair sums would saturate on q + 128 (the signed form must not), and Q4
+    # nibbles 15 against -127.
+    rows = tier_rows(runnable(tier))
+    n, T = 96, 2
+    for kind in KINDS:
+        w = random_weight(kind, 1, 4, n, np.random.default_rng(1))
+        q = w[1]
+        q[0, 0], q[0, 1] = 0x80, 0x7F  # Q8_0: -128, 127; Q4: nibbles 0/8 and 15/7
+        q[0, 2], q[0, 3] = 0xFF, 0x00
+        xq = np.full((T, n), 127, np.int8)
+        xq[1, ::2] = -127
+        xd = np.full((T, n // QK), 0.01, np.float32)
+        xs = (xd * xq.reshape(T, -1, QK).astype(np.float32).sum(axis=2)).astype(np.float32)
+        out = np.zeros((T, 4), np.float32)
+        rows(out, xq, xd, xs, w, 0)
+        check(out, xq, xd, xs, w, 0)
 
 
 @pytest.mark.parametrize("kind", KINDS)
