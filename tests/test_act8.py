@@ -333,7 +333,7 @@ def _same_up_to_rounding_ties(got, want):
     different orders, a last bit apart, so an activation that lands on a rounding tie can quantize
     to neighbouring integers in the two; every later logit then moves by up to about a
     quantization step (0.03 on this model's Q4_1 weights, on the Zen 4 VM), the top token does
-    not. That the two kernels compute the same product is pinned down per call, where no tie
+    not unless two logits were that close. That the two kernels compute the same product is pinned down per call, where no tie
     propagates (test_two_passes_add_the_residual and the kernel twins above).
     """
     diff = np.abs(got - want)
@@ -341,7 +341,11 @@ def _same_up_to_rounding_ties(got, want):
         return
     assert diff.max() < 0.1, diff.max(axis=-1)
     assert np.median(diff) < 0.01, np.median(diff)
-    assert (got.argmax(-1) == want.argmax(-1)).all()
+    # the top token stays, unless its lead was within what the flip moved (seen on AVX2: one
+    # position of a random tiny model whose top two logits were that close)
+    flipped = got.argmax(-1) != want.argmax(-1)
+    top2 = np.sort(want[flipped], axis=-1)[:, -2:]
+    assert (top2[:, 1] - top2[:, 0] < 2 * diff[flipped].max(axis=-1)).all(), np.flatnonzero(flipped)
 
 
 @pytest.mark.parametrize("ggml_type", ["Q8_0", "Q4_1"])

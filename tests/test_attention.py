@@ -399,7 +399,8 @@ def test_model_covering_pattern_equals_dense(tmp_path, tok):
     dense = model.forward(IDS)
     for sparse in (fastinfer.BlockSparse(block=2, global_blocks=0, local_blocks=len(IDS)),
                    fastinfer.BlockSparse(block=5, global_blocks=1, local_blocks=0, stride=1)):
-        assert_allclose(model.session(attention=sparse).append(IDS), dense, atol=1e-5, rtol=0)
+        # the same keys in other tiles: f32 sums in another order (1.0e-5 seen with 8-float vectors)
+        assert_allclose(model.session(attention=sparse).append(IDS), dense, atol=2e-5, rtol=0)
 
 
 def test_generate_and_batch_take_the_pattern(tmp_path, tok):
