@@ -200,7 +200,8 @@ def compile_notice(tag: str):
     first = not marker.exists() and not os.environ.get(CHILD_ENV)
     t0 = time.perf_counter()
     if first:
-        print("fastinfer: compiling kernels (first run on this machine, under a minute on a desktop CPU)...",
+        from .isa import TIER
+        print(f"fastinfer: compiling kernels for {TIER.name} (first run on this machine, about a minute)...",
               file=sys.stderr, flush=True)
     yield first
     if first:
