@@ -49,6 +49,7 @@ from numba.extending import intrinsic
 from .jit import kernel
 from .isa import TIER
 from .simd import bits_float, counted_loop, float_bits, kv_get
+from .simd import fma as fma_intrinsic
 
 QT = 16  # query tokens per task: enough rows to reuse each key tile, enough tasks to share out
 KT = 64  # keys per tile
@@ -105,8 +106,7 @@ def _micro_ir(vw: int, nv: int, mr: int, accumulate: bool):
         f32 = ir.FloatType()
         vec = ir.VectorType(f32, vw)
         vptr = vec.as_pointer()
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]),
-                                             f"llvm.fma.v{vw}f32")
+        fma = fma_intrinsic(builder, vec)
         zero = ir.Constant(vec, [0.0] * vw)
         undef_vec = ir.Constant(vec, ir.Undefined)
         mask0 = ir.Constant(ir.VectorType(ir.IntType(32), vw), [0] * vw)
@@ -287,7 +287,7 @@ def _scores_ir(rows: int):
         vec = ir.VectorType(f32, 16)
         half = k_t.dtype != types.float32
         kvec = ir.VectorType(ir.IntType(16), 16) if half else vec
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]), "llvm.fma.v16f32")
+        fma = fma_intrinsic(builder, vec)
         zero = ir.Constant(vec, [0.0] * 16)
         c = lambda x: ir.Constant(i64, x)  # noqa: E731
         last = builder.sub(n, c(1))

@@ -18,6 +18,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .jit import kernel
+from .simd import fma as fma_intrinsic
 
 NR = 16  # weight rows per panel: two 8-float AVX2 vectors
 MR = 6   # tokens per block: 12 accumulators + 2 weight vectors + 1 broadcast fill 15 of 16 registers
@@ -37,7 +38,7 @@ def _micro_ir(mr: int):
         vptr = vec.as_pointer()
         ldx = cgutils.unpack_tuple(builder, x.shape, 2)[1]
         ldo = cgutils.unpack_tuple(builder, out.shape, 2)[1]
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]), "llvm.fma.v8f32")
+        fma = fma_intrinsic(builder, vec)
         zero = ir.Constant(vec, [0.0] * 8)
         undef_vec = ir.Constant(vec, ir.Undefined)
         mask0 = ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8)

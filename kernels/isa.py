@@ -9,11 +9,12 @@ never from the CPU directly.
     avx512        avx512f/bw/vl, fma, f16c              512 bit  vpmaddubsw, then vpmaddwd with ones
     avx-vnni      avx2, avxvnni, fma, f16c              256 bit  {vex} vpdpbusd
     avx2          avx2, fma, f16c                       256 bit  vpmaddubsw, then vpmaddwd with ones
-    generic       nothing                               256 bit  plain IR (widen, multiply, add)
+    generic       nothing                               128 bit  plain IR (widen, multiply, add)
 
 The tier is the highest one the features Numba compiles for allow: the host's, or those of
 NUMBA_CPU_FEATURES when it is set (NUMBA_CPU_NAME alone keeps the host's features). The generic
-tier emits no x86 intrinsic, so it is correct on any LLVM target (aarch64 included).
+tier emits no x86 intrinsic, so it is correct on any LLVM target (aarch64 included), and shapes its
+blocks for 128-bit registers, the width SSE2 and NEON both have.
 
 FASTINFER_ISA=<tier> forces a lower tier: the features above it are switched off in Numba's
 target too (so the compiler cannot use them either, and the disk cache, keyed on the target's
@@ -57,7 +58,7 @@ TIERS = (  # highest first
     Tier("avx512", _AVX512, 512, "pmaddubsw", 32),
     Tier("avx-vnni", _AVX2 + ("avxvnni",), 256, "vpdpbusd"),
     Tier("avx2", _AVX2, 256, "pmaddubsw"),
-    Tier("generic", (), 256, "ir"),
+    Tier("generic", (), 128, "ir"),
 )
 TIER_NAMES = tuple(t.name for t in TIERS)
 

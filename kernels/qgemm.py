@@ -32,6 +32,7 @@ from .formats import Q4_0, Q4_1, Q8_0, QK
 from .jit import kernel
 from .isa import TIER, Tier
 from .simd import counted_loop, dot_bytes, pair_sums, widen_pairs
+from .simd import fma as fma_intrinsic
 
 LANES = TIER.float_lanes  # int32 lanes per vector
 NR = 2 * LANES  # weight rows per panel: two vectors
@@ -57,8 +58,7 @@ def _micro_ir(mr: int, tier: Tier):
         i64, i32, f32 = ir.IntType(64), ir.IntType(32), ir.FloatType()
         ivec, fvec = ir.VectorType(i32, lanes), ir.VectorType(f32, lanes)
         c = lambda v: ir.Constant(i64, v)  # noqa: E731
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(fvec, [fvec] * 3),
-                                             f"llvm.fma.v{lanes}f32")
+        fma = fma_intrinsic(builder, fvec, tier)
 
         def splat(s, vt):
             u = ir.Constant(vt, ir.Undefined)

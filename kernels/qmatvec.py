@@ -35,6 +35,7 @@ from .formats import Q4_0, Q4_1, Q8_0, QK
 from .jit import kernel
 from .isa import TIER, Tier
 from .simd import dot_bytes
+from .simd import fma as fma_intrinsic
 
 MAX_T = 8  # tokens per call
 PASS_T = 4  # tokens per pass over the weights: one specialised row loop per count 1..PASS_T and
@@ -142,10 +143,7 @@ def _rows_ir(tier: Tier):
         nb = builder.sdiv(n, _c(_i64, QK))
         pairs = builder.sdiv(nb, _c(_i64, 2))
         odd = builder.icmp_signed("!=", builder.srem(nb, _c(_i64, 2)), _c(_i64, 0))
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_v16f32, [_v16f32] * 3),
-                                             "llvm.fma.v16f32")
-        fma2 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_v2f32, [_v2f32] * 3),
-                                              "llvm.fma.v2f32")
+        fma, fma2 = fma_intrinsic(builder, _v16f32, tier), fma_intrinsic(builder, _v2f32, tier)
         prefetch = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32]), "llvm.prefetch.p0i8")
         zero16, zero2 = _c(_v16f32, [0.0] * 16), _c(_v2f32, [0.0] * 2)

@@ -41,6 +41,15 @@ def bits_float(typingctx, i):
     return types.float32(i), codegen
 
 
+def fma(builder, vec_type, tier: Tier = TIER):
+    """The fused multiply-add intrinsic for float vectors of vec_type: llvm.fma where the tier has
+    FMA; elsewhere llvm.fmuladd, which LLVM may leave as a multiply and an add (llvm.fma on a CPU
+    without FMA becomes a library call per element)."""
+    name = "fma" if "fma" in tier.needs else "fmuladd"
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec_type, [vec_type] * 3),
+                                          f"llvm.{name}.v{vec_type.count}f32")
+
+
 def _lanes(builder, v, start, count):
     """Elements start .. start + count of vector v (a register-aligned part: free)."""
     if start == 0 and count == v.type.count:
