@@ -7,7 +7,7 @@ from tqdm import tqdm
 
 from .models import architecture
 from .weights.checkpoint import check_dtype, open_checkpoint
-from .weights.converted import write_converted
+from .weights.converted import check_replaceable, write_converted
 from .weights.tensors import QMatrix, to_f32
 
 
@@ -34,6 +34,7 @@ def convert(src: str | Path, out: str | Path, dtype: str = "auto", force: bool =
         raise FileExistsError(f"{out} already exists; pass --force to overwrite it")
     if Path(src).expanduser().resolve() == out.resolve():
         raise ValueError("the output directory must differ from the source")
+    check_replaceable(out, src)  # before the work: --force replaces only a previous output
     ckpt = open_checkpoint(src, dtype)
     arch = architecture(ckpt.config["arch"])
     args, w = arch.build(ckpt, max_seq=1)

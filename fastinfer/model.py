@@ -406,16 +406,24 @@ class Model:
         return pieces()
 
     # -- input checks -------------------------------------------------------------------------
+    def _check_token(self, token) -> int:
+        """token as an int, or a ValueError: not an integer, or outside the vocabulary (an id past it
+        would index past the embedding table in the kernels)."""
+        if isinstance(token, bool) or not isinstance(token, (int, np.integer)):
+            raise ValueError(f"token ids must be integers; got {token!r}")
+        if not 0 <= token < self.args.vocab_size:
+            raise ValueError(f"token id {token} is outside the vocabulary (0..{self.args.vocab_size - 1})")
+        return int(token)
+
     def _check_ids(self, ids: Sequence[int], limit: int) -> list[int]:
-        ids = [int(i) for i in ids]
+        if isinstance(ids, (str, bytes)):
+            raise ValueError(f"expected a sequence of token ids; got {type(ids).__name__} (encode text first)")
+        ids = [self._check_token(i) for i in ids]
         if not ids:
             raise ValueError("the prompt is empty")
         if len(ids) > limit:
             raise ValueError(f"the prompt is {len(ids)} tokens; the context holds {self.n_ctx} "
                              f"(load with a larger n_ctx, up to {self.args.max_seq_len})")
-        bad = [i for i in ids if not 0 <= i < self.args.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.args.vocab_size - 1})")
         return ids
 
     @staticmethod
@@ -485,7 +493,7 @@ class Session:
         """Add one token; return a view of its logits (valid until the next call)."""
         if self.pos >= self.max_seq:
             raise ValueError(f"the context is full ({self.max_seq} tokens)")
-        self._one[0] = token
+        self._one[0] = self.model._check_token(token)
         self._run(self._one, False, self._dense_pattern if self._dense_last else self._pattern)
         return self.state.logits[0]
 
@@ -548,6 +556,9 @@ class Batch:
     def decode(self, which: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
         """Feed tokens[i] to sequence which[i]; return a view of their logits (len(which), vocab)."""
         T = len(which)
+        if len(tokens) != T:
+            raise ValueError(f"decode takes one token per sequence: {T} sequences, {len(tokens)} tokens")
+        tokens = [self.model._check_token(t) for t in tokens]
         for i, (b, tok) in enumerate(zip(which, tokens)):
             s = self.sessions[b]
             if s.pos >= s.max_seq:

@@ -74,9 +74,41 @@ def test_refuses_to_overwrite(tmp_path, sources):
     (out / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="--force"):
         convert(sources["hf"], out, "int8", progress=False)
-    assert (out / "keep.txt").read_text() == "mine"
-    convert(sources["hf"], out, "int8", force=True, progress=False)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    # --force replaces only a previous fastinfer output: a directory of the user's files stays
+    with pytest.raises(ValueError, match="replaces only a previous fastinfer output; .* is not one"):
+        convert(sources["hf"], out, "int8", force=True, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    out.rmdir()
+    convert(sources["hf"], out, "int8", progress=False)
+    first = (out / "model.safetensors").stat().st_mtime_ns
+    convert(sources["hf"], out, "int4", force=True, progress=False)  # a previous output: replaced
+    assert json.loads((out / "config.json").read_text())["dtype"] == "int4"
+    assert (out / "model.safetensors").stat().st_mtime_ns != first
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary directory left beside it
+
+
+def test_force_never_deletes_the_source_or_other_files(tmp_path, sources):
+    import shutil
+    # the source inside the output directory
+    home = tmp_path / "models"
+    shutil.copytree(sources["hf"], home / "hf")
+    with pytest.raises(ValueError, match="holds the source"):
+        convert(home / "hf", home, "int8", force=True, progress=False)
+    # a model folder (not a fastinfer output) as the output
+    with pytest.raises(ValueError, match="is not one"):
+        convert(sources["gguf"], home / "hf", "int8", force=True, progress=False)
+    # a previous output the user put files into
+    out = convert(sources["hf"], tmp_path / "out", "int8", progress=False).out
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="also holds notes.txt"):
+        convert(sources["hf"], out, "int8", force=True, progress=False)
+    # a file as the output
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(ValueError, match="is not one"):
+        convert(sources["hf"], tmp_path / "file", "int8", force=True, progress=False)
+    assert (out / "notes.txt").read_text() == "mine" and (tmp_path / "file").read_text() == "mine"
+    assert sorted(p.name for p in (home / "hf").iterdir()) == sorted(p.name for p in sources["hf"].iterdir())
 
 
 def test_interrupted_convert_leaves_nothing(tmp_path, sources, monkeypatch):
@@ -124,3 +156,8 @@ def test_cli_convert(tmp_path, sources):
     assert r.returncode == 1 and "--force" in r.stderr and "Traceback" not in r.stderr
     r = run(str(sources["gguf"]), "-o", str(tmp_path / "d"), "--dtype", "int3")
     assert r.returncode == 2
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "keep.txt").write_text("mine")
+    r = run(str(sources["gguf"]), "-o", str(tmp_path / "e"), "--force")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "is not one" in r.stderr
+    assert (tmp_path / "e" / "keep.txt").read_text() == "mine"

@@ -142,6 +142,50 @@ def test_token_id_out_of_range(tiny_model):
         tiny_model.forward([1, 2, 300])
 
 
+@pytest.mark.parametrize("token", [10**9, -5, TINY_CFG["vocab_size"], 2**70])
+def test_decode_step_checks_its_token(tiny_model, token):
+    # an id past the embedding table used to be read as an address (10^9: SIGSEGV)
+    s = tiny_model.session()
+    s.prefill([1, 2])
+    with pytest.raises(ValueError, match=f"token id {token} is outside the vocabulary"):
+        s.decode_step(token)
+    assert s.pos == 2  # nothing was fed
+    np.testing.assert_array_equal(s.decode_step(7), tiny_model.forward([1, 2, 7])[-1])
+
+
+@pytest.mark.parametrize("token", ["7", 7.0, True, None])
+def test_token_ids_must_be_integers(tiny_model, token):
+    with pytest.raises(ValueError, match="token ids must be integers"):
+        tiny_model.session().decode_step(token)
+    with pytest.raises(ValueError, match="token ids must be integers"):
+        tiny_model.generate([5, token], max_new_tokens=2)
+
+
+def test_bytes_are_not_token_ids(tiny_model):
+    with pytest.raises(ValueError, match="got bytes"):
+        tiny_model.generate(b"hi", max_new_tokens=2)
+
+
+def test_batch_decode_checks_its_tokens(tiny_model):
+    from fastinfer.model import Batch
+    batch = Batch(tiny_model, 2, 16)
+    batch.sessions[0].prefill([1, 2])
+    batch.sessions[1].prefill([3])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        batch.decode([0, 1], [7, 10**9])
+    with pytest.raises(ValueError, match="one token per sequence"):
+        batch.decode([0, 1], [7])
+    assert [s.pos for s in batch.sessions] == [2, 1]
+
+
+@pytest.mark.parametrize("rows", [1, TINY_CFG["vocab_size"] - 1])
+def test_output_matrix_must_cover_the_vocabulary(tmp_path, rows):
+    # an lm_head with fewer rows than the vocabulary: the head wrote logits past its rows (SIGSEGV)
+    d = _hf(tmp_path, **{"lm_head.weight": np.zeros((rows, TINY_CFG["hidden_size"]), np.float32)})
+    with pytest.raises(ValueError, match=rf"the output matrix has shape \({rows}, 64\)"):
+        fastinfer.load(d)
+
+
 @pytest.mark.parametrize("opt,value", [("top_p", 1.5), ("temperature", -0.1), ("top_k", -1), ("min_p", 2.0),
                                        ("repetition_penalty", 0.0), ("max_new_tokens", 0)])
 def test_sampling_values_out_of_range(tiny_model, opt, value):

@@ -44,12 +44,36 @@ def is_converted(d: Path) -> bool:
         return False
 
 
+OUTPUT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja", "generation_config.json")
+
+
+def check_replaceable(out: Path, src: str | Path | None = None) -> None:
+    """What --force may replace: nothing, or a previous fastinfer output holding only its own files
+    and not the source. Anything else (a model folder, a directory of the user's files, the
+    source itself or a folder around it) is a ValueError, so no file of the user's is deleted."""
+    out = Path(out).expanduser()
+    if src is not None:
+        s, o = Path(src).expanduser().resolve(), out.resolve()
+        if s == o or o in s.parents:
+            raise ValueError(f"{out} holds the source {src}; convert into another directory")
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_symlink() or not out.is_dir() or not is_converted(out):
+        raise ValueError(f"--force replaces only a previous fastinfer output; {out} is not one "
+                         f"(remove it yourself, or choose another directory)")
+    extra = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_FILES)
+    if extra:
+        raise ValueError(f"--force replaces only a previous fastinfer output; {out} also holds "
+                         f"{', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''} (move them first)")
+
+
 def write_converted(out: Path, dtype: str, config: dict[str, Any], tensors: dict[str, QMatrix | np.ndarray],
                     ckpt: Checkpoint, force: bool = False, progress: bool = True) -> Path:
     """Write a converted checkpoint atomically. tensors are the model's stacked weights by name."""
     out = Path(out).expanduser()
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass --force to overwrite it")
+    check_replaceable(out, ckpt.source)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -135,10 +135,17 @@ def build(ckpt: Checkpoint, max_seq: int) -> tuple[ModelArgs, Weights]:
     if (emb.rows, emb.cols) != (args.vocab_size, args.dim):
         raise ValueError(f"{ckpt.source}: token embeddings have shape {(emb.rows, emb.cols)}; "
                          f"expected {(args.vocab_size, args.dim)}")
+    out = t.get("output", emb)
+    if (out.rows, out.cols) != (args.vocab_size, args.dim):  # the head writes vocab_size logits per row
+        raise ValueError(f"{ckpt.source}: the output matrix has shape {(out.rows, out.cols)}; "
+                         f"expected {(args.vocab_size, args.dim)}")
+    norm = np.asarray(t["norm"], np.float32)
+    if norm.shape != (args.dim,):
+        raise ValueError(f"{ckpt.source}: the final norm has shape {norm.shape}; expected {(args.dim,)}")
     if "rope_freqs" in t:
         args.rope_scaling = dict(args.rope_scaling or {}, freq_factors=t["rope_freqs"].astype(np.float32))
     cos, sin = rope_tables(args, max_seq)
-    w = Weights(tok_embeddings=emb, norm=np.asarray(t["norm"], np.float32), output=t.get("output", emb),
+    w = Weights(tok_embeddings=emb, norm=norm, output=out,
                 cos=cos, sin=sin, windows=_windows(args), **mats, **vec)
     return args, w
 
