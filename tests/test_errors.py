@@ -233,3 +233,27 @@ def test_block_sparse_with_pruning_is_refused(tiny_model):
     with pytest.raises(ValueError, match="does not combine"):
         tiny_model.generate([1, 2, 3], max_new_tokens=2, attention=fastinfer.BlockSparse(block=4),
                             prune=fastinfer.Prune())
+
+
+@pytest.mark.parametrize("edit,msg", [
+    ({"num_hidden_layers": 2**31}, r"n_layers = 2147483648; expected an integer in 1..4096"),  # looped forever
+    ({"num_hidden_layers": 2}, r"the config says 2 layers; the file holds layer tensors for 3"),  # one ignored
+    ({"num_hidden_layers": 4}, r"the config says 4 layers; the file holds layer tensors for 3"),
+    ({"rms_norm_eps": -0.5}, r"norm_eps = -0.5; expected a finite positive number"),
+    ({"rms_norm_eps": float("nan")}, r"norm_eps = nan; expected a finite positive number"),
+    ({"rope_theta": 0.0}, r"rope_theta = 0.0; expected a finite positive number"),
+    ({"num_key_value_heads": 3}, r"4 query heads do not divide into 3 key/value heads"),
+])
+@pytest.mark.parametrize("fmt", ["gguf", "hf"])
+def test_config_values_are_checked_against_range_and_tensors(tmp_path, fmt, edit, msg):
+    w = random_llama_weights(TINY_CFG)
+    cfg = {**TINY_CFG, **edit}
+    if fmt == "gguf" and "num_key_value_heads" in edit:
+        pytest.skip("the test's GGUF writer cannot permute K rows for heads that do not divide")
+    if fmt == "gguf":
+        path = write_gguf(tmp_path / "m.gguf", cfg, w, "F32", tokenizer_vocab=gguf_tokenizer_fields(tiny_bpe_tokenizer()))
+    else:
+        path = write_hf_dir(tmp_path / "hf", TINY_CFG, w, tokenizer=tiny_bpe_tokenizer())
+        (path / "config.json").write_text(json.dumps({**json.loads((path / "config.json").read_text()), **edit}))
+    with pytest.raises(ValueError, match=msg):
+        fastinfer.load(path)

@@ -49,6 +49,36 @@ def check_dtype(dtype: str) -> str:
     return dtype
 
 
+# Upper bounds on a config's counts: far above any model this engine runs, low enough that no
+# loop or allocation sized by a hostile file runs away before the tensors are checked against it.
+COUNT_LIMITS = {"dim": 1 << 16, "n_layers": 1 << 12, "n_heads": 1 << 12, "n_kv_heads": 1 << 12,
+                "head_dim": 1 << 12, "hidden_dim": 1 << 20, "vocab_size": 1 << 24, "max_seq_len": 1 << 24}
+
+
+def check_config(config: dict[str, Any], tensors: dict, source: str) -> None:
+    """A ValueError naming the value unless every count is an integer in range, eps and the RoPE
+    base are finite and positive, the heads divide evenly, and the per-layer tensors are for
+    exactly layers 0..n_layers-1."""
+    import math
+    import re
+    for key, limit in COUNT_LIMITS.items():
+        v = config.get(key)
+        if key in config and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v <= limit):
+            raise ValueError(f"{source}: {key} = {v!r}; expected an integer in 1..{limit}")
+    for key in ("norm_eps", "rope_theta"):
+        v = config.get(key)
+        if key in config and (isinstance(v, bool) or not isinstance(v, (int, float, np.number))
+                              or not math.isfinite(v) or v <= 0):
+            raise ValueError(f"{source}: {key} = {v!r}; expected a finite positive number")
+    if config.get("n_kv_heads") and config["n_heads"] % config["n_kv_heads"]:
+        raise ValueError(f"{source}: {config['n_heads']} query heads do not divide into "
+                         f"{config['n_kv_heads']} key/value heads")
+    layers = {int(m.group(1)) for name in tensors if (m := re.match(r"layers\.(\d+)\.", name))}
+    if layers and "n_layers" in config and layers != set(range(config["n_layers"])):
+        raise ValueError(f"{source}: the config says {config['n_layers']} layers; the file holds layer "
+                         f"tensors for {len(layers)} (numbered {min(layers)}..{max(layers)})")
+
+
 def open_checkpoint(source: str | Path, dtype: str = "auto") -> Checkpoint:
     """Read a GGUF file, an HF checkpoint directory or a converted checkpoint into a Checkpoint.
 
@@ -66,6 +96,7 @@ def open_checkpoint(source: str | Path, dtype: str = "auto") -> Checkpoint:
     else:
         from .gguf import read_gguf
         ckpt = read_gguf(path)
+    check_config(ckpt.config, ckpt.tensors, ckpt.source)
     if dtype != "auto":
         from .quantize import convert
         done = {}  # a tied head and the embedding are one matrix: convert it once

@@ -5,7 +5,7 @@ import numpy as np
 
 from fastinfer.kernels import linear as K
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, check_config
 from .gguf_meta import ggml_type_name, open_gguf
 from .tensors import GGML_BLOCKS, from_f32, from_ggml_blocks, from_half_bits, permute_rows
 from .tokenizer import tokenizer_from_gguf
@@ -131,6 +131,7 @@ def read_gguf(path: Path) -> Checkpoint:
         reader.release(t)  # copied (or, for plain floats, re-read on demand): keep RSS to one copy
     reader.release_all()
 
+    check_config(config, tensors, str(path))  # before anything loops over the layers
     # Undo llama.cpp's Q/K row permutation so one rotate-half RoPE serves GGUF and HF weights.
     q_order = _llama_cpp_rope_order(config["n_heads"], head_dim)
     k_order = _llama_cpp_rope_order(config["n_kv_heads"], head_dim)
