@@ -257,3 +257,25 @@ def test_config_values_are_checked_against_range_and_tensors(tmp_path, fmt, edit
         (path / "config.json").write_text(json.dumps({**json.loads((path / "config.json").read_text()), **edit}))
     with pytest.raises(ValueError, match=msg):
         fastinfer.load(path)
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "sub/model.safetensors", ".."])
+def test_index_shards_stay_in_the_model_folder(tmp_path, shard):
+    # an index entry with a path used to load a shard from outside the folder (path traversal)
+    d = write_hf_dir(tmp_path / "hf", TINY_CFG, random_llama_weights(TINY_CFG), tokenizer=tiny_bpe_tokenizer(),
+                     shards=2)
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    (tmp_path / "outside.safetensors").write_bytes((d / index["weight_map"][first]).read_bytes())  # loadable
+    index["weight_map"][first] = shard
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="is not a file name in"):
+        fastinfer.load(d)
+
+
+def test_index_without_a_weight_map(tmp_path):
+    d = write_hf_dir(tmp_path / "hf", TINY_CFG, random_llama_weights(TINY_CFG), tokenizer=tiny_bpe_tokenizer(),
+                     shards=2)
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["a", "b"]}))
+    with pytest.raises(ValueError, match="expected a weight_map"):
+        fastinfer.load(d)

@@ -84,7 +84,14 @@ def _read_json(path: Path, required: bool = False) -> dict:
 def _weight_files(d: Path) -> list[Path]:
     index = d / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(_read_json(index)["weight_map"].values()))
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise ValueError(f"{index}: expected a weight_map of tensor names to shard file names")
+        files = sorted(set(weight_map.values()))
+        # shards are files in the model folder itself: no path may lead out of it
+        outside = [f for f in files if Path(f).name != f or f in (".", "..")]
+        if outside:
+            raise ValueError(f"{index}: shard {outside[0]!r} is not a file name in {d}")
         missing = [f for f in files if not (d / f).is_file()]
         if missing:
             raise FileNotFoundError(f"{d}: shards listed in {index.name} are missing: {', '.join(missing)}")
