@@ -233,6 +233,15 @@ def _version() -> str:
     return __version__
 
 
+def _stdin_text() -> str:
+    """Standard input as UTF-8 text, or a ValueError that says where it is not."""
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"stdin: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def _load(args):
     from .model import load
     n_ctx = getattr(args, "ctx", None)
@@ -248,7 +257,7 @@ def cmd_generate(args) -> int:
     SamplingParams(**{k: v for k, v in given.items() if v is not None})
     attention = _block_sparse(args)
     prune = _prune_from_args(args)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = _stdin_text() if args.prompt == "-" else args.prompt
     if not prompt.strip():
         raise ValueError("the prompt is empty")
     model = _load(args)
@@ -415,7 +424,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_embed(args) -> int:
-    texts = [sys.stdin.read() if t == "-" else t for t in args.texts]
+    texts = [_stdin_text() if t == "-" else t for t in args.texts]
     if args.model is None:
         raise ValueError("embed needs an encoder model: pass -m DIR (an HF FNet checkpoint or a converted one)")
     model = _load(args)

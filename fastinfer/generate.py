@@ -60,6 +60,7 @@ class TokenChooser:
 def generate_ids(session, prompt: Sequence[int], max_new_tokens: int, params: SamplingParams,
                  eos_ids: Sequence[int], no_repeat_ngram_size: int = 0, min_new_tokens: int = 0) -> Iterator[int]:
     """Yield new token ids until max_new_tokens, an EOS token or the end of the context."""
+    max_new_tokens = min(max_new_tokens, session.max_seq - len(prompt) + 1)  # no more fit in the context
     chooser = TokenChooser(prompt, max_new_tokens, params, eos_ids, no_repeat_ngram_size, min_new_tokens)
     logits = session.prefill(prompt)
     while True:
@@ -80,8 +81,8 @@ def generate_batch(batch, prompts: Sequence[Sequence[int]], max_new_tokens: int,
     Each sequence gets its own chooser (and, with a seed, its own generator seeded alike), so the
     result equals generating each prompt alone.
     """
-    choosers = [TokenChooser(p, max_new_tokens, params, eos_ids, no_repeat_ngram_size, min_new_tokens)
-                for p in prompts]
+    choosers = [TokenChooser(p, min(max_new_tokens, s.max_seq - len(p) + 1), params, eos_ids, no_repeat_ngram_size,
+                             min_new_tokens) for s, p in zip(batch.sessions, prompts)]
     out: list[list[int]] = [[] for _ in prompts]
     logits = [s.prefill(p) for s, p in zip(batch.sessions, prompts)]
     active = list(range(len(prompts)))

@@ -216,6 +216,19 @@ def test_cli_empty_stdin_prompt():
     assert r.returncode == 1 and "empty" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_cli_stdin_that_is_not_utf8(tiny):
+    r = subprocess.run([sys.executable, "-m", "fastinfer", "generate", "-", "-m", str(tiny), "-n", "2"],
+                       input=b"\xff\xfe hello", capture_output=True, timeout=600)
+    assert r.returncode == 1 and r.stderr.decode() == "fastinfer: error: stdin: not UTF-8 text (invalid start byte at byte 0)\n"
+
+
+def test_more_new_tokens_than_memory_stops_at_the_context(tiny_model):
+    # -n 10^12 used to allocate its token history up front (7 TiB); generation ends with the context
+    out = tiny_model.generate([1, 2, 3], max_new_tokens=10**12, temperature=0)
+    assert 1 <= len(out) <= tiny_model.n_ctx - 3 + 1
+    assert tiny_model.generate([[1, 2], [3]], max_new_tokens=10**12, temperature=0)
+
+
 def test_cli_prompt_too_long(tiny):
     r = _cli("generate", "word " * 200, "-m", str(tiny), "--ctx", "16")
     assert r.returncode == 1 and "context" in r.stderr and "Traceback" not in r.stderr
