@@ -124,18 +124,16 @@ def _micro_ir(mr: int, tier: Tier):
                                 lambda b, acc: step(b, acc, signed_q8), "qmicro")
 
         if tier.signed_q8:  # a signed (Q8_0) panel or an unsigned one: one loop each
-            result = [[ir.Constant(fvec, ir.Undefined)] * nv for _ in range(mr)]
             with builder.if_else(builder.icmp_signed("!=", signed, c(0))) as (then, otherwise):
                 with then:
                     res_s, blk_s = run(True), builder.basic_block
                 with otherwise:
                     res_u, blk_u = run(False), builder.basic_block
+            result = [[builder.phi(fvec) for _ in range(nv)] for _ in range(mr)]
             for i in range(mr):
                 for v in range(nv):
-                    phi = builder.phi(fvec)
-                    phi.add_incoming(res_s[i][v], blk_s)
-                    phi.add_incoming(res_u[i][v], blk_u)
-                    result[i][v] = phi
+                    result[i][v].add_incoming(res_s[i][v], blk_s)
+                    result[i][v].add_incoming(res_u[i][v], blk_u)
         else:
             result = run(False)
         for i in range(mr):
@@ -212,11 +210,6 @@ def _misalign(typingctx, a):
 
 
 @kernel
-def _micro(out, o0, c0, xq, xd, xs, t0, panel, sc, nb, signed, mr):
-    _micro_mr(out, o0, c0, xq, xd, xs, t0, panel, 0, sc, 0, nb, signed, mr)
-
-
-@kernel
 def pack_panel(panel, sc, w, l, r0, nr, NRp, signed_q8):
     """Rows r0 .. r0 + nr (nr <= NRp) of W[l] -> the VNNI panel of NRp rows and its scale vectors.
 
@@ -289,9 +282,9 @@ def linear_a8_tiles(out, xq, xd, xs, w, l, r_lo, scratch):
         for t in range(0, T, MR):  # the panel stays in cache while every token passes
             mr = min(MR, T - t)
             if nr == NR:
-                _micro(out, t, r0, xq, xd, xs, t, panel, sc, nb, signed, mr)
+                _micro_mr(out, t, r0, xq, xd, xs, t, panel, 0, sc, 0, nb, signed, mr)
             else:
-                _micro(edge, 0, 0, xq, xd, xs, t, panel, sc, nb, signed, mr)
+                _micro_mr(edge, 0, 0, xq, xd, xs, t, panel, 0, sc, 0, nb, signed, mr)
                 for i in range(mr):
                     for j in range(nr):
                         out[t + i, r0 + j] = edge[i, j]

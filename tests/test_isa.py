@@ -38,9 +38,11 @@ def test_tiers_are_ordered_and_named():
         isa.by_name("sse9")
 
 
-def _run(code: str, **env):
+def _run(code: str, *args, **env):
+    """python -c code args in a child with FASTINFER_ISA and Numba's CPU settings only as env gives."""
     e = {k: v for k, v in os.environ.items() if k not in ("FASTINFER_ISA", "NUMBA_CPU_FEATURES", "NUMBA_CPU_NAME")}
-    return subprocess.run([sys.executable, "-c", code], env={**e, **env}, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], env={**e, **env}, capture_output=True,
+                          text=True, timeout=900)
 
 
 def _cli(*args, **env):
@@ -124,10 +126,8 @@ def test_lower_tiers_run_the_model(tier, tmp_path, monkeypatch):
     tok = gguf_tokenizer_fields(tiny_bpe_tokenizer())
     paths = [write_gguf(tmp_path / f"m-{t}.gguf", TINY_CFG, w, t, tokenizer_vocab=tok) for t in ("Q8_0", "Q4_1")]
     out = tmp_path / "logits.npy"
-    r = subprocess.run([sys.executable, "-c", _LOGITS % (ids, ids), ",".join(map(str, paths)), str(out), tier.name],
-                       env={**{k: v for k, v in os.environ.items() if k != "NUMBA_CPU_FEATURES"},
-                            "FASTINFER_ISA": tier.name, "NUMBA_CACHE_DIR": str(tmp_path / "cache")},
-                       capture_output=True, text=True, timeout=900)
+    r = _run(_LOGITS % (ids, ids), ",".join(map(str, paths)), out, tier.name,
+             FASTINFER_ISA=tier.name, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
     assert r.returncode == 0, r.stderr
     got = np.load(out)
     for i, ggml_type in enumerate(("Q8_0", "Q4_1")):
