@@ -182,7 +182,7 @@ def test_batch_decode_checks_its_tokens(tiny_model):
 def test_output_matrix_must_cover_the_vocabulary(tmp_path, rows):
     # an lm_head with fewer rows than the vocabulary: the head wrote logits past its rows (SIGSEGV)
     d = _hf(tmp_path, **{"lm_head.weight": np.zeros((rows, TINY_CFG["hidden_size"]), np.float32)})
-    with pytest.raises(ValueError, match=rf"the output matrix has shape \({rows}, 64\)"):
+    with pytest.raises(ValueError, match=rf"the output matrix has shape \(1, {rows}, 64\)"):
         fastinfer.load(d)
 
 

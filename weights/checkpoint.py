@@ -55,6 +55,38 @@ COUNT_LIMITS = {"dim": 1 << 16, "n_layers": 1 << 12, "n_heads": 1 << 12, "n_kv_h
                 "head_dim": 1 << 12, "hidden_dim": 1 << 20, "vocab_size": 1 << 24, "max_seq_len": 1 << 24}
 
 
+REQUIRED = object()  # ConfigReader: the key has no default
+
+
+class ConfigReader:
+    """config.json's values, each checked for its type as it is read: a ValueError naming the key
+    for a missing required one, a bool, a string, a list or a non-integral number where an
+    integer belongs. Ranges are check_config's, the same for every format."""
+
+    def __init__(self, cfg: dict, d: Path):
+        self.cfg, self.d = cfg, d
+
+    def _get(self, key, default):
+        v = self.cfg.get(key)
+        if v is None:
+            if default is REQUIRED:
+                raise ValueError(f"{self.d}/config.json lacks {key!r}")
+            return default
+        return v
+
+    def int(self, key: str, default=None):
+        v = self._get(key, default)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise ValueError(f"{self.d}/config.json: {key} = {v!r:.40}; expected an integer")
+        return v
+
+    def float(self, key: str, default=None):
+        v = self._get(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"{self.d}/config.json: {key} = {v!r:.40}; expected a number")
+        return float(v)
+
+
 def check_config(config: dict[str, Any], tensors: dict, source: str) -> None:
     """A ValueError naming the value unless every count is an integer in range, eps and the RoPE
     base are finite and positive, the heads divide evenly, and the per-layer tensors are for
@@ -64,12 +96,16 @@ def check_config(config: dict[str, Any], tensors: dict, source: str) -> None:
     for key, limit in COUNT_LIMITS.items():
         v = config.get(key)
         if key in config and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v <= limit):
-            raise ValueError(f"{source}: {key} = {v!r}; expected an integer in 1..{limit}")
+            raise ValueError(f"{source}: {key} = {v!r:.40}; expected an integer in 1..{limit}")
+    for key in ("sliding_window", "window_from_layer", "type_vocab_size"):  # 0 allowed
+        v = config.get(key)
+        if key in config and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v <= 1 << 24):
+            raise ValueError(f"{source}: {key} = {v!r:.40}; expected an integer in 0..{1 << 24}")
     for key in ("norm_eps", "rope_theta"):
         v = config.get(key)
         if key in config and (isinstance(v, bool) or not isinstance(v, (int, float, np.number))
                               or not math.isfinite(v) or v <= 0):
-            raise ValueError(f"{source}: {key} = {v!r}; expected a finite positive number")
+            raise ValueError(f"{source}: {key} = {v!r:.40}; expected a finite positive number")
     if config.get("n_kv_heads") and config["n_heads"] % config["n_kv_heads"]:
         raise ValueError(f"{source}: {config['n_heads']} query heads do not divide into "
                          f"{config['n_kv_heads']} key/value heads")

@@ -14,6 +14,7 @@ interrupted conversion leaves no OUT behind.
 """
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -39,9 +40,10 @@ def is_converted(d: Path) -> bool:
     if not cfg.is_file():
         return False
     try:
-        return json.loads(cfg.read_text(encoding="utf-8")).get("format") == FORMAT
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        info = json.loads(cfg.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return False
+    return isinstance(info, dict) and info.get("format") == FORMAT
 
 
 OUTPUT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja", "generation_config.json")
@@ -123,10 +125,15 @@ def _jsonable(v):
 
 def read_converted(d: Path) -> Checkpoint:
     """A converted directory -> Checkpoint of stacked, memory-mapped weights (no copy)."""
-    info = json.loads((d / "config.json").read_text(encoding="utf-8"))
+    try:
+        info = json.loads((d / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"{d}/config.json is not valid JSON ({str(e) or type(e).__name__})") from None
     if info.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{d}: converted with format version {info.get('format_version')}; this fastinfer "
+        raise ValueError(f"{d}: converted with format version {info.get('format_version')!r:.20}; this fastinfer "
                          f"reads version {FORMAT_VERSION} (convert the source again)")
+    if not isinstance(info.get("config"), dict):
+        raise ValueError(f"{d}/config.json has no model config")
     st = d / "model.safetensors"
     if not st.is_file():
         raise FileNotFoundError(f"{d}: missing model.safetensors")
@@ -136,8 +143,11 @@ def read_converted(d: Path) -> Checkpoint:
     for name in names:
         kind = meta[f"{name}.kind"]
         if kind not in _KIND_BY_NAME:
-            raise ValueError(f"{st}: tensor {name} has unknown format {kind}")
-        rows, cols = (int(x) for x in meta[f"{name}.shape"].split(","))
+            raise ValueError(f"{st}: tensor {name} has unknown format {kind!r:.20}")
+        shape = meta.get(f"{name}.shape", "")
+        if not re.fullmatch(r"\d{1,9},\d{1,9}", shape):
+            raise ValueError(f"{st}: tensor {name} has shape {shape!r:.30}; expected 'rows,cols'")
+        rows, cols = (int(x) for x in shape.split(","))
         parts = {}
         for part, empty in (("q", _NO_U8), ("s", _NO_F32), ("m", _NO_F32), ("f", _NO_F32)):
             got = arrays.get(f"{name}.{part}")
@@ -145,6 +155,8 @@ def read_converted(d: Path) -> Checkpoint:
         tensors[name] = QMatrix(_KIND_BY_NAME[kind], parts["q"], parts["s"], parts["m"], parts["f"], rows, cols)
     for k, target in meta.items():
         if k.endswith(".alias"):
+            if target not in names:
+                raise ValueError(f"{st}: {k} names {target!r:.40}, which is not a weight matrix in the file")
             tensors[k[:-len(".alias")]] = tensors[target]
     for k, (dt, a) in arrays.items():
         if k.rsplit(".", 1)[0] not in names:
@@ -152,13 +164,25 @@ def read_converted(d: Path) -> Checkpoint:
     try:
         tok = tokenizers.Tokenizer.from_file(str(d / "tokenizer.json"))
     except Exception as e:  # tokenizers raises a bare Exception on unreadable files
-        raise ValueError(f"{d}/tokenizer.json is missing or invalid ({e})") from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{d}/tokenizer.json is missing or invalid ({first})") from None
     template = d / "chat_template.jinja"
     gen = d / "generation_config.json"
-    return Checkpoint(config=info["config"], tensors=tensors, tokenizer=tok, bos_id=info.get("bos_id"),
-                      eos_ids=list(info.get("eos_ids") or []),
-                      chat_template=template.read_text(encoding="utf-8") if template.is_file() else None,
-                      generation=json.loads(gen.read_text()) if gen.is_file() else {}, source=str(d))
+    try:
+        generation = json.loads(gen.read_text(encoding="utf-8")) if gen.is_file() else {}
+        chat_template = template.read_text(encoding="utf-8") if template.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"{d}: {gen.name} or {template.name} is not valid ({str(e) or type(e).__name__})") from None
+    if not isinstance(generation, dict):
+        raise ValueError(f"{gen} is not a JSON object")
+    bos, eos = info.get("bos_id"), info.get("eos_ids") or []
+    vocab = info["config"].get("vocab_size")
+    ids = ([] if bos is None else [bos]) + (eos if isinstance(eos, list) else [eos])
+    if any(isinstance(v, bool) or not isinstance(v, int) or not isinstance(vocab, int) or not 0 <= v < vocab
+           for v in ids):
+        raise ValueError(f"{d}/config.json: bos_id / eos_ids must be token ids below the vocabulary size")
+    return Checkpoint(config=info["config"], tensors=tensors, tokenizer=tok, bos_id=bos, eos_ids=list(eos),
+                      chat_template=chat_template, generation=generation, source=str(d))
 
 
 def _aligned(a: np.ndarray) -> np.ndarray:

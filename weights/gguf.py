@@ -1,4 +1,5 @@
 """GGUF files (architecture `llama`) -> Checkpoint. The one place that knows GGUF's names."""
+import math
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +8,7 @@ from fastinfer.kernels import linear as K
 
 from .checkpoint import Checkpoint, check_config
 from .gguf_meta import ggml_type_name, open_gguf
-from .tensors import GGML_BLOCKS, from_f32, from_ggml_blocks, from_half_bits, permute_rows
+from .tensors import GGML_BLOCKS, QMatrix, from_f32, from_ggml_blocks, from_half_bits, permute_rows
 from .tokenizer import tokenizer_from_gguf
 
 SUPPORTED_ARCHS = ("llama",)
@@ -80,6 +81,21 @@ def _tensor(t, path: Path):
         raise ValueError(f"{path}: tensor {t.name} has GGML type {kind}, which fastinfer cannot read") from None
 
 
+def _short(v) -> str:
+    """A metadata value for an error message, at most ~60 characters."""
+    r = repr(v.tolist() if isinstance(v, np.ndarray) else v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _token_id(meta: dict, key: str, vocab: int, path: Path) -> int | None:
+    v = meta.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < vocab:
+        raise ValueError(f"{path}: GGUF metadata {key} = {_short(v)}; expected a token id below {vocab}")
+    return v
+
+
 def read_gguf(path: Path) -> Checkpoint:
     reader = open_gguf(path)
     meta = reader.metadata
@@ -88,40 +104,58 @@ def read_gguf(path: Path) -> Checkpoint:
         raise ValueError(f"{path}: unsupported architecture {arch!r}; fastinfer reads GGUF architectures "
                          f"{', '.join(SUPPORTED_ARCHS)}")
 
-    def need(key):
-        if f"{arch}.{key}" not in meta:
+    def value(key, kind, default=None):
+        """Metadata `arch.key` as an int or float; a missing required key or a value of another
+        type (a string, an array) is a ValueError naming it. Ranges are check_config's."""
+        v = meta.get(f"{arch}.{key}", default)
+        if v is None:
             raise ValueError(f"{path}: GGUF metadata lacks {arch}.{key}")
-        return meta[f"{arch}.{key}"]
+        ok = isinstance(v, int) if kind is int else isinstance(v, (int, float))
+        if isinstance(v, bool) or not ok:
+            raise ValueError(f"{path}: GGUF metadata {arch}.{key} = {_short(v)}; expected "
+                             f"{'an integer' if kind is int else 'a number'}")
+        return kind(v)
 
-    tokens = meta.get("tokenizer.ggml.tokens") or []
-    dim, n_heads = int(need("embedding_length")), int(need("attention.head_count"))
-    head_dim = int(meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count")
-                   or dim // n_heads)
+    dim, n_heads = value("embedding_length", int), value("attention.head_count", int)
+    n_tokens = len(meta.get("tokenizer.ggml.tokens") or [])
+    head_dim = (value("attention.key_length", int, 0) or value("rope.dimension_count", int, 0)
+                or dim // max(n_heads, 1))
     config = {
         "arch": "llama",
         "dim": dim,
-        "n_layers": int(need("block_count")),
+        "n_layers": value("block_count", int),
         "n_heads": n_heads,
-        "n_kv_heads": int(meta.get(f"{arch}.attention.head_count_kv", n_heads)),
+        "n_kv_heads": value("attention.head_count_kv", int, n_heads),
         "head_dim": head_dim,
-        "hidden_dim": int(need("feed_forward_length")),
-        "vocab_size": int(meta.get(f"{arch}.vocab_size") or len(tokens)),
-        "norm_eps": float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+        "hidden_dim": value("feed_forward_length", int),
+        "vocab_size": value("vocab_size", int, 0) or n_tokens,
+        "norm_eps": value("attention.layer_norm_rms_epsilon", float, 1e-5),
+        "rope_theta": value("rope.freq_base", float, 10000.0),
         "rope_scaling": None,
-        "max_seq_len": int(meta.get(f"{arch}.context_length", 2048)),
+        "max_seq_len": value("context_length", int, 2048),
     }
     scaling = meta.get(f"{arch}.rope.scaling.type")
     if scaling == "linear":
-        config["rope_scaling"] = {"rope_type": "linear", "factor": float(meta[f"{arch}.rope.scaling.factor"])}
+        factor = value("rope.scaling.factor", float)
+        if not math.isfinite(factor) or factor <= 0:
+            raise ValueError(f"{path}: {arch}.rope.scaling.factor = {factor}; expected a finite positive number")
+        config["rope_scaling"] = {"rope_type": "linear", "factor": factor}
     elif scaling not in (None, "none"):
-        raise ValueError(f"{path}: unsupported RoPE scaling {scaling!r}")
+        raise ValueError(f"{path}: unsupported RoPE scaling {_short(scaling)}")
+    check_config(config, {}, str(path))
 
     if "tokenizer.ggml.tokens" not in meta:
         raise ValueError(f"{path}: GGUF file has no tokenizer (tokenizer.ggml.tokens)")
+    if n_tokens != config["vocab_size"]:
+        raise ValueError(f"{path}: the tokenizer has {n_tokens} tokens; the model's vocabulary is "
+                         f"{config['vocab_size']}")
     # Built before the weights are read: its Python vocabulary and merges (~25 MB, freed at once)
     # then add to a small process instead of to the peak beside every weight.
-    tokenizer = tokenizer_from_gguf(meta)
+    try:
+        tokenizer = tokenizer_from_gguf(meta)
+    except Exception as e:  # the tokenizers library raises bare Exceptions ("Error while initializing BPE")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: its tokenizer cannot be built ({first})") from None
     tensors = {}
     for t in reader.tensors:
         name = _canonical(t.name)
@@ -137,21 +171,27 @@ def read_gguf(path: Path) -> Checkpoint:
     k_order = _llama_cpp_rope_order(config["n_kv_heads"], head_dim)
     for i in range(config["n_layers"]):
         for w, order in (("wq", q_order), ("wk", k_order)):
-            if f"layers.{i}.{w}" in tensors:
-                tensors[f"layers.{i}.{w}"] = permute_rows(tensors[f"layers.{i}.{w}"], order)
-            b = f"layers.{i}.b{w[1]}"
-            if b in tensors:
-                tensors[b] = tensors[b][order]
+            for name in (f"layers.{i}.{w}", f"layers.{i}.b{w[1]}"):
+                if name not in tensors:
+                    continue
+                t = tensors[name]
+                rows = t.rows if isinstance(t, QMatrix) else t.shape[0]
+                if rows != len(order) or (not isinstance(t, QMatrix) and t.ndim != 1):
+                    raise ValueError(f"{path}: {name} has {rows} rows; expected {len(order)} from the model's config")
+                tensors[name] = permute_rows(t, order) if isinstance(t, QMatrix) else t[order]
+    template = meta.get("tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        raise ValueError(f"{path}: GGUF metadata tokenizer.chat_template = {_short(template)}; expected a string")
 
-    eos = [int(meta[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
-           if k in meta]
-    bos = meta.get("tokenizer.ggml.bos_token_id")
+    eos = [_token_id(meta, k, config["vocab_size"], path)
+           for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta]
+    bos = _token_id(meta, "tokenizer.ggml.bos_token_id", config["vocab_size"], path)
     return Checkpoint(
         config=config,
         tensors=tensors,
         tokenizer=tokenizer,
         bos_id=None if bos is None else int(bos),
         eos_ids=list(dict.fromkeys(eos)),
-        chat_template=meta.get("tokenizer.chat_template"),
+        chat_template=template,
         source=str(path),
     )

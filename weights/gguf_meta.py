@@ -5,6 +5,7 @@ which takes about 3 s on a 49k-token vocabulary; this reads the same file format
 header, key/value pairs, tensor infos, aligned data) in a fraction of that. The `gguf` package
 still provides the sizes and dequantizers of the tensor types fastinfer does not read itself.
 """
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ _STRING, _ARRAY = 8, 9
 GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
               8: ("Q8_0", 32, 34), 30: ("BF16", 1, 2)}
 _TENSOR_DTYPES = {0: np.float32, 1: np.float16}
+_MAX_DIMS = 4  # GGML_MAX_DIMS
 
 
 def ggml_type_name(ttype: int) -> str:
@@ -92,6 +94,12 @@ class GGUFFile:
 _BACK = 4 << 20  # twice the largest page-cache folio that one fault maps (2 MiB on x86-64)
 
 
+# Bounds on what metadata may make this process build: the largest vocabularies have ~262k tokens
+# and ~500k merges; a string array beyond this is refused before its strings become objects.
+MAX_STRING_ARRAY = 1 << 21
+_MAX_NESTING = 2
+
+
 class _Cursor:
     def __init__(self, buf: memoryview):
         self.buf, self.pos = buf, 0
@@ -101,25 +109,43 @@ class _Cursor:
         self.pos += struct.calcsize("<" + fmt)
         return v[0] if len(v) == 1 else v
 
+    def _need(self, nbytes: int, what: str) -> None:
+        if nbytes > len(self.buf) - self.pos:
+            raise ValueError(f"{what} at byte {self.pos} runs past the end of the file (truncated?)")
+
     def string(self) -> str:
         n = self.take("Q")
+        self._need(n, f"a string of {n} bytes")
         s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", errors="replace")
         self.pos += n
         return s
 
-    def value(self, vtype: int):
+    def value(self, vtype: int, depth: int = 0):
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
             etype, count = self.take("I"), self.take("Q")
             if etype == _STRING:
+                # every string takes at least its 8-byte length: a count the file cannot hold is
+                # refused before the loop, as is one that would make millions of objects
+                self._need(8 * count, f"an array of {count} strings")
+                if count > MAX_STRING_ARRAY:
+                    raise ValueError(f"an array of {count} strings (at most {MAX_STRING_ARRAY} are read)")
                 return [self.string() for _ in range(count)]
             if etype == _ARRAY:
-                return [self.value(_ARRAY) for _ in range(count)]
+                if depth >= _MAX_NESTING:
+                    raise ValueError(f"arrays nested deeper than {_MAX_NESTING}")
+                self._need(12 * count, f"an array of {count} arrays")
+                return [self.value(_ARRAY, depth + 1) for _ in range(count)]
+            if etype not in _NUMERIC:
+                raise ValueError(f"unknown GGUF array element type {etype}")
             dt = np.dtype(_NUMERIC[etype]).newbyteorder("<")
-            arr = np.frombuffer(self.buf, dt, count, self.pos)
+            self._need(count * dt.itemsize, f"an array of {count} numbers")
+            # a numpy copy: compact (a list of Python numbers costs ~5x the bytes), and no view
+            # pins the mapping
+            arr = np.frombuffer(self.buf, dt, count, self.pos).astype(dt.newbyteorder("="))
             self.pos += count * dt.itemsize
-            return arr.tolist()
+            return arr
         if vtype not in _NUMERIC:
             raise ValueError(f"unknown GGUF value type {vtype}")
         dt = np.dtype(_NUMERIC[vtype]).newbyteorder("<")
@@ -141,6 +167,7 @@ def open_gguf(path: str | Path) -> GGUFFile:
 
 def _read(path: Path) -> GGUFFile:
     mm = np.memmap(path, dtype=np.uint8, mode="r")
+    size = mm.shape[0]
     c = _Cursor(memoryview(mm))
     if bytes(mm[:4]) != b"GGUF":
         raise ValueError("bad magic (not a GGUF file)")
@@ -148,28 +175,49 @@ def _read(path: Path) -> GGUFFile:
     version, n_tensors, n_kv = c.take("I"), c.take("Q"), c.take("Q")
     if version not in (2, 3):
         raise ValueError(f"GGUF version {version} (supported: 2, 3)")
-    if n_tensors > 1 << 20 or n_kv > 1 << 20:
-        raise ValueError("implausible tensor or key count")
+    # a key/value pair takes at least 12 bytes and a tensor info 24: counts the file cannot hold
+    # are refused before any loop runs over them
+    if 12 * n_kv + 24 * n_tensors > size:
+        raise ValueError(f"{n_kv} keys and {n_tensors} tensors cannot fit in a file of {size} bytes")
     meta = {}
     for _ in range(n_kv):
         key = c.string()
+        if key in meta:
+            raise ValueError(f"metadata key {key} appears twice")
         meta[key] = c.value(c.take("I"))
-    infos = []
+    infos, names = [], set()
     for _ in range(n_tensors):
         name = c.string()
+        if name in names:
+            raise ValueError(f"tensor {name} appears twice")
+        names.add(name)
         n_dims = c.take("I")
+        if not 1 <= n_dims <= _MAX_DIMS:
+            raise ValueError(f"tensor {name} has {n_dims} dimensions (GGUF allows 1..{_MAX_DIMS})")
         dims = [c.take("Q") for _ in range(n_dims)]
         infos.append((name, dims, c.take("I"), c.take("Q")))
-    align = int(meta.get("general.alignment", 32))
+    align = meta.get("general.alignment", 32)
+    if isinstance(align, bool) or not isinstance(align, int) or not 1 <= align <= 1 << 16 or align & (align - 1):
+        raise ValueError(f"general.alignment = {align!r}; expected a power of two up to 65536")
     start = (c.pos + align - 1) // align * align
-    tensors = []
+    if start > size or any(mm[c.pos:start]):
+        raise ValueError(f"the {start - c.pos} bytes after the tensor infos are not padding "
+                         f"(is the tensor count {n_tensors} right?)")
+    tensors, extents = [], []
     for name, dims, ttype, offset in infos:
         block, type_size = _block_size(ttype)
-        n = int(np.prod(dims)) if dims else 1
+        if min(dims) < 1 or dims[0] % block:
+            raise ValueError(f"tensor {name} has dimensions {dims}; each must be positive and the first "
+                             f"a multiple of {block} for type {ggml_type_name(ttype)}")
+        n = math.prod(dims)
         nbytes = n // block * type_size
         lo = start + offset
-        if lo + nbytes > mm.shape[0]:
-            raise ValueError(f"tensor {name} runs past the end of the file (truncated?)")
+        if offset % align:
+            raise ValueError(f"tensor {name} starts at offset {offset}, not a multiple of the alignment {align}")
+        if lo + nbytes > size:
+            raise ValueError(f"tensor {name} ({ggml_type_name(ttype)}, {nbytes} bytes at offset {offset}) "
+                             f"runs past the end of the file (truncated?)")
+        extents.append((lo, lo + nbytes, name, ggml_type_name(ttype)))
         raw = mm[lo:lo + nbytes]
         shape = tuple(int(d) for d in reversed(dims))
         if ttype in _TENSOR_DTYPES:
@@ -177,7 +225,27 @@ def _read(path: Path) -> GGUFFile:
         else:
             data = raw.reshape(shape[:-1] + (-1,)) if len(shape) > 1 else raw
         tensors.append(GGUFTensor(name, ttype, shape, data))
+    _check_layout(sorted(extents), start, size, align)
     return GGUFFile(path, meta, tensors, mm)
+
+
+def _check_layout(extents: list[tuple[int, int, str, str]], start: int, size: int, align: int) -> None:
+    """Tensor data must tile the data section as GGUF writers lay it out: in any order, each tensor
+    starting at the first aligned byte after the one before it, the last one ending the file. A
+    tensor whose type does not match its bytes (Q8_0 data labelled Q4_0, F32 labelled F16), an
+    overlap or a tensor missing from the count leaves a gap or an overlap here."""
+    pos = start
+    for lo, hi, name, kind in extents:
+        if lo < pos:
+            raise ValueError(f"tensor {name} overlaps the tensor before it")
+        if lo - pos >= align:
+            raise ValueError(f"{lo - pos} bytes before tensor {name} belong to no tensor (is the type "
+                             f"of the one before it right, or a tensor missing from the count?)")
+        pos = hi
+    if size - pos >= align:
+        last = extents[-1] if extents else None
+        raise ValueError(f"{size - pos} bytes after the last tensor's data belong to no tensor"
+                         + (f" (is {last[2]} really {last[3]}?)" if last else ""))
 
 
 def read_metadata(f: GGUFFile) -> dict[str, Any]:

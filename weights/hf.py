@@ -12,7 +12,7 @@ import tokenizers
 
 from fastinfer.kernels import linear as K
 
-from .checkpoint import Checkpoint
+from .checkpoint import REQUIRED, Checkpoint, ConfigReader
 from .hf_fnet import fnet_canonical, fnet_config
 from .safetensors_mmap import read_safetensors
 from .tensors import from_f32, from_half_bits
@@ -76,9 +76,19 @@ def _read_json(path: Path, required: bool = False) -> dict:
             raise FileNotFoundError(f"{path.parent}: missing {path.name}")
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"{path} is not valid JSON ({str(e) or type(e).__name__})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    return value
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason})") from None
 
 
 def _weight_files(d: Path) -> list[Path]:
@@ -104,87 +114,87 @@ def _weight_files(d: Path) -> list[Path]:
     return files
 
 
-def _tensor(dtype: str, arr: np.ndarray, name: str, transpose: bool = False):
+def _tensor(dtype: str, arr: np.ndarray, name: str, source: Path, transpose: bool = False):
     if transpose:
         arr = arr.T
     if arr.ndim == 1:
         return (arr.view(np.uint16).astype(np.uint32) << 16).view(np.float32) if dtype == "BF16" \
             else np.asarray(arr, dtype=np.float32)
     if arr.ndim != 2:
-        raise ValueError(f"tensor {name} has shape {arr.shape}; expected a matrix")
+        raise ValueError(f"{source}: tensor {name} has shape {arr.shape}; expected a vector or a matrix")
     if dtype == "F16":
         return from_half_bits(arr.view(np.uint16), K.F16)
     if dtype == "BF16":
         return from_half_bits(arr, K.BF16)
     if dtype in ("F32", "F64"):
         return from_f32(arr)
-    raise ValueError(f"tensor {name} has dtype {dtype}; expected F32, F16 or BF16")
+    raise ValueError(f"{source}: tensor {name} has dtype {dtype}; expected F32, F16 or BF16")
+
+
 
 
 def _gpt2_config(cfg: dict, d: Path) -> dict:
     act = cfg.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"{d}: GPT-2 activation {act!r} is not supported (gelu_new is)")
-    try:
-        dim = int(cfg["n_embd"])
-        return {"arch": "gpt2", "dim": dim, "n_layers": int(cfg["n_layer"]), "n_heads": int(cfg["n_head"]),
-                "hidden_dim": int(cfg.get("n_inner") or 4 * dim), "vocab_size": int(cfg["vocab_size"]),
-                "max_seq_len": int(cfg.get("n_positions") or cfg.get("n_ctx") or 1024),
-                "norm_eps": float(cfg.get("layer_norm_epsilon", 1e-5))}
-    except KeyError as e:
-        raise ValueError(f"{d}/config.json lacks {e.args[0]!r}") from None
+        raise ValueError(f"{d}: GPT-2 activation {act!r:.40} is not supported (gelu_new is)")
+    c = ConfigReader(cfg, d)
+    dim = c.int("n_embd", REQUIRED)
+    return {"arch": "gpt2", "dim": dim, "n_layers": c.int("n_layer", REQUIRED), "n_heads": c.int("n_head", REQUIRED),
+            "hidden_dim": c.int("n_inner") or 4 * dim, "vocab_size": c.int("vocab_size", REQUIRED),
+            "max_seq_len": c.int("n_positions") or c.int("n_ctx") or 1024,
+            "norm_eps": c.float("layer_norm_epsilon", 1e-5)}
 
 
-def _sliding_window(cfg: dict, model_type: str) -> dict:
+def _sliding_window(c: ConfigReader, model_type: str) -> dict:
     """Mistral: every layer sees the last `sliding_window` keys; Qwen2: only with
     use_sliding_window, and only layers from max_window_layers on (HF's layer_types rule)."""
-    window = cfg.get("sliding_window")
+    window = c.int("sliding_window", 0)
     if not window:
         return {}
     if model_type == "mistral":
-        return {"sliding_window": int(window), "window_from_layer": 0}
-    if model_type == "qwen2" and cfg.get("use_sliding_window"):
-        return {"sliding_window": int(window), "window_from_layer": int(cfg.get("max_window_layers", 0))}
+        return {"sliding_window": window, "window_from_layer": 0}
+    if model_type == "qwen2" and c.cfg.get("use_sliding_window"):
+        return {"sliding_window": window, "window_from_layer": c.int("max_window_layers", 0)}
     return {}
 
 
 def _config(cfg: dict, d: Path) -> dict:
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{d}/config.json is not a JSON object")
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"{d}: unsupported model_type {model_type!r}; fastinfer reads "
+        raise ValueError(f"{d}: unsupported model_type {model_type!r:.40}; fastinfer reads "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
     if model_type == "gpt2":
         return _gpt2_config(cfg, d)
     if model_type == "fnet":
         return fnet_config(cfg, d)
-    try:
-        dim, n_heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-        rope = cfg.get("rope_scaling") or None
-        if rope is not None:
-            kind = rope.get("rope_type", rope.get("type"))
-            if kind == "default":
-                rope = None
-            elif kind not in ("llama3", "linear"):
-                raise ValueError(f"{d}: unsupported rope_scaling type {kind!r} (supported: llama3, linear)")
-            else:
-                rope = dict(rope, rope_type=kind)
-        return {
-            "arch": "llama",
-            "dim": dim,
-            "n_layers": int(cfg["num_hidden_layers"]),
-            "n_heads": n_heads,
-            "n_kv_heads": int(cfg.get("num_key_value_heads") or n_heads),
-            "head_dim": int(cfg.get("head_dim") or dim // n_heads),
-            "hidden_dim": int(cfg["intermediate_size"]),
-            "vocab_size": int(cfg["vocab_size"]),
-            "norm_eps": float(cfg.get("rms_norm_eps", 1e-6)),
-            "rope_theta": float(cfg.get("rope_theta", 10000.0)),
-            "rope_scaling": rope,
-            "max_seq_len": int(cfg.get("max_position_embeddings", 2048)),
-            **_sliding_window(cfg, model_type),
-        }
-    except KeyError as e:
-        raise ValueError(f"{d}/config.json lacks {e.args[0]!r}") from None
+    c = ConfigReader(cfg, d)
+    dim, n_heads = c.int("hidden_size", REQUIRED), c.int("num_attention_heads", REQUIRED)
+    rope = cfg.get("rope_scaling") or None
+    if rope is not None:
+        kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else rope
+        if kind == "default":
+            rope = None
+        elif kind not in ("llama3", "linear"):
+            raise ValueError(f"{d}: unsupported rope_scaling type {kind!r:.40} (supported: llama3, linear)")
+        else:
+            rope = dict(rope, rope_type=kind)
+    return {
+        "arch": "llama",
+        "dim": dim,
+        "n_layers": c.int("num_hidden_layers", REQUIRED),
+        "n_heads": n_heads,
+        "n_kv_heads": c.int("num_key_value_heads") or n_heads,
+        "head_dim": c.int("head_dim") or dim // max(n_heads, 1),
+        "hidden_dim": c.int("intermediate_size", REQUIRED),
+        "vocab_size": c.int("vocab_size", REQUIRED),
+        "norm_eps": c.float("rms_norm_eps", 1e-6),
+        "rope_theta": c.float("rope_theta", 10000.0),
+        "rope_scaling": rope,
+        "max_seq_len": c.int("max_position_embeddings", 2048),
+        **_sliding_window(c, model_type),
+    }
 
 
 def _tokenizer(d: Path) -> tokenizers.Tokenizer:
@@ -216,6 +226,14 @@ def _tokenizer(d: Path) -> tokenizers.Tokenizer:
     return tok
 
 
+def _in(f: Path, canonical, name: str):
+    """canonical(name), its ValueError naming the file."""
+    try:
+        return canonical(name)
+    except ValueError as e:
+        raise ValueError(f"{f}: {e}") from None
+
+
 def read_hf_dir(d: Path) -> Checkpoint:
     cfg = _read_json(d / "config.json", required=True)
     config = _config(cfg, d)
@@ -224,24 +242,34 @@ def read_hf_dir(d: Path) -> Checkpoint:
     for f in _weight_files(d):
         for name, (dtype, arr) in read_safetensors(f).items():
             if gpt2:
-                key, transpose = _gpt2_canonical(name) or (None, False)
+                key, transpose = _in(f, _gpt2_canonical, name) or (None, False)
             elif config["arch"] == "fnet":
-                key, transpose = fnet_canonical(name), False
+                key, transpose = _in(f, fnet_canonical, name), False
             else:
-                key, transpose = _canonical(name), False
+                key, transpose = _in(f, _canonical, name), False
             if key is not None:
-                tensors[key] = _tensor(dtype, arr, name, transpose)
+                if key in tensors:
+                    raise ValueError(f"{f}: tensor {name} appears twice in the checkpoint")
+                tensors[key] = _tensor(dtype, arr, name, f, transpose)
 
     if cfg.get("tie_word_embeddings", False) and config["arch"] != "fnet":  # HF ties even when a stale lm_head was saved
         tensors.pop("output", None)
+    elif config["arch"] == "llama" and "output" not in tensors:
+        raise ValueError(f"{d}: the checkpoint lacks lm_head.weight and config.json does not tie it to "
+                         f"the embeddings (tie_word_embeddings is false)")
 
     tok = _tokenizer(d)
 
     tcfg = _read_json(d / "tokenizer_config.json")
     gen = _read_json(d / "generation_config.json")
     template = tcfg.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": "..."}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
     if (d / "chat_template.jinja").is_file():
-        template = (d / "chat_template.jinja").read_text(encoding="utf-8")
+        template = _read_text(d / "chat_template.jinja")
+    if template is not None and not isinstance(template, str):
+        raise ValueError(f"{d}/tokenizer_config.json: chat_template is not a string")
 
     def token_id(value):
         if isinstance(value, dict):  # {"content": "<s>", ...} in older tokenizer_config files
@@ -251,10 +279,14 @@ def read_hf_dir(d: Path) -> Checkpoint:
     eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
     if eos is None:
         eos = token_id(tcfg.get("eos_token"))
-    eos_ids = [int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
+    eos_ids = [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
     bos = gen.get("bos_token_id", cfg.get("bos_token_id"))
     if bos is None:
         bos = token_id(tcfg.get("bos_token"))
+    vocab = config["vocab_size"]
+    for v in eos_ids + ([] if bos is None else [bos]):
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < vocab:
+            raise ValueError(f"{d}: a BOS/EOS token id is {v!r:.40}; expected a token id below {vocab}")
     generation = {k: gen[k] for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
                                       "do_sample", "max_new_tokens", "max_length", "num_beams", "no_repeat_ngram_size",
                                       "length_penalty", "early_stopping", "min_new_tokens") if k in gen}

@@ -9,6 +9,8 @@ which case the stored tensors are used (checked against transformers 5.24).
 """
 import re
 
+from .checkpoint import ConfigReader
+
 # HF activation name -> fastinfer.kernels.ops activation code
 ACTIVATIONS = {
     "gelu_new": 0, "gelu_pytorch_tanh": 0, "gelu_fast": 0, "gelu_accurate": 0, "gelu_python_tanh": 0,
@@ -60,12 +62,13 @@ def fnet_canonical(name: str) -> str | None:
 
 def fnet_config(cfg: dict, d) -> dict:
     act = cfg.get("hidden_act", "gelu_new")
-    if act not in ACTIVATIONS:
-        raise ValueError(f"{d}: FNet hidden_act {act!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
+    if not isinstance(act, str) or act not in ACTIVATIONS:
+        raise ValueError(f"{d}: FNet hidden_act {act!r:.40} is not supported (supported: {', '.join(ACTIVATIONS)})")
     # A missing key takes FNetConfig's default, as transformers does.
-    return {"arch": "fnet", "dim": int(cfg.get("hidden_size", 768)), "n_layers": int(cfg.get("num_hidden_layers", 12)),
-            "hidden_dim": int(cfg.get("intermediate_size", 3072)), "vocab_size": int(cfg.get("vocab_size", 32000)),
-            "max_seq_len": int(cfg.get("max_position_embeddings", 512)),
-            "type_vocab_size": int(cfg.get("type_vocab_size", 4)),
-            "norm_eps": float(cfg.get("layer_norm_eps", 1e-12)), "activation": act,
+    c = ConfigReader(cfg, d)
+    return {"arch": "fnet", "dim": c.int("hidden_size", 768), "n_layers": c.int("num_hidden_layers", 12),
+            "hidden_dim": c.int("intermediate_size", 3072), "vocab_size": c.int("vocab_size", 32000),
+            "max_seq_len": c.int("max_position_embeddings", 512),
+            "type_vocab_size": c.int("type_vocab_size", 4),
+            "norm_eps": c.float("layer_norm_eps", 1e-12), "activation": act,
             "tied": bool(cfg.get("tie_word_embeddings", True))}

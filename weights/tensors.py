@@ -141,3 +141,57 @@ def stack_joined(layers: list[list[QMatrix]]) -> QMatrix:
             row += w.rows
         del ws, w
     return QMatrix(proto.kind, out["q"], out["s"], out["m"], out["f"], sum(r for r, _ in shapes), shapes[0][1])
+
+
+# Per format: the bytes of q per weight (0: unused), whether s and m (per 32-block) are used, and
+# whether f (plain f32) is: what `check_matrix` holds every matrix to.
+_LAYOUT = {K.F32: (0, False, False, True), K.F16: (2, False, False, False), K.BF16: (2, False, False, False),
+           K.Q8_0: (1, True, False, False), K.Q4_0: (0.5, True, False, False), K.Q4_1: (0.5, True, True, False)}
+# bits of an IEEE half float / a bfloat16 whose exponent is all ones: infinities and NaNs
+_NONFINITE_BITS = {K.F16: 0x7C00, K.BF16: 0x7F80}
+
+
+def check_matrix(m, name: str, shape: tuple[int, int, int], source: str) -> None:
+    """A ValueError naming the tensor unless m is a QMatrix of shape[0] stacked (rows, cols)
+    matrices whose arrays have exactly the dtypes and shapes its format needs (so a kernel never
+    reads past them) and whose scales and float values are finite."""
+    if not isinstance(m, QMatrix):
+        raise ValueError(f"{source}: {name} is a {type(m).__name__}; expected a weight matrix")
+    if m.kind not in _LAYOUT or not all(isinstance(a, np.ndarray) and a.ndim == 3 for a in (m.q, m.s, m.m, m.f)):
+        raise ValueError(f"{source}: {name} is not a weight matrix fastinfer can read (format code {m.kind})")
+    if (m.n, m.rows, m.cols) != tuple(shape):
+        raise ValueError(f"{source}: {name} has shape {(m.n, m.rows, m.cols)}; expected {tuple(shape)} "
+                         f"from the model's config")
+    n, rows, cols = shape
+    q_bytes, scales, mins, plain = _LAYOUT[m.kind]
+    if scales and cols % K.QK:
+        raise ValueError(f"{source}: {name} has {cols} columns, not a multiple of {K.QK} for {m.kind_name}")
+    want = {"q": ((n, rows, int(cols * q_bytes)), np.uint8) if q_bytes else ((0, 0, 0), np.uint8),
+            "s": ((n, rows, cols // K.QK), np.float32) if scales else ((0, 0, 0), np.float32),
+            "m": ((n, rows, cols // K.QK), np.float32) if mins else ((0, 0, 0), np.float32),
+            "f": ((n, rows, cols), np.float32) if plain else ((0, 0, 0), np.float32)}
+    for part, (pshape, dtype) in want.items():
+        a = getattr(m, part)
+        if not isinstance(a, np.ndarray) or a.dtype != dtype or a.shape != pshape or not a.flags.c_contiguous:
+            got = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
+            raise ValueError(f"{source}: {name} ({m.kind_name}) has {part} {got}; expected "
+                             f"{np.dtype(dtype)} {pshape if pshape[0] else 'empty'} (corrupt or truncated?)")
+    finite = [m.s, m.m, m.f]
+    if m.kind in _NONFINITE_BITS:
+        mask = _NONFINITE_BITS[m.kind]
+        if ((m.q.view(np.uint16) & mask) == mask).any():
+            raise ValueError(f"{source}: {name} holds infinite or NaN values")
+    if not all(np.isfinite(a).all() for a in finite if a.size):
+        raise ValueError(f"{source}: {name} holds infinite or NaN values")
+
+
+def check_vector(a, name: str, shape: tuple[int, ...], source: str) -> np.ndarray:
+    """a as a contiguous f32 array of exactly `shape` with finite values, or a ValueError naming it."""
+    if isinstance(a, QMatrix) or not isinstance(a, np.ndarray) or a.dtype.kind not in "fiu":
+        raise ValueError(f"{source}: {name} is not a numeric array; expected f32 {tuple(shape)}")
+    if a.shape != tuple(shape):
+        raise ValueError(f"{source}: {name} has shape {a.shape}; expected {tuple(shape)} from the model's config")
+    a = np.ascontiguousarray(a, np.float32)
+    if not np.isfinite(a).all():
+        raise ValueError(f"{source}: {name} holds infinite or NaN values")
+    return a

@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
 from tokenizers import pre_tokenizers, processors
 
@@ -116,9 +118,10 @@ def tokenizer_from_gguf(meta: Mapping[str, Any]) -> Tokenizer:
     or inconsistent tokenizer arrays.
     """
     tokens = meta.get("tokenizer.ggml.tokens")
-    if not tokens:
-        raise ValueError("GGUF file has no tokenizer metadata (tokenizer.ggml.tokens)")
-    types = meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise ValueError("GGUF file has no tokenizer metadata (tokenizer.ggml.tokens) or it is not a list of strings")
+    types = meta.get("tokenizer.ggml.token_type")
+    types = [_NORMAL] * len(tokens) if types is None else [int(t) for t in np.asarray(types).reshape(-1)]
     if len(types) != len(tokens):
         raise ValueError(
             f"GGUF tokenizer.ggml.token_type has {len(types)} entries "

@@ -22,3 +22,17 @@ def architecture(name: str) -> ModuleType:
     if name not in ARCHITECTURES:
         raise ValueError(f"unsupported architecture {name!r}; fastinfer runs {', '.join(ARCHITECTURES)}")
     return importlib.import_module(f"{__name__}.{name}")
+
+
+def model_args(cls, config: dict, source: str):
+    """cls(**config), with a ValueError naming the keys for a config that lacks or adds any
+    (a converted checkpoint's config.json edited by hand, say)."""
+    import dataclasses
+    known = {f.name for f in dataclasses.fields(cls)}
+    required = {f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    if not isinstance(config, dict) or set(config) - known or required - set(config):
+        keys = set(config) if isinstance(config, dict) else set()
+        raise ValueError(f"{source}: the model config lacks {sorted(required - keys)} or has unknown keys "
+                         f"{sorted(keys - known)}")
+    return cls(**config)

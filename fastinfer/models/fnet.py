@@ -20,7 +20,9 @@ from fastinfer.kernels import ops
 from fastinfer.kernels.jit import kernel
 from fastinfer.weights.checkpoint import Checkpoint
 from fastinfer.weights.hf_fnet import ACTIVATIONS
-from fastinfer.weights.tensors import QMatrix, from_f32, readonly, stack, to_f32
+from fastinfer.weights.tensors import QMatrix, check_matrix, check_vector, from_f32, readonly, stack, to_f32
+
+from . import model_args
 
 ENCODER = True  # the API offers forward/embed, not sessions or generation
 
@@ -91,7 +93,7 @@ def build(ckpt: Checkpoint, max_seq: int) -> tuple[ModelArgs, Weights]:
     cfg = dict(ckpt.config)
     t = ckpt.tensors
     cfg["has_head"] = cfg.get("has_head", all(k in t for k in _HEAD))
-    args = ModelArgs(**cfg)
+    args = model_args(ModelArgs, cfg, ckpt.source)
     n, d, h = args.n_layers, args.dim, args.hidden_dim
     src = ckpt.source
 
@@ -99,17 +101,16 @@ def build(ckpt: Checkpoint, max_seq: int) -> tuple[ModelArgs, Weights]:
         if name not in t:
             raise ValueError(f"{src}: checkpoint lacks {name}")
         v = t[name]
-        v = to_f32(v).f[0] if isinstance(v, QMatrix) else np.asarray(v, np.float32)
-        if v.shape != shape:
-            raise ValueError(f"{src}: {name} has shape {v.shape}; expected {shape}")
-        return v
+        if isinstance(v, QMatrix):  # a table such as the position embeddings
+            check_matrix(v, name, (1, *shape), src)
+            v = to_f32(v).f[0]
+        return check_vector(v, name, shape, src)
 
     def mat(name, shape, layers=1):
         m = t.get(name)
         if m is None:
             raise ValueError(f"{src}: checkpoint lacks {name}")
-        if (m.n, m.rows, m.cols) != (layers, *shape):
-            raise ValueError(f"{src}: {name} has shape {(m.n, m.rows, m.cols)}; expected {(layers, *shape)}")
+        check_matrix(m, name, (layers, *shape), src)
         return m
 
     def layer_stack(name, shape):
@@ -121,8 +122,7 @@ def build(ckpt: Checkpoint, max_seq: int) -> tuple[ModelArgs, Weights]:
         got = [t[f"layers.{i}.{name}"] for i in range(n)]
         if len(shape) == 2:
             for i, g in enumerate(got):
-                if (g.rows, g.cols) != shape:
-                    raise ValueError(f"{src}: layers.{i}.{name} has shape {(g.rows, g.cols)}; expected {shape}")
+                check_matrix(g, f"layers.{i}.{name}", (1, *shape), src)
             return stack(got)
         return np.stack([vec(f"layers.{i}.{name}", shape) for i in range(n)])
 

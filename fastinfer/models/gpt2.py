@@ -18,9 +18,9 @@ from fastinfer.kernels import linear as L
 from fastinfer.kernels import ops
 from fastinfer.kernels.jit import kernel
 from fastinfer.weights.checkpoint import Checkpoint
-from fastinfer.weights.tensors import QMatrix, readonly, stack, to_f32
+from fastinfer.weights.tensors import QMatrix, check_matrix, check_vector, readonly, stack, to_f32
 
-from . import KV_TYPES
+from . import KV_TYPES, model_args
 from .llama import lazy_zeros
 
 
@@ -83,7 +83,7 @@ def build(ckpt: Checkpoint, max_seq: int) -> tuple[ModelArgs, Weights]:
     """Stack a checkpoint's per-layer tensors (or take a converted checkpoint's stacks).
 
     max_seq is unused: GPT-2's positions are learned, all n_positions of them are kept."""
-    args = ModelArgs(**ckpt.config)
+    args = model_args(ModelArgs, ckpt.config, ckpt.source)
     t = ckpt.tensors
     n = args.n_layers
 
@@ -102,25 +102,21 @@ def build(ckpt: Checkpoint, max_seq: int) -> tuple[ModelArgs, Weights]:
              "ffn_norm_bias": d, "b1": h, "b2": d}
     parts = {}
     for name, shape in shapes.items():
-        m = layer_stack(name)
-        if (m.n, m.rows, m.cols) != (n, *shape):
-            raise ValueError(f"{ckpt.source}: {name} has shape {(m.n, m.rows, m.cols)}; expected {(n, *shape)}")
-        parts[name] = m
+        parts[name] = layer_stack(name)
+        check_matrix(parts[name], name, (n, *shape), ckpt.source)
     for name, size in sizes.items():
-        v = np.asarray(layer_stack(name), np.float32)
-        if v.shape != (n, size):
-            raise ValueError(f"{ckpt.source}: {name} has shape {v.shape}; expected {(n, size)}")
-        parts[name] = v
+        parts[name] = check_vector(layer_stack(name), name, (n, size), ckpt.source)
     for name in ("tok_embeddings", "pos_embeddings", "norm", "norm_bias"):
         if name not in t:
             raise ValueError(f"{ckpt.source}: checkpoint lacks {name}")
     emb, pos = t["tok_embeddings"], t["pos_embeddings"]
-    pos = to_f32(pos).f[0] if isinstance(pos, QMatrix) else np.asarray(pos, np.float32)  # added per token
-    if (emb.rows, emb.cols) != (args.vocab_size, d) or pos.shape != (args.max_seq_len, d):
-        raise ValueError(f"{ckpt.source}: embeddings have shapes {(emb.rows, emb.cols)} and {pos.shape}; "
-                         f"expected {(args.vocab_size, d)} and {(args.max_seq_len, d)}")
-    w = Weights(tok_embeddings=emb, pos_embeddings=pos,
-                norm=np.asarray(t["norm"], np.float32), norm_bias=np.asarray(t["norm_bias"], np.float32), **parts)
+    check_matrix(emb, "token embeddings", (1, args.vocab_size, d), ckpt.source)
+    if isinstance(pos, QMatrix):  # added per token: kept as f32
+        check_matrix(pos, "position embeddings", (1, args.max_seq_len, d), ckpt.source)
+        pos = to_f32(pos).f[0]
+    pos = check_vector(pos, "position embeddings", (args.max_seq_len, d), ckpt.source)
+    w = Weights(tok_embeddings=emb, pos_embeddings=pos, norm=check_vector(t["norm"], "the final norm", (d,), ckpt.source),
+                norm_bias=check_vector(t["norm_bias"], "the final norm's bias", (d,), ckpt.source), **parts)
     return args, w
 
 

@@ -23,9 +23,9 @@ from fastinfer.kernels import prune
 from fastinfer.kernels import spectral as S
 from fastinfer.kernels.jit import kernel
 from fastinfer.weights.checkpoint import Checkpoint
-from fastinfer.weights.tensors import QMatrix, readonly, stack_joined
+from fastinfer.weights.tensors import QMatrix, check_matrix, check_vector, readonly, stack_joined
 
-from . import KV_TYPES
+from . import KV_TYPES, model_args
 
 ACT8 = True  # State(act8=True): matmul inputs quantized to 8 bits (kernels/act8.py)
 KV_RESIDUAL = True  # with act8, the K and V projections get a second 8-bit pass over their input's
@@ -116,38 +116,67 @@ def build(ckpt: Checkpoint, max_seq: int) -> tuple[ModelArgs, Weights]:
     Q, K and V projections become one matrix, as do gate and up: one pass over the input each,
     and fewer parallel regions per decoded token.
     """
-    args = ModelArgs(**{k: v for k, v in ckpt.config.items()})
+    args = model_args(ModelArgs, ckpt.config, ckpt.source)
     t = ckpt.tensors
     qd, kvd = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
     if "wqkv" in t:  # a converted checkpoint holds the roles stacked and joined already
+        missing = [n for n in ("wqkv", "wo", "w13", "w2", "bqkv", "attention_norm", "ffn_norm") if n not in t]
+        if missing:
+            raise ValueError(f"{ckpt.source}: checkpoint lacks {', '.join(missing)}")
         mats = {n: t[n] for n in ("wqkv", "wo", "w13", "w2")}
-        vec = {n: np.asarray(t[n], np.float32) for n in ("bqkv", "attention_norm", "ffn_norm")}
+        vec = {n: t[n] for n in ("bqkv", "attention_norm", "ffn_norm")}
     else:  # GGUF and HF: one tensor per layer and role, "layers.3.wq"
         mats, vec = _stack_layers(ckpt, args, qd, kvd)
-    expect = {"wqkv": (qd + 2 * kvd, args.dim), "wo": (args.dim, qd), "w13": (2 * args.hidden_dim, args.dim),
-              "w2": (args.dim, args.hidden_dim)}
-    for name, shape in expect.items():
-        m = mats[name]
-        if (m.n, m.rows, m.cols) != (args.n_layers, *shape):
-            raise ValueError(f"{ckpt.source}: {name} has shape {(m.n, m.rows, m.cols)}; expected "
-                             f"{(args.n_layers, *shape)} from the model's config")
+    if "tok_embeddings" not in t or "norm" not in t:
+        raise ValueError(f"{ckpt.source}: checkpoint lacks {'tok_embeddings' if 'tok_embeddings' not in t else 'norm'}")
     emb = t["tok_embeddings"]
-    if (emb.rows, emb.cols) != (args.vocab_size, args.dim):
-        raise ValueError(f"{ckpt.source}: token embeddings have shape {(emb.rows, emb.cols)}; "
-                         f"expected {(args.vocab_size, args.dim)}")
     out = t.get("output", emb)
-    if (out.rows, out.cols) != (args.vocab_size, args.dim):  # the head writes vocab_size logits per row
-        raise ValueError(f"{ckpt.source}: the output matrix has shape {(out.rows, out.cols)}; "
-                         f"expected {(args.vocab_size, args.dim)}")
-    norm = np.asarray(t["norm"], np.float32)
-    if norm.shape != (args.dim,):
-        raise ValueError(f"{ckpt.source}: the final norm has shape {norm.shape}; expected {(args.dim,)}")
+    L_, d, h = args.n_layers, args.dim, args.hidden_dim
+    src = ckpt.source
+    for name, m, shape in (("wqkv", mats["wqkv"], (L_, qd + 2 * kvd, d)), ("wo", mats["wo"], (L_, d, qd)),
+                           ("w13", mats["w13"], (L_, 2 * h, d)), ("w2", mats["w2"], (L_, d, h)),
+                           ("token embeddings", emb, (1, args.vocab_size, d)),
+                           ("the output matrix", out, (1, args.vocab_size, d))):  # a row per logit
+        check_matrix(m, name, shape, src)
+    vec = {name: check_vector(v, name, shape, src) for name, v, shape in (
+        ("bqkv", vec["bqkv"], (L_, qd + 2 * kvd)), ("attention_norm", vec["attention_norm"], (L_, d)),
+        ("ffn_norm", vec["ffn_norm"], (L_, d)))}
+    norm = check_vector(t["norm"], "the final norm", (d,), src)
     if "rope_freqs" in t:
-        args.rope_scaling = dict(args.rope_scaling or {}, freq_factors=t["rope_freqs"].astype(np.float32))
+        factors = check_vector(t["rope_freqs"], "rope_freqs", (args.head_dim // 2,), src)
+        if (factors <= 0).any():
+            raise ValueError(f"{src}: rope_freqs holds values that are not positive")
+        args.rope_scaling = dict(args.rope_scaling or {}, freq_factors=factors)
+    _check_rope_scaling(args.rope_scaling, src, args.head_dim // 2)
     cos, sin = rope_tables(args, max_seq)
     w = Weights(tok_embeddings=emb, norm=norm, output=out,
                 cos=cos, sin=sin, windows=_windows(args), **mats, **vec)
     return args, w
+
+
+def _check_rope_scaling(sc: dict | None, source: str, half: int) -> None:
+    """RoPE scaling as rope_tables reads it: a known type and finite positive factors (and
+    freq_factors, one per rotated pair)."""
+    if not sc:
+        return
+    if isinstance(sc, dict) and "freq_factors" in sc:
+        try:
+            f = np.asarray(sc["freq_factors"], np.float64)
+        except (TypeError, ValueError):
+            f = np.zeros(0)
+        if f.shape != (half,) or not np.isfinite(f).all() or (f <= 0).any():
+            raise ValueError(f"{source}: RoPE freq_factors must be {half} finite positive numbers")
+    if not isinstance(sc, dict) or sc.get("rope_type") not in (None, "default", "llama3", "linear"):
+        raise ValueError(f"{source}: unsupported RoPE scaling {sc!r:.80}")
+    need = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+            "linear": ("factor",)}.get(sc.get("rope_type"), ())
+    for key in need:
+        v = sc.get(key, {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192}.get(key))
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{source}: RoPE scaling {key} = {v!r:.40}; expected a finite positive number")
+    if sc.get("rope_type") == "llama3" and sc.get("low_freq_factor", 1.0) >= sc.get("high_freq_factor", 4.0):
+        raise ValueError(f"{source}: RoPE scaling low_freq_factor must be below high_freq_factor")
 
 
 def has_float_matmuls(w: Weights) -> bool:
