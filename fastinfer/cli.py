@@ -2,7 +2,9 @@
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -510,8 +512,17 @@ COMMANDS = {"generate": cmd_generate, "pull": cmd_pull, "convert": cmd_convert, 
             "perplexity": cmd_perplexity, "eval-prune": cmd_eval_prune, "embed": cmd_embed}
 
 
+def _terminate(signum, frame):
+    """SIGTERM and SIGHUP end the command as Ctrl-C does, so that its cleanup runs (scratch files
+    of a convert or a pull are removed) before the process exits with 128 + the signal number."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _terminate)
     try:
         return COMMANDS[args.command](args)
     except BrokenPipeError:  # `fastinfer generate ... | head`: the reader left, nothing to report

@@ -36,7 +36,7 @@ def convert(src: str | Path, out: str | Path, dtype: str = "auto", force: bool =
         raise ValueError("the output directory must differ from the source")
     check_replaceable(out, src)  # before the work: --force replaces only a previous output
     ckpt = open_checkpoint(src, dtype)
-    arch = architecture(ckpt.config["arch"])
+    arch = architecture(ckpt.config["arch"], ckpt.source)
     args, w = arch.build(ckpt, max_seq=1)
     tensors = {f.name: getattr(w, f.name) for f in fields(w) if f.name not in ("cos", "sin", "windows")}
 

@@ -1,5 +1,6 @@
 """The Python API: `load`, `Model`, `Session` and `Batch`."""
 import ctypes
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -71,11 +72,15 @@ def load(source: str | Path | None = None, dtype: str = "auto", threads: int | N
     changes within about 0.2% on SmolLM2; "f32" is exact.
     """
     isa.require()  # a FASTINFER_ISA this CPU cannot run is refused before anything compiles
+    if source is not None and not isinstance(source, (str, os.PathLike)):
+        raise ValueError(f"source must be a path (str or Path) or None; got {type(source).__name__}")
     check_dtype(dtype)
-    if activations not in ACTIVATIONS:
-        raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}; got {activations!r}")
-    if kv_type not in KV_TYPES:
-        raise ValueError(f"kv_type must be one of {', '.join(KV_TYPES)}; got {kv_type!r}")
+    if n_ctx is not None:
+        _check_int("n_ctx", n_ctx, 1)
+    if not isinstance(activations, str) or activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}; got {activations!r:.40}")
+    if not isinstance(kv_type, str) or kv_type not in KV_TYPES:
+        raise ValueError(f"kv_type must be one of {', '.join(KV_TYPES)}; got {kv_type!r:.40}")
     _return_freed_memory()
     threads = set_threads(threads)
     path = default_model() if source is None else Path(source)
@@ -100,9 +105,9 @@ class Model:
         ctx_limit = int(ckpt.config["max_seq_len"])
         n_ctx = min(DEFAULT_CTX, ctx_limit) if n_ctx is None else int(n_ctx)
         if not 1 <= n_ctx <= ctx_limit:
-            raise ValueError(f"n_ctx must be between 1 and the model's context length {ctx_limit}; got {n_ctx}")
+            raise ValueError(f"n_ctx must be between 1 and the context length of {ckpt.source}, {ctx_limit}; got {n_ctx}")
         self.n_ctx, self.threads, self.kv_type = n_ctx, threads, kv_type
-        self.arch = architecture(ckpt.config["arch"])
+        self.arch = architecture(ckpt.config["arch"], ckpt.source)
         if activations == "int8" and not getattr(self.arch, "ACT8", False):
             raise ValueError(f"activations={activations!r} is supported for Llama-family models only; "
                              f"{ckpt.source} is {ckpt.config['arch']}")
@@ -204,35 +209,28 @@ class Model:
 
     # -- text ---------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise ValueError(f"encode takes a str; got {type(text).__name__}")
         return self.tokenizer.encode(text, add_special_tokens=True).ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+        return self.tokenizer.decode(self._check_ids(ids, None, allow_empty=True), skip_special_tokens=False)
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """Render messages with the model's chat template, in a sandbox as HF does."""
         if not self.chat_template:
             raise ValueError(f"{self.source} has no chat template")
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
-                                                     for m in messages):
-            raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                     and isinstance(m.get("content"), str) for m in messages):
+            raise ValueError("messages must be a list of {'role': str, 'content': str} dicts")
 
-        # imported here: jinja2 costs ~5 MB of RSS, and only chat needs it
-        from jinja2.exceptions import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(msg):
-            raise TemplateError(msg)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
+        from .chat_template import render
         tok = lambda i: None if i is None else self.tokenizer.id_to_token(i)  # noqa: E731
         try:
-            return env.from_string(self.chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
-                bos_token=tok(self.bos_id) or "", eos_token=tok(self.eos_ids[0] if self.eos_ids else None) or "")
-        except TemplateError as e:
-            raise ValueError(f"chat template failed: {e}") from None
+            return render(self.chat_template, messages=messages, add_generation_prompt=add_generation_prompt,
+                          bos_token=tok(self.bos_id) or "", eos_token=tok(self.eos_ids[0] if self.eos_ids else None) or "")
+        except ValueError as e:
+            raise ValueError(f"{self.source}: {e}") from None
 
     # -- generation ---------------------------------------------------------------------------
     # Every generation option defaults to None: "the checkpoint's generation_config.json, else
@@ -261,7 +259,7 @@ class Model:
         if max_new_tokens is None and max_length is None:
             max_new_tokens, max_length = gen.get("max_new_tokens"), gen.get("max_length")
         if max_new_tokens is None and max_length is not None:
-            max_new_tokens = int(max_length) - n_prompt
+            max_new_tokens = _check_int("max_length", max_length, 1) - n_prompt
             if max_new_tokens < 1:
                 raise ValueError(f"max_length {max_length} leaves no room after the {n_prompt}-token prompt")
         if max_new_tokens is None:
@@ -271,7 +269,10 @@ class Model:
             v = o[name]
             if not isinstance(v, (int, np.integer)) or v < (1 if name == "num_beams" else 0):
                 raise ValueError(f"{name} must be an integer >= {1 if name == 'num_beams' else 0}; got {v!r}")
-        if o["early_stopping"] not in (True, False, "never"):
+        lp = o["length_penalty"]
+        if isinstance(lp, bool) or not isinstance(lp, (int, float, np.number)) or not np.isfinite(lp):
+            raise ValueError(f"length_penalty must be a finite number; got {lp!r:.40}")
+        if not isinstance(o["early_stopping"], (bool, str)) or o["early_stopping"] not in (True, False, "never"):
             raise ValueError(f"early_stopping must be True, False or 'never'; got {o['early_stopping']!r}")
         params = SamplingParams(o["temperature"], o["top_k"], o["top_p"], o["min_p"], o["repetition_penalty"], seed)
         return GenerationOptions(int(max_new_tokens), params, int(o["num_beams"]), float(o["length_penalty"]),
@@ -301,8 +302,12 @@ class Model:
         self._decoder_only("generate")
         kw.update({k: v for k, v in (("attention", attention), ("prune", prune), ("kv_budget", kv_budget))
                    if v is not None})
+        stop = _check_stop(stop)
         if isinstance(prompt, str):
             return "".join(self.stream(prompt, stop=stop, **kw))
+        if isinstance(prompt, (bytes, dict)) or not isinstance(prompt, (Sequence, np.ndarray)):
+            raise ValueError(f"prompt must be a str, a list of token ids, or a list of those; got "
+                             f"{type(prompt).__name__}")
         sess = self._session_options(kw)
         if len(prompt) and not isinstance(prompt[0], (int, np.integer)):
             return self._generate_batch(list(prompt), stop, kw, sess)
@@ -369,6 +374,7 @@ class Model:
         the end.
         """
         self._decoder_only("stream")
+        stop = _check_stop(stop)
         if not isinstance(prompt, str):
             raise ValueError("stream takes a text prompt; use generate for token ids")
         return self._stream_ids(self.encode(prompt), stop, options)
@@ -415,21 +421,37 @@ class Model:
             raise ValueError(f"token id {token} is outside the vocabulary (0..{self.args.vocab_size - 1})")
         return int(token)
 
-    def _check_ids(self, ids: Sequence[int], limit: int) -> list[int]:
-        if isinstance(ids, (str, bytes)):
-            raise ValueError(f"expected a sequence of token ids; got {type(ids).__name__} (encode text first)")
+    def _check_ids(self, ids: Sequence[int], limit: int | None, allow_empty: bool = False) -> list[int]:
+        if isinstance(ids, (str, bytes, dict)) or not isinstance(ids, (Sequence, np.ndarray)):
+            raise ValueError(f"expected a sequence of token ids; got {type(ids).__name__}"
+                             f"{' (encode text first)' if isinstance(ids, str) else ''}")
         ids = [self._check_token(i) for i in ids]
-        if not ids:
+        if not ids and not allow_empty:
             raise ValueError("the prompt is empty")
-        if len(ids) > limit:
+        if limit is not None and len(ids) > limit:
             raise ValueError(f"the prompt is {len(ids)} tokens; the context holds {self.n_ctx} "
                              f"(load with a larger n_ctx, up to {self.args.max_seq_len})")
         return ids
 
     @staticmethod
     def _check_count(max_new_tokens: int) -> None:
-        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer; got {max_new_tokens!r}")
+        _check_int("max_new_tokens", max_new_tokens, 1)
+
+
+def _check_int(name: str, v, lo: int) -> int:
+    """v as an int if it is an integer >= lo (not a bool, a float or a numeric string), else a ValueError."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}; got {v!r:.40}")
+    return int(v)
+
+
+def _check_stop(stop) -> list[str] | None:
+    """stop as None or a list of strings: a str is one stop string."""
+    if stop is None or isinstance(stop, str):
+        return None if stop is None else [stop]
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise ValueError(f"stop must be a string or a list of strings; got {stop!r:.60}")
+    return list(stop)
 
 
 class Session:
@@ -442,9 +464,10 @@ class Session:
 
     def __init__(self, model: Model, n_ctx: int, state=None, base: int = 0, attention: BlockSparse | None = None,
                  prune=None, kv_budget=None):
-        if not 1 <= n_ctx <= model.n_ctx:  # RoPE tables and the rest are sized for model.n_ctx
+        if isinstance(n_ctx, bool) or not isinstance(n_ctx, (int, np.integer)) or not 1 <= n_ctx <= model.n_ctx:
+            # RoPE tables and the rest are sized for model.n_ctx
             raise ValueError(f"n_ctx must be between 1 and the {model.n_ctx} tokens the model was loaded "
-                             f"for; got {n_ctx} (load it with fastinfer.load(..., n_ctx=N) for more)")
+                             f"for; got {n_ctx!r:.40} (load it with fastinfer.load(..., n_ctx=N) for more)")
         self.model, self.max_seq, self.pos, self.base = model, n_ctx, 0, base
         chunk = min(PREFILL_CHUNK, n_ctx)
         self._pruning = None  # prune= / kv_budget= bookkeeping (fastinfer/prune.py)

@@ -15,16 +15,21 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
+        real = lambda v: isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)  # noqa: E731
         checks = [
-            ("temperature", self.temperature >= 0, "must be >= 0"),
-            ("top_k", isinstance(self.top_k, (int, np.integer)) and self.top_k >= 0, "must be an integer >= 0"),
-            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
-            ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
-            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
+            ("temperature", real(self.temperature) and 0 <= self.temperature < float("inf"), "must be a number >= 0"),
+            ("top_k", isinstance(self.top_k, (int, np.integer)) and not isinstance(self.top_k, bool)
+             and self.top_k >= 0, "must be an integer >= 0"),
+            ("top_p", real(self.top_p) and 0 < self.top_p <= 1, "must be a number in (0, 1]"),
+            ("min_p", real(self.min_p) and 0 <= self.min_p <= 1, "must be a number in [0, 1]"),
+            ("repetition_penalty", real(self.repetition_penalty) and 0 < self.repetition_penalty < float("inf"),
+             "must be a number > 0"),
+            ("seed", self.seed is None or (isinstance(self.seed, (int, np.integer)) and not isinstance(self.seed, bool)
+                                           and self.seed >= 0), "must be a non-negative integer"),
         ]
         for name, ok, rule in checks:
             if not ok:
-                raise ValueError(f"{name} {rule}; got {getattr(self, name)!r}")
+                raise ValueError(f"{name} {rule}; got {getattr(self, name)!r:.60}")
 
 
 def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> None:

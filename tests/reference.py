@@ -25,8 +25,8 @@ import numpy as np
 
 QK = 32  # elements per block, for every block format here
 BLOCK_BYTES = {"Q8_0": 2 + QK, "Q4_0": 2 + QK // 2, "Q4_1": 4 + QK // 2}
-ELEMENT_BYTES = {"F32": 4, "F16": 2}
-GGML_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")
+ELEMENT_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
+GGML_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")  # what the writers here produce (BF16 is read too)
 
 
 def row_bytes(ggml_type: str, n_cols: int) -> int:
@@ -70,6 +70,8 @@ def dequantize(raw: np.ndarray, ggml_type: str, n_cols: int) -> np.ndarray:
         return raw.view("<f4").astype(np.float32)
     if ggml_type == "F16":
         return raw.view("<f2").astype(np.float32)
+    if ggml_type == "BF16":  # the high half of a float32
+        return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
 
     blocks = raw.reshape(rows, n_cols // QK, BLOCK_BYTES[ggml_type])
     d = _fp16_at(blocks, 0)

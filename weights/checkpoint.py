@@ -41,6 +41,7 @@ class Checkpoint:
     chat_template: str | None = None
     generation: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    converted: bool = False  # a converted checkpoint: its config holds every field of the model's args
 
 
 def check_dtype(dtype: str) -> str:
@@ -93,6 +94,11 @@ def check_config(config: dict[str, Any], tensors: dict, source: str) -> None:
     exactly layers 0..n_layers-1."""
     import math
     import re
+    if not isinstance(config, dict):
+        raise ValueError(f"{source}: the model config is not a mapping")
+    missing = [k for k in ("arch", "dim", "n_layers", "vocab_size", "max_seq_len") if k not in config]
+    if missing:
+        raise ValueError(f"{source}: the model config lacks {', '.join(missing)}")
     for key, limit in COUNT_LIMITS.items():
         v = config.get(key)
         if key in config and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v <= limit):
@@ -101,12 +107,13 @@ def check_config(config: dict[str, Any], tensors: dict, source: str) -> None:
         v = config.get(key)
         if key in config and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v <= 1 << 24):
             raise ValueError(f"{source}: {key} = {v!r:.40}; expected an integer in 0..{1 << 24}")
-    for key in ("norm_eps", "rope_theta"):
+    # eps above 1 or a RoPE base below 1 (frequencies above one turn per token) is no model's
+    for key, lo, hi in (("norm_eps", 0.0, 1.0), ("rope_theta", 1.0, 1e12)):
         v = config.get(key)
         if key in config and (isinstance(v, bool) or not isinstance(v, (int, float, np.number))
-                              or not math.isfinite(v) or v <= 0):
-            raise ValueError(f"{source}: {key} = {v!r:.40}; expected a finite positive number")
-    if config.get("n_kv_heads") and config["n_heads"] % config["n_kv_heads"]:
+                              or not math.isfinite(v) or not lo < v <= hi if key == "norm_eps" else not lo <= v <= hi):
+            raise ValueError(f"{source}: {key} = {v!r:.40}; expected a number in {'(' if key == 'norm_eps' else '['}{lo:g}, {hi:g}]")
+    if config.get("n_kv_heads") and config.get("n_heads", 0) % config["n_kv_heads"]:
         raise ValueError(f"{source}: {config['n_heads']} query heads do not divide into "
                          f"{config['n_kv_heads']} key/value heads")
     layers = {int(m.group(1)) for name in tensors if (m := re.match(r"layers\.(\d+)\.", name))}

@@ -9,14 +9,13 @@
     OUT/chat_template.jinja     when the model has one
     OUT/generation_config.json  generation defaults
 
-Writing goes to a temporary directory beside OUT that is renamed into place at the end, so an
-interrupted conversion leaves no OUT behind.
+Writing goes to a scratch directory beside OUT that is renamed into place at the end, so an
+interrupted conversion leaves no OUT behind (weights/scratch.py).
 """
 import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,8 @@ from tqdm import tqdm
 from fastinfer.kernels import linear as K
 
 from .checkpoint import Checkpoint
-from .safetensors_mmap import read_safetensors
+from .safetensors_mmap import read_safetensors, unique_keys
+from .scratch import remove_stale, scratch_dir
 from .tensors import _NO_F32, _NO_U8, QMatrix
 
 FORMAT, FORMAT_VERSION = "fastinfer", 2  # 2: Q/K/V and gate/up stored joined
@@ -76,8 +76,9 @@ def write_converted(out: Path, dtype: str, config: dict[str, Any], tensors: dict
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass --force to overwrite it")
     check_replaceable(out, ckpt.source)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    for prefix in (f".{out.name}.tmp-", f".{out.name}.old-"):  # left by a run that was killed
+        remove_stale(out.parent, prefix)
+    tmp = scratch_dir(out.parent, f".{out.name}.tmp-")
     try:
         arrays, meta, seen = {}, {}, {}
         for name, t in tqdm(tensors.items(), desc="packing", unit="tensor", disable=not progress):
@@ -103,7 +104,7 @@ def write_converted(out: Path, dtype: str, config: dict[str, Any], tensors: dict
             (tmp / "chat_template.jinja").write_text(ckpt.chat_template, encoding="utf-8")
         (tmp / "generation_config.json").write_text(json.dumps(ckpt.generation, indent=2))
         if out.exists():  # --force: move the old one aside only once the new one is complete
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old = scratch_dir(out.parent, f".{out.name}.old-")
             os.replace(out, old / out.name)
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
@@ -126,7 +127,7 @@ def _jsonable(v):
 def read_converted(d: Path) -> Checkpoint:
     """A converted directory -> Checkpoint of stacked, memory-mapped weights (no copy)."""
     try:
-        info = json.loads((d / "config.json").read_text(encoding="utf-8"))
+        info = json.loads((d / "config.json").read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ValueError(f"{d}/config.json is not valid JSON ({str(e) or type(e).__name__})") from None
     if info.get("format_version") != FORMAT_VERSION:
@@ -159,8 +160,12 @@ def read_converted(d: Path) -> Checkpoint:
                 raise ValueError(f"{st}: {k} names {target!r:.40}, which is not a weight matrix in the file")
             tensors[k[:-len(".alias")]] = tensors[target]
     for k, (dt, a) in arrays.items():
-        if k.rsplit(".", 1)[0] not in names:
-            tensors[k] = _aligned(a)
+        base, _, part = k.rpartition(".")
+        if base in names:
+            continue
+        if part in ("q", "s", "m", "f"):  # a matrix's part whose format and shape are missing
+            raise ValueError(f"{st}: {k} belongs to no weight matrix (its {base}.kind is missing)")
+        tensors[k] = _aligned(a)
     try:
         tok = tokenizers.Tokenizer.from_file(str(d / "tokenizer.json"))
     except Exception as e:  # tokenizers raises a bare Exception on unreadable files
@@ -176,13 +181,15 @@ def read_converted(d: Path) -> Checkpoint:
     if not isinstance(generation, dict):
         raise ValueError(f"{gen} is not a JSON object")
     bos, eos = info.get("bos_id"), info.get("eos_ids") or []
+    if not isinstance(eos, list):
+        raise ValueError(f"{d}/config.json: eos_ids must be a list of token ids")
     vocab = info["config"].get("vocab_size")
-    ids = ([] if bos is None else [bos]) + (eos if isinstance(eos, list) else [eos])
+    ids = ([] if bos is None else [bos]) + eos
     if any(isinstance(v, bool) or not isinstance(v, int) or not isinstance(vocab, int) or not 0 <= v < vocab
            for v in ids):
         raise ValueError(f"{d}/config.json: bos_id / eos_ids must be token ids below the vocabulary size")
     return Checkpoint(config=info["config"], tensors=tensors, tokenizer=tok, bos_id=bos, eos_ids=list(eos),
-                      chat_template=chat_template, generation=generation, source=str(d))
+                      chat_template=chat_template, generation=generation, source=str(d), converted=True)
 
 
 def _aligned(a: np.ndarray) -> np.ndarray:

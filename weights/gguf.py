@@ -100,8 +100,8 @@ def read_gguf(path: Path) -> Checkpoint:
     reader = open_gguf(path)
     meta = reader.metadata
     arch = meta.get("general.architecture")
-    if arch not in SUPPORTED_ARCHS:
-        raise ValueError(f"{path}: unsupported architecture {arch!r}; fastinfer reads GGUF architectures "
+    if not isinstance(arch, str) or arch not in SUPPORTED_ARCHS:
+        raise ValueError(f"{path}: unsupported architecture {_short(arch)}; fastinfer reads GGUF architectures "
                          f"{', '.join(SUPPORTED_ARCHS)}")
 
     def value(key, kind, default=None):
@@ -117,9 +117,17 @@ def read_gguf(path: Path) -> Checkpoint:
         return kind(v)
 
     dim, n_heads = value("embedding_length", int), value("attention.head_count", int)
-    n_tokens = len(meta.get("tokenizer.ggml.tokens") or [])
-    head_dim = (value("attention.key_length", int, 0) or value("rope.dimension_count", int, 0)
-                or dim // max(n_heads, 1))
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise ValueError(f"{path}: GGUF file has no tokenizer (tokenizer.ggml.tokens, a list of strings)")
+    n_tokens = len(tokens)
+    head_dim = value("attention.key_length", int, -1)
+    head_dim = dim // max(n_heads, 1) if head_dim == -1 else head_dim
+    for key in ("attention.value_length", "rope.dimension_count"):  # fastinfer rotates whole heads
+        if value(key, int, head_dim) != head_dim:
+            raise ValueError(f"{path}: GGUF metadata {arch}.{key} = {meta[f'{arch}.{key}']} differs from the "
+                             f"head size {head_dim}; fastinfer supports neither partial RoPE nor V heads of "
+                             f"another size")
     config = {
         "arch": "llama",
         "dim": dim,
@@ -129,10 +137,10 @@ def read_gguf(path: Path) -> Checkpoint:
         "head_dim": head_dim,
         "hidden_dim": value("feed_forward_length", int),
         "vocab_size": value("vocab_size", int, 0) or n_tokens,
-        "norm_eps": value("attention.layer_norm_rms_epsilon", float, 1e-5),
+        "norm_eps": value("attention.layer_norm_rms_epsilon", float),  # required, as in llama.cpp
         "rope_theta": value("rope.freq_base", float, 10000.0),
         "rope_scaling": None,
-        "max_seq_len": value("context_length", int, 2048),
+        "max_seq_len": value("context_length", int),
     }
     scaling = meta.get(f"{arch}.rope.scaling.type")
     if scaling == "linear":
@@ -144,8 +152,6 @@ def read_gguf(path: Path) -> Checkpoint:
         raise ValueError(f"{path}: unsupported RoPE scaling {_short(scaling)}")
     check_config(config, {}, str(path))
 
-    if "tokenizer.ggml.tokens" not in meta:
-        raise ValueError(f"{path}: GGUF file has no tokenizer (tokenizer.ggml.tokens)")
     if n_tokens != config["vocab_size"]:
         raise ValueError(f"{path}: the tokenizer has {n_tokens} tokens; the model's vocabulary is "
                          f"{config['vocab_size']}")
@@ -160,7 +166,7 @@ def read_gguf(path: Path) -> Checkpoint:
     for t in reader.tensors:
         name = _canonical(t.name)
         if name is None:
-            raise ValueError(f"{path}: unexpected tensor {t.name} for architecture {arch}")
+            raise ValueError(f"{path}: unexpected tensor {t.name!r} for architecture {arch}")
         tensors[name] = _tensor(t, path)
         reader.release(t)  # copied (or, for plain floats, re-read on demand): keep RSS to one copy
     reader.release_all()

@@ -116,8 +116,18 @@ class _Cursor:
     def string(self) -> str:
         n = self.take("Q")
         self._need(n, f"a string of {n} bytes")
-        s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", errors="replace")
+        try:
+            s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"the string at byte {self.pos} is not UTF-8") from None
         self.pos += n
+        return s
+
+    def name(self, what: str) -> str:
+        """A key or tensor name: UTF-8 without control characters (they would garble messages)."""
+        s = self.string()
+        if not s.isprintable():
+            raise ValueError(f"a {what} name {s[:60]!r} holds control characters")
         return s
 
     def value(self, vtype: int, depth: int = 0):
@@ -161,8 +171,10 @@ def open_gguf(path: str | Path) -> GGUFFile:
         raise FileNotFoundError(f"GGUF file not found: {path}")
     try:
         return _read(path)
-    except (ValueError, struct.error, IndexError, KeyError, OverflowError) as e:
-        raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+    except ValueError as e:
+        raise ValueError(f"{path} is not a readable GGUF file ({e})") from None
+    except (struct.error, IndexError, KeyError, OverflowError) as e:
+        raise ValueError(f"{path} is not a readable GGUF file (truncated or corrupt: {type(e).__name__})") from None
 
 
 def _read(path: Path) -> GGUFFile:
@@ -181,13 +193,13 @@ def _read(path: Path) -> GGUFFile:
         raise ValueError(f"{n_kv} keys and {n_tensors} tensors cannot fit in a file of {size} bytes")
     meta = {}
     for _ in range(n_kv):
-        key = c.string()
+        key = c.name("metadata key")
         if key in meta:
             raise ValueError(f"metadata key {key} appears twice")
         meta[key] = c.value(c.take("I"))
     infos, names = [], set()
     for _ in range(n_tensors):
-        name = c.string()
+        name = c.name("tensor")
         if name in names:
             raise ValueError(f"tensor {name} appears twice")
         names.add(name)
@@ -198,7 +210,7 @@ def _read(path: Path) -> GGUFFile:
         infos.append((name, dims, c.take("I"), c.take("Q")))
     align = meta.get("general.alignment", 32)
     if isinstance(align, bool) or not isinstance(align, int) or not 1 <= align <= 1 << 16 or align & (align - 1):
-        raise ValueError(f"general.alignment = {align!r}; expected a power of two up to 65536")
+        raise ValueError(f"general.alignment = {str(align)[:40]}; expected a power of two up to 65536")
     start = (c.pos + align - 1) // align * align
     if start > size or any(mm[c.pos:start]):
         raise ValueError(f"the {start - c.pos} bytes after the tensor infos are not padding "

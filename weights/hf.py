@@ -14,7 +14,7 @@ from fastinfer.kernels import linear as K
 
 from .checkpoint import REQUIRED, Checkpoint, ConfigReader
 from .hf_fnet import fnet_canonical, fnet_config
-from .safetensors_mmap import read_safetensors
+from .safetensors_mmap import read_safetensors, unique_keys
 from .tensors import from_f32, from_half_bits
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2", "fnet")
@@ -76,7 +76,7 @@ def _read_json(path: Path, required: bool = False) -> dict:
             raise FileNotFoundError(f"{path.parent}: missing {path.name}")
         return {}
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ValueError(f"{path} is not valid JSON ({str(e) or type(e).__name__})") from None
     if not isinstance(value, dict):

@@ -16,6 +16,17 @@ _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.u
            "BOOL": np.bool_, "C64": np.complex64}  # C64: FNet's saved DFT matrices (skipped)
 
 
+def unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json object_pairs_hook: a key given twice is an error (json keeps the last silently, other
+    readers the first, so the file means different things to different tools)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"key {dup!r:.60} appears twice")
+    return out
+
+
 _MAX_HEADER = 100 << 20  # as the safetensors library: a header beyond 100 MB is refused unread
 
 
@@ -34,7 +45,7 @@ def read_safetensors(path: Path, with_metadata: bool = False):
             (n,) = struct.unpack("<Q", fh.read(8))
             if n > min(size - 8, _MAX_HEADER):
                 raise ValueError(f"header length {n} exceeds the file or {_MAX_HEADER} bytes")
-            header = json.loads(fh.read(n))
+            header = json.loads(fh.read(n), object_pairs_hook=unique_keys)
     except (struct.error, ValueError, UnicodeDecodeError, RecursionError) as e:
         raise ValueError(f"{path} is not a valid safetensors file ({str(e) or type(e).__name__})") from None
     if not isinstance(header, dict):

@@ -17,22 +17,27 @@ KV_TYPES = {"f32": np.float32, "f16": np.uint16}
 DEFAULT_KV_TYPE = "f16"
 
 
-def architecture(name: str) -> ModuleType:
-    """The module of architecture `name` (one of ARCHITECTURES)."""
-    if name not in ARCHITECTURES:
-        raise ValueError(f"unsupported architecture {name!r}; fastinfer runs {', '.join(ARCHITECTURES)}")
+def architecture(name: str, source: str = "") -> ModuleType:
+    """The module of architecture `name` (one of ARCHITECTURES); source names the file in errors."""
+    if not isinstance(name, str) or name not in ARCHITECTURES:
+        raise ValueError(f"{source + ': ' if source else ''}unsupported architecture {name!r:.40}; "
+                         f"fastinfer runs {', '.join(ARCHITECTURES)}")
     return importlib.import_module(f"{__name__}.{name}")
 
 
-def model_args(cls, config: dict, source: str):
-    """cls(**config), with a ValueError naming the keys for a config that lacks or adds any
-    (a converted checkpoint's config.json edited by hand, say)."""
+def model_args(cls, config: dict, source: str, complete: bool = False):
+    """cls(**config), with a ValueError naming the file for a config that lacks or adds keys (a
+    converted checkpoint's config.json edited by hand, say) or that cls refuses. complete: every
+    field must be given (a converted checkpoint stores them all)."""
     import dataclasses
     known = {f.name for f in dataclasses.fields(cls)}
-    required = {f.name for f in dataclasses.fields(cls)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    required = known if complete else {f.name for f in dataclasses.fields(cls)
+                                       if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
     if not isinstance(config, dict) or set(config) - known or required - set(config):
         keys = set(config) if isinstance(config, dict) else set()
         raise ValueError(f"{source}: the model config lacks {sorted(required - keys)} or has unknown keys "
                          f"{sorted(keys - known)}")
-    return cls(**config)
+    try:
+        return cls(**config)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None

@@ -93,7 +93,7 @@ def build(ckpt: Checkpoint, max_seq: int) -> tuple[ModelArgs, Weights]:
     cfg = dict(ckpt.config)
     t = ckpt.tensors
     cfg["has_head"] = cfg.get("has_head", all(k in t for k in _HEAD))
-    args = model_args(ModelArgs, cfg, ckpt.source)
+    args = model_args(ModelArgs, cfg, ckpt.source, complete=ckpt.converted)
     n, d, h = args.n_layers, args.dim, args.hidden_dim
     src = ckpt.source
 

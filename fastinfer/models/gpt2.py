@@ -83,7 +83,7 @@ def build(ckpt: Checkpoint, max_seq: int) -> tuple[ModelArgs, Weights]:
     """Stack a checkpoint's per-layer tensors (or take a converted checkpoint's stacks).
 
     max_seq is unused: GPT-2's positions are learned, all n_positions of them are kept."""
-    args = model_args(ModelArgs, ckpt.config, ckpt.source)
+    args = model_args(ModelArgs, ckpt.config, ckpt.source, complete=ckpt.converted)
     t = ckpt.tensors
     n = args.n_layers
 

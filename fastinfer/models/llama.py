@@ -116,7 +116,7 @@ def build(ckpt: Checkpoint, max_seq: int) -> tuple[ModelArgs, Weights]:
     Q, K and V projections become one matrix, as do gate and up: one pass over the input each,
     and fewer parallel regions per decoded token.
     """
-    args = model_args(ModelArgs, ckpt.config, ckpt.source)
+    args = model_args(ModelArgs, ckpt.config, ckpt.source, complete=ckpt.converted)
     t = ckpt.tensors
     qd, kvd = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
     if "wqkv" in t:  # a converted checkpoint holds the roles stacked and joined already
@@ -127,6 +127,11 @@ def build(ckpt: Checkpoint, max_seq: int) -> tuple[ModelArgs, Weights]:
         vec = {n: t[n] for n in ("bqkv", "attention_norm", "ffn_norm")}
     else:  # GGUF and HF: one tensor per layer and role, "layers.3.wq"
         mats, vec = _stack_layers(ckpt, args, qd, kvd)
+    known = {"tok_embeddings", "norm", "output", "rope_freqs", "wqkv", "wo", "w13", "w2", "bqkv", "attention_norm",
+             "ffn_norm"}
+    unknown = sorted(k for k in t if k not in known and not k.startswith("layers."))
+    if unknown:
+        raise ValueError(f"{ckpt.source}: unexpected tensors {', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}")
     if "tok_embeddings" not in t or "norm" not in t:
         raise ValueError(f"{ckpt.source}: checkpoint lacks {'tok_embeddings' if 'tok_embeddings' not in t else 'norm'}")
     emb = t["tok_embeddings"]
@@ -202,12 +207,13 @@ def _stack_layers(ckpt: Checkpoint, args: ModelArgs, qd: int, kvd: int) -> tuple
     expect = {"wq": (qd, args.dim), "wk": (kvd, args.dim), "wv": (kvd, args.dim), "wo": (args.dim, qd),
               "w1": (args.hidden_dim, args.dim), "w2": (args.dim, args.hidden_dim),
               "w3": (args.hidden_dim, args.dim)}
+    sizes = {"attention_norm": args.dim, "ffn_norm": args.dim, "bq": qd, "bk": kvd, "bv": kvd}
     for i in range(args.n_layers):
         for name, shape in expect.items():
-            m = t[f"layers.{i}.{name}"]
-            if (m.rows, m.cols) != shape:
-                raise ValueError(f"{ckpt.source}: layers.{i}.{name} has shape {(m.rows, m.cols)}; "
-                                 f"expected {shape} from the model's config")
+            check_matrix(t[f"layers.{i}.{name}"], f"layers.{i}.{name}", (1, *shape), ckpt.source)
+        for name, size in sizes.items():
+            if f"layers.{i}.{name}" in t:
+                t[f"layers.{i}.{name}"] = check_vector(t[f"layers.{i}.{name}"], f"layers.{i}.{name}", (size,), ckpt.source)
 
     def joined(*names):
         """The roles' per-layer matrices, popped: stack_joined frees each layer once copied."""
