@@ -110,8 +110,9 @@ def check_config(config: dict[str, Any], tensors: dict, source: str) -> None:
     # eps above 1 or a RoPE base below 1 (frequencies above one turn per token) is no model's
     for key, lo, hi in (("norm_eps", 0.0, 1.0), ("rope_theta", 1.0, 1e12)):
         v = config.get(key)
+        in_range = (lambda v: lo < v <= hi) if key == "norm_eps" else (lambda v: lo <= v <= hi)
         if key in config and (isinstance(v, bool) or not isinstance(v, (int, float, np.number))
-                              or not math.isfinite(v) or not lo < v <= hi if key == "norm_eps" else not lo <= v <= hi):
+                              or not math.isfinite(v) or not in_range(v)):
             raise ValueError(f"{source}: {key} = {v!r:.40}; expected a number in {'(' if key == 'norm_eps' else '['}{lo:g}, {hi:g}]")
     if config.get("n_kv_heads") and config.get("n_heads", 0) % config["n_kv_heads"]:
         raise ValueError(f"{source}: {config['n_heads']} query heads do not divide into "

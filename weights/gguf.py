@@ -143,6 +143,8 @@ def read_gguf(path: Path) -> Checkpoint:
         "max_seq_len": value("context_length", int),
     }
     scaling = meta.get(f"{arch}.rope.scaling.type")
+    if scaling is not None and not isinstance(scaling, str):
+        raise ValueError(f"{path}: GGUF metadata {arch}.rope.scaling.type = {_short(scaling)}; expected a string")
     if scaling == "linear":
         factor = value("rope.scaling.factor", float)
         if not math.isfinite(factor) or factor <= 0:

@@ -187,7 +187,10 @@ def check_matrix(m, name: str, shape: tuple[int, int, int], source: str) -> None
 
 def check_vector(a, name: str, shape: tuple[int, ...], source: str) -> np.ndarray:
     """a as a contiguous f32 array of exactly `shape` with finite values, or a ValueError naming it."""
-    if isinstance(a, QMatrix) or not isinstance(a, np.ndarray) or a.dtype.kind not in "fiu":
+    if isinstance(a, QMatrix):
+        raise ValueError(f"{source}: {name} has shape {(a.n, a.rows, a.cols)}; expected {tuple(shape)} "
+                         f"from the model's config")
+    if not isinstance(a, np.ndarray) or a.dtype.kind not in "fiu":
         raise ValueError(f"{source}: {name} is not a numeric array; expected f32 {tuple(shape)}")
     if a.shape != tuple(shape):
         raise ValueError(f"{source}: {name} has shape {a.shape}; expected {tuple(shape)} from the model's config")
