@@ -76,8 +76,15 @@ def _block_sparse(args):
         raise ValueError(f"--{name.replace('_', '-')}: {str(e).split(' ', 2)[2]}") from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line on stderr and exit code 1, like every other error."""
+
+    def error(self, message: str):
+        self.exit(1, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="fastinfer", description="Run transformer language models fast on a CPU.")
+    ap = _Parser(prog="fastinfer", description="Run transformer language models fast on a CPU.")
     ap.add_argument("--version", action="version", version=f"fastinfer {_version()}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
 

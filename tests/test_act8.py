@@ -405,12 +405,12 @@ def test_int8_activations_need_a_llama_model(tmp_path):
 
 
 def test_cli_rejects_bad_activations(tiny, capsys):
-    """`--activations bad` is an argparse error: exit code 2, the option named on stderr."""
+    """`--activations bad` is a usage error: exit code 1, the option named on stderr."""
     from fastinfer.cli import main
     paths, _ = tiny
     with pytest.raises(SystemExit) as e:
         main(["generate", "hello", "-m", str(paths["Q8_0"]), "--activations", "bad"])
-    assert e.value.code == 2
+    assert e.value.code == 1
     assert "--activations" in capsys.readouterr().err
 
 

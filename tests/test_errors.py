@@ -236,7 +236,7 @@ def test_cli_prompt_too_long(tiny):
 
 def test_cli_usage_error_exit_code():
     r = _cli("generate", "hi", "-n", "zero")
-    assert r.returncode == 2 and "positive integer" in r.stderr
+    assert r.returncode == 1 and "positive integer" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_block_sparse_with_pruning_is_refused(tiny_model):
