@@ -388,7 +388,7 @@ def versions_line(meta) -> str:
 
 
 def fastest_others(rows) -> list[str]:
-    """For pp and tg: the best fastinfer row against the fastest other engine (issue 4's targets)."""
+    """For pp and tg: the best fastinfer row against the fastest other engine (what the docs compare against)."""
     out = []
     for key, what in (("pp", "prefill"), ("tg", "decode")):
         ours = [x for x in rows if x["engine"] == "fastinfer"]

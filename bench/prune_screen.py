@@ -3,14 +3,16 @@ and a pass-key recall test.
 
 Quality is the continuation protocol of `fastinfer eval-prune` (fastinfer/evaluate.py): prefill
 N tokens, score the next 256 true tokens, pruned against dense, pooled over passages. The tuning
-passages choose the setting; the held-out ones (the three `eval-prune` uses in the README, and
-three more) only check it. The pass-key test hides a 5-digit key at evenly spaced depths in
+passages choose the setting; the held-out ones (the three `eval-prune` uses in docs/performance.md,
+and three more) only check it. The pass-key test hides a 5-digit key at evenly spaced depths in
 filler text and asks for it back (greedy): it shows what pruning does to recall from the middle of
 a prompt, which perplexity does not see. Speed is `eval-prune`'s job.
 
-    python bench/prune_screen.py --corpus ../shared/corpus              # tuning screen, 2048 tokens
-    python bench/prune_screen.py --corpus ../shared/corpus --held-out   # the held-out check
+    python bench/prune_screen.py --corpus DIR              # tuning screen, 2048 tokens
+    python bench/prune_screen.py --corpus DIR --held-out   # the held-out check
     python bench/prune_screen.py --passkey
+
+DIR holds persuasion.txt.gz, prideprejudice.txt.gz and sensesensibility.txt.gz (default: tests/data/corpus).
 """
 import argparse
 import math
@@ -23,8 +25,9 @@ import numpy as np
 import fastinfer
 from fastinfer import Prune
 from fastinfer.evaluate import continuation
+from fastinfer.perplexity import read_text
 
-BOOKS = {"per": "persuasion.txt", "pp": "prideprejudice.txt", "ss": "sensesensibility.txt"}
+BOOKS = {"per": "persuasion.txt.gz", "pp": "prideprejudice.txt.gz", "ss": "sensesensibility.txt.gz"}
 TUNING = [("per", 40000), ("per", 55000), ("per", 70000), ("per", 85000), ("pp", 40000), ("pp", 60000),
           ("pp", 90000), ("pp", 110000), ("ss", 40000), ("ss", 60000), ("ss", 100000), ("ss", 120000)]
 HELD_OUT = [("per", 20000), ("pp", 20000), ("ss", 20000), ("per", 95000), ("pp", 140000), ("ss", 145000)]
@@ -50,7 +53,7 @@ SETTINGS = {  # label -> Prune; "recent" with keep_last covering the budget is t
 
 
 def screen(model, corpus: Path, passages, n: int, settings: dict) -> None:
-    ids = {b: model.tokenizer.encode((corpus / f).read_text(), add_special_tokens=False).ids
+    ids = {b: model.tokenizer.encode(read_text(corpus / f), add_special_tokens=False).ids
            for b, f in BOOKS.items()}
     texts = [ids[b][o:o + n + 256] for b, o in passages]
     dense = [continuation(model, t, n).nll for t in texts]
@@ -85,7 +88,8 @@ def passkey(model, n: int, trials: int, settings: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--corpus", type=Path, default=Path("../shared/corpus"), help="folder with the three books")
+    ap.add_argument("--corpus", type=Path, default=Path(__file__).resolve().parent.parent / "tests" / "data" / "corpus",
+                    help="folder with the three books (default: tests/data/corpus)")
     ap.add_argument("--held-out", action="store_true", help="the held-out passages instead of the tuning ones")
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--passkey", action="store_true", help="the pass-key recall test instead")

@@ -34,10 +34,11 @@ import numpy as np
 
 import fastinfer
 from fastinfer.evaluate import Comparison, continuation, plot, prefill_seconds
+from fastinfer.perplexity import read_text
 
-CORPUS = Path("/work/shared/corpus")
-TEXTS = [f"{CORPUS / 'persuasion.txt'}:0", f"{CORPUS / 'prideprejudice.txt'}:10000",
-         f"{CORPUS / 'sensesensibility.txt'}:40000"]
+CORPUS = Path(__file__).resolve().parent.parent / "tests" / "data" / "corpus"  # public-domain novels, gzipped
+TEXTS = [f"{CORPUS / 'persuasion.txt.gz'}:0", f"{CORPUS / 'prideprejudice.txt.gz'}:10000",
+         f"{CORPUS / 'sensesensibility.txt.gz'}:40000"]
 PATTERNS = [fastinfer.BlockSparse(),                              # b64 g1 w9 d1
             fastinfer.BlockSparse(local_blocks=7),
             fastinfer.BlockSparse(local_blocks=11),
@@ -136,7 +137,7 @@ def main() -> None:
     texts = []
     for spec in args.texts:
         path, _, off = spec.rpartition(":")
-        texts.append((Path(path).name, model.encode(Path(path).read_text(encoding="utf-8"))[int(off):]))
+        texts.append((Path(path).name, model.encode(read_text(path))[int(off):]))
     default = fastinfer.BlockSparse()
     settings = [("dense", None)] + [(label(b) + (" (default)" if b == default else ""), b)
                                     for b in dict.fromkeys(patterns)]

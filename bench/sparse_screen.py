@@ -4,12 +4,14 @@ on tuning passages, and a check on held-out ones.
 Quality is the continuation protocol of bench/sparse_attention.py (fastinfer/evaluate.py): prefill
 N tokens under the pattern, then score the next 256 true tokens one decode step each, as
 generation feeds them, against dense, pooled over passages. The tuning passages choose the setting;
-the held-out ones (the three texts bench/sparse_attention.py and the README use) only check it.
+the held-out ones (the three texts bench/sparse_attention.py and docs/performance.md use) only check it.
 Beside each setting: the mean number of keys a query of the prefill visits, which is what the
 attention costs (dense: about N / 2). Speed is bench/sparse_attention.py's job.
 
-    python bench/sparse_screen.py --corpus ../shared/corpus              # tuning screen, 7936 + 256
-    python bench/sparse_screen.py --corpus ../shared/corpus --held-out
+    python bench/sparse_screen.py --corpus DIR              # tuning screen, 7936 + 256
+    python bench/sparse_screen.py --corpus DIR --held-out
+
+DIR holds persuasion.txt.gz, prideprejudice.txt.gz and sensesensibility.txt.gz (default: tests/data/corpus).
 """
 import argparse
 import math
@@ -21,8 +23,9 @@ import numpy as np
 import fastinfer
 from fastinfer import BlockSparse
 from fastinfer.evaluate import continuation
+from fastinfer.perplexity import read_text
 
-BOOKS = {"per": "persuasion.txt", "pp": "prideprejudice.txt", "ss": "sensesensibility.txt"}
+BOOKS = {"per": "persuasion.txt.gz", "pp": "prideprejudice.txt.gz", "ss": "sensesensibility.txt.gz"}
 # Disjoint from the held-out passages (per 0, pp 10,000, ss 40,000, each 8,192 tokens long).
 TUNING = [("per", 20000), ("per", 50000), ("per", 80000), ("per", 100000), ("pp", 30000), ("pp", 70000),
           ("pp", 110000), ("pp", 150000), ("ss", 60000), ("ss", 90000), ("ss", 120000), ("ss", 150000)]
@@ -53,7 +56,7 @@ def mean_keys(p: BlockSparse, n: int) -> float:
 
 
 def screen(model, corpus: Path, passages, n: int, settings: dict) -> None:
-    ids = {b: model.encode((corpus / f).read_text(encoding="utf-8")) for b, f in BOOKS.items()}
+    ids = {b: model.encode(read_text(corpus / f)) for b, f in BOOKS.items()}
     texts = [ids[b][o:o + n + 256] for b, o in passages]
     t0 = time.perf_counter()
     dense = [continuation(model, t, n, steps=True).nll for t in texts]
@@ -69,7 +72,8 @@ def screen(model, corpus: Path, passages, n: int, settings: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--corpus", type=Path, default=Path("../shared/corpus"), help="folder with the three books")
+    ap.add_argument("--corpus", type=Path, default=Path(__file__).resolve().parent.parent / "tests" / "data" / "corpus",
+                    help="folder with the three books (default: tests/data/corpus)")
     ap.add_argument("--held-out", action="store_true", help="the held-out passages instead of the tuning ones")
     ap.add_argument("--context", type=int, default=7936, help="tokens prefilled before the 256 scored (default 7936)")
     ap.add_argument("--settings", nargs="+", default=None, metavar="LABEL", choices=list(SETTINGS),

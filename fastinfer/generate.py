@@ -43,6 +43,7 @@ class TokenChooser:
 
     def choose(self, logits: np.ndarray) -> int | None:
         """The next token for these logits (vocab,), or None when the sequence ends with EOS."""
+        check_finite(logits)
         if self.ngram > 0 or (self.n_new < self.min_new and self.eos_ids):
             logits = np.array(logits, dtype=np.float32)
             # the repetition penalty is left to `sample`, which applies it for every strategy
@@ -55,6 +56,14 @@ class TokenChooser:
         self.n_seen += 1
         self.n_new += 1
         return tok
+
+
+def check_finite(logits: np.ndarray) -> None:
+    """A ValueError unless every logit is finite: a NaN or an infinity (weights that overflow
+    float32) would otherwise pick a token silently. One sum over the row: finite logits cannot
+    overflow it, as the weights are bounded at load (weights/tensors.py)."""
+    if not np.isfinite(np.sum(logits, dtype=np.float64)):
+        raise ValueError("the model computed non-finite logits (its weights overflow float32 arithmetic)")
 
 
 def generate_ids(session, prompt: Sequence[int], max_new_tokens: int, params: SamplingParams,

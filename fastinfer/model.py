@@ -125,11 +125,14 @@ class Model:
         self.is_encoder = getattr(self.arch, "ENCODER", False)  # FNet: forward and embed only
         kv = "" if kv_type == "f32" else f"-kv-{kv_type}"
         floats = "-floats" if self.activations == "int8" and self.arch.has_float_matmuls(self.weights) else ""
-        with compile_notice(f"{self.args.arch}-forward-{self.activations}{floats}{kv}-{isa.TIER.name}") as first:
+        self._compile_tag = f"{self.args.arch}-forward-{self.activations}{floats}{kv}-{isa.TIER.name}"
+        self._rebuild = None if rebuild is None else (
+            f"import fastinfer; m = fastinfer.load({rebuild[0]!r}, dtype={rebuild[1]!r}, threads={threads}, "
+            f"n_ctx={n_ctx}, activations={self.activations!r}, kv_type={kv_type!r})")
+        self._research_ready = False
+        with compile_notice(self._compile_tag) as first:
             if first and rebuild is not None:
-                compile_in_child(f"import fastinfer; fastinfer.load({rebuild[0]!r}, dtype={rebuild[1]!r}, "
-                                 f"threads={threads}, n_ctx={n_ctx}, activations={self.activations!r}, "
-                                 f"kv_type={kv_type!r})")
+                compile_in_child(self._rebuild)
             if self.is_encoder:
                 self.arch.run(self.args, self._w, np.zeros(2, np.int64), threads, self.args.has_head)
             else:
@@ -194,18 +197,32 @@ class Model:
         prune=fastinfer.Prune(...) prunes each prefill's tokens from a layer on; kv_budget=N caps
         every layer's cache at N rows, evicting the least attended (fastinfer/prune.py).
         spectral_keep (0..1] switches on the spectral filter (Llama family; an experiment that costs
-        time, see the README): after each of spectral_layers (default all), every token's hidden
+        time, see docs/performance.md): after each of spectral_layers (default all), every token's hidden
         state keeps only that fraction of its strongest embedding-dimension frequencies.
         """
         self._decoder_only("session")
         s = Session(self, self.n_ctx if n_ctx is None else n_ctx, attention=attention, prune=prune,
                     kv_budget=kv_budget)
+        if prune is not None or kv_budget is not None or spectral_keep is not None or spectral_layers is not None:
+            self._compile_research()
         if spectral_keep is not None or spectral_layers is not None:
             if not hasattr(self.arch, "spectral_args"):
                 raise ValueError(f"the spectral filter is for Llama-family models, not {self.args.arch}")
             s.run_options = {"spectral": self.arch.spectral_args(
                 self.args, 1.0 if spectral_keep is None else spectral_keep, spectral_layers)}
         return s
+
+    def _compile_research(self) -> None:
+        """Pruning, eviction and the spectral filter run a compiled variant of the model graph of
+        their own (the plain one leaves their hooks out); the first use on a machine compiles it,
+        in a child process as the plain one is (kernels/jit.py `compile_in_child`)."""
+        if self._research_ready or not getattr(self.arch, "RESEARCH_HOOKS", False):
+            return
+        self._research_ready = True
+        with compile_notice(self._compile_tag + "-research") as first:
+            if first and self._rebuild is not None:
+                compile_in_child(self._rebuild + "; n = min(8, m.n_ctx); "
+                                 "m.session(n_ctx=n, prune=fastinfer.Prune()).prefill([0] * (n // 2))")
 
     # -- text ---------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:

@@ -1,4 +1,4 @@
-"""Perplexity of a model on a text, by the protocol the anchors in ANCHORS.md were measured with.
+"""Perplexity of a model on a text, over non-overlapping windows.
 
 The first `n_tokens` tokens of the text are split into non-overlapping windows of `ctx` tokens
 (the last one may be shorter). Each window runs from an empty state, and every token of it but

@@ -10,14 +10,14 @@ Kept tokens keep their true RoPE positions.
 Scores:
   "recent"     the token's position: the budget left after the sinks goes to the prompt's last
                tokens, one window (StreamingLLM's sinks + window, applied to a prompt);
-  "norm"       L2 norm of the token's hidden state entering layer from_layer (high = keep), the
-               seed's energy idea;
+  "norm"       L2 norm of the token's hidden state entering layer from_layer (high = keep): the
+               idea that low-energy vectors contribute little;
   "low-norm"   the same, low = keep (one study found low-norm keys matter most);
   "attention"  attention mass the token receives at layer from_layer - 1 from the prompt's queries
                (the last RING of every prefill chunk), relative to uniform (H2O / LazyLLM);
   "attention-last"  the same from the prompt's last RING queries only (SnapKV).
 
-Measured on held-out text (README, "Pruning"), "recent" keeps the continuation's perplexity best
+Measured on held-out text (docs/performance.md, "Prefill pruning"), "recent" keeps the continuation's perplexity best
 at every budget: a token's energy or the attention it drew in the first layers says less about
 what the next tokens need than its distance from them does. Prune() therefore uses it.
 
@@ -55,7 +55,7 @@ class Prune:
 
     Prune() is the recommended setting: 2.4x faster prefill at +1.6% (6 held-out passages) to
     +2.2% (3 books) continuation perplexity on 2,048-token contexts, with the default f16 KV cache
-    (the README's pruning section has the measurements).
+    (docs/performance.md, "Prefill pruning", has the measurements).
     """
     keep: float = 0.5
     from_layer: int = 1
@@ -146,7 +146,7 @@ class Pruning:
         np.add(session._steps[:T], session.base + virtual, out=slots)
         numba.set_num_threads(self.model.threads)
         self.model.arch.run(self.model.args, self.model._w, session._st, ids, positions, session._starts[:T], slots,
-                            session._pattern, all_logits, l0, l1, **session.run_options)
+                            session._pattern, all_logits, l0, l1, pruned=True, **session.run_options)
         K.append_rows(self.row_pos, self.fill, positions, l0, l1)
 
     # -- prefill ----------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ long prompt then costs a dense decode step. dense_last=0 applies the pattern eve
 The kernel (kernels/attention.py) visits only those blocks, so prefill and decoding cost
 O(T (global + local + T / stride) block) instead of O(T^2). It is an approximation for models
 trained with dense attention; `BlockSparse()` is the setting measured as the best trade-off on
-SmolLM2 (README, "Block-sparse attention"; chosen with bench/sparse_screen.py: a wider local
+SmolLM2 (docs/performance.md, "Block-sparse attention"; chosen with bench/sparse_screen.py: a wider local
 window buys more quality per visited key than more sink blocks or strided ones).
 """
 from dataclasses import dataclass

@@ -1,7 +1,7 @@
 """The spectral filter: per token, keep only the strongest frequencies of its hidden state.
 
-The seed's `filter_low_influence_components`, an opt-in experiment (README: it costs time and
-saves nothing). Rows are short (the model width) and the filter is off by default, so this is a
+An opt-in experiment (docs/performance.md, "The spectral filter": it costs time and saves
+nothing). Rows are short (the model width) and the filter is off by default, so this is a
 direct real DFT against tables built once per session, in float64: no FFT library is imported on
 the Llama path, which keeps `import fastinfer` and a warm start fast (rocket-fft, which FNet's
 token mixing uses, pulls in scipy.fft).

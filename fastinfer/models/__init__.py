@@ -13,7 +13,7 @@ ARCHITECTURES = ("llama", "gpt2", "fnet")
 # (Numba has no float16 on the CPU; the kernels widen them, kernels/simd.py kv_get / kv_put).
 KV_TYPES = {"f32": np.float32, "f16": np.uint16}
 # f16 is llama.cpp's default too: half the cache memory and traffic, and perplexity within ~0.2% of
-# f32 (README, "KV cache"); "f32" is exact against the NumPy references.
+# f32 (docs/design.md, "The KV cache"); "f32" is exact against the NumPy references.
 DEFAULT_KV_TYPE = "f16"
 
 

@@ -27,9 +27,10 @@ from fastinfer.weights.tensors import QMatrix, check_matrix, check_vector, reado
 
 from . import KV_TYPES, model_args
 
+RESEARCH_HOOKS = True  # pruning, eviction and the spectral filter: a compiled variant of forward
 ACT8 = True  # State(act8=True): matmul inputs quantized to 8 bits (kernels/act8.py)
 KV_RESIDUAL = True  # with act8, the K and V projections get a second 8-bit pass over their input's
-# residual (README, "8-bit activations": the Q rows gained nothing from it)
+# residual (docs/design.md, "8-bit activations": the Q rows gained nothing from it)
 
 
 @dataclass
@@ -287,7 +288,7 @@ class State:
 
 
 @kernel
-def forward(ids, positions, starts, slots, pattern, all_logits, w, st, n_heads, n_kv_heads, eps, l0, l1, spectral):
+def forward(ids, positions, starts, slots, pattern, all_logits, w, st, n_heads, n_kv_heads, eps, l0, l1, research):
     """Run tokens ids (T,) through layers l0..l1-1, filling the KV cache.
 
     Token t sits at position positions[t] of its sequence, is stored in cache slot slots[t], and
@@ -298,7 +299,11 @@ def forward(ids, positions, starts, slots, pattern, all_logits, w, st, n_heads, 
     Writes logits for every position (all_logits) or only the last one into st.logits[:T or 1].
     Pruned prefill runs a layer range: l0 > 0 starts from the residual stream already in st.x[:T],
     l1 < n_layers stops there (no logits), leaving it in st.x[:T].
-    spectral = (keep (L,), scratch...): the spectral filter after each layer (see spectral_args).
+    research: None for the plain model (the default: a compile-time constant, so the hooks below
+    are not in its compiled code), or the spectral filter's arguments (see spectral_args; keep
+    counts that filter nothing when only pruning is on) for the variant with the research hooks:
+    pruned or evicted cache rows (a token goes to row slots[t] - drop[l] of layer l), the ring of
+    recent queries that scores attention mass, and the spectral filter after each layer.
     """
     emb, attention_norm, wqkv, bqkv, wo, ffn_norm, w13, w2, norm, output, cos, sin, windows = w
     (k_cache, v_cache, x_all, xb_all, qkv_all, q_all, k_all, v_all, att_all, h13_all, hb_all, logits,
@@ -323,11 +328,15 @@ def forward(ids, positions, starts, slots, pattern, all_logits, w, st, n_heads, 
         ops.split_qkv(q, k, v, qkv, bqkv[l])
         ops.rope(q3, cos, sin, positions)
         ops.rope(k3, cos, sin, positions)
-        for t in range(T):
-            sl[t] = slots[t] - drop[l]
-        prune.store_queries(q_ring, ring_pos, q3, l, positions)
-        ops.store_kv(k_cache, v_cache, k3, v3, l, sl)
-        A.attention(att3, q3, k_cache, v_cache, l, starts, sl, windows[l], pattern, att_scratch)
+        if research is None:
+            ops.store_kv(k_cache, v_cache, k3, v3, l, slots)
+            A.attention(att3, q3, k_cache, v_cache, l, starts, slots, windows[l], pattern, att_scratch)
+        else:
+            for t in range(T):
+                sl[t] = slots[t] - drop[l]
+            prune.store_queries(q_ring, ring_pos, q3, l, positions)
+            ops.store_kv(k_cache, v_cache, k3, v3, l, sl)
+            A.attention(att3, q3, k_cache, v_cache, l, starts, sl, windows[l], pattern, att_scratch)
         L.linear_act(xb, att, wo, l, lin, zero, floats)
         ops.add_(x, xb)
         ops.rmsnorm(xb, x, ffn_norm[l], eps)
@@ -335,7 +344,8 @@ def forward(ids, positions, starts, slots, pattern, all_logits, w, st, n_heads, 
         ops.swiglu(hb, h13)
         L.linear_act(xb, hb, w2, l, lin, zero, floats)
         ops.add_(x, xb)
-        S.spectral_filter_(x, spectral[0][l], spectral[1], spectral[2], spectral[3])  # no-op unless asked for
+        if research is not None:
+            S.spectral_filter_(x, research[0][l], research[1], research[2], research[3])
     if l1 < attention_norm.shape[0]:
         return
     if all_logits:
@@ -348,15 +358,18 @@ def forward(ids, positions, starts, slots, pattern, all_logits, w, st, n_heads, 
 
 def run(args: ModelArgs, w: tuple, st: tuple, ids: np.ndarray, positions: np.ndarray, starts: np.ndarray,
         slots: np.ndarray, pattern: tuple, all_logits: bool, l0: int = 0, l1: int | None = None,
-        spectral: tuple | None = None) -> None:
+        spectral: tuple | None = None, pruned: bool = False) -> None:
     """`forward` with the model's own sizes filled in: pattern as kernels/attention.py describes,
-    layers l0..l1-1 (default all), spectral as `spectral_args` builds it (default off)."""
+    layers l0..l1-1 (default all), spectral as `spectral_args` builds it (default off); pruned:
+    the cache rows are pruned or evicted (fastinfer/prune.py). Either runs the compiled variant
+    with the research hooks; the default runs the plain model."""
     l1 = args.n_layers if l1 is None else l1
+    research = spectral if spectral is not None else _spectral_off(args.n_layers, args.dim) if pruned else None
     forward(ids, positions, starts, slots, pattern, all_logits, w, st, args.n_heads, args.n_kv_heads,
-            float(args.norm_eps), l0, l1, _spectral_off(args.n_layers, args.dim) if spectral is None else spectral)
+            float(args.norm_eps), l0, l1, research)
 
 
-# -- the spectral filter (an opt-in experiment; README: it costs time and saves nothing) ---------
+# -- the spectral filter (an opt-in experiment: it costs time and saves nothing) ------------------
 # After each chosen layer, every token's hidden state is transformed along the embedding dimension,
 # all but its `keep` strongest frequencies are zeroed, and it is transformed back.
 
