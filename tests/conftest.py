@@ -1,4 +1,4 @@
-"""Shared fixtures. Tests never read ../shared: data they need lives in tests/data."""
+"""Shared fixtures. The data tests need lives in tests/data."""
 import os
 from pathlib import Path
 

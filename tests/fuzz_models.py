@@ -692,6 +692,7 @@ def _reference_hf(d: Path, ids):
             if k in w:
                 raise ValueError(f"tensor {k} in two shards")
             w[k] = np.asarray(a, np.float32)
+    cfg = {k: v for k, v in cfg.items() if v is not None}  # null is "not set", as fastinfer reads it
     cfg.setdefault("rms_norm_eps", 1e-6)  # LlamaConfig's default
     if cfg.get("model_type") not in ("llama", "mistral", "qwen2"):
         raise ValueError(f"model_type {cfg.get('model_type')!r}")

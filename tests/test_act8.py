@@ -332,7 +332,7 @@ def _same_up_to_rounding_ties(got, want):
     The few-token kernel (kernels/qmatvec.py) and the tiled one (kernels/qgemm.py) sum a row in
     different orders, a last bit apart, so an activation that lands on a rounding tie can quantize
     to neighbouring integers in the two; every later logit then moves by up to about a
-    quantization step (0.03 on this model's Q4_1 weights, on the Zen 4 VM), the top token does
+    quantization step (about 0.03 on this model's Q4_1 weights), the top token does
     not unless two logits were that close. That the two kernels compute the same product is pinned down per call, where no tie
     propagates (test_two_passes_add_the_residual and the kernel twins above).
     """

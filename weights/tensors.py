@@ -147,8 +147,14 @@ def stack_joined(layers: list[list[QMatrix]]) -> QMatrix:
 # whether f (plain f32) is: what `check_matrix` holds every matrix to.
 _LAYOUT = {K.F32: (0, False, False, True), K.F16: (2, False, False, False), K.BF16: (2, False, False, False),
            K.Q8_0: (1, True, False, False), K.Q4_0: (0.5, True, False, False), K.Q4_1: (0.5, True, True, False)}
-# bits of an IEEE half float / a bfloat16 whose exponent is all ones: infinities and NaNs
-_NONFINITE_BITS = {K.F16: 0x7C00, K.BF16: 0x7F80}
+# The largest weight magnitude accepted (2^20): far above any trained model's (a model stored in
+# f16 cannot exceed 65504), and low enough that a value grown by a flipped exponent bit is caught
+# before it overflows the float32 sums of squares in a norm (which the kernels, compiled with
+# fastmath, would turn into silent garbage rather than NaN).
+MAX_WEIGHT = float(1 << 20)
+# exponent bits of an IEEE half float / a bfloat16 at or above which a value is too large (all
+# ones: infinities and NaNs; a half float cannot reach MAX_WEIGHT)
+_EXPONENT = {K.F16: (0x7C00, 0x7C00), K.BF16: (0x7F80, (127 + 20) << 7)}
 
 
 def check_matrix(m, name: str, shape: tuple[int, int, int], source: str) -> None:
@@ -176,13 +182,17 @@ def check_matrix(m, name: str, shape: tuple[int, int, int], source: str) -> None
             got = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
             raise ValueError(f"{source}: {name} ({m.kind_name}) has {part} {got}; expected "
                              f"{np.dtype(dtype)} {pshape if pshape[0] else 'empty'} (corrupt or truncated?)")
-    finite = [m.s, m.m, m.f]
-    if m.kind in _NONFINITE_BITS:
-        mask = _NONFINITE_BITS[m.kind]
-        if ((m.q.view(np.uint16) & mask) == mask).any():
-            raise ValueError(f"{source}: {name} holds infinite or NaN values")
-    if not all(np.isfinite(a).all() for a in finite if a.size):
-        raise ValueError(f"{source}: {name} holds infinite or NaN values")
+    if m.kind in _EXPONENT:
+        mask, limit = _EXPONENT[m.kind]
+        if ((m.q.view(np.uint16) & mask) >= limit).any():
+            raise ValueError(f"{source}: {name} holds infinite, NaN or implausibly large values")
+    if not all(_bounded(a) for a in (m.s, m.m, m.f)):
+        raise ValueError(f"{source}: {name} holds infinite, NaN or implausibly large values (beyond {MAX_WEIGHT:g})")
+
+
+def _bounded(a: np.ndarray) -> bool:
+    """Every value finite and within MAX_WEIGHT (NaN fails the comparison); no copy is made."""
+    return a.size == 0 or bool(max(a.max(), -a.min()) <= MAX_WEIGHT)
 
 
 def check_vector(a, name: str, shape: tuple[int, ...], source: str) -> np.ndarray:
@@ -195,6 +205,6 @@ def check_vector(a, name: str, shape: tuple[int, ...], source: str) -> np.ndarra
     if a.shape != tuple(shape):
         raise ValueError(f"{source}: {name} has shape {a.shape}; expected {tuple(shape)} from the model's config")
     a = np.ascontiguousarray(a, np.float32)
-    if not np.isfinite(a).all():
-        raise ValueError(f"{source}: {name} holds infinite or NaN values")
+    if not _bounded(a):
+        raise ValueError(f"{source}: {name} holds infinite, NaN or implausibly large values (beyond {MAX_WEIGHT:g})")
     return a
