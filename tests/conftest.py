@@ -1,10 +1,17 @@
 """Shared fixtures. The data tests need lives in tests/data."""
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 DATA = Path(__file__).parent / "data"
+ROOT = Path(__file__).resolve().parent.parent
+
+# `python -m pytest` puts the checkout's root on sys.path, where kernels/ and weights/ (installed as
+# fastinfer.kernels and fastinfer.weights) would shadow other top-level packages of those names:
+# transformers imports Hugging Face's `kernels`. Tests import fastinfer's only through fastinfer.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
 
 
 @pytest.fixture(scope="session")

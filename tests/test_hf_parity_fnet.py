@@ -1,7 +1,6 @@
 """fastinfer's FNet against HF transformers' FNetForMaskedLM, on random checkpoints in HF's layout.
 
-Runs only where torch and transformers are installed (not test dependencies). Checked on
-2026-11-25 with transformers 5.24.0 / torch 2.13.0 (docs/performance.md, "FNet", has the figures).
+torch and transformers come with the test extras (docs/performance.md, "FNet", has the figures).
 """
 import numpy as np
 import pytest
