@@ -221,8 +221,11 @@ class Model:
         self._research_ready = True
         with compile_notice(self._compile_tag + "-research") as first:
             if first and self._rebuild is not None:
+                # a pruned prefill, then decode steps past a kv_budget (its eviction kernels)
                 compile_in_child(self._rebuild + "; n = min(8, m.n_ctx); "
-                                 "m.session(n_ctx=n, prune=fastinfer.Prune()).prefill([0] * (n // 2))")
+                                 "m.session(n_ctx=n, prune=fastinfer.Prune()).prefill([0] * (n // 2)); "
+                                 "s = m.session(n_ctx=320, kv_budget=128) if m.n_ctx >= 320 else None; "
+                                 "s and s.prefill([0] * 64); [s.decode_step(0) for _ in range(200 if s else 0)]")
 
     # -- text ---------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
