@@ -70,9 +70,8 @@ def _guard(f):
         if args and isinstance(args[0], str) and _WIDTH.search(args[0]):
             raise _Exceeded("a format width of a million or more")
         return _checked(f(*args, **kwargs))
-    for attr in ("jinja_pass_arg",):  # context/environment-passing filters keep their marker
-        if hasattr(f, attr):
-            setattr(guarded, attr, getattr(f, attr))
+    if hasattr(f, "jinja_pass_arg"):  # context/environment-passing filters keep their marker
+        guarded.jinja_pass_arg = f.jinja_pass_arg
     return guarded
 
 

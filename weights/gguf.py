@@ -152,7 +152,7 @@ def read_gguf(path: Path) -> Checkpoint:
         config["rope_scaling"] = {"rope_type": "linear", "factor": factor}
     elif scaling not in (None, "none"):
         raise ValueError(f"{path}: unsupported RoPE scaling {_short(scaling)}")
-    check_config(config, {}, str(path))
+    check_config(config, {}, str(path))  # before any loop over layers; open_checkpoint checks the tensors
 
     if n_tokens != config["vocab_size"]:
         raise ValueError(f"{path}: the tokenizer has {n_tokens} tokens; the model's vocabulary is "
@@ -173,7 +173,6 @@ def read_gguf(path: Path) -> Checkpoint:
         reader.release(t)  # copied (or, for plain floats, re-read on demand): keep RSS to one copy
     reader.release_all()
 
-    check_config(config, tensors, str(path))  # before anything loops over the layers
     # Undo llama.cpp's Q/K row permutation so one rotate-half RoPE serves GGUF and HF weights.
     q_order = _llama_cpp_rope_order(config["n_heads"], head_dim)
     k_order = _llama_cpp_rope_order(config["n_kv_heads"], head_dim)
