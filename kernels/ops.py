@@ -57,6 +57,16 @@ def silu(v):
     return v * num / (np.float32(1.0) + e)
 
 
+@kernel
+def gelu_tanh(v):
+    """0.5 v (1 + tanh(z)), z = sqrt(2/pi) (v + 0.044715 v^3) (PyTorch's gelu approximate="tanh"),
+    as v sigmoid(2z) through the same overflow-free exp as silu: no libm call, so it vectorizes."""
+    z = np.float32(2.0 * math.sqrt(2.0 / math.pi)) * (v + np.float32(0.044715) * v * v * v)
+    e = _exp_le0(-abs(z))
+    num = np.float32(1.0) if z >= np.float32(0.0) else e
+    return v * num / (np.float32(1.0) + e)
+
+
 # -- the public kernels: a serial token loop for little work, the same loop under prange in a
 # `_..._many` twin from PARALLEL_MIN_ELEMS on. Both run one inlined per-token body (Numba IR
 # inlining: no call and no per-token views, which cost as much as a decode step's row), with flat
@@ -183,6 +193,30 @@ def swiglu(out, gate_up):
 def _swiglu_many(out, gate_up):
     for t in prange(out.shape[0]):
         _swiglu_row(out, gate_up, t)
+
+
+@kernel(inline=True)
+def _geglu_row(out, gate_up, t):
+    n = out.shape[1]
+    for i in range(n):
+        out[t, i] = gelu_tanh(gate_up[t, i]) * gate_up[t, n + i]
+
+
+@kernel
+def geglu(out, gate_up):
+    """gate_up (T, 2n) = [gate | up] -> out (T, n) = gelu_tanh(gate) * up (Gemma's MLP)."""
+    T, n = out.shape
+    if T * n * SILU_COST >= PARALLEL_MIN_ELEMS:
+        _geglu_many(out, gate_up)
+        return
+    for t in range(T):
+        _geglu_row(out, gate_up, t)
+
+
+@kernel(parallel=True)
+def _geglu_many(out, gate_up):
+    for t in prange(out.shape[0]):
+        _geglu_row(out, gate_up, t)
 
 
 @kernel(inline=True)

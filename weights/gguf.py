@@ -1,4 +1,5 @@
-"""GGUF files (architecture `llama`) -> Checkpoint. The one place that knows GGUF's names."""
+"""GGUF files -> Checkpoint. The Llama family's GGUF names live here; other architectures declare
+theirs in their own module (fastinfer/models/__init__.py `Architecture`)."""
 import math
 from pathlib import Path
 
@@ -8,7 +9,8 @@ from fastinfer.kernels import linear as K
 
 from .checkpoint import Checkpoint, check_config
 from .gguf_meta import ggml_type_name, open_gguf
-from .tensors import GGML_BLOCKS, QMatrix, from_f32, from_ggml_blocks, from_half_bits, permute_rows
+from .kquants import BLOCKS as KQUANT_BLOCKS
+from .tensors import GGML_BLOCKS, QMatrix, from_f32, from_ggml_blocks, from_half_bits, from_kquant_blocks, permute_rows
 from .tokenizer import tokenizer_from_gguf
 
 SUPPORTED_ARCHS = ("llama",)
@@ -50,7 +52,8 @@ def _llama_cpp_rope_order(n_heads: int, head_dim: int) -> np.ndarray:
 
 
 def _dequantize(data: np.ndarray, ttype: int) -> np.ndarray:
-    """A tensor type fastinfer does not read itself (K-quants, IQ...), widened by the gguf package."""
+    """A tensor type fastinfer does not hold in blocks (IQ types; Q5_0 / Q5_1 rows of an odd
+    number of blocks), widened by the gguf package."""
     from gguf import GGMLQuantizationType, quants
     return quants.dequantize(data, GGMLQuantizationType(ttype))
 
@@ -75,6 +78,8 @@ def _tensor(t, path: Path):
         return from_half_bits(np.asarray(data).view(np.uint16).reshape(rows, cols), K.BF16)
     if kind in GGML_BLOCKS:
         return from_ggml_blocks(np.asarray(data).reshape(rows, -1), kind, cols)
+    if kind in KQUANT_BLOCKS and cols % K.STRETCH == 0:  # held in their blocks (weights/kquants.py)
+        return from_kquant_blocks(np.asarray(data).reshape(rows, -1), kind, cols)
     try:
         return from_f32(_dequantize(data, t.tensor_type).reshape(rows, cols))
     except (NotImplementedError, ValueError):
@@ -96,13 +101,26 @@ def _token_id(meta: dict, key: str, vocab: int, path: Path) -> int | None:
     return v
 
 
+def _spec_canonical(spec, gguf_name: str) -> str | None:
+    """An architecture's GGUF tensor name -> canonical, from the tables it declares."""
+    base, _, suffix = gguf_name.rpartition(".")
+    if suffix != "weight":
+        return None
+    if base.startswith("blk."):
+        _, i, role = base.split(".", 2)
+        return f"layers.{i}.{spec.gguf_layer_names[role]}" if role in spec.gguf_layer_names else None
+    return spec.gguf_global_names.get(base)
+
+
 def read_gguf(path: Path) -> Checkpoint:
+    from fastinfer.models import BY_GGUF_ARCH, architecture
     reader = open_gguf(path)
     meta = reader.metadata
     arch = meta.get("general.architecture")
-    if not isinstance(arch, str) or arch not in SUPPORTED_ARCHS:
+    if not isinstance(arch, str) or arch not in SUPPORTED_ARCHS + tuple(BY_GGUF_ARCH):
         raise ValueError(f"{path}: unsupported architecture {_short(arch)}; fastinfer reads GGUF architectures "
-                         f"{', '.join(SUPPORTED_ARCHS)}")
+                         f"{', '.join(SUPPORTED_ARCHS + tuple(BY_GGUF_ARCH))}")
+    spec = architecture(BY_GGUF_ARCH[arch]) if arch in BY_GGUF_ARCH else None
 
     def value(key, kind, default=None):
         """Metadata `arch.key` as an int or float; a missing required key or a value of another
@@ -128,7 +146,7 @@ def read_gguf(path: Path) -> Checkpoint:
             raise ValueError(f"{path}: GGUF metadata {arch}.{key} = {meta[f'{arch}.{key}']} differs from the "
                              f"head size {head_dim}; fastinfer supports neither partial RoPE nor V heads of "
                              f"another size")
-    config = {
+    config = spec.gguf_config(value, meta, str(path)) if spec is not None else {
         "arch": "llama",
         "dim": dim,
         "n_layers": value("block_count", int),
@@ -145,12 +163,12 @@ def read_gguf(path: Path) -> Checkpoint:
     scaling = meta.get(f"{arch}.rope.scaling.type")
     if scaling is not None and not isinstance(scaling, str):
         raise ValueError(f"{path}: GGUF metadata {arch}.rope.scaling.type = {_short(scaling)}; expected a string")
-    if scaling == "linear":
+    if spec is None and scaling == "linear":
         factor = value("rope.scaling.factor", float)
         if not math.isfinite(factor) or factor <= 0:
             raise ValueError(f"{path}: {arch}.rope.scaling.factor = {factor}; expected a finite positive number")
         config["rope_scaling"] = {"rope_type": "linear", "factor": factor}
-    elif scaling not in (None, "none"):
+    elif spec is None and scaling not in (None, "none"):
         raise ValueError(f"{path}: unsupported RoPE scaling {_short(scaling)}")
     check_config(config, {}, str(path))  # before any loop over layers; open_checkpoint checks the tensors
 
@@ -166,17 +184,18 @@ def read_gguf(path: Path) -> Checkpoint:
         raise ValueError(f"{path}: its tokenizer cannot be built ({first})") from None
     tensors = {}
     for t in reader.tensors:
-        name = _canonical(t.name)
+        name = _canonical(t.name) if spec is None else _spec_canonical(spec, t.name)
         if name is None:
             raise ValueError(f"{path}: unexpected tensor {t.name!r} for architecture {arch}")
         tensors[name] = _tensor(t, path)
         reader.release(t)  # copied (or, for plain floats, re-read on demand): keep RSS to one copy
     reader.release_all()
 
-    # Undo llama.cpp's Q/K row permutation so one rotate-half RoPE serves GGUF and HF weights.
+    # Undo llama.cpp's Q/K row permutation so one rotate-half RoPE serves GGUF and HF weights
+    # (the Llama family only: llama.cpp permutes no other architecture's rows).
     q_order = _llama_cpp_rope_order(config["n_heads"], head_dim)
     k_order = _llama_cpp_rope_order(config["n_kv_heads"], head_dim)
-    for i in range(config["n_layers"]):
+    for i in range(config["n_layers"] if spec is None else 0):
         for w, order in (("wq", q_order), ("wk", k_order)):
             for name in (f"layers.{i}.{w}", f"layers.{i}.b{w[1]}"):
                 if name not in tensors:

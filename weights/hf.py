@@ -17,7 +17,7 @@ from .hf_fnet import fnet_canonical, fnet_config
 from .safetensors_mmap import read_safetensors, unique_keys
 from .tensors import from_f32, from_half_bits
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2", "fnet")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2", "fnet", "gemma3_text")
 
 _LAYER_NAMES = {
     "input_layernorm.weight": "attention_norm", "post_attention_layernorm.weight": "ffn_norm",
@@ -158,6 +158,24 @@ def _sliding_window(c: ConfigReader, model_type: str) -> dict:
     return {}
 
 
+def _spec(model_type):
+    """The Architecture that reads this model_type's names and config itself, or None."""
+    from fastinfer.models import BY_HF_TYPE, architecture
+    return architecture(BY_HF_TYPE[model_type]) if isinstance(model_type, str) and model_type in BY_HF_TYPE else None
+
+
+def _spec_canonical(spec, name: str) -> str | None:
+    """An architecture's HF tensor name -> canonical, from the tables it declares."""
+    if name in spec.hf_global_names:
+        return spec.hf_global_names[name]
+    m = _LAYER.fullmatch(name)
+    if m and m.group(2) in spec.hf_layer_names:
+        return f"layers.{m.group(1)}.{spec.hf_layer_names[m.group(2)]}"
+    if name.endswith("rotary_emb.inv_freq"):
+        return None
+    raise ValueError(f"unexpected tensor {name!r} for a {spec.name} checkpoint")
+
+
 def _config(cfg: dict, d: Path) -> dict:
     if not isinstance(cfg, dict):
         raise ValueError(f"{d}/config.json is not a JSON object")
@@ -165,6 +183,9 @@ def _config(cfg: dict, d: Path) -> dict:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"{d}: unsupported model_type {model_type!r:.40}; fastinfer reads "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    spec = _spec(model_type)
+    if spec is not None:
+        return spec.hf_config(ConfigReader(cfg, d), cfg, str(d))
     if model_type == "gpt2":
         return _gpt2_config(cfg, d)
     if model_type == "fnet":
@@ -238,10 +259,13 @@ def read_hf_dir(d: Path) -> Checkpoint:
     cfg = _read_json(d / "config.json", required=True)
     config = _config(cfg, d)
     gpt2 = config["arch"] == "gpt2"
+    spec = _spec(cfg.get("model_type"))
     tensors = {}
     for f in _weight_files(d):
         for name, (dtype, arr) in read_safetensors(f).items():
-            if gpt2:
+            if spec is not None:
+                key, transpose = _in(f, lambda n: _spec_canonical(spec, n), name), False
+            elif gpt2:
                 key, transpose = _in(f, _gpt2_canonical, name) or (None, False)
             elif config["arch"] == "fnet":
                 key, transpose = _in(f, fnet_canonical, name), False
@@ -254,10 +278,14 @@ def read_hf_dir(d: Path) -> Checkpoint:
 
     if cfg.get("tie_word_embeddings", False) and config["arch"] != "fnet":  # HF ties even when a stale lm_head was saved
         tensors.pop("output", None)
-    elif config["arch"] == "llama" and "output" not in tensors:
+    elif config["arch"] in ("llama", "gemma3") and "output" not in tensors:
         raise ValueError(f"{d}: the checkpoint lacks lm_head.weight and config.json does not tie it to "
                          f"the embeddings (tie_word_embeddings is false)")
 
+    if spec is not None:  # norms stored as w for a (1 + w) RMSNorm: held as 1 + w
+        for key in [k for k in tensors if k.rsplit(".", 1)[-1] in spec.hf_norms or k == "norm"]:
+            if spec.hf_norms and isinstance(tensors[key], np.ndarray):
+                tensors[key] = (np.float32(1.0) + tensors[key].astype(np.float32)).astype(np.float32)
     tok = _tokenizer(d)
 
     tcfg = _read_json(d / "tokenizer_config.json")

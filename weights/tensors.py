@@ -85,6 +85,36 @@ def from_ggml_blocks(raw: np.ndarray, type_name: str, cols: int) -> QMatrix:
     return QMatrix(kind, q[None], d[None], _NO_F32 if mn is None else mn[None], _NO_F32, rows, cols)
 
 
+def from_kquant_blocks(raw: np.ndarray, type_name: str, cols: int) -> QMatrix:
+    """uint8 (rows, row_bytes) of a ggml 5-bit or K-quant type -> the kernel kind that holds it
+    exactly (weights/kquants.py): Q4_K as Q4_1, Q5_0 / Q5_1 / Q5_K as Q5, Q6_K / Q3_K / Q2_K as Q6."""
+    from .kquants import TARGET, repack
+    q, s, m = repack(raw, type_name, cols)
+    return QMatrix(TARGET[type_name], q[None], s[None], m[None], _NO_F32, raw.shape[0], cols)
+
+
+def to_q6(w: QMatrix) -> QMatrix:
+    """A Q4_0, Q4_1, Q5 or Q6 stack as Q6, exactly: the kind that holds all four, so a role whose
+    layers come in different 4- to 6-bit types (K-quant mixes) stacks without widening."""
+    from .kquants import pack
+    if w.kind == K.Q6:
+        return w
+    if w.kind not in (K.Q4_0, K.Q4_1, K.Q5):
+        raise ValueError(f"{w.kind_name} cannot be held as Q6")
+    n, rows, cols = w.n, w.rows, w.cols
+    q = np.empty((n, rows, K.row_bytes(K.Q6, cols)), np.uint8)
+    s = np.empty((n, rows, cols // 16), np.float32)
+    m = np.empty_like(s)
+    for layer in range(n):
+        lo = w.q[layer, :, :cols // 2].reshape(rows, cols // 32, 16)
+        u = np.concatenate([lo & 15, lo >> 4], axis=2).reshape(rows, cols)
+        if w.kind == K.Q5:
+            u |= np.unpackbits(w.q[layer, :, cols // 2:], axis=1, bitorder="little") << 4
+        mn = w.m[layer] if w.kind != K.Q4_0 else -8.0 * w.s[layer]
+        q[layer], s[layer], m[layer] = pack(u, w.s[layer], mn, K.Q6)
+    return QMatrix(K.Q6, q, s, m, _NO_F32, rows, cols)
+
+
 def permute_rows(w: QMatrix, order: np.ndarray) -> QMatrix:
     """The same matrices with their rows reordered: new row i is old row order[i]."""
     take = lambda a: a if a.shape[0] == 0 else np.ascontiguousarray(a[:, order])  # noqa: E731
@@ -110,7 +140,8 @@ def stack_joined(layers: list[list[QMatrix]]) -> QMatrix:
     """One stack over layers, each layer's matrices joined along their rows (one matmul for several).
 
     layers[i] lists layer i's matrices in row order. Every format quantizes within a row, so
-    joining rows keeps values exact; mixed formats fall back to f32 for the whole stack.
+    joining rows keeps values exact. Mixed formats take the kind that holds them all exactly: Q6
+    for 4- to 6-bit blocks (K-quant mixes give a role different types in different layers), else f32.
 
     Consumes `layers`: each entry is dropped once copied into the stack, whose pages the OS
     supplies as they are written, so a load holds about one copy of the weights instead of the
@@ -125,7 +156,8 @@ def stack_joined(layers: list[list[QMatrix]]) -> QMatrix:
                          f"{sorted({(w.rows, w.cols) for ws in layers for w in ws})}")
     if len({cols for _, cols in shapes}) != 1:
         raise ValueError(f"matrices to join must share their columns: {shapes}")
-    widen = to_f32 if len({w.kind for ws in layers for w in ws}) > 1 else (lambda w: w)
+    kinds = {w.kind for ws in layers for w in ws}
+    widen = (lambda w: w) if len(kinds) == 1 else to_q6 if kinds <= {K.Q4_0, K.Q4_1, K.Q5, K.Q6} else to_f32
     proto = widen(first[0])
     out = {}
     for name in "qsmf":
@@ -143,10 +175,11 @@ def stack_joined(layers: list[list[QMatrix]]) -> QMatrix:
     return QMatrix(proto.kind, out["q"], out["s"], out["m"], out["f"], sum(r for r, _ in shapes), shapes[0][1])
 
 
-# Per format: the bytes of q per weight (0: unused), whether s and m (per 32-block) are used, and
-# whether f (plain f32) is: what `check_matrix` holds every matrix to.
-_LAYOUT = {K.F32: (0, False, False, True), K.F16: (2, False, False, False), K.BF16: (2, False, False, False),
-           K.Q8_0: (1, True, False, False), K.Q4_0: (0.5, True, False, False), K.Q4_1: (0.5, True, True, False)}
+# Per format: whether s and m (per K.GROUP elements) are used, and whether f (plain f32) is: what
+# `check_matrix` holds every matrix to (q's row bytes are K.row_bytes).
+_LAYOUT = {K.F32: (False, False, True), K.F16: (False, False, False), K.BF16: (False, False, False),
+           K.Q8_0: (True, False, False), K.Q4_0: (True, False, False), K.Q4_1: (True, True, False),
+           K.Q5: (True, True, False), K.Q6: (True, True, False)}
 # The largest weight magnitude accepted (2^20): far above any trained model's (a model stored in
 # f16 cannot exceed 65504), and low enough that a value grown by a flipped exponent bit is caught
 # before it overflows the float32 sums of squares in a norm (which the kernels, compiled with
@@ -169,12 +202,14 @@ def check_matrix(m, name: str, shape: tuple[int, int, int], source: str) -> None
         raise ValueError(f"{source}: {name} has shape {(m.n, m.rows, m.cols)}; expected {tuple(shape)} "
                          f"from the model's config")
     n, rows, cols = shape
-    q_bytes, scales, mins, plain = _LAYOUT[m.kind]
-    if scales and cols % K.QK:
-        raise ValueError(f"{source}: {name} has {cols} columns, not a multiple of {K.QK} for {m.kind_name}")
-    want = {"q": ((n, rows, int(cols * q_bytes)), np.uint8) if q_bytes else ((0, 0, 0), np.uint8),
-            "s": ((n, rows, cols // K.QK), np.float32) if scales else ((0, 0, 0), np.float32),
-            "m": ((n, rows, cols // K.QK), np.float32) if mins else ((0, 0, 0), np.float32),
+    scales, mins, plain = _LAYOUT[m.kind]
+    unit = K.STRETCH if m.kind in (K.Q5, K.Q6) else K.QK
+    if scales and cols % unit:
+        raise ValueError(f"{source}: {name} has {cols} columns, not a multiple of {unit} for {m.kind_name}")
+    q_bytes, G = K.row_bytes(m.kind, cols), K.GROUP.get(m.kind, 1)
+    want = {"q": ((n, rows, q_bytes), np.uint8) if q_bytes else ((0, 0, 0), np.uint8),
+            "s": ((n, rows, cols // G), np.float32) if scales else ((0, 0, 0), np.float32),
+            "m": ((n, rows, cols // G), np.float32) if mins else ((0, 0, 0), np.float32),
             "f": ((n, rows, cols), np.float32) if plain else ((0, 0, 0), np.float32)}
     for part, (pshape, dtype) in want.items():
         a = getattr(m, part)

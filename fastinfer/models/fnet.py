@@ -22,9 +22,8 @@ from fastinfer.weights.checkpoint import Checkpoint
 from fastinfer.weights.hf_fnet import ACTIVATIONS
 from fastinfer.weights.tensors import QMatrix, check_matrix, check_vector, from_f32, readonly, stack, to_f32
 
-from . import model_args
+from . import Architecture, model_args
 
-ENCODER = True  # the API offers forward/embed, not sessions or generation
 
 
 @dataclass
@@ -215,3 +214,7 @@ def run(args: ModelArgs, w: tuple, ids: np.ndarray, threads: int, head: bool) ->
     types = np.zeros(len(ids), np.int64)
     forward(ids, types, w, st.args(), float(args.norm_eps), ACTIVATIONS[args.activation], threads, head)
     return st
+
+
+# An encoder: the API offers forward / embed, not sessions or generation.
+ARCH = Architecture(name="fnet", ModelArgs=ModelArgs, build=build, run=run, encoder=True)

@@ -20,7 +20,7 @@ from fastinfer.kernels.jit import kernel
 from fastinfer.weights.checkpoint import Checkpoint
 from fastinfer.weights.tensors import QMatrix, check_matrix, check_vector, readonly, stack, to_f32
 
-from . import KV_TYPES, model_args
+from . import KV_TYPES, Architecture, model_args
 from .llama import lazy_zeros
 
 
@@ -197,3 +197,6 @@ def run(args: ModelArgs, w: tuple, st: tuple, ids: np.ndarray, positions: np.nda
     """`forward` with the model's own sizes filled in; pattern as kernels/attention.py describes."""
     forward(ids, positions, starts, slots, pattern, all_logits, w, st, args.n_heads, float(args.norm_eps))
 
+
+
+ARCH = Architecture(name="gpt2", ModelArgs=ModelArgs, build=build, State=State, run=run)

@@ -25,10 +25,8 @@ from fastinfer.kernels.jit import kernel
 from fastinfer.weights.checkpoint import Checkpoint
 from fastinfer.weights.tensors import QMatrix, check_matrix, check_vector, readonly, stack_joined
 
-from . import KV_TYPES, model_args
+from . import KV_TYPES, Architecture, model_args
 
-RESEARCH_HOOKS = True  # pruning, eviction and the spectral filter: a compiled variant of forward
-ACT8 = True  # State(act8=True): matmul inputs quantized to 8 bits (kernels/act8.py)
 KV_RESIDUAL = True  # with act8, the K and V projections get a second 8-bit pass over their input's
 # residual (docs/design.md, "8-bit activations": the Q rows gained nothing from it)
 
@@ -186,8 +184,9 @@ def _check_rope_scaling(sc: dict | None, source: str, half: int) -> None:
 
 
 def has_float_matmuls(w: Weights) -> bool:
-    """Whether any matmul weight is a float format (which 8-bit activations cannot use)."""
-    return any(m.kind not in (L.Q8_0, L.Q4_0, L.Q4_1) for m in (w.wqkv, w.wo, w.w13, w.w2, w.output))
+    """Whether any matmul needs the float path beside 8-bit activations (kernels/linear.py
+    needs_float_path: a float format, or Q6's prefill)."""
+    return L.needs_float_path(m.kind for m in (w.wqkv, w.wo, w.w13, w.w2, w.output))
 
 
 def _windows(args: ModelArgs) -> np.ndarray:
@@ -397,3 +396,7 @@ def _spectral_off(n_layers: int, dim: int) -> tuple:
     """The filter switched off, built once per shape so decoding allocates nothing."""
     h = dim // 2 + 1
     return np.full(n_layers, h, np.int64), np.zeros((2, 0, 0)), np.zeros((2, h)), np.zeros((2, h))
+
+
+ARCH = Architecture(name="llama", ModelArgs=ModelArgs, build=build, State=State, run=run, act8=True, research=True,
+                    spectral_args=spectral_args, float_matmuls=has_float_matmuls, derived=("cos", "sin", "windows"))
