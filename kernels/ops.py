@@ -172,51 +172,42 @@ def _rope_many(x, cos, sin, positions):
 
 
 @kernel(inline=True)
-def _swiglu_row(out, gate_up, t):
+def _gated_row(out, gate_up, t, gelu):
     n = out.shape[1]
-    for i in range(n):
-        out[t, i] = silu(gate_up[t, i]) * gate_up[t, n + i]
+    if gelu:  # loop-invariant: each loop vectorizes on its own
+        for i in range(n):
+            out[t, i] = gelu_tanh(gate_up[t, i]) * gate_up[t, n + i]
+    else:
+        for i in range(n):
+            out[t, i] = silu(gate_up[t, i]) * gate_up[t, n + i]
+
+
+@kernel
+def _gated(out, gate_up, gelu):
+    T, n = out.shape
+    if T * n * SILU_COST >= PARALLEL_MIN_ELEMS:
+        _gated_many(out, gate_up, gelu)
+        return
+    for t in range(T):
+        _gated_row(out, gate_up, t, gelu)
+
+
+@kernel(parallel=True)
+def _gated_many(out, gate_up, gelu):
+    for t in prange(out.shape[0]):
+        _gated_row(out, gate_up, t, gelu)
 
 
 @kernel
 def swiglu(out, gate_up):
-    """gate_up (T, 2n) = [gate | up] -> out (T, n) = silu(gate) * up."""
-    T, n = out.shape
-    if T * n * SILU_COST >= PARALLEL_MIN_ELEMS:
-        _swiglu_many(out, gate_up)
-        return
-    for t in range(T):
-        _swiglu_row(out, gate_up, t)
-
-
-@kernel(parallel=True)
-def _swiglu_many(out, gate_up):
-    for t in prange(out.shape[0]):
-        _swiglu_row(out, gate_up, t)
-
-
-@kernel(inline=True)
-def _geglu_row(out, gate_up, t):
-    n = out.shape[1]
-    for i in range(n):
-        out[t, i] = gelu_tanh(gate_up[t, i]) * gate_up[t, n + i]
+    """gate_up (T, 2n) = [gate | up] -> out (T, n) = silu(gate) * up (Llama's MLP)."""
+    _gated(out, gate_up, False)
 
 
 @kernel
 def geglu(out, gate_up):
     """gate_up (T, 2n) = [gate | up] -> out (T, n) = gelu_tanh(gate) * up (Gemma's MLP)."""
-    T, n = out.shape
-    if T * n * SILU_COST >= PARALLEL_MIN_ELEMS:
-        _geglu_many(out, gate_up)
-        return
-    for t in range(T):
-        _geglu_row(out, gate_up, t)
-
-
-@kernel(parallel=True)
-def _geglu_many(out, gate_up):
-    for t in prange(out.shape[0]):
-        _geglu_row(out, gate_up, t)
+    _gated(out, gate_up, True)
 
 
 @kernel(inline=True)

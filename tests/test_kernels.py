@@ -503,3 +503,24 @@ def test_embed_parallel(fmt):
     out = nans(len(ids), dim)
     ops.embed(out, ids, qm.args())
     assert_array_equal(out, tw.embed(ids, dense[0]))
+
+
+@pytest.mark.parametrize("T,n", [(1, 37), (3, 576), (64, 1536)])  # serial and threaded token loops
+def test_geglu(T, n):
+    """gelu_tanh(gate) * up, with gelu_tanh as PyTorch's approximate="tanh" (float64 here), through
+    the vectorizable sigmoid form; large |gate| neither overflows nor loses the linear tail."""
+    rng = rng_for("geglu", T, n)
+    gate = (rng.standard_normal((T, n)) * 4).astype(np.float32)
+    gate.reshape(-1)[:len(SILU_EDGES)] = SILU_EDGES[:gate.size]
+    up = rng.standard_normal((T, n)).astype(np.float32)
+    g = gate.astype(np.float64)
+    z = np.sqrt(2 / np.pi) * (g + 0.044715 * g ** 3)
+    # 0.5 (1 + tanh z) = 1 / (1 + exp(-2z)): float64's tanh rounds to -1 below z = -19, losing
+    # the tail (1e-20 and less) that the sigmoid form keeps
+    with np.errstate(over="ignore"):
+        want = g / (1 + np.exp(-2 * z)) * up
+    out = nans(T, n)
+    ops.geglu(out, np.ascontiguousarray(np.concatenate([gate, up], axis=1)))
+    assert np.isfinite(out).all()
+    # z in float32 carries ~|z| ulps of absolute error into exp(-2z): 1e-5 relative in the far tail
+    assert_allclose(out, want, rtol=1e-5, atol=1e-30)

@@ -13,8 +13,8 @@ from gguf import GGMLQuantizationType, quants
 from fastinfer.kernels import isa
 from fastinfer.kernels import linear as L
 from fastinfer.kernels import qgemm as QG
-from fastinfer.kernels import qmatvec as QV
 from fastinfer.weights.kquants import BLOCKS, TARGET
+from test_qmatvec import tier_rows  # the decode row loop in another tier's instructions
 from fastinfer.weights.tensors import QMatrix, check_matrix, from_kquant_blocks, stack_joined, to_f32, to_q6
 
 TYPES = list(BLOCKS)
@@ -121,24 +121,6 @@ def runnable(tier):
     if lacks:
         pytest.skip(f"{tier.name}: the CPU lacks {', '.join(lacks)}")
     return tier
-
-
-_ROWS = {}
-
-
-def tier_rows(tier):
-    """The decode row loop in another tier's instructions, compiled here (not cached)."""
-    if tier.name not in _ROWS:
-        block = QV.make_rows(tier)
-
-        @numba.njit(cache=False)
-        def call(out, xq, xd, xs, w, l):
-            kind, q, s, m, f = w
-            for t0 in range(0, xq.shape[0], QV.PASS_T):
-                t1 = min(xq.shape[0], t0 + QV.PASS_T)
-                block(out[t0:t1], xq[t0:t1], xd[t0:t1], xs[t0:t1], q, s, m, l, 0, out.shape[1], kind)
-        _ROWS[tier.name] = call
-    return _ROWS[tier.name]
 
 
 @pytest.mark.parametrize("tier", isa.TIERS, ids=isa.TIER_NAMES)
