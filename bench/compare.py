@@ -121,7 +121,7 @@ class FastinferRunner:
         """dtype: a fastinfer dtype, with "+a8" for 8-bit activations (activations="int8")."""
         import fastinfer
         dtype, a8, _ = dtype.partition("+a8")
-        self.weights = {"auto": "auto (Q4_1 as shipped)"}.get(dtype, dtype) + (", int8 activations" if a8 else "")
+        self.weights = {"auto": "auto (as shipped)"}.get(dtype, dtype) + (", int8 activations" if a8 else "")
         self.model = fastinfer.load(path, dtype=dtype, threads=threads, n_ctx=n_ctx,
                                     activations="int8" if a8 else "f32")
         self.vocab = int(self.model.args.vocab_size)
@@ -306,6 +306,11 @@ def _importable(modules: tuple[str, ...], skipped: str, notes: list[str]) -> boo
     return True
 
 
+def _file_label(path: Path) -> str:
+    """The llama.cpp row of the file as downloaded: its name, or Q4_1 for the default model."""
+    return "Q4_1" if path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" else f"{path.name} (as is)"
+
+
 def build_runners(args, model_path: Path) -> tuple[list, list[str]]:
     runners, notes = [], []
     n_ctx = args.n_prompt + args.n_gen + 8
@@ -316,7 +321,9 @@ def build_runners(args, model_path: Path) -> tuple[list, list[str]]:
     if "llama.cpp" in args.engines and _importable(
             ("llama_cpp",), f"llama.cpp skipped: llama-cpp-python is not installed (install it with `{INSTALL_HINT}`)",
             notes):
-        for label, path in ((REF[1], "Q8_0"), ("Q4_1", model_path), ("Q4_0 (from Q4_1)", "Q4_0")):
+        variants = {"Q8_0": (REF[1], "Q8_0"), "file": (_file_label(model_path), model_path),
+                    "Q4_0": ("Q4_0 (from Q4_1)", "Q4_0")}
+        for label, path in (variants[v] for v in args.llama_weights):
             path = requantized(model_path, path) if isinstance(path, str) else path
             note(f"loading llama.cpp {label}")
             runners.append(LlamaCppRunner(path, label, args.threads, args.n_prompt, args.n_gen))
@@ -372,7 +379,8 @@ def rows_from(runners, times, args) -> list[dict]:
         rows.append({"engine": r.engine, "weights": r.weights, "version": r.version,
                      "pp": stats(pp), "tg": stats(tg), "pp_tps": pp, "tg_tps": tg,
                      "pp_seconds": times[i]["pp"], "tg_seconds": times[i]["tg"]})
-    ref = next((x for x in rows if (x["engine"], x["weights"]) == REF), None)
+    ref = next((x for x in rows if (x["engine"], x["weights"]) == REF), None) or next(
+        (x for x in rows if x["engine"] == "llama.cpp"), None)  # else llama.cpp on the file itself
     for x in rows:
         x["ratio"] = ({k: x[k]["mean"] / ref[k]["mean"] for k in ("pp", "tg")} if ref else None)
     return rows
@@ -409,7 +417,8 @@ def markdown(rows, meta, args) -> str:
              f"fastinfer's ISA tier: **{meta['isa']}**" + (f" (forced with FASTINFER_ISA; the CPU runs {meta['isa_best']})"
                                                          if meta["isa"] != meta["isa_best"] else "")
              + (f". llama.cpp: {meta['llama_cpp_system_info']}" if meta.get("llama_cpp_system_info") else "") + ".", "",
-             f"| engine | weights | pp{p} (t/s) | tg{n} (t/s) | pp{p} vs llama.cpp Q8_0 | tg{n} vs llama.cpp Q8_0 |",
+             f"| engine | weights | pp{p} (t/s) | tg{n} (t/s) | pp{p} vs llama.cpp {meta['ref']} | "
+             f"tg{n} vs llama.cpp {meta['ref']} |",
              "|---|---|---|---|---|---|"]
     for x in rows:
         ratio = x["ratio"]
@@ -446,7 +455,7 @@ def chart(rows, meta, args, path: Path) -> None:
             ax.text(m + sd, yi, f"  {m:.0f}{r}", va="center", fontsize=9)
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle(f"fastinfer side by side — SmolLM2-135M, {args.threads} threads, {meta['cpu']}, {meta['date']}\n"
-                 f"mean ± std of {args.repetitions} repetitions; ratios vs llama.cpp Q8_0", fontsize=10)
+                 f"mean ± std of {args.repetitions} repetitions; ratios vs llama.cpp {meta['ref']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -466,7 +475,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ct2-types", nargs="+", default=["int8"], choices=CT2_TYPES,
                     help="CTranslate2 compute types (default: int8; on a CPU int8 and int8_float32 are the same)")
     ap.add_argument("--model", type=Path, default=None,
-                    help="the Q4_1 GGUF (default: $FASTINFER_HOME/models/SmolLM2-135M-Instruct.Q4_1.gguf)")
+                    help="the GGUF (default: $FASTINFER_HOME/models/SmolLM2-135M-Instruct.Q4_1.gguf)")
+    ap.add_argument("--llama-weights", nargs="+", default=["Q8_0", "file", "Q4_0"], choices=["Q8_0", "file", "Q4_0"],
+                    help="llama.cpp's rows: the file requantized to Q8_0 / Q4_0 by llama.cpp, or the file as it is "
+                         "(default: all three; a K-quant download: file)")
     ap.add_argument("--out", type=Path, default=HERE / "results", help="output directory (default: bench/results)")
     ap.add_argument("--tag", default="", help="suffix for the output files' names (compare-<date>-<tag>.*)")
     args = ap.parse_args(argv)
@@ -496,7 +508,9 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads, "n_prompt": args.n_prompt, "n_gen": args.n_gen,
             "repetitions": args.repetitions, "model": str(model_path), "fastinfer": fastinfer_source(),
             "versions": {r.engine: r.version for r in runners}, "python": platform.python_version(),
-            "measure_seconds": round(time.time() - t_start, 1), "notes": notes}
+            "measure_seconds": round(time.time() - t_start, 1), "notes": notes,
+            "ref": next((x["weights"] for x in rows if x["ratio"] and x["ratio"]["pp"] == 1.0 and x["engine"] == "llama.cpp"),
+                        "–")}
     try:
         import llama_cpp
         meta["llama_cpp_system_info"] = llama_cpp.llama_print_system_info().decode().strip()

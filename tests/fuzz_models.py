@@ -69,7 +69,10 @@ def _helpers_on_path() -> None:
 
 STR, ARR, BOOL = 8, 9, 7
 _NUM = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "B", 10: "Q", 11: "q", 12: "d"}
-GGML_SIZES = {0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 8: (32, 34), 30: (1, 2)}
+# (elements, bytes) per block of each GGML type the seeds use (ggml-common.h): F32, F16, Q4_0, Q4_1,
+# Q5_0, Q5_1, Q8_0, Q2_K .. Q6_K, BF16
+GGML_SIZES = {0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 10: (256, 84),
+              11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210), 30: (1, 2)}
 
 
 def parse_gguf(b: bytes) -> dict:

@@ -319,3 +319,48 @@ def test_real_defaults_close_to_f32(gemma3_gguf, gemma_f32):
 
     base, default = ppl(gemma_f32), ppl(m)
     assert default <= 1.01 * base, (default, base)
+
+
+# -- damaged K-quant files: one clear error naming the file, the tensor and its type ----------------
+def _edited(tmp_path, gguf_file, edit, cut: int = 0):
+    from fuzz_models import pack_gguf, parse_gguf
+    g = parse_gguf(gguf_file[0].read_bytes())
+    edit(g)
+    data = pack_gguf(g)
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(data[:len(data) - cut] if cut else data)
+    return path
+
+
+def _refused(path, *parts):
+    with pytest.raises(ValueError) as e:
+        fastinfer.load(path, threads=1, n_ctx=16)
+    msg = str(e.value)
+    assert str(path) in msg and "\n" not in msg and all(p in msg for p in parts), msg
+
+
+def _tensor_info(g, name):
+    return next(t for t in g["tensors"] if t["name"] == name.encode())
+
+
+def test_kquant_row_not_a_multiple_of_256(tmp_path, gguf_file):
+    def edit(g):  # attn_k: 64 rows of 256 (Q4_K) relabelled as 128 rows of 128
+        _tensor_info(g, "blk.0.attn_k.weight")["dims"] = [128, 128]
+    _refused(_edited(tmp_path, gguf_file, edit), "blk.0.attn_k.weight", "Q4_K", "multiple of 256")
+
+
+def test_truncated_block_table(tmp_path, gguf_file):
+    _refused(_edited(tmp_path, gguf_file, lambda g: None, cut=1000), "runs past the end", "truncated")
+
+
+def test_tensor_type_we_do_not_read(tmp_path, gguf_file):
+    def edit(g):
+        _tensor_info(g, "blk.1.ffn_up.weight")["type"] = 99
+    _refused(_edited(tmp_path, gguf_file, edit), "blk.1.ffn_up.weight", "GGML type 99")
+
+
+def test_architecture_we_do_not_read(tmp_path, gguf_file):
+    def edit(g):
+        kv = next(e for e in g["kv"] if e["key"] == b"general.architecture")
+        kv["value"] = b"gemma4"
+    _refused(_edited(tmp_path, gguf_file, edit), "unsupported architecture 'gemma4'", "gemma3")

@@ -217,7 +217,10 @@ def _read(path: Path) -> GGUFFile:
                          f"(is the tensor count {n_tensors} right?)")
     tensors, extents = [], []
     for name, dims, ttype, offset in infos:
-        block, type_size = _block_size(ttype)
+        try:
+            block, type_size = _block_size(ttype)
+        except ValueError:
+            raise ValueError(f"tensor {name} has GGML type {ttype}, which fastinfer does not know") from None
         if min(dims) < 1 or dims[0] % block:
             raise ValueError(f"tensor {name} has dimensions {dims}; each must be positive and the first "
                              f"a multiple of {block} for type {ggml_type_name(ttype)}")
