@@ -39,6 +39,8 @@ def convert(src: str | Path, out: str | Path, dtype: str = "auto", force: bool =
     arch = architecture(ckpt.config["arch"], ckpt.source)
     args, w = arch.build(ckpt, max_seq=1)
     tensors = {f.name: getattr(w, f.name) for f in fields(w) if f.name not in arch.derived}
+    # roles a model does not have are empty arrays (a Llama's QK-norm): nothing to store
+    tensors = {k: v for k, v in tensors.items() if not (isinstance(v, np.ndarray) and v.size == 0)}
 
     # The error is measured against the source's own values, tensor by tensor.
     worst = ("-", 0.0, 0.0)

@@ -101,6 +101,15 @@ def _rmsnorm_many(out, x, w, eps):
 
 
 @kernel
+def heads_rmsnorm_(x, w, eps, heads):
+    """x (T, heads * hd): each head's vector normed in place, times w (hd,) (QK-norm)."""
+    T = x.shape[0]
+    hd = w.shape[0]
+    v = x.reshape((T * heads, hd))
+    rmsnorm(v, v, w, eps)
+
+
+@kernel
 def layernorm(out, x, w, b, eps):
     """x (T, n) -> out (T, n) = (x - mean) / sqrt(var + eps) * w + b (biased variance)."""
     T, n = x.shape

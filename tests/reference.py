@@ -253,7 +253,8 @@ def llama_forward(weights: dict[str, np.ndarray], cfg: dict, ids: list[int],
                   block_sparse: tuple | None = None, after_layer=None) -> np.ndarray:
     """Logits (T, vocab) float32 of HF LlamaForCausalLM for the token ids `ids` at positions
     0..T-1. `weights` are float32 arrays under HF names; `lm_head.weight` may be absent when the
-    embeddings are tied. q/k/v `.bias` entries (Qwen2, attention_bias) are used when present.
+    embeddings are tied. q/k/v `.bias` entries (Qwen2, attention_bias) are used when present, and
+    per-head `self_attn.q_norm` / `k_norm` (Qwen3).
     block_sparse: the block mask of `causal_attention`, in every layer (not HF's: fastinfer's
     approximation, written here from its definition). after_layer(i, x) -> x, when given,
     rewrites the residual stream (T, dim) after layer i."""
@@ -275,8 +276,12 @@ def llama_forward(weights: dict[str, np.ndarray], cfg: dict, ids: list[int],
         q = _linear(h, weights[a + "q_proj.weight"], weights.get(a + "q_proj.bias"))
         k = _linear(h, weights[a + "k_proj.weight"], weights.get(a + "k_proj.bias"))
         v = _linear(h, weights[a + "v_proj.weight"], weights.get(a + "v_proj.bias"))
-        q = rope_split_half(q.reshape(T, H, hd), positions, inv_freq)
-        k = rope_split_half(k.reshape(T, KV, hd), positions, inv_freq)
+        q, k = q.reshape(T, H, hd), k.reshape(T, KV, hd)
+        if a + "q_norm.weight" in weights:  # Qwen3: RMSNorm over each head before RoPE
+            q = rms_norm(q, weights[a + "q_norm.weight"], eps)
+            k = rms_norm(k, weights[a + "k_norm.weight"], eps)
+        q = rope_split_half(q, positions, inv_freq)
+        k = rope_split_half(k, positions, inv_freq)
         attn = causal_attention(q, k, v.reshape(T, KV, hd), layer_window(cfg, i), block_sparse)
         x = x + _linear(attn, weights[a + "o_proj.weight"], weights.get(a + "o_proj.bias"))
 

@@ -364,3 +364,17 @@ def test_architecture_we_do_not_read(tmp_path, gguf_file):
         kv = next(e for e in g["kv"] if e["key"] == b"general.architecture")
         kv["value"] = b"gemma4"
     _refused(_edited(tmp_path, gguf_file, edit), "unsupported architecture 'gemma4'", "gemma3")
+
+
+def test_convert_keeps_kquant_blocks(gguf_file, tmp_path):
+    """A converted checkpoint keeps the blocks (Q5, Q4_1, Q6 as read), memory-maps them, and
+    computes exactly what the GGUF does."""
+    from fastinfer.convert import convert
+    path = gguf_file[0]
+    convert(path, tmp_path / "conv", progress=False)
+    a = fastinfer.load(path, activations="f32", kv_type="f32")
+    b = fastinfer.load(tmp_path / "conv", activations="f32", kv_type="f32")
+    for role in ("wq", "wk", "wv", "wo", "w13", "w2", "tok_embeddings"):
+        assert getattr(a.weights, role).kind == getattr(b.weights, role).kind
+    assert not b.weights.w2.q.flags.owndata  # a view of the mapped file
+    np.testing.assert_array_equal(b.forward(IDS), a.forward(IDS))

@@ -484,3 +484,24 @@ def write_gguf(path, cfg: dict, weights: dict[str, np.ndarray], ggml_type: str =
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+# Qwen3: QK-norm (q and k RMS-normed per head before RoPE), no biases, head_dim its own key
+# (4 heads x 24 = 96 != hidden 64), tied embeddings as the small Qwen3 models have them.
+TINY_CFG_QWEN3 = {**TINY_CFG, "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "head_dim": 24,
+                  "tie_word_embeddings": True, "rope_theta": 1000000.0, "attention_bias": False,
+                  "use_sliding_window": False, "sliding_window": None, "max_window_layers": 3}
+# Llama 3.2: llama3 RoPE scaling, tied embeddings, GQA
+TINY_CFG_LLAMA32 = {**TINY_CFG, "tie_word_embeddings": True, "rope_theta": 500000.0,
+                    "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}
+
+
+def add_qk_norms(cfg: dict, w: dict[str, np.ndarray], seed: int = 7) -> dict[str, np.ndarray]:
+    """Qwen3's per-head q_norm / k_norm weights (head_dim,) added to Llama-named weights."""
+    rng = np.random.default_rng(seed)
+    hd = head_dim_of(cfg)
+    for i in range(cfg["num_hidden_layers"]):
+        for n in ("q_norm", "k_norm"):
+            w[f"model.layers.{i}.self_attn.{n}.weight"] = (1.0 + 0.2 * rng.standard_normal(hd)).astype(np.float32)
+    return w

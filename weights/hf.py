@@ -17,7 +17,7 @@ from .hf_fnet import fnet_canonical, fnet_config
 from .safetensors_mmap import read_safetensors, unique_keys
 from .tensors import from_f32, from_half_bits
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2", "fnet", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "fnet", "gemma3_text")
 
 _LAYER_NAMES = {
     "input_layernorm.weight": "attention_norm", "post_attention_layernorm.weight": "ffn_norm",
@@ -25,6 +25,7 @@ _LAYER_NAMES = {
     "self_attn.v_proj.weight": "wv", "self_attn.o_proj.weight": "wo",
     "self_attn.q_proj.bias": "bq", "self_attn.k_proj.bias": "bk", "self_attn.v_proj.bias": "bv",
     "mlp.gate_proj.weight": "w1", "mlp.down_proj.weight": "w2", "mlp.up_proj.weight": "w3",
+    "self_attn.q_norm.weight": "q_norm", "self_attn.k_norm.weight": "k_norm",  # Qwen3
 }
 _GLOBAL_NAMES = {"model.embed_tokens.weight": "tok_embeddings", "model.norm.weight": "norm",
                  "lm_head.weight": "output"}
@@ -153,7 +154,7 @@ def _sliding_window(c: ConfigReader, model_type: str) -> dict:
         return {}
     if model_type == "mistral":
         return {"sliding_window": window, "window_from_layer": 0}
-    if model_type == "qwen2" and c.cfg.get("use_sliding_window"):
+    if model_type in ("qwen2", "qwen3") and c.cfg.get("use_sliding_window"):
         return {"sliding_window": window, "window_from_layer": c.int("max_window_layers", 0)}
     return {}
 
@@ -215,6 +216,7 @@ def _config(cfg: dict, d: Path) -> dict:
         "rope_scaling": rope,
         "max_seq_len": c.int("max_position_embeddings", 2048),
         **_sliding_window(c, model_type),
+        **({"qk_norm": True} if model_type == "qwen3" else {}),
     }
 
 

@@ -379,14 +379,6 @@ class State:
 
 
 @kernel
-def _heads_rmsnorm(x, w, eps, heads):
-    # x (T, heads * hd) -> each head's vector normed in place, times w (hd,)
-    T = x.shape[0]
-    hd = w.shape[0]
-    ops.rmsnorm(x.reshape((T * heads, hd)), x.reshape((T * heads, hd)), w, eps)
-
-
-@kernel
 def forward(ids, positions, starts, slots, pattern, all_logits, w, st, n_heads, n_kv_heads, eps, embed_scale):
     """Run tokens ids (T,) through every layer, filling the KV cache (see llama.forward for
     positions, starts, slots and pattern); logits for every position (all_logits) or the last."""
@@ -411,8 +403,8 @@ def forward(ids, positions, starts, slots, pattern, all_logits, w, st, n_heads, 
         L.linear_act(q, xb, wq, l, lin, zero, floats)
         L.linear_act(k, xb, wk, l, lin, kv_rows, floats)
         L.linear_act(v, xb, wv, l, lin, kv_rows, floats)
-        _heads_rmsnorm(q, q_norm[l], eps, n_heads)
-        _heads_rmsnorm(k, k_norm[l], eps, n_kv_heads)
+        ops.heads_rmsnorm_(q, q_norm[l], eps, n_heads)
+        ops.heads_rmsnorm_(k, k_norm[l], eps, n_kv_heads)
         if windows[l] > 0:
             ops.rope(q3, cos_local, sin_local, positions)
             ops.rope(k3, cos_local, sin_local, positions)

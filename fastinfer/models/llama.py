@@ -1,8 +1,8 @@
-"""Llama-family decoder (Llama, Mistral, Qwen2, SmolLM2): arguments, weights and forward pass.
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2): arguments, weights and forward pass.
 
     x = embed(ids)
     for each layer:
-        h = rmsnorm(x) ; q, k, v = h [Wq Wk Wv] + [bq bk bv] ; rope(q, k)
+        h = rmsnorm(x) ; q, k, v = h [Wq Wk Wv] + [bq bk bv] ; [q, k = rmsnorm per head (Qwen3)] ; rope(q, k)
         x += attention(q, K cache, V cache) Wo
         h = rmsnorm(x) ; x += (silu(h W1) * (h W3)) W2
     logits = rmsnorm(x) Wout
@@ -46,6 +46,7 @@ class ModelArgs:
     max_seq_len: int = 2048
     sliding_window: int = 0       # > 0: layers from window_from_layer on attend to this many keys
     window_from_layer: int = 0
+    qk_norm: bool = False         # Qwen3: q and k RMS-normed per head before RoPE
     arch: str = "llama"
 
     def __post_init__(self):
@@ -61,6 +62,8 @@ class Weights:
     attention_norm: np.ndarray  # (L, dim)
     wqkv: QMatrix               # (L, (n_heads + 2 n_kv_heads) * head_dim, dim): Wq, Wk, Wv rows joined
     bqkv: np.ndarray            # (L, (n_heads + 2 n_kv_heads) * head_dim), zeros without biases
+    q_norm: np.ndarray          # (L, head_dim) with qk_norm, else (L, 0)
+    k_norm: np.ndarray          # (L, head_dim) with qk_norm, else (L, 0)
     wo: QMatrix                 # (L, dim, n_heads * head_dim)
     ffn_norm: np.ndarray        # (L, dim)
     w13: QMatrix                # (L, 2 * hidden_dim, dim): gate (W1) rows, then up (W3) rows
@@ -75,8 +78,8 @@ class Weights:
         """Everything `forward` reads, as one tuple of arrays and weight tuples."""
         ro = readonly
         return (self.tok_embeddings.args(), ro(self.attention_norm), self.wqkv.args(), ro(self.bqkv),
-                self.wo.args(), ro(self.ffn_norm), self.w13.args(), self.w2.args(), ro(self.norm),
-                self.output.args(), ro(self.cos), ro(self.sin), ro(self.windows))
+                ro(self.q_norm), ro(self.k_norm), self.wo.args(), ro(self.ffn_norm), self.w13.args(), self.w2.args(),
+                ro(self.norm), self.output.args(), ro(self.cos), ro(self.sin), ro(self.windows))
 
     @property
     def nbytes(self) -> int:
@@ -119,15 +122,16 @@ def build(ckpt: Checkpoint, max_seq: int) -> tuple[ModelArgs, Weights]:
     t = ckpt.tensors
     qd, kvd = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
     if "wqkv" in t:  # a converted checkpoint holds the roles stacked and joined already
-        missing = [n for n in ("wqkv", "wo", "w13", "w2", "bqkv", "attention_norm", "ffn_norm") if n not in t]
+        need = ("wqkv", "wo", "w13", "w2", "bqkv", "attention_norm", "ffn_norm") + (("q_norm", "k_norm") if args.qk_norm else ())
+        missing = [n for n in need if n not in t]
         if missing:
             raise ValueError(f"{ckpt.source}: checkpoint lacks {', '.join(missing)}")
         mats = {n: t[n] for n in ("wqkv", "wo", "w13", "w2")}
-        vec = {n: t[n] for n in ("bqkv", "attention_norm", "ffn_norm")}
+        vec = {n: t[n] for n in ("bqkv", "attention_norm", "ffn_norm", "q_norm", "k_norm") if n in t}
     else:  # GGUF and HF: one tensor per layer and role, "layers.3.wq"
         mats, vec = _stack_layers(ckpt, args, qd, kvd)
     known = {"tok_embeddings", "norm", "output", "rope_freqs", "wqkv", "wo", "w13", "w2", "bqkv", "attention_norm",
-             "ffn_norm"}
+             "ffn_norm"} | ({"q_norm", "k_norm"} if args.qk_norm else set())
     unknown = sorted(k for k in t if k not in known and not k.startswith("layers."))
     if unknown:
         raise ValueError(f"{ckpt.source}: unexpected tensors {', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}")
@@ -142,9 +146,10 @@ def build(ckpt: Checkpoint, max_seq: int) -> tuple[ModelArgs, Weights]:
                            ("token embeddings", emb, (1, args.vocab_size, d)),
                            ("the output matrix", out, (1, args.vocab_size, d))):  # a row per logit
         check_matrix(m, name, shape, src)
-    vec = {name: check_vector(v, name, shape, src) for name, v, shape in (
-        ("bqkv", vec["bqkv"], (L_, qd + 2 * kvd)), ("attention_norm", vec["attention_norm"], (L_, d)),
-        ("ffn_norm", vec["ffn_norm"], (L_, d)))}
+    hn = args.head_dim if args.qk_norm else 0
+    vec = {name: check_vector(vec.get(name, np.zeros((L_, 0), np.float32)), name, shape, src) for name, shape in (
+        ("bqkv", (L_, qd + 2 * kvd)), ("attention_norm", (L_, d)), ("ffn_norm", (L_, d)),
+        ("q_norm", (L_, hn)), ("k_norm", (L_, hn)))}
     norm = check_vector(t["norm"], "the final norm", (d,), src)
     if "rope_freqs" in t:
         factors = check_vector(t["rope_freqs"], "rope_freqs", (args.head_dim // 2,), src)
@@ -198,7 +203,8 @@ def _windows(args: ModelArgs) -> np.ndarray:
 
 def _stack_layers(ckpt: Checkpoint, args: ModelArgs, qd: int, kvd: int) -> tuple[dict, dict]:
     t = ckpt.tensors
-    names = ("attention_norm", "ffn_norm", "wq", "wk", "wv", "wo", "w1", "w2", "w3")
+    names = ("attention_norm", "ffn_norm", "wq", "wk", "wv", "wo", "w1", "w2", "w3") + (
+        ("q_norm", "k_norm") if args.qk_norm else ())
     missing = [n for n in ("tok_embeddings", "norm") if n not in t]
     missing += [f"layers.{i}.{n}" for i in range(args.n_layers) for n in names if f"layers.{i}.{n}" not in t]
     if missing:
@@ -207,7 +213,8 @@ def _stack_layers(ckpt: Checkpoint, args: ModelArgs, qd: int, kvd: int) -> tuple
     expect = {"wq": (qd, args.dim), "wk": (kvd, args.dim), "wv": (kvd, args.dim), "wo": (args.dim, qd),
               "w1": (args.hidden_dim, args.dim), "w2": (args.dim, args.hidden_dim),
               "w3": (args.hidden_dim, args.dim)}
-    sizes = {"attention_norm": args.dim, "ffn_norm": args.dim, "bq": qd, "bk": kvd, "bv": kvd}
+    sizes = {"attention_norm": args.dim, "ffn_norm": args.dim, "bq": qd, "bk": kvd, "bv": kvd,
+             "q_norm": args.head_dim, "k_norm": args.head_dim}
     for i in range(args.n_layers):
         for name, shape in expect.items():
             check_matrix(t[f"layers.{i}.{name}"], f"layers.{i}.{name}", (1, *shape), ckpt.source)
@@ -226,6 +233,8 @@ def _stack_layers(ckpt: Checkpoint, args: ModelArgs, qd: int, kvd: int) -> tuple
     mats = {"wqkv": joined("wq", "wk", "wv"), "wo": joined("wo"), "w13": joined("w1", "w3"), "w2": joined("w2")}
     vec = {"bqkv": np.concatenate([vectors("bq", qd), vectors("bk", kvd), vectors("bv", kvd)], axis=1),
            "attention_norm": vectors("attention_norm", args.dim), "ffn_norm": vectors("ffn_norm", args.dim)}
+    if args.qk_norm:
+        vec.update(q_norm=vectors("q_norm", args.head_dim), k_norm=vectors("k_norm", args.head_dim))
     return mats, vec
 
 
@@ -304,7 +313,7 @@ def forward(ids, positions, starts, slots, pattern, all_logits, w, st, n_heads, 
     pruned or evicted cache rows (a token goes to row slots[t] - drop[l] of layer l), the ring of
     recent queries that scores attention mass, and the spectral filter after each layer.
     """
-    emb, attention_norm, wqkv, bqkv, wo, ffn_norm, w13, w2, norm, output, cos, sin, windows = w
+    emb, attention_norm, wqkv, bqkv, q_norm, k_norm, wo, ffn_norm, w13, w2, norm, output, cos, sin, windows = w
     (k_cache, v_cache, x_all, xb_all, qkv_all, q_all, k_all, v_all, att_all, h13_all, hb_all, logits,
      lin, att_scratch, drop, layer_slots, q_ring, ring_pos, floats) = st
     T = ids.shape[0]
@@ -325,6 +334,9 @@ def forward(ids, positions, starts, slots, pattern, all_logits, w, st, n_heads, 
         ops.rmsnorm(xb, x, attention_norm[l], eps)
         L.linear_act(qkv, xb, wqkv, l, lin, kv_rows, floats)
         ops.split_qkv(q, k, v, qkv, bqkv[l])
+        if q_norm.shape[1] > 0:  # Qwen3
+            ops.heads_rmsnorm_(q, q_norm[l], eps, n_heads)
+            ops.heads_rmsnorm_(k, k_norm[l], eps, n_kv_heads)
         ops.rope(q3, cos, sin, positions)
         ops.rope(k3, cos, sin, positions)
         if research is None:
