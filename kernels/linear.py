@@ -87,23 +87,29 @@ def dequant_row(dst, w, l, r):
 
 @kernel
 def _dequant_q56(dst, kind, qr, sr, mr):
-    # the 64-element stretches of a Q5 or Q6 row: nibbles (Q4_1 order), then the high bits
+    # A Q5 or Q6 row, 64-element stretch by stretch, in loops that vectorize: the nibbles as
+    # floats, the high bits added (16 per unit), then scale and offset per group.
     n = dst.shape[0]
     h = n // 2
     for p in range(n // STRETCH):
-        for j in range(STRETCH // 2):  # element e = 64p + 32(j // 16) + j % 16 and e + 16
-            v = np.int32(qr[p * 32 + j])
-            for half in range(2):
-                e = p * STRETCH + (j // 16) * QK + j % 16 + half * 16
-                u = (v >> (4 * half)) & 15
-                if kind == Q5:
-                    u |= ((np.int32(qr[h + (e >> 3)]) >> (e & 7)) & 1) << 4
-                    g = e >> 5
-                else:
-                    k = (e & 63) >> 4
-                    u |= ((np.int32(qr[h + p * 16 + (e & 15)]) >> (2 * k)) & 3) << 4
-                    g = e >> 4
-                dst[e] = sr[g] * np.float32(u) + mr[g]
+        o = p * STRETCH
+        for half in range(2):
+            for j in range(16):
+                v = np.int32(qr[p * 32 + half * 16 + j])
+                dst[o + half * QK + j] = np.float32(v & 15)
+                dst[o + half * QK + 16 + j] = np.float32(v >> 4)
+        if kind == Q5:  # bit i of the row's plane byte k: element 8k + i
+            for k in range(8):
+                bits = np.int32(qr[h + p * 8 + k])
+                for i in range(8):
+                    dst[o + 8 * k + i] += np.float32(16 * ((bits >> i) & 1))
+        else:  # byte j of the stretch's 16: elements j, j + 16, j + 32, j + 48
+            for k in range(4):
+                for j in range(16):
+                    dst[o + 16 * k + j] += np.float32(16 * ((np.int32(qr[h + p * 16 + j]) >> (2 * k)) & 3))
+    shift = 5 if kind == Q5 else 4
+    for e in range(n):  # flat, the group's scale looked up per element: vectorizes (as _dot_q8_0)
+        dst[e] = dst[e] * sr[e >> shift] + mr[e >> shift]
 
 
 @kernel
@@ -277,27 +283,17 @@ def dequant_matrix(out, w, l):
 
 # -- 8-bit activations (kernels/act8.py) over the block formats -------------------------------------
 @kernel
-def _a8(out, xq, xd, xs, xs16, w, l, scratch):
+def _a8(out, xq, xd, xs, w, l, scratch):
     if xq.shape[0] <= ROWS_PATH_MAX_T:
-        # Q6's offsets are per 16 elements: they take the activations' 16-element sums
-        QV.linear_a8_rows(out, xq, xd, xs16 if w[0] == Q6 else xs, w, l, scratch.shape[0])
+        QV.linear_a8_rows(out, xq, xd, xs, w, l, scratch.shape[0])
     else:
         QG.linear_a8_tiles(out, xq, xd, xs, w, l, 0, scratch)
 
 
-@kernel
-def _a8_kind(kind, T):
-    """Whether a weight of this kind runs on 8-bit activations for T tokens: every block kind
-    decoding; Q6 (scales per 16) prefills on the float path."""
-    if kind == Q6:
-        return T <= ROWS_PATH_MAX_T
-    return kind == Q8_0 or kind == Q4_0 or kind == Q4_1 or kind == Q5
-
-
 def needs_float_path(kinds) -> bool:
     """Whether weights of these kinds need `linear_act`'s float path compiled alongside the
-    integer one (a float format, or Q6's prefill)."""
-    return any(k not in BLOCK_KINDS or k == Q6 for k in kinds)
+    integer one (a float format)."""
+    return any(k not in BLOCK_KINDS for k in kinds)
 
 
 @kernel(inline=True)
@@ -334,31 +330,33 @@ def linear_act(out, x, w, l, lin, res_rows, floats):
     kind = w[0]
     T, n = x.shape
     if floats is not None:
-        if xq_buf.shape[0] == 0 or not _a8_kind(kind, T):
+        if xq_buf.shape[0] == 0 or not (kind == Q8_0 or kind == Q4_0 or kind == Q4_1 or kind == Q5 or kind == Q6):
             linear(out, x, w, l, scratch)
             return
     nb = n // QK
     P = 2 * T if res_rows > 0 else T
     xq = xq_buf[:P * n].reshape((P, n))
     xd = xd_buf[:P * nb].reshape((P, nb))
-    xs = xs_buf[:P * nb].reshape((P, nb))
+    xs32 = xs_buf[:P * nb].reshape((P, nb))
     xs16 = xs16_buf[:P * 2 * nb].reshape((P, 2 * nb))
-    A8.quantize(xq[:T], xd[:T], xs[:T], x)
+    A8.quantize(xq[:T], xd[:T], xs32[:T], x)
+    xs = xs32  # the activation sums the weight's offsets multiply: per 16 elements for Q6
     if kind == Q6:
         A8.sums16(xs16[:T], xq[:T], xd[:T])
+        xs = xs16
     if res_rows == 0:
-        _a8(out, xq, xd, xs, xs16, w, l, scratch)
+        _a8(out, xq, xd, xs, w, l, scratch)
         return
     rows = out.shape[1]
     lo = rows - res_rows
     xr = xr_buf[:T * n].reshape((T, n))
     A8.residual(xr, x, xq[:T], xd[:T])
-    A8.quantize(xq[T:], xd[T:], xs[T:], xr)
+    A8.quantize(xq[T:], xd[T:], xs32[T:], xr)
     if kind == Q6:
         A8.sums16(xs16[T:], xq[T:], xd[T:])
     if T <= ROWS_PATH_MAX_T:  # both inputs in one stream of the weights, every row
         o2 = o2_buf[:P * rows].reshape((P, rows))
-        _a8(o2, xq, xd, xs, xs16, w, l, scratch)
+        _a8(o2, xq, xd, xs, w, l, scratch)
         for t in range(T):
             for r in range(lo):
                 out[t, r] = o2[t, r]

@@ -4,7 +4,8 @@
 
 Every weight kind is made unsigned, u in 0..255: the nibble for Q4_0/Q4_1, the 5-bit value for Q5,
 byte ^ 0x80 (= q + 128) for Q8_0; the shift goes into the per-block offset mn = m (Q4_1, Q5),
--8 d (Q4_0), -128 d (Q8_0). (Q6, with scales per 16 elements, prefills on the float path.)
+-8 d (Q4_0), -128 d (Q8_0); Q6 (6-bit values, scale and offset per 16 elements) scales each half
+block on its own and takes the activations' sums per 16.
 Unsigned weight bytes times signed activation bytes is exactly AVX512-VNNI's vpdpbusd: four
 u8 x s8 products summed into each of 16 int32 lanes. The integer block sums are exact; only the
 float scaling (once per 32-element block) rounds.
@@ -29,7 +30,7 @@ from numba import get_thread_id, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .formats import Q4_0, Q4_1, Q5, Q8_0, QK
+from .formats import Q4_0, Q4_1, Q5, Q6, Q8_0, QK
 from .jit import kernel
 from .isa import TIER, Tier
 from .simd import counted_loop, dot_bytes, pair_sums, widen_pairs
@@ -80,70 +81,82 @@ def _micro_ir(mr: int, tier: Tier):
         sbase = builder.gep(sc.data, [s0])
         fzero = ir.Constant(fvec, [0.0] * lanes)
 
-        def step(b, acc, signed_q8, narrow):
-            # vpmaddubsw tiers on nibbles (narrow): a block's 8 k-quads of pair sums add up in int16
-            # (at most 16 products of 15 x 127 = 30480 < 2^15), widened by one vpmaddwd per block,
-            # not 8; 5-bit values (31 x 127 x 16 would overflow) widen every k-quad
-            pairs = tier.dot == "pmaddubsw" and narrow
-            if pairs:
-                dot = lambda acc, a, b: builder.add(acc, pair_sums(builder, a, b, tier))  # noqa: E731
-                izero = ir.Constant(ir.VectorType(ir.IntType(16), 2 * lanes), [0] * (2 * lanes))
-            else:
-                dot = lambda acc, a, b: dot_bytes(builder, acc, a, b, tier, signed_q8)  # noqa: E731
-                izero = ir.Constant(ivec, [0] * lanes)
-            iacc = [[izero] * nv for _ in range(mr)]
+        def step(b, acc, signed_q8, widen, group):
+            """One 32-element block: `group` k-quads per scale group (8, or 4 for Q6's groups of
+            16). On the vpmaddubsw tiers pair sums add up in int16 for `widen` k-quads before one
+            vpmaddwd widens them (at most 2 widen products u x 127 per lane: nibbles 8, 5-bit
+            values 4, 6-bit values 2 stay below 2^15); widen None: every k-quad (signed Q8_0)."""
+            pairs = tier.dot == "pmaddubsw" and widen is not None
+            izero = ir.Constant(ivec, [0] * lanes)
+            pzero = ir.Constant(ir.VectorType(ir.IntType(16), 2 * lanes), [0] * (2 * lanes))
             wblock = builder.gep(pbase, [builder.mul(b, c(QK * nr))])  # 32 k x nr rows bytes per block
-            for kq in range(QK // 4):
-                w = [builder.load(builder.bitcast(builder.gep(wblock, [c(kq * 4 * nr + 4 * lanes * v)]),
-                                                  ivec.as_pointer()), align=4 * lanes) for v in range(nv)]
+            groups = QK // 4 // group
+            for gi in range(groups):
+                iacc = [[izero] * nv for _ in range(mr)]
+                part = [[pzero] * nv for _ in range(mr)]
+                for kq in range(gi * group, (gi + 1) * group):
+                    w = [builder.load(builder.bitcast(builder.gep(wblock, [c(kq * 4 * nr + 4 * lanes * v)]),
+                                                      ivec.as_pointer()), align=4 * lanes) for v in range(nv)]
+                    for i in range(mr):
+                        x4 = builder.load(builder.bitcast(builder.gep(qrows[i], [builder.add(builder.mul(b, c(QK)), c(4 * kq))]),
+                                                          i32.as_pointer()), align=1)
+                        xb = splat(x4, ivec)
+                        for v in range(nv):
+                            if pairs:
+                                part[i][v] = builder.add(part[i][v], pair_sums(builder, w[v], xb, tier))
+                            else:
+                                iacc[i][v] = dot_bytes(builder, iacc[i][v], w[v], xb, tier, signed_q8)
+                    if pairs and (kq + 1 - gi * group) % widen == 0:
+                        iacc = [[builder.add(iacc[i][v], widen_pairs(builder, part[i][v], tier)) for v in range(nv)]
+                                for i in range(mr)]
+                        part = [[pzero] * nv for _ in range(mr)]
+                g = builder.add(builder.mul(b, c(groups)), c(gi))  # the scale group
+                srow = builder.gep(sbase, [builder.mul(g, c(2 * nr))])  # [d of nr rows, mn of nr rows]
+                dv = [builder.load(builder.bitcast(builder.gep(srow, [c(lanes * v)]), fvec.as_pointer()), align=4)
+                      for v in range(nv)]
+                mv = [builder.load(builder.bitcast(builder.gep(srow, [c(nr + lanes * v)]), fvec.as_pointer()), align=4)
+                      for v in range(nv)]
+                new = []
                 for i in range(mr):
-                    x4 = builder.load(builder.bitcast(builder.gep(qrows[i], [builder.add(builder.mul(b, c(QK)), c(4 * kq))]),
-                                                      i32.as_pointer()), align=1)
-                    xb = splat(x4, ivec)
+                    xdb = splat(builder.load(builder.gep(drows[i], [b])), fvec)
+                    xsb = splat(builder.load(builder.gep(srows[i], [g])), fvec)  # xs per group
+                    row = []
                     for v in range(nv):
-                        iacc[i][v] = dot(iacc[i][v], w[v], xb)
-            if pairs:
-                iacc = [[widen_pairs(builder, v, tier) for v in row] for row in iacc]
-            srow = builder.gep(sbase, [builder.mul(b, c(2 * nr))])  # [d of nr rows, mn of nr rows]
-            dv = [builder.load(builder.bitcast(builder.gep(srow, [c(lanes * v)]), fvec.as_pointer()), align=4)
-                  for v in range(nv)]
-            mv = [builder.load(builder.bitcast(builder.gep(srow, [c(nr + lanes * v)]), fvec.as_pointer()), align=4)
-                  for v in range(nv)]
-            new = []
-            for i in range(mr):
-                xdb = splat(builder.load(builder.gep(drows[i], [b])), fvec)
-                xsb = splat(builder.load(builder.gep(srows[i], [b])), fvec)
-                row = []
-                for v in range(nv):
-                    f = builder.sitofp(iacc[i][v], fvec)
-                    a = builder.call(fma, [f, builder.fmul(dv[v], xdb), acc[i][v]])
-                    row.append(builder.call(fma, [mv[v], xsb, a]))
-                new.append(row)
-            return new
+                        f = builder.sitofp(iacc[i][v], fvec)
+                        a = builder.call(fma, [f, builder.fmul(dv[v], xdb), acc[i][v]])
+                        row.append(builder.call(fma, [mv[v], xsb, a]))
+                    new.append(row)
+                acc = new
+            return acc
 
-        def run(signed_q8, narrow):
+        def run(signed_q8, widen, group):
             return counted_loop(builder, nb, 1, [[fzero] * nv for _ in range(mr)],
-                                lambda b, acc: step(b, acc, signed_q8, narrow), "qmicro")
+                                lambda b, acc: step(b, acc, signed_q8, widen, group), "qmicro")
 
-        if tier.dot == "pmaddubsw":  # one loop per panel mode: nibbles, signed Q8_0 bytes, 5-bit values
-            done = builder.append_basic_block("qmicro.modes")
-            sw = builder.switch(mode, done)
-            ends = []
-            for m, (sgn, narrow) in enumerate(((False, True), (True, False), (False, False))):
-                blk = builder.append_basic_block(f"qmicro.mode{m}")
-                sw.add_case(c(m), blk)
-                builder.position_at_end(blk)
-                ends.append((run(sgn, narrow), builder.basic_block))
-                builder.branch(done)
-            builder.position_at_end(done)
-            result = [[builder.phi(fvec) for _ in range(nv)] for _ in range(mr)]
-            for i in range(mr):
-                for v in range(nv):
-                    for res, blk in ends:
-                        result[i][v].add_incoming(res[i][v], blk)
-                    result[i][v].add_incoming(fzero, sw.parent)  # no such mode: never taken
-        else:
-            result = run(False, False)
+        # one loop per panel mode (see make_micro): (signed Q8_0, k-quads per int16 pair sum, k-quads per group)
+        if tier.dot == "pmaddubsw":
+            modes = {0: (False, 8, 8), 1: (True, None, 8), 2: (False, 4, 8), 3: (False, 2, 4)}
+        else:  # one dot product for every per-32 kind; Q6 scales every 16
+            modes = {0: (False, None, 8), 3: (False, None, 4)}
+        done = builder.append_basic_block("qmicro.modes")
+        sw = builder.switch(mode, done)
+        ends = []
+        for m, (sgn, widen, group) in modes.items():
+            blk = builder.append_basic_block(f"qmicro.mode{m}")
+            sw.add_case(c(m), blk)
+            if m == 0 and tier.dot != "pmaddubsw":
+                sw.add_case(c(1), blk)
+                sw.add_case(c(2), blk)
+            builder.position_at_end(blk)
+            ends.append((run(sgn, widen, group), builder.basic_block))
+            builder.branch(done)
+        builder.position_at_end(done)
+        result = [[builder.phi(fvec) for _ in range(nv)] for _ in range(mr)]
+        for i in range(mr):
+            for v in range(nv):
+                for res, blk in ends:
+                    result[i][v].add_incoming(res[i][v], blk)
+                result[i][v].add_incoming(fzero, sw.parent)  # no such mode: never taken
         for i in range(mr):
             orow = builder.gep(out.data, [builder.add(builder.mul(builder.add(o0, c(i)), ldo), c0)])
             for v in range(nv):
@@ -171,9 +184,10 @@ def make_micro(mr: int, tier: Tier = TIER):
 
     micro(out, o0, c0, xq, xd, xs, t0, panel, p0, sc, s0, nb, mode) sets out[o0 + i, c0 + j] for
     i < mr, j < 2 tier.float_lanes from tokens t0 + i of xq/xd/xs, the panel bytes from p0
-    (ALIGN-aligned) and the scale vectors from sc[s0]; mode (read by the vpmaddubsw tiers only):
-    0 nibbles, 1 a signed Q8_0 panel (tier.signed_q8), 2 5-bit values (`panel_mode`). Tests make
-    other tiers' blocks to run them on the same CPU.
+    (ALIGN-aligned) and the scale vectors from sc[s0] (one [d, mn] pair of vectors per scale
+    group); mode (`panel_mode`): 0 nibbles, 1 a signed Q8_0 panel (tier.signed_q8), 2 5-bit
+    values, 3 6-bit values with scale groups of 16, whose xs holds the activations' sums per 16.
+    Tests make other tiers' blocks to run them on the same CPU.
     """
     @intrinsic
     def micro(typingctx, out, o0, c0, xq, xd, xs, t0, panel, p0, sc, s0, nb, signed):
@@ -226,11 +240,22 @@ def _spread4(b):
              | ((v & np.uint32(8)) << np.uint32(21))) << np.uint32(4))
 
 
+@kernel(inline=True)
+def _tops(q4, l, r, h, k):
+    """Q6: the top two bits of elements 4k..4k+3 (plane byte 16p + j of stretch p holds element
+    64p + 16i + j in bits 2i, 2i + 1), moved to bits 4-5 of each byte of a word."""
+    e = 4 * k
+    word = q4[l, r, (h + 16 * (e >> 6) + (e & 15)) >> 2]
+    return ((word >> np.uint32(2 * ((e & 63) >> 4))) & np.uint32(0x03030303)) << np.uint32(4)
+
+
 @kernel
 def panel_mode(kind):
     """The register block's mode for a panel of this kind (see make_micro)."""
     if kind == Q8_0 and SIGNED_Q8:
         return 1
+    if kind == Q6:
+        return 3
     return 2 if kind == Q5 else 0
 
 
@@ -243,8 +268,8 @@ def pack_panel(panel, sc, w, l, r0, nr, NRp, signed_q8):
     sc f32 (n // 32 * 2 * NRp,): [b][d of NRp rows, mn of NRp rows].
     """
     kind, q, s, m, f = w
-    nb = sc.shape[0] // (2 * NRp)
-    n = nb * QK
+    n = 4 * panel.shape[0] // (4 * NRp)  # panel: n bytes per row
+    ng = sc.shape[0] // (2 * NRp)  # scale groups (n // 32, or n // 16 for Q6)
     p4 = panel.view(np.uint32)
     q4 = q.view(np.uint32)  # (L, rows, row_bytes // 4)
     p4[:] = 0  # rows past nr
@@ -268,16 +293,19 @@ def pack_panel(panel, sc, w, l, r0, nr, NRp, signed_q8):
                 if kind == Q5:  # the fifth bits of elements 4k.. and 4(k + 4).., one bit into each byte
                     lo |= _spread4(q[l, r0 + j, h + (k >> 1)] >> np.uint8(4 * (k & 1)))
                     hi |= _spread4(q[l, r0 + j, h + ((k + 4) >> 1)] >> np.uint8(4 * ((k + 4) & 1)))
+                elif kind == Q6:  # the top two bits of elements 4k..: 4 consecutive plane bytes
+                    lo |= _tops(q4, l, r0 + j, h, k)
+                    hi |= _tops(q4, l, r0 + j, h, k + 4)
                 p4[k * NRp + j] = lo
                 p4[(k + 4) * NRp + j] = hi
     q8_mn = np.float32(0.0) if signed_q8 else np.float32(-128.0)
-    for b in range(nb):
+    for b in range(ng):
         for j in range(NRp):
             d = np.float32(0.0)
             mn = np.float32(0.0)
             if j < nr:
                 d = s[l, r0 + j, b]
-                if kind == Q4_1 or kind == Q5:
+                if kind == Q4_1 or kind == Q5 or kind == Q6:
                     mn = m[l, r0 + j, b]
                 elif kind == Q4_0:
                     mn = np.float32(-8.0) * d
@@ -289,22 +317,24 @@ def pack_panel(panel, sc, w, l, r0, nr, NRp, signed_q8):
 
 @kernel(parallel=True)
 def linear_a8_tiles(out, xq, xd, xs, w, l, r_lo, scratch):
-    """xq int8 (T, n) with block scales xd, xs f32 (T, n // 32) @ W[l][r_lo:r_lo + rows].T
-    -> out f32 (T, rows): the weight rows from r_lo on, as many as out has columns.
+    """xq int8 (T, n) with block scales xd f32 (T, n // 32) and sums xs f32 (T, n // 32; for Q6
+    n // 16, act8.sums16) @ W[l][r_lo:r_lo + rows].T -> out f32 (T, rows): the weight rows from
+    r_lo on, as many as out has columns.
 
-    w is a Q8_0/Q4_0/Q4_1/Q5 weight (kernels/linear.py); scratch f32 (threads, scratch_size(n_max))
-    is per-thread working space, so the call allocates nothing.
+    w is a Q8_0/Q4_0/Q4_1/Q5/Q6 weight (kernels/linear.py); scratch f32 (threads,
+    scratch_size(n_max)) is per-thread working space, so the call allocates nothing.
     """
     T, n = xq.shape
     rows = out.shape[1]
     nb = n // QK
+    ng = nb * 2 if w[0] == Q6 else nb  # scale groups
     tasks = (rows + NR - 1) // NR
     for task in prange(tasks):
         buf = scratch[get_thread_id()]
         a = _misalign(buf)
         panel = buf[a:a + NR * n // 4].view(np.uint8)
-        sc = buf[a + NR * n // 4:a + NR * n // 4 + 2 * NR * nb]
-        e0 = a + NR * n // 4 + 2 * NR * nb
+        sc = buf[a + NR * n // 4:a + NR * n // 4 + 2 * NR * ng]
+        e0 = a + NR * n // 4 + 2 * NR * ng
         edge = buf[e0:e0 + MR * NR].reshape((MR, NR))
         r0 = task * NR
         nr = min(rows, r0 + NR) - r0
@@ -323,4 +353,4 @@ def linear_a8_tiles(out, xq, xd, xs, w, l, r_lo, scratch):
 
 def scratch_size(n_max: int) -> int:
     """Per-thread scratch floats `linear_a8_tiles` needs for inputs of width <= n_max."""
-    return NR * n_max // 4 + 2 * NR * (n_max // QK) + MR * NR + ALIGN // 4
+    return NR * n_max // 4 + 2 * NR * (n_max // 16) + MR * NR + ALIGN // 4  # scales: up to a group per 16

@@ -103,8 +103,7 @@ def test_f32_activations(kind, T):
 @pytest.mark.parametrize("T", [1, 2, 5, 8, 20])
 def test_int8_activations(kind, T):
     """`linear_act` with activation buffers: the dequantized 8-bit activations times W, to float32
-    rounding (integer sums exact); decoding on the row loop, prefill on the register block (Q6: the
-    float path, exact on x)."""
+    rounding (integer sums exact); decoding on the row loop, prefill on the register block."""
     n, rows = 512, 45
     w, ref = weight(kind, rows, n, [4, T])
     x = np.random.default_rng([T, 9]).standard_normal((T, n)).astype(np.float32)
@@ -112,7 +111,7 @@ def test_int8_activations(kind, T):
     out = np.zeros((T, rows), np.float32)
     L.linear_act(out, x, w.args(), 0, lin, 0, True)
     xq, xd, _, _ = quantize_x(x)
-    xf = x.astype(np.float64) if (w.kind == L.Q6 and T > L.ROWS_PATH_MAX_T) else dequantized_x(xq, xd)
+    xf = dequantized_x(xq, xd)
     check(out, xf @ ref.T, np.abs(xf) @ np.abs(ref).T, n)
 
 
@@ -146,32 +145,35 @@ def test_decode_row_loop_every_tier(tier, kind):
 
 
 @pytest.mark.parametrize("tier", isa.TIERS, ids=isa.TIER_NAMES)
-def test_q5_register_block_every_tier(tier):
-    """The prefill register block on a Q5 panel (mode 2) in each tier's instructions, with every
-    value 31 against activations of +-127: 16 x 31 x 127 per int16 lane would overflow the
-    vpmaddubsw tiers' nibble shortcut, so Q5 must widen every k-quad."""
+@pytest.mark.parametrize("kind", ["Q5_0", "Q6_K"])
+def test_register_block_every_tier(tier, kind):
+    """The prefill register block on Q5 (mode 2) and Q6 (mode 3: scale groups of 16, the
+    activations' sums per 16) panels in each tier's instructions, with the first rows' values all
+    at their largest (31, 63) against activations of +-127: where the vpmaddubsw tiers add pair
+    sums up in int16 before widening, 5-bit values may do so for 4 k-quads and 6-bit ones for 2."""
     runnable(tier)
-    NR, n, mr = 2 * tier.float_lanes, 128, 3
+    NR, n, mr = 2 * tier.float_lanes, 256, 3
     block = QG.make_micro(mr, tier)
+    mode = 2 if kind == "Q5_0" else 3
 
     @numba.njit(cache=False)
     def call(out, xq, xd, xs, panel, sc, nb):
-        block(out, 0, 0, xq, xd, xs, 0, panel, 0, sc, 0, nb, 2)
+        block(out, 0, 0, xq, xd, xs, 0, panel, 0, sc, 0, nb, mode)
 
-    w, _ = weight("Q5_0", NR, n, 8)
+    w, _ = weight(kind, NR, n, [8, mode])
     w.q[0, :3] = 0xFF
     ref = to_f32(w).f[0].astype(np.float64)
     raw = np.zeros(NR * n + QG.ALIGN, np.uint8)
     start = -raw.ctypes.data % QG.ALIGN
     panel = raw[start:start + NR * n]
-    sc = np.zeros(n // 32 * 2 * NR, np.float32)
-    QG.pack_panel(panel, sc, w.args(), 0, 0, NR, NR, tier.signed_q8)
+    sc = np.zeros(n // 16 * 2 * NR, np.float32)
+    QG.pack_panel(panel, sc[:n // (16 if mode == 3 else 32) * 2 * NR], w.args(), 0, 0, NR, NR, tier.signed_q8)
     x = np.random.default_rng(9).standard_normal((mr, n)).astype(np.float32)
     x[0] = 3.0
     x[1] = -3.0
-    xq, xd, xs, _ = quantize_x(x)
+    xq, xd, xs, xs16 = quantize_x(x)
     out = np.zeros((mr, NR), np.float32)
-    call(out, xq, xd, xs, panel, sc, n // 32)
+    call(out, xq, xd, xs16 if mode == 3 else xs, panel, sc, n // 32)
     xf = dequantized_x(xq, xd)
     check(out, xf @ ref.T, np.abs(xf) @ np.abs(ref).T, n)
 
@@ -194,3 +196,22 @@ def test_q6_of_q4_0_keeps_values():
     raw = random_blocks("Q5_0", 4, 128, np.random.default_rng(13))
     w = from_kquant_blocks(raw, "Q5_0", 128)
     np.testing.assert_allclose(to_f32(to_q6(w)).f, to_f32(w).f, rtol=2e-7, atol=1e-9)
+
+
+def test_q8_0_beside_q5_0_stacks_as_q8_0():
+    """attn_v in Q4_K_M files: Q8_0 in some layers, Q5_0 in others. Q5_0's values u - 16 fit a
+    signed byte under the same scale, so the stack is Q8_0 with every value kept."""
+    from gguf import GGMLQuantizationType, quants
+    from fastinfer.weights.tensors import from_ggml_blocks
+    rng = np.random.default_rng(14)
+    a = rng.standard_normal((8, 256)).astype(np.float32)
+    raw8 = quants.quantize(a, GGMLQuantizationType.Q8_0)
+    w8 = from_ggml_blocks(raw8, "Q8_0", 256)
+    w5, r5 = weight("Q5_0", 8, 256, 15)
+    s = stack_joined([[w8], [w5]])
+    assert s.kind == L.Q8_0
+    got = to_f32(s).f.astype(np.float64)
+    np.testing.assert_allclose(got[0], quants.dequantize(raw8, GGMLQuantizationType.Q8_0).reshape(8, 256), rtol=1e-7)
+    np.testing.assert_allclose(got[1], r5, rtol=2e-7, atol=1e-9)
+    w51, _ = weight("Q5_1", 8, 256, 16)  # an offset of its own: no exact Q8_0, so f32
+    assert stack_joined([[w8], [w51]]).kind == L.F32

@@ -115,6 +115,28 @@ def to_q6(w: QMatrix) -> QMatrix:
     return QMatrix(K.Q6, q, s, m, _NO_F32, rows, cols)
 
 
+def to_q8_0(w: QMatrix) -> QMatrix | None:
+    """A Q8_0, Q4_0 or Q5 stack as Q8_0 if that holds it exactly (every offset is -8 or -16 times
+    its block's scale: Q4_0 and Q5_0 data, whose values u - 8 / u - 16 fit a signed byte), else
+    None. Q4_K_M files mix Q8_0 and Q5_0 in one role (attn_v)."""
+    if w.kind == K.Q8_0:
+        return w
+    if not (w.kind == K.Q4_0 or (w.kind == K.Q5 and np.array_equal(w.m, -16.0 * w.s))):
+        return None
+    n, rows, cols = w.n, w.rows, w.cols
+    q = np.empty((n, rows, cols), np.uint8)
+    for layer in range(n):
+        lo = w.q[layer, :, :cols // 2].reshape(rows, cols // 32, 16)
+        u = np.concatenate([lo & 15, lo >> 4], axis=2).reshape(rows, cols).astype(np.int16)
+        if w.kind == K.Q5:
+            u |= np.unpackbits(w.q[layer, :, cols // 2:], axis=1, bitorder="little").astype(np.int16) << 4
+            u -= 16
+        else:
+            u -= 8
+        q[layer] = u.astype(np.int8).view(np.uint8)
+    return QMatrix(K.Q8_0, q, np.ascontiguousarray(w.s), _NO_F32, _NO_F32, rows, cols)
+
+
 def permute_rows(w: QMatrix, order: np.ndarray) -> QMatrix:
     """The same matrices with their rows reordered: new row i is old row order[i]."""
     take = lambda a: a if a.shape[0] == 0 else np.ascontiguousarray(a[:, order])  # noqa: E731
@@ -141,7 +163,8 @@ def stack_joined(layers: list[list[QMatrix]]) -> QMatrix:
 
     layers[i] lists layer i's matrices in row order. Every format quantizes within a row, so
     joining rows keeps values exact. Mixed formats take the kind that holds them all exactly: Q6
-    for 4- to 6-bit blocks (K-quant mixes give a role different types in different layers), else f32.
+    for 4- to 6-bit blocks (K-quant mixes give a role different types in different layers), Q8_0
+    for Q8_0 beside Q4_0 / Q5_0 blocks, else f32.
 
     Consumes `layers`: each entry is dropped once copied into the stack, whose pages the OS
     supplies as they are written, so a load holds about one copy of the weights instead of the
@@ -157,7 +180,14 @@ def stack_joined(layers: list[list[QMatrix]]) -> QMatrix:
     if len({cols for _, cols in shapes}) != 1:
         raise ValueError(f"matrices to join must share their columns: {shapes}")
     kinds = {w.kind for ws in layers for w in ws}
-    widen = (lambda w: w) if len(kinds) == 1 else to_q6 if kinds <= {K.Q4_0, K.Q4_1, K.Q5, K.Q6} else to_f32
+    if len(kinds) == 1:
+        widen = lambda w: w  # noqa: E731
+    elif kinds <= {K.Q4_0, K.Q4_1, K.Q5, K.Q6}:
+        widen = to_q6
+    elif kinds <= {K.Q8_0, K.Q4_0, K.Q5} and all(to_q8_0(w) is not None for ws in layers for w in ws if w.kind == K.Q5):
+        widen = to_q8_0
+    else:
+        widen = to_f32
     proto = widen(first[0])
     out = {}
     for name in "qsmf":
