@@ -32,9 +32,10 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    help="weight format: auto keeps the file's; f32, bf16, int8 (8-bit blocks) and int4 "
                         "(4-bit blocks) convert while loading (default: auto)")
     p.add_argument("--activations", default="auto", choices=["auto", "f32", "int8"],
-                   help="matmul inputs: f32 (exact), or int8 in blocks of 32 as llama.cpp does, so 4- and "
-                        "8-bit weights multiply on integer dot products; auto = int8 for 4/8-bit Llama-family "
-                        "weights on x86 CPUs with AVX2 or more (see `fastinfer info`), else f32 (default: auto)")
+                   help="matmul inputs: f32 (exact), or int8 in blocks of 32 as llama.cpp does, so block "
+                        "weights (8- down to 2-bit, K-quants included) multiply on integer dot products; auto = "
+                        "int8 for block weights of a Llama-family or Gemma 3 model on x86 CPUs with AVX2 or more "
+                        "(see `fastinfer info`), else f32 (default: auto)")
     p.add_argument("--kv-type", default=DEFAULT_KV_TYPE, choices=list(KV_TYPES),
                    help="KV cache element type: f16 (half the memory, faster decoding at long contexts; "
                         "llama.cpp's default) or f32 (exact) (default: %(default)s)")

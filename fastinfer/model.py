@@ -66,8 +66,8 @@ def load(source: str | Path | None = None, dtype: str = "auto", threads: int | N
     dtype "auto" keeps the file's formats; "f32", "bf16", "int8" and "int4" convert in memory.
     n_ctx is the longest sequence a session holds (default: min(4096, the model's context)).
     activations "int8" quantizes every matmul input in blocks of 32 (llama.cpp's method) so that
-    matmuls over 8- and 4-bit weight blocks run on integer dot products; "f32" keeps them exact;
-    "auto" is int8 for a Llama-family model with 4/8-bit block weights on every x86 ISA tier with
+    matmuls over weight blocks (8- down to 2-bit) run on integer dot products; "f32" keeps them exact;
+    "auto" is int8 for a Llama-family or Gemma 3 model with block weights on every x86 ISA tier with
     integer dot products (AVX2 and up; see `fastinfer info`), f32 otherwise (+0.1-0.4% perplexity
     on SmolLM2, for about 2x the speed). `Model.activations` says which. kv_type "f16" (the default, as in llama.cpp) keeps the KV cache in half floats:
     half the memory, and less to read per generated token at long contexts, for perplexity

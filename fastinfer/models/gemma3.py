@@ -31,6 +31,12 @@ from . import KV_TYPES, Architecture, model_args
 from .llama import lazy_zeros, rope_tables
 
 KV_RESIDUAL = True  # with 8-bit activations, K and V get a second 8-bit pass over their input's residual
+# ... and so does every matmul input of the first RESIDUAL_LAYERS layers. With one 8-bit pass
+# elsewhere the defaults cost Gemma 3 270M +0.4% to +0.7% perplexity on the test novels, most of
+# it from its first layers (whose norms scale channels up to 70x); the second pass there brings it
+# to +0.1-0.2% for about 15% of prefill (decoding reads the weights once either way). Measured in
+# docs/performance.md ("Gemma 3"): 4 layers did as well as 6, the later layers' passes bought nothing.
+RESIDUAL_LAYERS = 4
 
 
 @dataclass
@@ -225,13 +231,14 @@ class Weights:
     cos_local: np.ndarray         # (max_seq, head_dim // 2) local layers
     sin_local: np.ndarray
     windows: np.ndarray           # (L,) int64: 0 global, sliding_window local
+    residual: np.ndarray          # (L,) int64: 1 where every matmul input gets the 8-bit residual pass
 
     def args(self) -> tuple:
         ro = readonly
         return (self.tok_embeddings.args(), ro(self.attention_norm), self.wq.args(), self.wk.args(), self.wv.args(),
                 ro(self.q_norm), ro(self.k_norm), self.wo.args(), ro(self.post_attention_norm), ro(self.ffn_norm),
                 self.w13.args(), self.w2.args(), ro(self.post_ffn_norm), ro(self.norm), self.output.args(),
-                ro(self.cos), ro(self.sin), ro(self.cos_local), ro(self.sin_local), ro(self.windows))
+                ro(self.cos), ro(self.sin), ro(self.cos_local), ro(self.sin_local), ro(self.windows), ro(self.residual))
 
     @property
     def nbytes(self) -> int:
@@ -239,7 +246,7 @@ class Weights:
         return sum(v.nbytes for v in held.values())
 
 
-DERIVED = ("cos", "sin", "cos_local", "sin_local", "windows")  # rebuilt from the config at load
+DERIVED = ("cos", "sin", "cos_local", "sin_local", "windows", "residual")  # rebuilt from the config at load
 
 
 def build(ckpt: Checkpoint, max_seq: int) -> tuple[ModelArgs, Weights]:
@@ -298,8 +305,9 @@ def build(ckpt: Checkpoint, max_seq: int) -> tuple[ModelArgs, Weights]:
     _check_rope_scaling(args.rope_scaling, src, hd // 2)
     cos, sin = rope_tables(_rope_args(args, args.rope_theta, args.rope_scaling), max_seq)
     cos_l, sin_l = rope_tables(_rope_args(args, args.rope_local_theta, None), max_seq)
+    residual = (np.arange(L_) < RESIDUAL_LAYERS).astype(np.int64)
     w = Weights(tok_embeddings=emb, output=out, norm=norm, cos=cos, sin=sin, cos_local=cos_l, sin_local=sin_l,
-                windows=args.windows, **mats, **vec)
+                windows=args.windows, residual=residual, **mats, **vec)
     return args, w
 
 
@@ -335,7 +343,7 @@ class State:
         self.logits = lazy_zeros((chunk, args.vocab_size))
         widest = max(args.dim, qd, args.hidden_dim)
         self.lin_scratch = np.zeros((threads, L.scratch_size(widest)), np.float32)
-        self.act = L.act_buffers(chunk, widest, kvd, act8)
+        self.act = L.act_buffers(chunk, widest, max(kvd, qd, args.dim, 2 * args.hidden_dim), act8)
         self.floats = None if act8 and not float_path else True
         group = args.n_heads // args.n_kv_heads
         self.att_scratch = np.zeros((threads, A.scratch_size(hd, group)), np.float32)
@@ -383,7 +391,7 @@ def forward(ids, positions, starts, slots, pattern, all_logits, w, st, n_heads, 
     """Run tokens ids (T,) through every layer, filling the KV cache (see llama.forward for
     positions, starts, slots and pattern); logits for every position (all_logits) or the last."""
     (emb, attention_norm, wq, wk, wv, q_norm, k_norm, wo, post_attention_norm, ffn_norm, w13, w2, post_ffn_norm,
-     norm, output, cos, sin, cos_local, sin_local, windows) = w
+     norm, output, cos, sin, cos_local, sin_local, windows, residual) = w
     k_cache, v_cache, x_all, xb_all, q_all, k_all, v_all, att_all, h13_all, hb_all, logits, lin, att_scratch, floats = st
     T = ids.shape[0]
     hd = k_cache.shape[3]
@@ -400,7 +408,8 @@ def forward(ids, positions, starts, slots, pattern, all_logits, w, st, n_heads, 
             x[t, i] *= embed_scale
     for l in range(attention_norm.shape[0]):
         ops.rmsnorm(xb, x, attention_norm[l], eps)
-        L.linear_act(q, xb, wq, l, lin, zero, floats)
+        # res_rows: the rows given the residual pass (all of them, or none)
+        L.linear_act(q, xb, wq, l, lin, np.int64(q.shape[1]) * residual[l], floats)
         L.linear_act(k, xb, wk, l, lin, kv_rows, floats)
         L.linear_act(v, xb, wv, l, lin, kv_rows, floats)
         ops.heads_rmsnorm_(q, q_norm[l], eps, n_heads)
@@ -413,13 +422,13 @@ def forward(ids, positions, starts, slots, pattern, all_logits, w, st, n_heads, 
             ops.rope(k3, cos, sin, positions)
         ops.store_kv(k_cache, v_cache, k3, v3, l, slots)
         A.attention(att3, q3, k_cache, v_cache, l, starts, slots, windows[l], pattern, att_scratch)
-        L.linear_act(xb, att, wo, l, lin, zero, floats)
+        L.linear_act(xb, att, wo, l, lin, np.int64(xb.shape[1]) * residual[l], floats)
         ops.rmsnorm(xb, xb, post_attention_norm[l], eps)
         ops.add_(x, xb)
         ops.rmsnorm(xb, x, ffn_norm[l], eps)
-        L.linear_act(h13, xb, w13, l, lin, zero, floats)
+        L.linear_act(h13, xb, w13, l, lin, np.int64(h13.shape[1]) * residual[l], floats)
         ops.geglu(hb, h13)
-        L.linear_act(xb, hb, w2, l, lin, zero, floats)
+        L.linear_act(xb, hb, w2, l, lin, np.int64(xb.shape[1]) * residual[l], floats)
         ops.rmsnorm(xb, xb, post_ffn_norm[l], eps)
         ops.add_(x, xb)
     if all_logits:
