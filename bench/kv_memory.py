@@ -3,8 +3,8 @@ given back (the default) against a cache that keeps every position.
 
     python bench/kv_memory.py --model gemma-3-270m --tokens 8192
 
-Prefills random token ids in chunks, then reads the cache mappings' resident size from
-/proc/self/smaps (Linux). Prints one JSON line.
+Prefills random token ids in chunks, then counts the caches' resident pages in
+/proc/self/pagemap (Linux). Prints one JSON line.
 """
 import argparse
 import dataclasses
@@ -17,18 +17,14 @@ import fastinfer
 
 
 def resident_kib(a: np.ndarray) -> int:
-    """Resident KiB of the mapping that holds array a (its first page), from /proc/self/smaps."""
-    addr = a.ctypes.data
-    with open("/proc/self/smaps") as f:
-        inside = False
-        for line in f:
-            head = line.split()[0]
-            if "-" in head and all(c in "0123456789abcdef-" for c in head):
-                lo, hi = (int(v, 16) for v in head.split("-"))
-                inside = lo <= addr < hi
-            elif inside and line.startswith("Rss:"):
-                return int(line.split()[1])
-    return -1
+    """Resident KiB of array a's pages, from /proc/self/pagemap (bit 63 of a page's entry: present)."""
+    import mmap as _mmap
+    page = _mmap.PAGESIZE
+    first, last = a.ctypes.data // page, (a.ctypes.data + a.nbytes - 1) // page
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(first * 8)
+        entries = np.frombuffer(f.read((last - first + 1) * 8), np.uint64)
+    return int(((entries >> np.uint64(63)) & np.uint64(1)).sum()) * page // 1024
 
 
 def measure(model, tokens: int, trim: bool) -> dict:

@@ -4,6 +4,7 @@ folder, and a GGUF file laid out as llama.cpp writes Gemma 3 (norms holding 1 + 
 come in the 5-bit and K-quant types the real downloads use, per layer mixed as Q4_K_M mixes them.
 """
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -233,6 +234,17 @@ def test_gguf_int8_activations(gguf_file):
     assert np.linalg.norm(step - want[10]) / np.linalg.norm(want[10]) < 0.03
 
 
+def _resident_kib(a: np.ndarray) -> int:
+    """Resident KiB of array a's pages, from /proc/self/pagemap (bit 63 of a page's entry: present)."""
+    import mmap as _mmap
+    page = _mmap.PAGESIZE
+    first, last = a.ctypes.data // page, (a.ctypes.data + a.nbytes - 1) // page
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(first * 8)
+        entries = np.frombuffer(f.read((last - first + 1) * 8), np.uint64)
+    return int(((entries >> np.uint64(63)) & np.uint64(1)).sum()) * page // 1024
+
+
 def test_cache_trim_keeps_results(tmp_path):
     """Local layers' cache slots older than the window are given back to the OS as a long
     sequence goes on; what the model computes does not change."""
@@ -243,6 +255,10 @@ def test_cache_trim_keeps_results(tmp_path):
     s = m.session()
     s.prefill(ids[:1500])
     assert s.state._released.get(0, 0) > 0  # slots were given back
+    if Path("/proc/self/pagemap").exists():  # and the OS took their pages: 2 of 4 layers are local
+        full = 2 * 4 * 1500 * 64 * 4 / 1024  # KiB of K and V for 4 layers, 1 kv head of 64, f32
+        kib = _resident_kib(s.state.k_cache) + _resident_kib(s.state.v_cache)
+        assert kib < 0.75 * full, (kib, full)  # the global half stays, the local half mostly goes
     got = np.stack([s.decode_step(t).copy() for t in ids[1500:1504]])
     want = m.forward(ids[:1504])[1500:1504]
     close(got, want, 1e-4)

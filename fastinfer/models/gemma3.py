@@ -369,6 +369,7 @@ class State:
             buf, (_, heads, slots, hd) = cache, cache.shape
             while isinstance(buf, np.ndarray):  # the anonymous mapping under lazy_zeros' array
                 buf = buf.base
+            buf = buf.obj if isinstance(buf, memoryview) else buf
             row = hd * cache.itemsize
             if not isinstance(buf, mmap.mmap):
                 continue
