@@ -268,7 +268,7 @@ def pack_panel(panel, sc, w, l, r0, nr, NRp, signed_q8):
     sc f32 (n // 32 * 2 * NRp,): [b][d of NRp rows, mn of NRp rows].
     """
     kind, q, s, m, f = w
-    n = 4 * panel.shape[0] // (4 * NRp)  # panel: n bytes per row
+    n = panel.shape[0] // NRp  # panel: n bytes per row
     ng = sc.shape[0] // (2 * NRp)  # scale groups (n // 32, or n // 16 for Q6)
     p4 = panel.view(np.uint32)
     q4 = q.view(np.uint32)  # (L, rows, row_bytes // 4)

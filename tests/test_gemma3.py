@@ -84,10 +84,8 @@ def test_decode_steps_equal_the_full_forward(hf_model):
 
 
 def test_batch_equals_sessions(hf_model):
-    b = fastinfer.Batch(hf_model, 2, 64) if hasattr(fastinfer, "Batch") else None
-    if b is None:
-        from fastinfer.model import Batch
-        b = Batch(hf_model, 2, 64)
+    from fastinfer.model import Batch
+    b = Batch(hf_model, 2, 64)
     a = b.sessions[0].prefill(IDS[:7])
     c = b.sessions[1].prefill(IDS[3:12])
     out = b.decode([0, 1], [5, 9]).copy()

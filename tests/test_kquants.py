@@ -14,7 +14,7 @@ from fastinfer.kernels import isa
 from fastinfer.kernels import linear as L
 from fastinfer.kernels import qgemm as QG
 from fastinfer.weights.kquants import BLOCKS, TARGET
-from test_qmatvec import tier_rows  # the decode row loop in another tier's instructions
+from test_qmatvec import runnable, tier_rows  # skip a tier the CPU lacks; the decode row loop in a tier's instructions
 from fastinfer.weights.tensors import QMatrix, check_matrix, from_kquant_blocks, stack_joined, to_f32, to_q6
 
 TYPES = list(BLOCKS)
@@ -113,13 +113,6 @@ def test_int8_activations(kind, T):
     xq, xd, _, _ = quantize_x(x)
     xf = dequantized_x(xq, xd)
     check(out, xf @ ref.T, np.abs(xf) @ np.abs(ref).T, n)
-
-
-def runnable(tier):
-    lacks = isa.missing(tier)
-    if lacks:
-        pytest.skip(f"{tier.name}: the CPU lacks {', '.join(lacks)}")
-    return tier
 
 
 @pytest.mark.parametrize("tier", isa.TIERS, ids=isa.TIER_NAMES)

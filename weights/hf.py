@@ -285,8 +285,8 @@ def read_hf_dir(d: Path) -> Checkpoint:
                          f"the embeddings (tie_word_embeddings is false)")
 
     if spec is not None:  # norms stored as w for a (1 + w) RMSNorm: held as 1 + w
-        for key in [k for k in tensors if k.rsplit(".", 1)[-1] in spec.hf_norms or k == "norm"]:
-            if spec.hf_norms and isinstance(tensors[key], np.ndarray):
+        for key in [k for k in tensors if k.rsplit(".", 1)[-1] in spec.hf_norms]:
+            if isinstance(tensors[key], np.ndarray):
                 tensors[key] = (np.float32(1.0) + tensors[key].astype(np.float32)).astype(np.float32)
     tok = _tokenizer(d)
 

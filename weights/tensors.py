@@ -115,13 +115,18 @@ def to_q6(w: QMatrix) -> QMatrix:
     return QMatrix(K.Q6, q, s, m, _NO_F32, rows, cols)
 
 
+def _holds_as_q8_0(w: QMatrix) -> bool:
+    """Whether Q8_0 holds w exactly: Q8_0 itself, Q4_0, or Q5 whose offsets are all -16 scales."""
+    return w.kind in (K.Q8_0, K.Q4_0) or (w.kind == K.Q5 and np.array_equal(w.m, -16.0 * w.s))
+
+
 def to_q8_0(w: QMatrix) -> QMatrix | None:
     """A Q8_0, Q4_0 or Q5 stack as Q8_0 if that holds it exactly (every offset is -8 or -16 times
     its block's scale: Q4_0 and Q5_0 data, whose values u - 8 / u - 16 fit a signed byte), else
     None. Q4_K_M files mix Q8_0 and Q5_0 in one role (attn_v)."""
     if w.kind == K.Q8_0:
         return w
-    if not (w.kind == K.Q4_0 or (w.kind == K.Q5 and np.array_equal(w.m, -16.0 * w.s))):
+    if not _holds_as_q8_0(w):
         return None
     n, rows, cols = w.n, w.rows, w.cols
     q = np.empty((n, rows, cols), np.uint8)
@@ -184,7 +189,7 @@ def stack_joined(layers: list[list[QMatrix]]) -> QMatrix:
         widen = lambda w: w  # noqa: E731
     elif kinds <= {K.Q4_0, K.Q4_1, K.Q5, K.Q6}:
         widen = to_q6
-    elif kinds <= {K.Q8_0, K.Q4_0, K.Q5} and all(to_q8_0(w) is not None for ws in layers for w in ws if w.kind == K.Q5):
+    elif all(_holds_as_q8_0(w) for ws in layers for w in ws):
         widen = to_q8_0
     else:
         widen = to_f32

@@ -25,10 +25,10 @@ from fastinfer.kernels import linear as L
 from fastinfer.kernels import ops
 from fastinfer.kernels.jit import kernel
 from fastinfer.weights.checkpoint import Checkpoint
-from fastinfer.weights.tensors import QMatrix, check_matrix, check_vector, readonly, stack
+from fastinfer.weights.tensors import QMatrix, check_matrix, check_vector, readonly, stack_joined
 
 from . import KV_TYPES, Architecture, model_args
-from .llama import lazy_zeros, rope_tables
+from .llama import _check_rope_scaling, lazy_zeros, rope_tables
 
 KV_RESIDUAL = True  # with 8-bit activations, K and V get a second 8-bit pass over their input's residual
 # ... and so does every matmul input of the first RESIDUAL_LAYERS layers. With one 8-bit pass
@@ -106,7 +106,7 @@ GGUF_LAYER_NAMES = {
     "ffn_gate": "w1", "ffn_down": "w2", "ffn_up": "w3",
 }
 GGUF_GLOBAL_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
-GGUF_NORMS_HOLD_ONE = True  # llama.cpp's converter adds Gemma's 1 to every norm weight
+# (llama.cpp's converter stores every Gemma norm as 1 + w already: nothing to add for GGUF)
 
 
 def _rope_of(params: dict, where: str, source: str) -> tuple[float | None, dict | None]:
@@ -282,7 +282,6 @@ def build(ckpt: Checkpoint, max_seq: int) -> tuple[ModelArgs, Weights]:
                 t[f"layers.{i}.{name}"] = check_vector(t[f"layers.{i}.{name}"], f"layers.{i}.{name}", (size,), src)
 
         def role(*names):  # stack_joined frees each layer once copied
-            from fastinfer.weights.tensors import stack_joined
             return stack_joined([[t.pop(f"layers.{i}.{n}") for n in names] for i in range(L_)])
 
         mats = {"wq": role("wq"), "wk": role("wk"), "wv": role("wv"), "wo": role("wo"), "w13": role("w1", "w3"),
@@ -301,7 +300,6 @@ def build(ckpt: Checkpoint, max_seq: int) -> tuple[ModelArgs, Weights]:
         check_matrix(m, name, shape, src)
     vec = {n: check_vector(vec[n], n, (L_, size), src) for n, size in sizes.items()}
     norm = check_vector(t["norm"], "the final norm", (d,), src)
-    from .llama import _check_rope_scaling
     _check_rope_scaling(args.rope_scaling, src, hd // 2)
     cos, sin = rope_tables(_rope_args(args, args.rope_theta, args.rope_scaling), max_seq)
     cos_l, sin_l = rope_tables(_rope_args(args, args.rope_local_theta, None), max_seq)
@@ -451,5 +449,5 @@ ARCH = Architecture(
     name="gemma3", ModelArgs=ModelArgs, build=build, State=State, run=run, act8=True,
     float_matmuls=float_matmuls, derived=DERIVED, trims_cache=True,
     hf_types=HF_TYPES, hf_config=hf_config, hf_layer_names=HF_LAYER_NAMES, hf_global_names=HF_GLOBAL_NAMES,
-    hf_norms=_NORMS, gguf_arch=GGUF_ARCH, gguf_config=gguf_config, gguf_layer_names=GGUF_LAYER_NAMES,
+    hf_norms=(*_NORMS, "norm"), gguf_arch=GGUF_ARCH, gguf_config=gguf_config, gguf_layer_names=GGUF_LAYER_NAMES,
     gguf_global_names=GGUF_GLOBAL_NAMES)
