@@ -58,8 +58,8 @@ def _dequantize(data: np.ndarray, ttype: int) -> np.ndarray:
     return quants.dequantize(data, GGMLQuantizationType(ttype))
 
 
-def _tensor(t, path: Path):
-    """One GGUF tensor -> QMatrix (2-D) or f32 vector (1-D)."""
+def _tensor(t, path: Path, reader=None):
+    """One GGUF tensor -> QMatrix (2-D) or f32 vector (1-D); `reader` releases copied rows' pages."""
     kind = ggml_type_name(t.tensor_type)
     shape = t.shape
     data = t.data
@@ -77,7 +77,9 @@ def _tensor(t, path: Path):
     if kind == "BF16":
         return from_half_bits(np.asarray(data).view(np.uint16).reshape(rows, cols), K.BF16)
     if kind in GGML_BLOCKS:
-        return from_ggml_blocks(np.asarray(data).reshape(rows, -1), kind, cols)
+        raw = np.asarray(data).reshape(rows, -1)
+        copied = None if reader is None else lambda lo, hi: reader.release(t, raw[lo:hi])
+        return from_ggml_blocks(raw, kind, cols, copied)
     if kind in KQUANT_BLOCKS and cols % K.STRETCH == 0:  # held in their blocks (weights/kquants.py)
         return from_kquant_blocks(np.asarray(data).reshape(rows, -1), kind, cols)
     try:
@@ -187,7 +189,7 @@ def read_gguf(path: Path) -> Checkpoint:
         name = _canonical(t.name) if spec is None else _spec_canonical(spec, t.name)
         if name is None:
             raise ValueError(f"{path}: unexpected tensor {t.name!r} for architecture {arch}")
-        tensors[name] = _tensor(t, path)
+        tensors[name] = _tensor(t, path, reader)
         reader.release(t)  # copied (or, for plain floats, re-read on demand): keep RSS to one copy
     reader.release_all()
 

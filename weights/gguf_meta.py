@@ -64,20 +64,21 @@ class GGUFFile:
     tensors: list[GGUFTensor]
     mapping: np.memmap | None = None  # the whole file, read-only
 
-    def release(self, t: GGUFTensor) -> None:
+    def release(self, t: GGUFTensor, part: np.ndarray | None = None) -> None:
         """Drop t's pages, and any faulted in just before it, from this process's resident memory.
 
-        Call it once t's data has been copied. The mapping is read-only and file-backed, so
+        Call it once t's data (or `part`, a slice of it) has been copied. The mapping is read-only and file-backed, so
         MADV_DONTNEED loses nothing: a later read (a view that was not copied) faults the page back
         in from the page cache. Without this, every byte of the file stays counted in RSS beside
         the arrays built from it. Reading one tensor also maps neighbouring pages (the kernel's
         fault-around, whole large folios of the page cache), which can reach back into tensors
         released earlier; so the range starts `_BACK` bytes before t. `release_all` ends a load.
         """
-        if self.mapping is None or t.data.size == 0:
+        part = t.data if part is None else part  # a slice of t.data already copied
+        if self.mapping is None or part.size == 0:
             return
-        lo = t.data.ctypes.data - self.mapping.ctypes.data
-        self._drop(lo - _BACK, lo + t.data.nbytes)
+        lo = part.ctypes.data - self.mapping.ctypes.data
+        self._drop(lo - _BACK, lo + part.nbytes)
 
     def release_all(self) -> None:
         """Drop every page of the mapping from resident memory (see `release`)."""

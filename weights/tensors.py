@@ -68,21 +68,30 @@ def from_half_bits(bits: np.ndarray, kind: int) -> QMatrix:
     return QMatrix(kind, q[None], _NO_F32, _NO_F32, _NO_F32, rows, cols)
 
 
-def from_ggml_blocks(raw: np.ndarray, type_name: str, cols: int) -> QMatrix:
-    """uint8 (rows, row_bytes) in a ggml block format, split into values and f32 scales."""
+def from_ggml_blocks(raw: np.ndarray, type_name: str, cols: int, copied=None) -> QMatrix:
+    """uint8 (rows, row_bytes) in a ggml block format, split into values and f32 scales.
+
+    Rows are copied in slices of ~16 MB, and `copied(lo, hi)` is called after rows [lo, hi): a
+    reader of a mapped file releases those pages then, so a 170 MB embedding is never resident
+    twice."""
     kind, block_bytes = GGML_BLOCKS[type_name]
     rows = raw.shape[0]
     nb = cols // K.QK
     blk = np.asarray(raw, dtype=np.uint8).reshape(rows, nb, block_bytes)
-    d = np.ascontiguousarray(blk[:, :, 0:2]).view(np.float16).reshape(rows, nb).astype(np.float32)
-    if type_name == "Q4_1":
-        mn = np.ascontiguousarray(blk[:, :, 2:4]).view(np.float16).reshape(rows, nb).astype(np.float32)
-        vals = blk[:, :, 4:]
-    else:
-        mn = None
-        vals = blk[:, :, 2:]
-    q = np.ascontiguousarray(vals).reshape(rows, -1)
-    return QMatrix(kind, q[None], d[None], _NO_F32 if mn is None else mn[None], _NO_F32, rows, cols)
+    first = 4 if type_name == "Q4_1" else 2  # bytes of f16 scale (and f16 minimum) before the values
+    q = np.empty((1, rows, nb * (block_bytes - first)), np.uint8)
+    d = np.empty((1, rows, nb), np.float32)
+    mn = np.empty((1, rows, nb), np.float32) if type_name == "Q4_1" else _NO_F32
+    step = max(1, (16 << 20) // max(1, nb * block_bytes))
+    for lo in range(0, rows, step):
+        b = blk[lo:lo + step]
+        d[0, lo:lo + step] = np.ascontiguousarray(b[:, :, 0:2]).view(np.float16).reshape(len(b), nb)
+        if type_name == "Q4_1":
+            mn[0, lo:lo + step] = np.ascontiguousarray(b[:, :, 2:4]).view(np.float16).reshape(len(b), nb)
+        q[0, lo:lo + step] = b[:, :, first:].reshape(len(b), -1)
+        if copied is not None:
+            copied(lo, lo + len(b))
+    return QMatrix(kind, q, d, mn, _NO_F32, rows, cols)
 
 
 def from_kquant_blocks(raw: np.ndarray, type_name: str, cols: int) -> QMatrix:

@@ -7,8 +7,9 @@ so the tokenizer is reassembled from those pieces:
   with the split regexes llama.cpp uses for that name, except "smollm", which follows
   Hugging Face's conversion (see `_PRE_TOKENIZERS`).
 * `llama` (SentencePiece) vocabularies become BPE with byte fallback over `▁`-escaped text,
-  with merges ranked by the piece scores, like Hugging Face's LlamaConverter. This path is
-  best effort: it is tested on a tiny synthetic vocabulary only.
+  with merges ranked by the piece scores, like Hugging Face's LlamaConverter. For running a
+  model the same pipeline is `spm_bpe.SentencePieceBPE` over plain arrays (tokenizers' BPE would
+  hold ~100 MB for a 262k vocabulary); the `tokenizers` object is what tokenizer.json stores.
 
 Control tokens become special added tokens and user-defined tokens plain added tokens, so
 they are matched whole in the input text instead of being split by BPE.
@@ -25,7 +26,9 @@ import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
 from tokenizers import pre_tokenizers, processors
 
-__all__ = ["SUPPORTED_PRE_TOKENIZERS", "tokenizer_from_gguf"]
+from .spm_bpe import SentencePieceBPE
+
+__all__ = ["SUPPORTED_PRE_TOKENIZERS", "hf_tokenizer_from_gguf", "tokenizer_from_gguf"]
 
 # Values of tokenizer.ggml.token_type (llama.cpp's llama_token_type).
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED = 1, 2, 3, 4
@@ -111,22 +114,32 @@ _PRE_TOKENIZERS: dict[str, _PreTokenizer] = {
 SUPPORTED_PRE_TOKENIZERS = tuple(sorted(_PRE_TOKENIZERS))
 
 
-def tokenizer_from_gguf(meta: Mapping[str, Any]) -> Tokenizer:
+def tokenizer_from_gguf(meta: Mapping[str, Any]) -> Tokenizer | SentencePieceBPE:
     """Build the tokenizer described by GGUF metadata (`gguf_meta.open_gguf(path).metadata`).
 
+    A `llama` (SentencePiece) vocabulary becomes a `SentencePieceBPE`, which encodes as
+    `hf_tokenizer_from_gguf` would in a fraction of its memory; a `gpt2` one the `tokenizers` BPE.
     Raises ValueError if the metadata has no tokenizer, an unsupported `tokenizer.ggml.model`,
     or inconsistent tokenizer arrays.
     """
-    tokens = meta.get("tokenizer.ggml.tokens")
-    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
-        raise ValueError("GGUF file has no tokenizer metadata (tokenizer.ggml.tokens) or it is not a list of strings")
-    types = meta.get("tokenizer.ggml.token_type")
-    types = [_NORMAL] * len(tokens) if types is None else [int(t) for t in np.asarray(types).reshape(-1)]
-    if len(types) != len(tokens):
-        raise ValueError(
-            f"GGUF tokenizer.ggml.token_type has {len(types)} entries "
-            f"for {len(tokens)} tokens"
-        )
+    tokens, types = _tokens_and_types(meta)
+    if meta.get("tokenizer.ggml.model") != "llama":
+        return hf_tokenizer_from_gguf(meta)
+    bos = meta.get("tokenizer.ggml.bos_token_id")
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    return SentencePieceBPE(
+        tokens, types, _scores(meta, tokens),
+        unk_id=meta.get("tokenizer.ggml.unknown_token_id"),
+        bos_id=None if bos is None else int(bos), eos_id=None if eos is None else int(eos),
+        add_space_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", True)),
+        add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)),
+        add_eos=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+    )
+
+
+def hf_tokenizer_from_gguf(meta: Mapping[str, Any]) -> Tokenizer:
+    """The tokenizer described by GGUF metadata as a `tokenizers.Tokenizer` (what tokenizer.json holds)."""
+    tokens, types = _tokens_and_types(meta)
     model = meta.get("tokenizer.ggml.model")
     if model == "gpt2":
         tokenizer, add_bos_default = _byte_level_bpe(meta, tokens)
@@ -140,6 +153,33 @@ def tokenizer_from_gguf(meta: Mapping[str, Any]) -> Tokenizer:
     _add_special_and_user_tokens(tokenizer, tokens, types)
     tokenizer.post_processor = _bos_eos_processor(meta, tokens, add_bos_default)
     return tokenizer
+
+
+def _tokens_and_types(meta: Mapping[str, Any]) -> tuple[Sequence[str], list[int]]:
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise ValueError("GGUF file has no tokenizer metadata (tokenizer.ggml.tokens) or it is not a list of strings")
+    types = meta.get("tokenizer.ggml.token_type")
+    types = [_NORMAL] * len(tokens) if types is None else [int(t) for t in np.asarray(types).reshape(-1)]
+    if len(types) != len(tokens):
+        raise ValueError(
+            f"GGUF tokenizer.ggml.token_type has {len(types)} entries "
+            f"for {len(tokens)} tokens"
+        )
+    model = meta.get("tokenizer.ggml.model")
+    if model not in ("gpt2", "llama"):
+        raise ValueError(
+            f"unsupported GGUF tokenizer model type {model!r} (tokenizer.ggml.model); "
+            "supported: 'gpt2' (byte-level BPE), 'llama' (SentencePiece BPE)"
+        )
+    return tokens, types
+
+
+def _scores(meta: Mapping[str, Any], tokens: Sequence[str]):
+    scores = meta.get("tokenizer.ggml.scores")
+    if scores is None or len(scores) != len(tokens):
+        raise ValueError("GGUF llama tokenizer needs one score per token (tokenizer.ggml.scores)")
+    return scores
 
 
 def _vocab(tokens: Sequence[str]) -> dict[str, int]:
@@ -192,9 +232,7 @@ def _sentencepiece_bpe(
     meta: Mapping[str, Any], tokens: Sequence[str], types: Sequence[int]
 ) -> Tokenizer:
     """SentencePiece BPE: merges from scores, byte fallback, `▁` for spaces."""
-    scores = meta.get("tokenizer.ggml.scores")
-    if scores is None or len(scores) != len(tokens):
-        raise ValueError("GGUF llama tokenizer needs one score per token (tokenizer.ggml.scores)")
+    scores = _scores(meta, tokens)
     unk_id = meta.get("tokenizer.ggml.unknown_token_id")
     tokenizer = Tokenizer(
         models.BPE(
