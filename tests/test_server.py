@@ -1,0 +1,237 @@
+"""The OpenAI-compatible server: the real uvicorn on 127.0.0.1 and the real `openai` client.
+
+References: the Python API on the same model (a Session per prompt, not the server's batch of
+slots), the OpenAI wire format as the openai client parses it, and a known fact.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+import fastinfer  # noqa: E402
+from fastinfer.server import create_app  # noqa: E402
+from fastinfer.serving import Engine  # noqa: E402
+
+N_CTX = 384
+KEY = "sk-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Server:
+    def __init__(self, app):
+        self.port = _free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if time.time() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def model(smollm2_gguf):
+    return fastinfer.load(smollm2_gguf, n_ctx=N_CTX)
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    e = Engine(model, parallel=3, n_ctx=N_CTX)
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    s = _Server(create_app(engine, "smollm2", api_key=KEY, max_tokens_limit=300))
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def _solo(model, messages, n):
+    """Greedy continuation through the Python API: a Session of its own."""
+    ids = model.tokenizer.encode(model.apply_chat_template(messages), add_special_tokens=False).ids
+    return model.decode(model.generate(ids, max_new_tokens=n, temperature=0))
+
+
+QUESTIONS = ["What is the capital of France?", "Name three colours.", "Write a haiku about rain.",
+             "What is 2 + 2?", "Say hello in Spanish."]
+
+
+def test_models(client):
+    assert [m.id for m in client.models.list().data] == ["smollm2"]
+
+
+def test_completion_knows_a_fact(client):
+    r = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=8, temperature=0)
+    assert r.choices[0].text.startswith(" Paris")
+    assert r.usage.completion_tokens == 8 and r.choices[0].finish_reason == "length"
+
+
+def test_chat_equals_the_python_api(client, model):
+    messages = [{"role": "user", "content": QUESTIONS[0]}]
+    r = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=40, temperature=0)
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == _solo(model, messages, 40)
+    prompt = model.tokenizer.encode(model.apply_chat_template(messages), add_special_tokens=False).ids
+    assert r.usage.prompt_tokens == len(prompt)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_stream_chunks_in_order_and_same_text(client, model):
+    messages = [{"role": "user", "content": QUESTIONS[1]}]
+    chunks = list(client.chat.completions.create(model="smollm2", messages=messages, max_tokens=30, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finals = [i for i, c in enumerate(chunks) if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0] == len(chunks) - 2          # then the usage chunk
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == _solo(model, messages, 30)
+
+
+def test_concurrent_requests_each_equal_their_solo_run(client, model):
+    """More requests than slots: they queue, join and leave the batch between steps."""
+    def ask(q):
+        r = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": q}],
+                                           max_tokens=24, temperature=0, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in r if c.choices)
+    with ThreadPoolExecutor(len(QUESTIONS)) as pool:
+        got = list(pool.map(ask, QUESTIONS))
+    assert got == [_solo(model, [{"role": "user", "content": q}], 24) for q in QUESTIONS]
+
+
+def test_second_turn_reuses_the_cache(client, engine):
+    first = [{"role": "user", "content": "Tell me about the Moon. " * 20}]
+    a = client.chat.completions.create(model="smollm2", messages=first, max_tokens=16, temperature=0)
+    second = first + [{"role": "assistant", "content": a.choices[0].message.content},
+                      {"role": "user", "content": "And the Sun?"}]
+    b = client.chat.completions.create(model="smollm2", messages=second, max_tokens=8, temperature=0)
+    assert a.usage.prompt_tokens_details.cached_tokens < a.usage.prompt_tokens / 2  # at most the system prompt
+    assert b.usage.prompt_tokens_details.cached_tokens >= a.usage.prompt_tokens
+    assert b.usage.prompt_tokens > b.usage.prompt_tokens_details.cached_tokens
+
+
+def test_stop_string_and_seeded_sampling(client):
+    r = client.completions.create(model="smollm2", prompt="1, 2, 3, 4,", max_tokens=30, temperature=0, stop=[" 7"])
+    assert r.choices[0].finish_reason == "stop" and " 7" not in r.choices[0].text and " 6" in r.choices[0].text
+    # A cache hit recomputes less of the prompt, which changes 8-bit rounding: exact repeats skip it.
+    kw = dict(model="smollm2", prompt="Once upon a time", max_tokens=16, temperature=1.0, seed=7,
+              extra_body={"cache_prompt": False})
+    texts = {client.completions.create(**kw).choices[0].text for _ in range(2)}
+    assert len(texts) == 1
+    kw["seed"] = 8
+    assert client.completions.create(**kw).choices[0].text not in texts
+
+
+@pytest.mark.parametrize("kw, param", [
+    (dict(temperature=5), "temperature"),
+    (dict(n=2), "n"),
+    (dict(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
+    (dict(max_tokens=301), "max_tokens"),
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(stop=["a", "b", "c", "d", "e"]), "stop"),
+])
+def test_bad_parameters_are_400_with_a_message(client, kw, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "hi"}], **kw)
+    assert e.value.status_code == 400 and param in str(e.value)
+
+
+def test_prompt_longer_than_the_context(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="smollm2", prompt="word " * (N_CTX + 10), max_tokens=4)
+    assert "context" in str(e.value) and e.value.code == "context_length_exceeded"
+
+
+def test_auth_and_health(server):
+    assert httpx.get(server.url + "/health").status_code == 200
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    r = httpx.post(server.url + "/v1/completions", content=b"{not json", headers={"authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+
+
+def test_disconnect_frees_the_slot(server, engine):
+    body = {"model": "smollm2", "prompt": "Count to a thousand:", "max_tokens": 250, "stream": True, "temperature": 0}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body,
+                      headers={"authorization": f"Bearer {KEY}"}, timeout=60) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: ") for line in got)
+        assert engine.busy_slots() == 1
+    deadline = time.time() + 5
+    while engine.busy_slots() and time.time() < deadline:
+        time.sleep(0.01)
+    assert engine.busy_slots() == 0
+
+
+def test_tokenize_detokenize_and_metrics(server, model):
+    h = {"authorization": f"Bearer {KEY}"}
+    ids = httpx.post(server.url + "/tokenize", json={"content": "Hello world"}, headers=h).json()["tokens"]
+    assert ids == model.tokenizer.encode("Hello world", add_special_tokens=False).ids
+    assert httpx.post(server.url + "/detokenize", json={"tokens": ids}, headers=h).json()["content"] == "Hello world"
+    text = httpx.get(server.url + "/metrics", headers=h).text
+    for name in ("fastinfer_requests_total", "fastinfer_generated_tokens_total", "fastinfer_busy_slots",
+                 "fastinfer_queue_length", "fastinfer_cached_prompt_tokens_total"):
+        assert f"\n{name} " in text
+
+
+def test_cli_serve_health_then_sigint(smollm2_gguf):
+    port = _free_port()
+    p = subprocess.Popen([sys.executable, "-m", "fastinfer", "serve", "--model", str(smollm2_gguf), "--port", str(port),
+                          "--parallel", "2", "--ctx", "256"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, status = time.time() + 120, None
+        while time.time() < deadline:
+            try:
+                status = httpx.get(f"http://127.0.0.1:{port}/health").status_code
+            except httpx.TransportError:
+                status = None
+            if status == 200:
+                break
+            time.sleep(0.1)
+        assert status == 200
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                       json={"prompt": "The capital of France is", "max_tokens": 3, "temperature": 0})
+        assert json.loads(r.text)["choices"][0]["text"].startswith(" Paris")
+        p.send_signal(signal.SIGINT)
+        assert p.wait(20) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+
+
+def test_cli_serve_bad_model_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "fastinfer", "serve", "--model", str(tmp_path / "nope.gguf"),
+                        "--port", str(_free_port())], capture_output=True, text=True, timeout=120,
+                       env={**os.environ})
+    assert r.returncode == 1 and r.stderr.count("error") == 1 and "nope.gguf" in r.stderr
