@@ -19,6 +19,7 @@ class GenerationOptions:
     early_stopping: bool | str = False
     no_repeat_ngram_size: int = 0
     min_new_tokens: int = 0
+    grammar: str | None = None  # llguidance's grammar of a JSON schema (fastinfer/structured.py)
 
 
 class TokenChooser:
@@ -29,8 +30,9 @@ class TokenChooser:
     """
 
     def __init__(self, prompt: Sequence[int], max_new_tokens: int, params: SamplingParams,
-                 eos_ids: Sequence[int], no_repeat_ngram_size: int = 0, min_new_tokens: int = 0):
-        self.params, self.eos_ids = params, list(eos_ids)
+                 eos_ids: Sequence[int], no_repeat_ngram_size: int = 0, min_new_tokens: int = 0,
+                 constraint=None):
+        self.params, self.eos_ids, self.constraint = params, list(eos_ids), constraint
         self.max_new_tokens, self.ngram, self.min_new = max_new_tokens, no_repeat_ngram_size, min_new_tokens
         self.rng = np.random.default_rng(params.seed)
         self.seen = np.empty(len(prompt) + max_new_tokens, np.int64)
@@ -39,19 +41,30 @@ class TokenChooser:
 
     @property
     def done(self) -> bool:
-        return self.n_new >= self.max_new_tokens
+        """No token may follow: the budget is spent, or a constraint's value is complete."""
+        return self.n_new >= self.max_new_tokens or self.finished
+
+    @property
+    def finished(self) -> bool:
+        return self.constraint is not None and self.constraint.finished
 
     def choose(self, logits: np.ndarray) -> int | None:
         """The next token for these logits (vocab,), or None when the sequence ends with EOS."""
         check_finite(logits)
-        if self.ngram > 0 or (self.n_new < self.min_new and self.eos_ids):
+        processed = self.ngram > 0 or (self.n_new < self.min_new and self.eos_ids)
+        if processed or self.constraint is not None:
             logits = np.array(logits, dtype=np.float32)
+        if processed:
             # the repetition penalty is left to `sample`, which applies it for every strategy
             process_scores(logits, self.seen[:self.n_seen], self.n_new, self.eos_ids,
                            no_repeat_ngram_size=self.ngram, min_new_tokens=self.min_new)
+        if self.constraint is not None:
+            self.constraint.mask(logits)
         tok = sample(logits, self.params, self.rng, self.seen[:self.n_seen])
         if tok in self.eos_ids:
             return None
+        if self.constraint is not None:
+            self.constraint.accept(tok)
         self.seen[self.n_seen] = tok
         self.n_seen += 1
         self.n_new += 1
@@ -67,10 +80,13 @@ def check_finite(logits: np.ndarray) -> None:
 
 
 def generate_ids(session, prompt: Sequence[int], max_new_tokens: int, params: SamplingParams,
-                 eos_ids: Sequence[int], no_repeat_ngram_size: int = 0, min_new_tokens: int = 0) -> Iterator[int]:
-    """Yield new token ids until max_new_tokens, an EOS token or the end of the context."""
+                 eos_ids: Sequence[int], no_repeat_ngram_size: int = 0, min_new_tokens: int = 0,
+                 constraint=None) -> Iterator[int]:
+    """Yield new token ids until max_new_tokens, an EOS token, the end of the context or the end
+    of a constrained value."""
     max_new_tokens = min(max_new_tokens, session.max_seq - len(prompt) + 1)  # no more fit in the context
-    chooser = TokenChooser(prompt, max_new_tokens, params, eos_ids, no_repeat_ngram_size, min_new_tokens)
+    chooser = TokenChooser(prompt, max_new_tokens, params, eos_ids, no_repeat_ngram_size, min_new_tokens,
+                           constraint)
     logits = session.prefill(prompt)
     while True:
         tok = chooser.choose(logits)

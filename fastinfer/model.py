@@ -275,7 +275,8 @@ class Model:
 
     def _resolve(self, n_prompt: int, max_new_tokens=None, max_length=None, temperature=None, top_k=None,
                  top_p=None, min_p=None, repetition_penalty=None, seed=None, num_beams=None, length_penalty=None,
-                 early_stopping=None, no_repeat_ngram_size=None, min_new_tokens=None) -> GenerationOptions:
+                 early_stopping=None, no_repeat_ngram_size=None, min_new_tokens=None,
+                 json_schema=None) -> GenerationOptions:
         gen = self.generation_defaults
         base = dict(self.ENGINE_DEFAULTS)
         if "do_sample" in gen:  # HF semantics and HF's own defaults
@@ -308,8 +309,15 @@ class Model:
         if not isinstance(o["early_stopping"], (bool, str)) or o["early_stopping"] not in (True, False, "never"):
             raise ValueError(f"early_stopping must be True, False or 'never'; got {o['early_stopping']!r}")
         params = SamplingParams(o["temperature"], o["top_k"], o["top_p"], o["min_p"], o["repetition_penalty"], seed)
+        grammar = None
+        if json_schema is not None and json_schema is not False:
+            if int(o["num_beams"]) > 1:
+                raise ValueError("json_schema does not combine with beam search (num_beams > 1)")
+            from .structured import json_schema_grammar
+            grammar = json_schema_grammar(json_schema)
         return GenerationOptions(int(max_new_tokens), params, int(o["num_beams"]), float(o["length_penalty"]),
-                                 o["early_stopping"], int(o["no_repeat_ngram_size"]), int(o["min_new_tokens"]))
+                                 o["early_stopping"], int(o["no_repeat_ngram_size"]), int(o["min_new_tokens"]),
+                                 grammar)
 
     def generate(self, prompt: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int | None = None,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
@@ -318,7 +326,8 @@ class Model:
                  max_length: int | None = None, num_beams: int | None = None, length_penalty: float | None = None,
                  early_stopping: bool | str | None = None, no_repeat_ngram_size: int | None = None,
                  min_new_tokens: int | None = None, attention: BlockSparse | None = None,
-                 prune: "Prune | None" = None, kv_budget: int | None = None) -> str | list[int]:
+                 prune: "Prune | None" = None, kv_budget: int | None = None,
+                 json_schema: dict | str | bool | None = None) -> str | list[int]:
         """Continue a prompt. A str prompt returns the new text; a list of ids returns the new ids.
         A list of prompts (str or id lists) returns one result per prompt, decoded together.
 
@@ -326,12 +335,15 @@ class Model:
         defaults. num_beams > 1 runs HF-style beam search (length_penalty, early_stopping);
         no_repeat_ngram_size, min_new_tokens, repetition_penalty and max_length follow HF too.
         attention, prune and kv_budget are session options (see `session`); prune and kv_budget
-        take one greedy/sampled prompt at a time.
+        take one greedy/sampled prompt at a time. json_schema (a JSON schema as a dict or string, or
+        True for any JSON object) constrains the output to a value of that schema (llguidance).
         """
         kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                   repetition_penalty=repetition_penalty, seed=seed, max_length=max_length, num_beams=num_beams,
                   length_penalty=length_penalty, early_stopping=early_stopping,
                   no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new_tokens)
+        if json_schema is not None:
+            kw["json_schema"] = json_schema
         self._decoder_only("generate")
         kw.update({k: v for k, v in (("attention", attention), ("prune", prune), ("kv_budget", kv_budget))
                    if v is not None})
@@ -365,6 +377,8 @@ class Model:
         texts = all(isinstance(p, str) for p in prompts)
         if not texts and not all(isinstance(p, (list, tuple, np.ndarray)) for p in prompts):
             raise ValueError("a batch must be a list of str prompts or a list of token-id lists")
+        if kw.get("json_schema") is not None:
+            raise ValueError("json_schema applies to one prompt at a time, not to a batch")
         ids = [self._check_ids(self.encode(p) if texts else p, self.n_ctx - 1) for p in prompts]
         opts = [self._resolve(len(i), **kw) for i in ids]
         if opts[0].num_beams > 1:  # beam search keeps its own caches: one prompt after another
@@ -397,8 +411,13 @@ class Model:
         return list(self._token_stream(ids, o, sess))
 
     def _token_stream(self, ids: list[int], o: GenerationOptions, sess: dict | None = None) -> Iterator[int]:
+        constraint = None
+        if o.grammar is not None:
+            from .structured import JsonConstraint
+            constraint = JsonConstraint(self, o.grammar)
         return generate_ids(self.session(**(sess or {})), ids, o.max_new_tokens, o.sampling, self.eos_ids,
-                            no_repeat_ngram_size=o.no_repeat_ngram_size, min_new_tokens=o.min_new_tokens)
+                            no_repeat_ngram_size=o.no_repeat_ngram_size, min_new_tokens=o.min_new_tokens,
+                            constraint=constraint)
 
     def stream(self, prompt: str, stop: Sequence[str] | str | None = None, **options: Any) -> Iterator[str]:
         """Yield the continuation of a text prompt piece by piece, as tokens are decoded.

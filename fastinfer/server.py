@@ -33,7 +33,7 @@ _SAMPLING = {"temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeti
              "presence_penalty", "frequency_penalty", "logit_bias", "stop", "max_tokens", "stream",
              "stream_options", "n", "cache_prompt"}
 _CHAT = _SAMPLING | {"messages", "max_completion_tokens", "response_format"}
-_COMPLETION = _SAMPLING | {"prompt", "echo"}
+_COMPLETION = _SAMPLING | {"prompt", "echo", "response_format"}
 
 
 class APIError(Exception):
@@ -129,10 +129,6 @@ def create_app(engine: Engine | None, model_name: str, api_key: str | None = Non
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise APIError(400, "'messages' must be a non-empty list", param="messages")
-        fmt = body.get("response_format")
-        if fmt is not None and fmt != {"type": "text"}:
-            raise APIError(400, "response_format other than {'type': 'text'} is not supported by this server",
-                           param="response_format", code="unsupported_parameter")
         try:
             text = e.model.apply_chat_template([_message(m) for m in messages])
         except ValueError as err:
@@ -298,6 +294,30 @@ def _message(m) -> dict[str, str]:
     return {"role": m["role"], "content": content}
 
 
+def _response_format(fmt) -> str | None:
+    """OpenAI's response_format -> llguidance's grammar, or None for plain text."""
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+        raise APIError(400, "response_format must be {'type': 'text'}, {'type': 'json_object'} or "
+                            "{'type': 'json_schema', 'json_schema': {'name': ..., 'schema': {...}}}",
+                       param="response_format")
+    if fmt["type"] == "text":
+        return None
+    from .structured import json_schema_grammar
+    schema = True
+    if fmt["type"] == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise APIError(400, "response_format.json_schema must be an object with a 'schema' object",
+                           param="response_format")
+        schema = spec.get("schema") or True
+    try:
+        return json_schema_grammar(schema)
+    except ValueError as e:
+        raise APIError(400, f"response_format: {e}", param="response_format") from None
+
+
 def _number(body: dict, name: str, default, lo: float, hi: float) -> float:
     v = body.get(name, default)
     if v is None:
@@ -343,10 +363,11 @@ def _request(e: Engine, body: dict, ids: list[int], limit: int) -> Request:
         )
     except ValueError as err:
         raise APIError(400, str(err)) from None
+    grammar = _response_format(body.get("response_format"))
     cache = body.get("cache_prompt", True)
     if not isinstance(cache, bool):
         raise APIError(400, f"cache_prompt must be true or false; got {cache!r:.40}", param="cache_prompt")
-    return Request(ids=list(ids), max_tokens=limit, params=params, emit=lambda ev: None, stop=stop, cache_prompt=cache,
+    return Request(ids=list(ids), max_tokens=limit, params=params, emit=lambda ev: None, stop=stop, cache_prompt=cache, grammar=grammar,
                    presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
                    frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
                    logit_bias=logit_bias)

@@ -41,6 +41,7 @@ class Request:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     cache_prompt: bool = True  # reuse a prefix held in a slot's cache (see Engine._reusable)
+    grammar: str | None = None  # output constrained to a JSON schema (fastinfer/structured.py)
     # Filled in by the engine:
     cached_tokens: int = 0
     completion_tokens: int = 0
@@ -196,7 +197,11 @@ class Engine:
             session.pos = keep
         s.tokens = s.tokens[:keep]
         s.request, s.todo, s.pending, s.counts = r, list(r.ids[keep:]), None, {}
-        s.chooser = TokenChooser(r.ids, r.max_tokens, r.params, self.model.eos_ids)
+        constraint = None
+        if r.grammar is not None:
+            from .structured import JsonConstraint
+            constraint = JsonConstraint(self.model, r.grammar)
+        s.chooser = TokenChooser(r.ids, r.max_tokens, r.params, self.model.eos_ids, constraint=constraint)
         s.stream = TextStream(self.model.tokenizer, list(r.stop))
         r.cached_tokens = keep
         self.stats.prompt_tokens += len(r.ids)
@@ -231,7 +236,7 @@ class Engine:
         piece = s.stream.push(tok)
         if piece:
             r.emit(("text", piece, tok))
-        if s.stream.stopped:
+        if s.stream.stopped or s.chooser.finished:
             return self._finish(s, "stop")
         if s.chooser.done or len(s.tokens) + 1 >= self.n_ctx:
             return self._finish(s, "length")

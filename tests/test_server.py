@@ -235,3 +235,24 @@ def test_cli_serve_bad_model_is_one_line(tmp_path):
                         "--port", str(_free_port())], capture_output=True, text=True, timeout=120,
                        env={**os.environ})
     assert r.returncode == 1 and r.stderr.count("error") == 1 and "nope.gguf" in r.stderr
+
+
+def test_json_schema_response_format(client):
+    pytest.importorskip("llguidance")
+    schema = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+              "properties": {"name": {"type": "string", "maxLength": 30}, "age": {"type": "integer", "minimum": 0}}}
+    r = client.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "Invent a person. Answer in JSON."}], max_tokens=60,
+        temperature=0.7, seed=1, response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}})
+    value = json.loads(r.choices[0].message.content)
+    assert set(value) == {"name", "age"} and isinstance(value["age"], int) and value["age"] >= 0
+    assert r.choices[0].finish_reason == "stop"
+    stream = client.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "A JSON object about dogs."}], max_tokens=80,
+        temperature=0, response_format={"type": "json_object"}, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text.startswith("{")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "x"}],
+                                       response_format={"type": "json_schema", "json_schema": {"schema": [1]}})
+    assert "response_format" in str(e.value)

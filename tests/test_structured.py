@@ -1,0 +1,71 @@
+"""JSON-schema output (fastinfer/structured.py, llguidance): what comes out parses and satisfies
+the schema, on a byte-level BPE vocabulary (SmolLM2) and a SentencePiece one (Gemma 3)."""
+import json
+import re
+
+import pytest
+
+pytest.importorskip("llguidance")
+
+import fastinfer  # noqa: E402
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "city"],
+          "properties": {"name": {"type": "string", "maxLength": 40}, "age": {"type": "integer", "minimum": 0},
+                         "city": {"type": "string", "maxLength": 40}}}
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf):
+    return fastinfer.load(smollm2_gguf, n_ctx=512)
+
+
+def _check_person(value):
+    assert set(value) == {"name", "age", "city"}
+    assert isinstance(value["name"], str) and isinstance(value["city"], str)
+    assert isinstance(value["age"], int) and value["age"] >= 0
+
+
+def test_chat_output_satisfies_the_schema(smollm2):
+    msgs = [{"role": "user", "content": "Describe a fictional person as JSON with name, age and city."}]
+    for seed in range(3):
+        _check_person(json.loads(smollm2.chat(msgs, json_schema=PERSON, temperature=0.9, seed=seed,
+                                             max_new_tokens=80)))
+
+
+def test_enum_and_pattern_are_forced(smollm2):
+    out = smollm2.generate("My favourite colour is", json_schema={"enum": ["teal", "ochre"]}, temperature=0,
+                           max_new_tokens=10)
+    assert json.loads(out) in ("teal", "ochre")
+    out = smollm2.generate("A number:", json_schema={"type": "string", "pattern": "^[0-9]{3}-[a-z]{2}$"},
+                           temperature=1.0, seed=1, max_new_tokens=20)
+    assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", json.loads(out))
+
+
+def test_any_object_and_the_stream(smollm2):
+    pieces = list(smollm2.stream("A JSON object about cats:", json_schema=True, temperature=0, max_new_tokens=60))
+    text = "".join(pieces)
+    if len(smollm2.encode(text)) < 58:  # complete, not cut by the token budget
+        assert isinstance(json.loads(text), dict)
+    assert text.startswith("{")
+
+
+def test_bad_schemas_are_clear_errors(smollm2):
+    with pytest.raises(ValueError, match="JSON schema"):
+        smollm2.generate("x", json_schema="{not json", max_new_tokens=4)
+    with pytest.raises(ValueError, match="JSON schema"):
+        smollm2.generate("x", json_schema=["a list"], max_new_tokens=4)
+    with pytest.raises(ValueError, match="beam"):
+        smollm2.generate("x", json_schema=PERSON, num_beams=2, max_new_tokens=4)
+    with pytest.raises(ValueError, match="batch"):
+        smollm2.generate(["x", "y"], json_schema=PERSON, max_new_tokens=4)
+
+
+def test_sentencepiece_vocabulary(gemma3_gguf):
+    gemma = fastinfer.load(gemma3_gguf, n_ctx=256)
+    out = gemma.generate("The answer, in JSON:", json_schema={"enum": ["yes", "no", "naïve café"]},
+                         temperature=1.0, seed=2, max_new_tokens=12)
+    assert json.loads(out) in ("yes", "no", "naïve café")
+    out = gemma.generate("A word:", json_schema={"type": "object", "required": ["w"], "additionalProperties": False,
+                                                 "properties": {"w": {"type": "string", "pattern": "^[a-zé]{1,8}$"}}},
+                         temperature=1.0, seed=5, max_new_tokens=24)
+    assert re.fullmatch(r"[a-zé]{1,8}", json.loads(out)["w"])
