@@ -1,19 +1,23 @@
 """An OpenAI-compatible HTTP server over the continuous-batching engine (fastinfer/serving.py).
 
-Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
-GET /metrics (Prometheus text), POST /tokenize, POST /detokenize. Errors are OpenAI-shaped,
+Routes: POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings (encoder models),
+GET /v1/models, GET /health, GET /metrics (Prometheus text), POST /tokenize, POST /detokenize. Errors are OpenAI-shaped,
 {"error": {"message", "type", "code"}}; a parameter the server does not implement is a 400 that
 names it, never a silent ignore. FastAPI and uvicorn come with `pip install "fastinfer[server]"`.
 """
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
+
+import numpy as np
 
 from .sampling import SamplingParams
 from .serving import Engine, Request
@@ -26,13 +30,14 @@ except ImportError as e:  # pragma: no cover - the extra is missing
     raise ImportError('the server needs FastAPI and uvicorn: pip install "fastinfer[server]"') from e
 
 MAX_BODY = 8 << 20  # bytes of one request body
+MAX_N = 8  # choices per request
 
 # Parameters that change nothing fastinfer computes; accepted and ignored.
 _HARMLESS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "model"}
 _SAMPLING = {"temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repetition_penalty", "seed",
              "presence_penalty", "frequency_penalty", "logit_bias", "stop", "max_tokens", "stream",
-             "stream_options", "n", "cache_prompt"}
-_CHAT = _SAMPLING | {"messages", "max_completion_tokens", "response_format"}
+             "stream_options", "n", "cache_prompt", "logprobs"}
+_CHAT = _SAMPLING | {"messages", "max_completion_tokens", "response_format", "top_logprobs"}
 _COMPLETION = _SAMPLING | {"prompt", "echo", "response_format"}
 
 
@@ -48,10 +53,13 @@ class APIError(Exception):
 
 
 def create_app(engine: Engine | None, model_name: str, api_key: str | None = None,
-               max_tokens_limit: int | None = None) -> FastAPI:
-    """The app. `engine` may be set later (`app.state.engine = ...`): /health says 503 until then."""
+               max_tokens_limit: int | None = None, model=None) -> FastAPI:
+    """The app over a decoder's `engine`, or an encoder's `model` (embeddings only). Either may be
+    set later (`app.state.engine`, `app.state.model`): /health says 503 until then."""
     app = FastAPI(title="fastinfer", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
+    app.state.model = engine.model if engine is not None else model
+    embed_lock = asyncio.Lock()
     created = int(time.time())
 
     def auth(request: HTTPRequest) -> None:
@@ -59,9 +67,15 @@ def create_app(engine: Engine | None, model_name: str, api_key: str | None = Non
             raise APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
                            "authentication_error", "invalid_api_key")
 
-    def ready() -> Engine:
-        if app.state.engine is None:
+    def loaded():
+        if app.state.model is None:
             raise APIError(503, "the model is still loading", "server_error", "loading")
+        return app.state.model
+
+    def ready() -> Engine:
+        model = loaded()
+        if app.state.engine is None:
+            raise APIError(400, f"{model_name} is an encoder: it serves /v1/embeddings only", code="model_not_supported")
         return app.state.engine
 
     @app.exception_handler(APIError)
@@ -70,7 +84,7 @@ def create_app(engine: Engine | None, model_name: str, api_key: str | None = Non
 
     @app.get("/health")
     async def health():
-        if app.state.engine is None:
+        if app.state.model is None:
             return JSONResponse({"status": "loading"}, status_code=503)
         return {"status": "ok"}
 
@@ -108,17 +122,52 @@ def create_app(engine: Engine | None, model_name: str, api_key: str | None = Non
         if not isinstance(content, str):
             raise APIError(400, "'content' must be a string", param="content")
         add = body.get("add_special", False)
-        return {"tokens": ready().model.tokenizer.encode(content, add_special_tokens=bool(add)).ids}
+        return {"tokens": loaded().tokenizer.encode(content, add_special_tokens=bool(add)).ids}
 
     @app.post("/detokenize")
     async def detokenize(request: HTTPRequest):
         auth(request)
         body = await _json(request)
-        e = ready()
         try:
-            return {"content": e.model.decode(body.get("tokens"))}
+            return {"content": loaded().decode(body.get("tokens"))}
         except (ValueError, TypeError) as err:
             raise APIError(400, f"'tokens': {err}", param="tokens") from None
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: HTTPRequest):
+        auth(request)
+        body = await _json(request)
+        model = loaded()
+        _check_keys(body, {"input", "encoding_format", "dimensions"})
+        if not model.is_encoder:
+            raise APIError(400, f"{model_name} is a decoder: this server gives embeddings of encoder models",
+                           code="model_not_supported")
+        fmt = body.get("encoding_format", "float")
+        if fmt not in ("float", "base64"):
+            raise APIError(400, "encoding_format must be 'float' or 'base64'", param="encoding_format")
+        if body.get("dimensions") not in (None, model.args.dim):
+            raise APIError(400, f"dimensions: this model's embeddings have {model.args.dim}", param="dimensions")
+        inputs = body.get("input")
+        if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not inputs or len(inputs) > 2048:
+            raise APIError(400, "input must be a string, a list of token ids, or a list of up to 2048 of these",
+                           param="input")
+        try:
+            ids = [model.encode(x) if isinstance(x, str) else model._check_ids(x, model.n_ctx) for x in inputs]
+        except (ValueError, TypeError) as err:
+            raise APIError(400, f"input: {err}", param="input") from None
+        if any(not i for i in ids):
+            raise APIError(400, "input: an empty text has no embedding", param="input")
+        async with embed_lock:  # one forward at a time; the event loop keeps answering meanwhile
+            vectors = await asyncio.to_thread(
+                lambda: [model.hidden_states(i).mean(axis=0, dtype=np.float64).astype(np.float32) for i in ids])
+        data = [{"object": "embedding", "index": k,
+                 "embedding": base64.b64encode(v.tobytes()).decode() if fmt == "base64" else v.tolist()}
+                for k, v in enumerate(vectors)]
+        n = sum(len(i) for i in ids)
+        return {"object": "list", "data": data, "model": model_name,
+                "usage": {"prompt_tokens": n, "total_tokens": n}}
 
     @app.post("/v1/chat/completions")
     async def chat(request: HTTPRequest):
@@ -163,8 +212,8 @@ def create_app(engine: Engine | None, model_name: str, api_key: str | None = Non
 
     async def _complete(http: HTTPRequest, e: Engine, body: dict, ids: list[int], limit, chat: bool):
         n = body.get("n", 1)
-        if n != 1:
-            raise APIError(400, "n must be 1 on this server", param="n", code="unsupported_parameter")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
+            raise APIError(400, f"n must be an integer from 1 to {MAX_N}; got {n!r:.40}", param="n")
         room = e.n_ctx - len(ids)
         if room < 1:
             raise APIError(400, f"the prompt has {len(ids)} tokens; the context holds {e.n_ctx} "
@@ -177,51 +226,90 @@ def create_app(engine: Engine | None, model_name: str, api_key: str | None = Non
         if max_tokens_limit is not None and limit > max_tokens_limit:
             raise APIError(400, f"max_tokens {limit} is above this server's limit of {max_tokens_limit}",
                            param="max_tokens")
-        limit = min(limit, room)
-        r = _request(e, body, ids, limit)
+        base = _request(e, body, ids, min(limit, room), chat)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        r.emit = lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)
+        reqs = []
+        for i in range(n):  # n choices: n requests, the later ones finding the prompt in a cache
+            seed = base.params.seed
+            params = base.params if seed is None or i == 0 else replace(base.params, seed=(seed + i) % (1 << 63))
+            r = replace(base, params=params, ids=list(base.ids))
+            r.emit = (lambda i: lambda ev: loop.call_soon_threadsafe(events.put_nowait, (i, ev)))(i)
+            reqs.append(r)
         try:
-            e.submit(r)
+            for r in reqs:
+                e.submit(r)
         except ValueError as err:
+            for r in reqs:
+                r.cancel()
             raise APIError(400, str(err)) from None
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         now = int(time.time())
-        kind = "chat.completion" if chat else "text_completion"
-        usage = lambda: {"prompt_tokens": len(ids), "completion_tokens": r.completion_tokens,  # noqa: E731
-                         "total_tokens": len(ids) + r.completion_tokens,
-                         "prompt_tokens_details": {"cached_tokens": r.cached_tokens}}
+        token_text = _token_texts(e.model)
 
-        def choice(text: str | None, finish: str | None, delta: bool) -> dict:
+        def usage() -> dict:
+            done = sum(r.completion_tokens for r in reqs)
+            return {"prompt_tokens": len(ids), "completion_tokens": done, "total_tokens": len(ids) + done,
+                    "prompt_tokens_details": {"cached_tokens": reqs[0].cached_tokens}}
+
+        def logprobs(entries: list) -> dict | None:
+            if base.logprobs is None:
+                return None
+            if chat:
+                return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()),
+                                     "top_logprobs": [{"token": a, "logprob": alp, "bytes": list(a.encode())}
+                                                      for a, alp in top]} for t, lp, top in entries]}
+            return {"tokens": [t for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
+                    "top_logprobs": [dict(top) for _, _, top in entries]}
+
+        def entry(ev) -> tuple | None:
+            if len(ev) < 4:
+                return None
+            lp, top = ev[3]
+            return token_text(ev[2]), lp, [(token_text(t), v) for t, v in top]
+
+        def choice(i: int, text: str | None, finish: str | None, entries: list, delta: bool) -> dict:
             if not chat:
-                return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+                return {"index": i, "text": text or "", "logprobs": logprobs(entries), "finish_reason": finish}
             if not delta:
-                return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                        "finish_reason": finish}
-            return {"index": 0, "delta": {} if text is None else {"content": text}, "logprobs": None,
-                    "finish_reason": finish}
+                return {"index": i, "message": {"role": "assistant", "content": text},
+                        "logprobs": logprobs(entries), "finish_reason": finish}
+            return {"index": i, "delta": {} if text is None else {"content": text},
+                    "logprobs": logprobs(entries) if entries else None, "finish_reason": finish}
+
+        async def next_event():
+            """The next (choice, event); None if the client went away (its requests are cancelled)."""
+            while True:
+                try:
+                    return await asyncio.wait_for(events.get(), 0.5)
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        return None
 
         if not body.get("stream"):
-            parts, finish = [], None
+            parts = [[] for _ in reqs]
+            entries = [[] for _ in reqs]
+            finish: list[str | None] = [None] * n
             try:
-                while finish is None:
-                    try:
-                        ev = await asyncio.wait_for(events.get(), 0.5)
-                    except asyncio.TimeoutError:
-                        if await http.is_disconnected():  # nobody to answer: free the slot
-                            return None
-                        continue
+                while any(f is None for f in finish):
+                    got = await next_event()
+                    if got is None:
+                        return None
+                    i, ev = got
                     if ev[0] == "text":
-                        parts.append(ev[1])
+                        parts[i].append(ev[1])
+                        if (x := entry(ev)) is not None:
+                            entries[i].append(x)
                     elif ev[0] == "error":
                         raise APIError(500, ev[1], "server_error")
                     else:
-                        finish = ev[1]
+                        finish[i] = ev[1]
             finally:
-                r.cancel()  # a client gone mid-request frees the slot
-            return {"id": rid, "object": kind, "created": now, "model": model_name,
-                    "choices": [choice("".join(parts), finish, False)], "usage": usage()}
+                for r in reqs:
+                    r.cancel()  # a client gone mid-request frees the slots
+            return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": now,
+                    "model": model_name, "usage": usage(),
+                    "choices": [choice(i, "".join(parts[i]), finish[i], entries[i], False) for i in range(n)]}
 
         opts = body.get("stream_options") or {}
         include_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
@@ -236,23 +324,31 @@ def create_app(engine: Engine | None, model_name: str, api_key: str | None = Non
         async def stream() -> AsyncIterator[str]:
             try:
                 if chat:
-                    yield sse([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                "finish_reason": None}])
-                while True:
-                    ev = await events.get()
+                    for i in range(n):
+                        yield sse([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                    "finish_reason": None}])
+                left = n
+                while left:
+                    got = await next_event()
+                    if got is None:
+                        return
+                    i, ev = got
                     if ev[0] == "text":
-                        yield sse([choice(ev[1], None, True)])
+                        x = entry(ev)
+                        if ev[1] or x is not None:
+                            yield sse([choice(i, ev[1], None, [x] if x else [], True)])
                     elif ev[0] == "error":
                         yield f"data: {json.dumps({'error': {'message': ev[1], 'type': 'server_error'}})}\n\n"
-                        break
+                        return
                     else:
-                        yield sse([choice(None, ev[1], True)])
-                        break
+                        yield sse([choice(i, None, ev[1], [], True)])
+                        left -= 1
                 if include_usage:
                     yield sse([], with_usage=True)
                 yield "data: [DONE]\n\n"
             finally:
-                r.cancel()
+                for r in reqs:
+                    r.cancel()
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
@@ -327,7 +423,38 @@ def _number(body: dict, name: str, default, lo: float, hi: float) -> float:
     return float(v)
 
 
-def _request(e: Engine, body: dict, ids: list[int], limit: int) -> Request:
+def _token_texts(model):
+    """token id -> its text for logprobs (a SentencePiece piece with "▁" as a space)."""
+    from .weights.spm_bpe import SentencePieceBPE
+    tok = model.tokenizer
+    if isinstance(tok, SentencePieceBPE):
+        return lambda t: tok.pieces[t].replace("\u2581", " ")
+    return lambda t: tok.decode([t], skip_special_tokens=False)
+
+
+def _logprobs_option(body: dict, chat: bool) -> int | None:
+    """How many alternatives per token the request wants with logprobs, or None for no logprobs."""
+    lp = body.get("logprobs")
+    if chat:
+        if lp is None or lp is False:
+            if body.get("top_logprobs") is not None:
+                raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+            return None
+        if lp is not True:
+            raise APIError(400, f"logprobs must be true or false; got {lp!r:.40}", param="logprobs")
+        k = body.get("top_logprobs") or 0
+        hi = 20
+    else:
+        if lp is None:
+            return None
+        k, hi = lp, 5
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= hi:
+        raise APIError(400, f"{'top_logprobs' if chat else 'logprobs'} must be an integer from 0 to {hi}; "
+                            f"got {k!r:.40}", param="top_logprobs" if chat else "logprobs")
+    return k
+
+
+def _request(e: Engine, body: dict, ids: list[int], limit: int, chat: bool) -> Request:
     """The engine request for a completion body, every option checked (OpenAI's defaults)."""
     stop = body.get("stop")
     if stop is None:
@@ -367,7 +494,8 @@ def _request(e: Engine, body: dict, ids: list[int], limit: int) -> Request:
     cache = body.get("cache_prompt", True)
     if not isinstance(cache, bool):
         raise APIError(400, f"cache_prompt must be true or false; got {cache!r:.40}", param="cache_prompt")
-    return Request(ids=list(ids), max_tokens=limit, params=params, emit=lambda ev: None, stop=stop, cache_prompt=cache, grammar=grammar,
+    return Request(ids=list(ids), max_tokens=limit, params=params, emit=lambda ev: None, stop=stop,
+                   cache_prompt=cache, grammar=grammar, logprobs=_logprobs_option(body, chat),
                    presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
                    frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
                    logit_bias=logit_bias)
@@ -391,7 +519,9 @@ def serve(model_source: str | None, host: str = "127.0.0.1", port: int = 8000, p
     def loading():
         try:
             model = load(path, threads=threads, n_ctx=n_ctx, **load_options)
-            app.state.engine = Engine(model, parallel, n_ctx)
+            if not model.is_encoder:
+                app.state.engine = Engine(model, parallel, n_ctx)
+            app.state.model = model
         except BaseException as e:  # shown by the main thread
             failure.append(e)
             server.should_exit = True

@@ -42,6 +42,7 @@ class Request:
     logit_bias: dict[int, float] = field(default_factory=dict)
     cache_prompt: bool = True  # reuse a prefix held in a slot's cache (see Engine._reusable)
     grammar: str | None = None  # output constrained to a JSON schema (fastinfer/structured.py)
+    logprobs: int | None = None  # with each token: its log-probability and this many alternatives
     # Filled in by the engine:
     cached_tokens: int = 0
     completion_tokens: int = 0
@@ -219,6 +220,7 @@ class Engine:
     def _next(self, s: _Slot, logits: np.ndarray) -> None:
         """Sample slot s's next token from logits (vocab,), hand over its text, or finish."""
         r = s.request
+        raw = logits
         if r.logit_bias or ((r.presence_penalty or r.frequency_penalty) and s.counts):
             logits = np.array(logits, dtype=np.float32)
             for tok, bias in r.logit_bias.items():
@@ -234,7 +236,9 @@ class Engine:
         self.stats.generated_tokens += 1
         s.counts[tok] = s.counts.get(tok, 0) + 1
         piece = s.stream.push(tok)
-        if piece:
+        if r.logprobs is not None:
+            r.emit(("text", piece, tok, _logprobs(raw, tok, r.logprobs)))
+        elif piece:
             r.emit(("text", piece, tok))
         if s.stream.stopped or s.chooser.finished:
             return self._finish(s, "stop")
@@ -253,3 +257,17 @@ class Engine:
     def _release(self, s: _Slot) -> None:
         # The cache keeps what was fed; a token sampled but never fed is not in it.
         s.request, s.todo, s.pending, s.chooser, s.stream = None, [], None, None, None
+
+
+def _logprobs(logits: np.ndarray, tok: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """The model's log-probability of tok (its distribution at temperature 1, before penalties,
+    biases and grammar masks), and the k most likely tokens with theirs."""
+    z = logits.astype(np.float64)
+    top = z.max()
+    lse = top + np.log(np.exp(z - top).sum())
+    best = []
+    if k > 0:
+        idx = np.argpartition(-z, k - 1)[:k]
+        idx = idx[np.argsort(-z[idx], kind="stable")]
+        best = [(int(i), float(z[i] - lse)) for i in idx]
+    return float(z[tok] - lse), best

@@ -13,6 +13,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 
 openai = pytest.importorskip("openai")
@@ -153,7 +154,7 @@ def test_stop_string_and_seeded_sampling(client):
 
 @pytest.mark.parametrize("kw, param", [
     (dict(temperature=5), "temperature"),
-    (dict(n=2), "n"),
+    (dict(n=9), "n"),
     (dict(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
     (dict(max_tokens=301), "max_tokens"),
     (dict(max_tokens=0), "max_tokens"),
@@ -256,3 +257,65 @@ def test_json_schema_response_format(client):
         client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "x"}],
                                        response_format={"type": "json_schema", "json_schema": {"schema": [1]}})
     assert "response_format" in str(e.value)
+
+
+def _log_softmax(x):
+    x = x.astype(np.float64)
+    return x - (x.max() + np.log(np.exp(x - x.max()).sum()))
+
+
+def test_logprobs_are_the_models(client, model):
+    messages = [{"role": "user", "content": QUESTIONS[3]}]
+    r = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=3, temperature=0,
+                                       logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 3
+    ids = model.tokenizer.encode(model.apply_chat_template(messages), add_special_tokens=False).ids
+    want = _log_softmax(model.session(N_CTX).prefill(ids))
+    first = int(np.argmax(want))
+    assert content[0].logprob == pytest.approx(want[first], abs=1e-4)
+    assert [t.logprob for t in content[0].top_logprobs] == pytest.approx(np.sort(want)[::-1][:3], abs=1e-4)
+    assert content[0].top_logprobs[0].token == content[0].token
+    assert "".join(c.token for c in content) == r.choices[0].message.content
+    c = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=2, temperature=0,
+                                  logprobs=2)
+    assert len(c.choices[0].logprobs.tokens) == 2 and len(c.choices[0].logprobs.top_logprobs[0]) == 2
+    assert c.choices[0].logprobs.token_logprobs[0] <= 0
+
+
+def test_n_choices(client):
+    r = client.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=12, temperature=1.0,
+                                  seed=11, n=3, extra_body={"cache_prompt": False})
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert len({c.text for c in r.choices}) > 1                        # each choice samples on its own
+    assert r.usage.prompt_tokens == 4 and 3 <= r.usage.completion_tokens <= 36     # the prompt counted once
+    chunks = list(client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi"}],
+                                                 max_tokens=5, n=2, stream=True, temperature=0))
+    assert {c.choices[0].index for c in chunks} == {0, 1}
+    assert sum(1 for c in chunks if c.choices[0].finish_reason) == 2
+
+
+def test_embeddings_of_an_encoder(tmp_path):
+    from reference_fnet import FNET_TINY_CFG, random_fnet_weights, write_fnet_dir
+    fnet = fastinfer.load(write_fnet_dir(tmp_path / "f", FNET_TINY_CFG, random_fnet_weights(FNET_TINY_CFG)))
+    s = _Server(create_app(None, "fnet", model=fnet))
+    try:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+        texts = ["hello world", "the cat sat"]
+        got = c.embeddings.create(model="fnet", input=texts)                # the client asks for base64
+        want = fnet.embed(texts)
+        assert np.allclose([d.embedding for d in got.data], want, atol=1e-6)
+        floats = c.embeddings.create(model="fnet", input=texts[0], encoding_format="float")
+        assert np.allclose(floats.data[0].embedding, want[0], atol=1e-6)
+        ids = fnet.encode(texts[1])
+        by_ids = c.embeddings.create(model="fnet", input=ids, encoding_format="float")
+        assert np.allclose(by_ids.data[0].embedding, want[1], atol=1e-6)
+        with pytest.raises(openai.BadRequestError, match="encoder"):
+            c.completions.create(model="fnet", prompt="x", max_tokens=2)
+    finally:
+        s.stop()
+
+
+def test_embeddings_refused_for_a_decoder(client):
+    with pytest.raises(openai.BadRequestError, match="decoder"):
+        client.embeddings.create(model="smollm2", input="x")
