@@ -112,6 +112,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--min-new-tokens", type=int, default=None, metavar="N", help="block EOS before N new tokens")
     g.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
     g.add_argument("--ctx", type=_positive_int, default=None, help="context length (default: min(4096, model's))")
+    g.add_argument("--json-schema", metavar="SCHEMA", default=None,
+                   help="constrain the output to this JSON schema: inline JSON, @FILE, or 'object' for any JSON object")
     g.add_argument("--chat", action="store_true", help="send PROMPT as a user message through the chat template")
     g.add_argument("--system", default=None, help="system message for --chat")
     _attention_options(g, ["dense", "sparse"])
@@ -277,6 +279,22 @@ def _load(args):
                 kv_type=args.kv_type)
 
 
+def _json_schema_arg(value: str | None):
+    """--json-schema: inline JSON, @FILE, or "object"; checked (and compiled) before the model loads."""
+    if value is None:
+        return None
+    if value == "object":
+        return True
+    if value.startswith("@"):
+        path = Path(value[1:])
+        if not path.is_file():
+            raise FileNotFoundError(f"--json-schema: {path}: no such file")
+        value = path.read_text(encoding="utf-8")
+    from .structured import json_schema_grammar
+    json_schema_grammar(value)
+    return value
+
+
 def cmd_generate(args) -> int:
     from .sampling import SamplingParams
     # Check the options before spending seconds on loading the model.
@@ -285,6 +303,7 @@ def cmd_generate(args) -> int:
     SamplingParams(**{k: v for k, v in given.items() if v is not None})
     attention = _block_sparse(args)
     prune = _prune_from_args(args)
+    schema = _json_schema_arg(args.json_schema)
     prompt = _stdin_text() if args.prompt == "-" else args.prompt
     if not prompt.strip():
         raise ValueError("the prompt is empty")
@@ -298,6 +317,8 @@ def cmd_generate(args) -> int:
                 attention=attention)
     if prune is not None or args.kv_budget is not None:
         opts.update(prune=prune, kv_budget=args.kv_budget)
+    if schema is not None:
+        opts["json_schema"] = schema
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                    [{"role": "user", "content": prompt}]

@@ -69,3 +69,18 @@ def test_sentencepiece_vocabulary(gemma3_gguf):
                                                  "properties": {"w": {"type": "string", "pattern": "^[a-zé]{1,8}$"}}},
                          temperature=1.0, seed=5, max_new_tokens=24)
     assert re.fullmatch(r"[a-zé]{1,8}", json.loads(out)["w"])
+
+
+def test_cli_json_schema(smollm2_gguf, tmp_path):
+    import subprocess
+    import sys
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps({"type": "object", "required": ["city"], "additionalProperties": False,
+                                  "properties": {"city": {"type": "string", "maxLength": 20}}}))
+    run = lambda *a: subprocess.run([sys.executable, "-m", "fastinfer", "generate", "--model", str(smollm2_gguf),  # noqa: E731
+                                     *a], capture_output=True, text=True, timeout=300)
+    r = run("--chat", "--json-schema", f"@{schema}", "--temperature", "0", "-n", "30",
+            "Which city is the capital of France? Answer in JSON.")
+    assert r.returncode == 0 and set(json.loads(r.stdout)) == {"city"}
+    r = run("--json-schema", "{bad", "x")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "JSON schema" in r.stderr
