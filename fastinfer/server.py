@@ -504,7 +504,11 @@ def _request(e: Engine, body: dict, ids: list[int], limit: int, chat: bool) -> R
 def serve(model_source: str | None, host: str = "127.0.0.1", port: int = 8000, parallel: int = 4,
           n_ctx: int | None = None, api_key: str | None = None, threads: int | None = None,
           max_tokens: int | None = None, **load_options: Any) -> None:
-    """Run the server until SIGINT/SIGTERM. It listens at once; /health says 503 until the model is loaded."""
+    """Run the server until SIGINT/SIGTERM. It listens at once; /health says 503 until the model is loaded.
+
+    HTTP is answered on a helper thread; this thread loads the model and runs the engine, so that
+    one thread calls every kernel (see `Engine`)."""
+    import signal
     import threading
 
     import uvicorn
@@ -514,28 +518,36 @@ def serve(model_source: str | None, host: str = "127.0.0.1", port: int = 8000, p
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
     app = create_app(None, path.stem if path.is_file() else path.name, api_key, max_tokens)
-    failure: list[BaseException] = []
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                           timeout_graceful_shutdown=5))
+    http = threading.Thread(target=server.run, name="fastinfer-http", daemon=True)
+    stop = threading.Event()
+    engine: list[Engine] = []
 
-    def loading():
-        try:
-            model = load(path, threads=threads, n_ctx=n_ctx, **load_options)
-            if not model.is_encoder:
-                app.state.engine = Engine(model, parallel, n_ctx)
-            app.state.model = model
-        except BaseException as e:  # shown by the main thread
-            failure.append(e)
-            server.should_exit = True
+    def on_signal(signum, frame):
+        stop.set()
+        server.should_exit = True
+        if not engine:  # still loading: stop that too
+            raise KeyboardInterrupt
+        engine[0].close()
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
-    print(f"fastinfer: serving on http://{host}:{port}/v1, loading {path.name} (Ctrl-C stops)", file=sys.stderr)
-    threading.Thread(target=loading, name="fastinfer-load", daemon=True).start()
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        server.run()
-    except (KeyboardInterrupt, SystemExit):
-        pass  # uvicorn shut down on SIGINT/SIGTERM, then re-raised the signal: a requested stop
+        http.start()
+        print(f"fastinfer: serving on http://{host}:{port}/v1, loading {path.name} (Ctrl-C stops)", file=sys.stderr)
+        model = load(path, threads=threads, n_ctx=n_ctx, **load_options)
+        if not model.is_encoder:
+            engine.append(Engine(model, parallel, n_ctx, background=False))
+            app.state.engine = engine[0]
+        app.state.model = model
+        if server.started is False and not http.is_alive():
+            raise OSError(f"cannot listen on {host}:{port}")
+        if engine and not stop.is_set():
+            engine[0].run()
+        else:
+            stop.wait()
     finally:
-        if app.state.engine is not None:
-            app.state.engine.close()
-    if failure:
-        raise failure[0]
+        server.should_exit = True
+        http.join(10)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)

@@ -78,9 +78,16 @@ class Stats:
 
 class Engine:
     """Serve requests on `model` with up to `parallel` of them decoding together, each holding up
-    to `n_ctx` tokens (prompt and completion)."""
+    to `n_ctx` tokens (prompt and completion).
 
-    def __init__(self, model: Model, parallel: int = 4, n_ctx: int | None = None):
+    The loop runs on a thread of its own (`background=True`), or on the caller's when it calls
+    `run()`. Kernels are fastest when one thread calls them all: each calling thread gets its own
+    OpenMP team, and with more team threads than cores, libgomp stops spinning between parallel
+    regions, which costs several milliseconds a token. So `fastinfer serve` loads the model and
+    runs the loop on its main thread and answers HTTP on another.
+    """
+
+    def __init__(self, model: Model, parallel: int = 4, n_ctx: int | None = None, background: bool = True):
         if model.is_encoder:
             raise ValueError(f"{model.source} is an encoder: it has no completions to serve")
         if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
@@ -93,8 +100,10 @@ class Engine:
         self.stats = Stats()
         self._wake = threading.Condition()
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="fastinfer-engine", daemon=True)
-        self._thread.start()
+        self._thread = None
+        if background:
+            self._thread = threading.Thread(target=self.run, name="fastinfer-engine", daemon=True)
+            self._thread.start()
 
     # -- the outside ---------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
@@ -113,14 +122,16 @@ class Engine:
         return sum(s.request is not None for s in self.slots)
 
     def close(self) -> None:
-        """Finish the engine thread; queued and running requests end with finish_reason "abort"."""
+        """End the loop (from any thread); queued and running requests end with finish_reason "abort"."""
         with self._wake:
             self._stopping = True
             self._wake.notify()
-        self._thread.join()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
 
     # -- the engine thread ---------------------------------------------------------------------
-    def _loop(self) -> None:
+    def run(self) -> None:
+        """The loop: admit, prefill a chunk, decode a step; returns after `close()`."""
         while True:
             with self._wake:
                 while not self._stopping and not self.queue and self.busy_slots() == 0:

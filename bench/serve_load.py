@@ -1,0 +1,191 @@
+"""Load on an OpenAI-compatible server: N concurrent streaming chat clients for a fixed time.
+
+    python bench/serve_load.py --engines fastinfer,llama-cpp --model FILE.gguf --clients 1,8 --duration 60
+
+Each engine is started as its own server process on the same model file and threads (fastinfer:
+`fastinfer serve`; llama-cpp: `python -m llama_cpp.server` from --llama-python), waited for, loaded
+with --clients concurrent clients, then stopped. A client sends one streaming chat request after
+another (prompts cycle through a fixed list, greedy, --max-tokens each); with --disconnect P it
+drops a stream after a few chunks with probability P. Reported per engine and concurrency:
+requests/s, generated tokens/s (all clients together), time to first token and inter-token latency
+p50/p99, errors, the server's RSS at start and end and its peak, and (fastinfer) busy slots after.
+One JSON line per run; --out appends them to a file.
+"""
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import httpx
+
+PROMPTS = [
+    "Explain why the sky is blue.", "Write a short story about a robot learning to paint.",
+    "List five uses of a paperclip.", "What is the difference between a virus and a bacterium?",
+    "Describe a sunrise over the sea.", "Give advice to a new programmer.",
+    "Summarize the plot of a heist movie you invent.", "Why do cats purr?",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _peak_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def start(engine: str, args, port: int) -> subprocess.Popen:
+    if engine == "fastinfer":
+        cmd = [sys.executable, "-m", "fastinfer", "serve", "--model", args.model, "--port", str(port),
+               "--threads", str(args.threads), "--parallel", str(args.parallel), "--ctx", str(args.ctx)]
+    else:
+        cmd = [args.llama_python, "-m", "llama_cpp.server", "--model", args.model, "--port", str(port),
+               "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads), "--n_ctx", str(args.ctx),
+               "--interrupt_requests", "False"]  # queue concurrent requests instead of cutting the running one
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if p.poll() is not None:
+            raise SystemExit(f"{engine} server exited with {p.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200 and (
+                    engine != "fastinfer" or httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200):
+                return p
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    p.kill()
+    raise SystemExit(f"{engine} server did not come up")
+
+
+async def client(url: str, stop_at: float, args, rng: random.Random, out: dict) -> None:
+    async with httpx.AsyncClient(timeout=300) as http:
+        k = rng.randrange(len(PROMPTS))
+        while time.perf_counter() < stop_at:
+            body = {"model": "m", "messages": [{"role": "user", "content": PROMPTS[k % len(PROMPTS)]}],
+                    "max_tokens": args.max_tokens, "temperature": 0, "stream": True}
+            k += 1
+            drop_after = rng.randint(2, 20) if rng.random() < args.disconnect else None
+            t0 = time.perf_counter()
+            first, last, chunks = None, None, 0
+            try:
+                async with http.stream("POST", url + "/v1/chat/completions", json=body) as r:
+                    if r.status_code != 200:
+                        out["errors"] += 1
+                        await r.aread()
+                        continue
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        d = json.loads(line[6:])
+                        if "error" in d:
+                            out["errors"] += 1
+                            break
+                        if d["choices"] and d["choices"][0]["delta"].get("content"):
+                            now = time.perf_counter()
+                            if first is None:
+                                first = now
+                                out["ttft"].append(now - t0)
+                            else:
+                                out["itl"].append(now - last)
+                            last = now
+                            chunks += 1
+                            if drop_after is not None and chunks >= drop_after:
+                                out["dropped"] += 1
+                                break
+                if drop_after is None or chunks < drop_after:
+                    out["requests"] += 1
+                out["tokens"] += chunks
+            except (httpx.HTTPError, json.JSONDecodeError):
+                out["errors"] += 1
+
+
+async def load(url: str, clients: int, args) -> dict:
+    out = {"requests": 0, "tokens": 0, "errors": 0, "dropped": 0, "ttft": [], "itl": []}
+    t0 = time.perf_counter()
+    stop_at = t0 + args.duration
+    await asyncio.gather(*(client(url, stop_at, args, random.Random(i), out) for i in range(clients)))
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def pct(xs: list, q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return round(1000 * xs[min(len(xs) - 1, int(q * len(xs)))], 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="a .gguf file both engines read")
+    ap.add_argument("--engines", default="fastinfer,llama-cpp")
+    ap.add_argument("--clients", default="1,8", help="comma-separated concurrencies")
+    ap.add_argument("--duration", type=float, default=60.0, help="seconds per run")
+    ap.add_argument("--warmup", type=float, default=10.0, help="seconds of load before measuring")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--parallel", type=int, default=8, help="fastinfer's slots")
+    ap.add_argument("--ctx", type=int, default=2048, help="tokens per request (fastinfer) / in all (llama-cpp)")
+    ap.add_argument("--disconnect", type=float, default=0.0, help="chance a client drops its stream early")
+    ap.add_argument("--llama-python", default=os.environ.get("LLAMA_PYTHON", sys.executable),
+                    help="the Python that has llama-cpp-python[server]")
+    ap.add_argument("--out", default=None, help="append the JSON lines to this file")
+    args = ap.parse_args()
+    for engine in args.engines.split(","):
+        port = _free_port()
+        p = start(engine, args, port)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            warm = argparse.Namespace(**{**vars(args), "duration": args.warmup})
+            asyncio.run(load(url, max(int(c) for c in args.clients.split(",")), warm))
+            for clients in (int(c) for c in args.clients.split(",")):
+                rss0 = _rss_mib(p.pid)
+                r = asyncio.run(load(url, clients, args))
+                row = {"engine": engine, "clients": clients, "seconds": round(r["seconds"], 1),
+                       "requests_per_s": round(r["requests"] / r["seconds"], 3),
+                       "tokens_per_s": round(r["tokens"] / r["seconds"], 1),
+                       "ttft_ms_p50": pct(r["ttft"], 0.5), "ttft_ms_p99": pct(r["ttft"], 0.99),
+                       "itl_ms_p50": pct(r["itl"], 0.5), "itl_ms_p99": pct(r["itl"], 0.99),
+                       "errors": r["errors"], "dropped": r["dropped"], "rss_mib_start": round(rss0, 1),
+                       "rss_mib_end": round(_rss_mib(p.pid), 1), "rss_mib_peak": round(_peak_mib(p.pid), 1),
+                       "max_tokens": args.max_tokens, "threads": args.threads}
+                if engine == "fastinfer":
+                    time.sleep(0.5)
+                    metrics = httpx.get(url + "/metrics").text
+                    row["busy_slots_after"] = int(float(next(
+                        line.split()[1] for line in metrics.splitlines() if line.startswith("fastinfer_busy_slots "))))
+                print(json.dumps(row), flush=True)
+                if args.out:
+                    with open(args.out, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+        finally:
+            p.terminate()
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+if __name__ == "__main__":
+    main()
