@@ -107,9 +107,9 @@ class JsonConstraint:
 
     def mask(self, logits: np.ndarray) -> None:
         """In place: -inf for every token the grammar does not allow next."""
+        from .kernels.ops import mask_tokens
         self.matcher.unsafe_compute_mask_ptr(self._words.ctypes.data, self._words.nbytes)
-        allowed = np.unpackbits(self._words.view(np.uint8), bitorder="little")[:self.vocab]
-        logits[allowed == 0] = -np.inf
+        mask_tokens(logits, self._words)
 
     def accept(self, token: int) -> None:
         if not self.matcher.consume_token(token):

@@ -359,3 +359,18 @@ def activation_(x, kind):
                 v = np.float32(0.5) * (np.float32(1.0) + np.float32(
                     math.erf((v - 0.707107) / (0.282095 * math.sqrt(2.0)))))
             x[t, i] = v
+
+
+@kernel
+def mask_tokens(logits, words):
+    # logits (vocab,) f32, words ((vocab + 31) // 32,) int32: bit j of word w allows token 32 w + j.
+    # Every token not allowed gets -inf (a grammar's mask, in place; words of all ones are skipped).
+    vocab = logits.shape[0]
+    for w in range(words.shape[0]):
+        bits = words[w]
+        if bits == -1:
+            continue
+        base = 32 * w
+        for j in range(min(32, vocab - base)):
+            if (bits >> j) & 1 == 0:
+                logits[base + j] = -np.inf

@@ -3,6 +3,7 @@ the schema, on a byte-level BPE vocabulary (SmolLM2) and a SentencePiece one (Ge
 import json
 import re
 
+import numpy as np
 import pytest
 
 pytest.importorskip("llguidance")
@@ -84,3 +85,18 @@ def test_cli_json_schema(smollm2_gguf, tmp_path):
     assert r.returncode == 0 and set(json.loads(r.stdout)) == {"city"}
     r = run("--json-schema", "{bad", "x")
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "JSON schema" in r.stderr
+
+
+@pytest.mark.parametrize("vocab", [1, 31, 32, 33, 100, 257])
+def test_mask_kernel_equals_its_numpy_twin(vocab):
+    from fastinfer.kernels.ops import mask_tokens
+    rng = np.random.default_rng(vocab)
+    words = rng.integers(-2**31, 2**31, size=(vocab + 31) // 32, dtype=np.int64).astype(np.int32)
+    words[0] = -1                                                   # all allowed
+    if len(words) > 1:
+        words[1] = 0                                                # none allowed
+    logits = rng.standard_normal(vocab).astype(np.float32)
+    allowed = np.unpackbits(words.view(np.uint8), bitorder="little")[:vocab].astype(bool)
+    want = np.where(allowed, logits, -np.inf).astype(np.float32)
+    mask_tokens(logits, words)
+    np.testing.assert_array_equal(logits, want)
