@@ -49,6 +49,18 @@ class TokenChooser:
     def finished(self) -> bool:
         return self.constraint is not None and self.constraint.finished
 
+    def take_forced(self, room: int) -> list[int]:
+        """Tokens a constraint forces next (at most `room`, and within the budget), counted as
+        generated: the caller feeds them without sampling."""
+        if self.constraint is None:
+            return []
+        ff = self.constraint.forced(min(room, self.max_new_tokens - self.n_new))
+        for tok in ff:
+            self.seen[self.n_seen] = tok
+            self.n_seen += 1
+        self.n_new += len(ff)
+        return ff
+
     def choose(self, logits: np.ndarray) -> int | None:
         """The next token for these logits (vocab,), or None when the sequence ends with EOS."""
         check_finite(logits)
@@ -93,7 +105,11 @@ def generate_ids(session, prompt: Sequence[int], max_new_tokens: int, params: Sa
     max_new_tokens = min(max_new_tokens, session.max_seq - len(prompt) + 1)  # no more fit in the context
     chooser = TokenChooser(prompt, max_new_tokens, params, eos_ids, no_repeat_ngram_size, min_new_tokens,
                            constraint)
-    logits = session.prefill(prompt)
+    forced = chooser.take_forced(session.max_seq - len(prompt) - 1)  # a grammar's opening, say '{"name":'
+    yield from forced
+    if chooser.done:
+        return
+    logits = session.prefill(list(prompt) + forced)
     while True:
         tok = chooser.choose(logits)
         if tok is None:
@@ -101,7 +117,12 @@ def generate_ids(session, prompt: Sequence[int], max_new_tokens: int, params: Sa
         yield tok
         if chooser.done or session.pos >= session.max_seq:
             return
-        logits = session.decode_step(tok)
+        # Tokens the grammar forces after this one ride along in one call instead of a step each.
+        forced = chooser.take_forced(session.max_seq - session.pos - 2)
+        yield from forced
+        if chooser.done:
+            return
+        logits = session.prefill([tok] + forced) if forced else session.decode_step(tok)
 
 
 def generate_batch(batch, prompts: Sequence[Sequence[int]], max_new_tokens: int, params: SamplingParams,

@@ -216,6 +216,13 @@ class Engine:
         s.chooser = TokenChooser(r.ids, r.max_tokens, r.params, self.model.eos_ids, constraint=constraint)
         s.stream = TextStream(self.model.tokenizer, list(r.stop))
         r.cached_tokens = keep
+        # A grammar's opening ('{"name":') is fed with the prompt, not sampled a token at a time.
+        forced = self._forced(s, self.n_ctx - len(r.ids) - 1)
+        s.todo.extend(forced)
+        for tok in forced:
+            self._emit(s, tok, None)
+        if s.stream.stopped or s.chooser.done:
+            self._finish(s, "length" if s.chooser.done and not (s.stream.stopped or s.chooser.finished) else "stop")
         self.stats.prompt_tokens += len(r.ids)
         self.stats.cached_tokens += keep
 
@@ -243,6 +250,25 @@ class Engine:
         tok = s.chooser.choose(logits)
         if tok is None:
             return self._finish(s, "stop")
+        self._emit(s, tok, raw)
+        forced = [] if s.stream.stopped else self._forced(s, self.n_ctx - len(s.tokens) - 2)
+        for f in forced:
+            self._emit(s, f, None)
+        if s.stream.stopped or s.chooser.finished:
+            return self._finish(s, "stop")
+        if s.chooser.done or len(s.tokens) + 1 + len(forced) >= self.n_ctx:
+            return self._finish(s, "length")
+        if forced:  # fed together, through the prefill path, which then samples the next token
+            s.todo = [tok] + forced
+        else:
+            s.pending = tok
+
+    def _forced(self, s: _Slot, room: int) -> list[int]:
+        # Not with logprobs: a forced token's log-probability would need the step it skips.
+        return [] if s.request.logprobs is not None else s.chooser.take_forced(room)
+
+    def _emit(self, s: _Slot, tok: int, raw: np.ndarray | None) -> None:
+        r = s.request
         r.completion_tokens += 1
         self.stats.generated_tokens += 1
         s.counts[tok] = s.counts.get(tok, 0) + 1
@@ -251,11 +277,6 @@ class Engine:
             r.emit(("text", piece, tok, _logprobs(raw, tok, r.logprobs)))
         elif piece:
             r.emit(("text", piece, tok))
-        if s.stream.stopped or s.chooser.finished:
-            return self._finish(s, "stop")
-        if s.chooser.done or len(s.tokens) + 1 >= self.n_ctx:
-            return self._finish(s, "length")
-        s.pending = tok
 
     def _finish(self, s: _Slot, reason: str) -> None:
         r = s.request

@@ -115,6 +115,16 @@ class JsonConstraint:
         if not self.matcher.consume_token(token):
             raise ValueError(f"the grammar rejected token {token}: {self.matcher.get_error()}")
 
+    def forced(self, limit: int) -> list[int]:
+        """Up to `limit` tokens the grammar allows alone from here (a JSON key and its quote and
+        colon, say), accepted: they are fed to the model without sampling."""
+        if limit <= 0:
+            return []
+        ff = list(self.matcher.compute_ff_tokens())[:limit]
+        if ff and not self.matcher.consume_tokens(ff):
+            raise ValueError(f"the grammar rejected its own forced tokens: {self.matcher.get_error()}")
+        return ff
+
     @property
     def finished(self) -> bool:
         """The value is complete: only EOS may follow."""

@@ -100,3 +100,27 @@ def test_mask_kernel_equals_its_numpy_twin(vocab):
     want = np.where(allowed, logits, -np.inf).astype(np.float32)
     mask_tokens(logits, words)
     np.testing.assert_array_equal(logits, want)
+
+
+def test_forced_tokens_skip_sampling(smollm2):
+    """A grammar's forced tokens ('{"name":') are fed without a decode step each: fewer steps than
+    tokens, and the output still parses."""
+    calls = {"steps": 0}
+    session = smollm2.session
+
+    def counting(*a, **k):
+        s = session(*a, **k)
+        step = s.decode_step
+
+        def counted(tok):
+            calls["steps"] += 1
+            return step(tok)
+        s.decode_step = counted
+        return s
+    smollm2.session = counting
+    try:
+        out = smollm2.generate("Describe a person as JSON:", json_schema=PERSON, temperature=0, max_new_tokens=60)
+    finally:
+        del smollm2.session
+    _check_person(json.loads(out))
+    assert calls["steps"] < len(smollm2.encode(out)) - 3
