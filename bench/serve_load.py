@@ -38,18 +38,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rss_mib(pid: int) -> float:
+def _status_mib(pid: int, key: str) -> float:
+    """A memory line of /proc/PID/status in MiB: VmRSS (now) or VmHWM (peak)."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def _peak_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
 
@@ -160,7 +153,7 @@ def main() -> None:
             warm = argparse.Namespace(**{**vars(args), "duration": args.warmup})
             asyncio.run(load(url, max(int(c) for c in args.clients.split(",")), warm))
             for clients in (int(c) for c in args.clients.split(",")):
-                rss0 = _rss_mib(p.pid)
+                rss0 = _status_mib(p.pid, "VmRSS")
                 r = asyncio.run(load(url, clients, args))
                 row = {"engine": engine, "clients": clients, "seconds": round(r["seconds"], 1),
                        "requests_per_s": round(r["requests"] / r["seconds"], 3),
@@ -168,7 +161,7 @@ def main() -> None:
                        "ttft_ms_p50": pct(r["ttft"], 0.5), "ttft_ms_p99": pct(r["ttft"], 0.99),
                        "itl_ms_p50": pct(r["itl"], 0.5), "itl_ms_p99": pct(r["itl"], 0.99),
                        "errors": r["errors"], "dropped": r["dropped"], "rss_mib_start": round(rss0, 1),
-                       "rss_mib_end": round(_rss_mib(p.pid), 1), "rss_mib_peak": round(_peak_mib(p.pid), 1),
+                       "rss_mib_end": round(_status_mib(p.pid, "VmRSS"), 1), "rss_mib_peak": round(_status_mib(p.pid, "VmHWM"), 1),
                        "max_tokens": args.max_tokens, "threads": args.threads}
                 if engine == "fastinfer":
                     time.sleep(0.5)

@@ -424,11 +424,11 @@ def _number(body: dict, name: str, default, lo: float, hi: float) -> float:
 
 
 def _token_texts(model):
-    """token id -> its text for logprobs (a SentencePiece piece with "▁" as a space)."""
+    """token id -> its text for logprobs."""
     from .weights.spm_bpe import SentencePieceBPE
     tok = model.tokenizer
     if isinstance(tok, SentencePieceBPE):
-        return lambda t: tok.pieces[t].replace("\u2581", " ")
+        return lambda t: tok.token_bytes(t).decode("utf-8", "replace")
     return lambda t: tok.decode([t], skip_special_tokens=False)
 
 

@@ -11,9 +11,9 @@ SentencePiece vocabulary as its pieces ("▁" for a space, <0xXX> for one byte).
 from __future__ import annotations
 
 import json
-from typing import Any
-
 import numpy as np
+
+from .kernels.ops import mask_tokens
 
 # Compact JSON with the usual separators: flexible whitespace lets a small model pad its output
 # with newlines until the token budget runs out.
@@ -39,17 +39,8 @@ class _Pieces:
         self._tok = tok
         self.eos_token_id = model.eos_ids[0] if model.eos_ids else None
         self.bos_token_id = model.bos_id
-        self.special_token_ids = sorted(tok._special)
-        self.tokens = []
-        for i in range(tok.get_vocab_size()):
-            piece = tok.pieces[i]
-            if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-                try:
-                    self.tokens.append(bytes([int(piece[3:5], 16)]))
-                    continue
-                except ValueError:
-                    pass
-            self.tokens.append(piece.replace("\u2581", " ").encode("utf-8"))
+        self.special_token_ids = sorted(tok.special_ids)
+        self.tokens = [tok.token_bytes(i) for i in range(tok.get_vocab_size())]
 
     def __call__(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -107,7 +98,6 @@ class JsonConstraint:
 
     def mask(self, logits: np.ndarray) -> None:
         """In place: -inf for every token the grammar does not allow next."""
-        from .kernels.ops import mask_tokens
         self.matcher.unsafe_compute_mask_ptr(self._words.ctypes.data, self._words.nbytes)
         mask_tokens(logits, self._words)
 
@@ -130,9 +120,3 @@ class JsonConstraint:
         """The value is complete: only EOS may follow."""
         return self.matcher.is_stopped()
 
-
-def check_schema_arg(json_schema: Any) -> str | None:
-    """Model.generate's json_schema= (a dict, a JSON string, or True for any object) -> grammar."""
-    if json_schema is None or json_schema is False:
-        return None
-    return json_schema_grammar(json_schema)

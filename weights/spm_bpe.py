@@ -92,7 +92,7 @@ class SentencePieceBPE:
         # to try, longest first.
         self._added = {tokens[i]: i for i in np.flatnonzero(np.isin(self._types, (_UNKNOWN, _CONTROL, _USER_DEFINED)))
                        if tokens[i]}
-        self._special = {i for i in self._added.values() if self._types[i] != _USER_DEFINED}
+        self.special_ids = {i for i in self._added.values() if self._types[i] != _USER_DEFINED}
         lengths: dict[str, set[int]] = {}
         for t in self._added:
             lengths.setdefault(t[0], set()).add(len(t))
@@ -109,6 +109,12 @@ class SentencePieceBPE:
 
     def id_to_token(self, i: int) -> str | None:
         return self.pieces[i] if 0 <= i < len(self.pieces) else None
+
+    def token_bytes(self, i: int) -> bytes:
+        """What piece i stands for in the text: "▁" a space, <0xXX> its one byte."""
+        piece = self.pieces[i]
+        m = _BYTE_PIECE.fullmatch(piece) if len(piece) == 6 else None
+        return bytes([int(m.group(1), 16)]) if m else piece.replace(_SPM_SPACE, " ").encode("utf-8")
 
     def encode(self, text: str, add_special_tokens: bool = True) -> Encoding:
         ids: list[int] = []
@@ -128,7 +134,7 @@ class SentencePieceBPE:
         run = bytearray()  # consecutive <0xXX> pieces become the text their bytes spell
         for i in ids:
             i = int(i)
-            if not 0 <= i < len(self.pieces) or (skip_special_tokens and i in self._special):
+            if not 0 <= i < len(self.pieces) or (skip_special_tokens and i in self.special_ids):
                 continue
             piece = self.pieces[i].replace(_SPM_SPACE, " ")
             m = _BYTE_PIECE.fullmatch(piece) if len(piece) == 6 else None
