@@ -75,10 +75,11 @@ def case(kind, L, rows, n, threads, reps, T, rng):
     out_new = np.zeros((T, rows), np.float32)
     out_old = np.zeros((T, rows), np.float32)
     scratch = np.zeros((numba.config.NUMBA_NUM_THREADS, LIN.scratch_size(n)), np.float32)
+    tasks = np.zeros((threads, LIN.scratch_size(n)), np.float32)  # one row per parallel task
 
     def new():
         for l in range(L):
-            Q.linear_a8_rows(out_new, xq, xd, xs, w, l, threads)
+            Q.linear_a8_rows(out_new, xq, xd, xs, w, l, tasks, 0)
 
     def old():
         for l in range(L):

@@ -300,8 +300,8 @@ def create_app(engine: Engine | None, model_name: str, api_key: str | None = Non
                         parts[i].append(ev[1])
                         if (x := entry(ev)) is not None:
                             entries[i].append(x)
-                    elif ev[0] == "error":
-                        raise APIError(500, ev[1], "server_error")
+                    elif ev[0] == "error":  # ("error", message[, status])
+                        raise APIError(ev[2] if len(ev) > 2 else 500, ev[1], "server_error")
                     else:
                         finish[i] = ev[1]
             finally:

@@ -12,7 +12,8 @@ thread that loops:
 
 Requests join and leave between steps; a cancelled request (a client gone) frees its slot before
 the next step. Everything a request sees arrives through its `emit` callback, called on the engine
-thread: ("text", piece, token id) per token and ("done", finish_reason) at the end.
+thread: ("text", piece, token id) per token and ("done", finish_reason) at the end, or ("error",
+message[, HTTP status]) when it cannot finish (a failed step, the server shutting down).
 """
 from __future__ import annotations
 
@@ -122,7 +123,8 @@ class Engine:
         return sum(s.request is not None for s in self.slots)
 
     def close(self) -> None:
-        """End the loop (from any thread); queued and running requests end with finish_reason "abort"."""
+        """End the loop (from any thread); queued and running requests end with an error event
+        (status 503: the server is shutting down), as they did not finish."""
         with self._wake:
             self._stopping = True
             self._wake.notify()
@@ -138,7 +140,7 @@ class Engine:
                     self._wake.wait()
                 if self._stopping:
                     for r in [*self.queue, *(s.request for s in self.slots if s.request)]:
-                        r.emit(("done", "abort"))
+                        r.emit(("error", "the server is shutting down; the request did not finish", 503))
                     return
             try:
                 self._step()

@@ -270,7 +270,8 @@ def linear(out, x, w, l, scratch):
 
 def scratch_size(n_max: int) -> int:
     """Per-thread scratch floats `linear` needs for inputs of width <= n_max (any token count)."""
-    return max(2 * G.NR * n_max + G.MR * G.NR, ROWS_PATH_MAX_T * (n_max + n_max // QK), QG.scratch_size(n_max))
+    return max(2 * G.NR * n_max + G.MR * G.NR, ROWS_PATH_MAX_T * (n_max + n_max // QK), QG.scratch_size(n_max),
+               QV.scratch_size(n_max, ROWS_PATH_MAX_T))
 
 
 
@@ -285,7 +286,7 @@ def dequant_matrix(out, w, l):
 @kernel
 def _a8(out, xq, xd, xs, w, l, scratch):
     if xq.shape[0] <= ROWS_PATH_MAX_T:
-        QV.linear_a8_rows(out, xq, xd, xs, w, l, scratch.shape[0])
+        QV.linear_a8_rows(out, xq, xd, xs, w, l, scratch, 0)
     else:
         QG.linear_a8_tiles(out, xq, xd, xs, w, l, 0, scratch)
 
@@ -318,9 +319,9 @@ def linear_act(out, x, w, l, lin, res_rows, floats):
     `act_buffers`; empty xq buffers (or a float weight format) mean f32 activations. res_rows > 0
     quantizes what the 8-bit pass leaves, x - xd xq, as a second 8-bit input and adds its product
     to the last res_rows output rows: about 15 bits per activation for those rows (the K and V
-    projections, whose input 8 bits hurt most; rows <= rows2). A prefill chunk runs that pass
-    over those rows only; a few tokens (decoding) ride it along as extra tokens over every row,
-    so the weights still stream once.
+    projections, whose input 8 bits hurt most; rows <= rows2). That pass runs over those rows
+    only, except where both inputs fit one pass of the row loop (a token or two decoding): they
+    ride along as extra tokens over every row, so the weights still stream once.
 
     floats: True, or None when lin carries buffers and no weight passed needs the float path
     (`needs_float_path`). Numba prunes `floats is not None` by type, so then the float path
@@ -354,7 +355,7 @@ def linear_act(out, x, w, l, lin, res_rows, floats):
     A8.quantize(xq[T:], xd[T:], xs32[T:], xr)
     if kind == Q6:
         A8.sums16(xs16[T:], xq[T:], xd[T:])
-    if T <= ROWS_PATH_MAX_T:  # both inputs in one stream of the weights, every row
+    if P < QV.TOKEN_MAJOR_MIN_T:  # both inputs in one row-major pass over the weights, every row
         o2 = o2_buf[:P * rows].reshape((P, rows))
         _a8(o2, xq, xd, xs, w, l, scratch)
         for t in range(T):
@@ -362,6 +363,13 @@ def linear_act(out, x, w, l, lin, res_rows, floats):
                 out[t, r] = o2[t, r]
             for r in range(lo, rows):
                 out[t, r] = o2[t, r] + o2[T + t, r]
+        return
+    if T <= ROWS_PATH_MAX_T:  # the residual over its own rows (its tokens would change the row loop)
+        QV.linear_a8_rows(out, xq[:T], xd[:T], xs[:T], w, l, scratch, 0)
+        o2 = o2_buf[:T * res_rows].reshape((T, res_rows))
+        QV.linear_a8_rows(o2, xq[T:], xd[T:], xs[T:], w, l, scratch, lo)
+        for t in range(T):
+            _add_residual(out[t], o2[t], lo)
         return
     QG.linear_a8_tiles(out, xq[:T], xd[:T], xs[:T], w, l, 0, scratch)
     o2 = o2_buf[:T * res_rows].reshape((T, res_rows))

@@ -20,12 +20,23 @@ term accumulates in a 2-float vector alongside; an odd last block runs the same 
 zero-filled upper half. At T <= 2 two rows go together (ROWS_AT_ONCE). Every stretch prefetches
 the weight bytes PREFETCH ahead.
 
+That costs a convert and two float operations per token per stretch beside its one dot product,
+and on AVX-512 they share a port with it: 8 tokens cost 5.3x one. From TOKEN_MAJOR_MIN_T tokens
+the loop is token-major instead: the activations are laid out (`prepare`) so that each 8-byte
+weight group, broadcast from memory to 8 qword lanes, meets the 8 tokens' bytes of that group in
+one vpdpbusd. A scale group's products then sum in int32 for all tokens at once, and one convert
+and one multiply-add per stretch serve them all: 8 tokens cost ~0.7x what the row-major loop
+took for them. The two loops round differently (the integer sums are the same, the float
+grouping is not), so a token's result can differ in the last bits between a call of <= 4 tokens
+and one of 5..8; within each, a token's result does not depend on the others.
+
 The int32 lane sums come from the ISA tier's dot product (kernels/isa.py, simd.dot_bytes): one
 vpdpbusd, two 256-bit {vex} vpdpbusd (AVX-VNNI), vpmaddubsw + vpmaddwd per register (AVX2 and
 AVX-512 without VNNI; there Q8_0 bytes enter signed, as |q| against xq sign(q), with mn = 0,
 since vpmaddubsw's int16 pair sums would saturate on q + 128), or plain widening multiplies.
 The 64-byte stretches stay the unit on 256-bit tiers: LLVM splits each into two registers.
 """
+import numpy as np
 from llvmlite import ir
 from numba import prange, types
 from numba.core import cgutils
@@ -38,8 +49,9 @@ from .simd import dot_bytes
 from .simd import fma as fma_intrinsic
 
 MAX_T = 8  # tokens per call
-PASS_T = 4  # tokens per pass over the weights: one specialised row loop per count 1..PASS_T and
-            # kind; 5..8 tokens take two passes (compiling 8 x 3 loops cost 7.6 s of the first run)
+TOKEN_MAJOR_MIN_T = 5  # from 5 tokens one token-major row loop (body_tm in _rows_ir), whose cost is
+# the same for 5 to 8; below, row-major: 4 tokens took 2.6 ms there against 3.5 token-major (30 x
+# 3072 x 576 Q4_1, bench/qmatvec.py)
 # Rows the row loop takes at a time, by token count: two rows share each activation load and
 # overlap their accumulator chains (measured ~5-10% at T = 1, 2; nothing at T >= 4, where
 # 2 x T accumulators start to crowd the 32 registers).
@@ -132,17 +144,19 @@ def _hsum(builder, v):
 
 
 def _rows_ir(tier: Tier):
-    """Codegen: rows r0..r1 of W[l] times all T tokens (T = xq.shape[0], 1..PASS_T)."""
+    """Codegen: rows r0..r1 of out, from rows base + r0.. of W[l], times all T tokens
+    (T = xq.shape[0], 1..MAX_T)."""
     def codegen(context, builder, sig, args):
-        arrs = [context.make_array(ty)(context, builder, v) for ty, v in zip(sig.args[:7], args[:7])]
-        out, xq, xd, xs, q, s, m = arrs
-        l, r0, r1, kind = args[7:]
+        arrs = [context.make_array(ty)(context, builder, v) for ty, v in zip(sig.args[:10], args[:10])]
+        out, xq, xd, xs, xqT, xd16, xsT, q, s, m = arrs
+        l, r0, r1, base, kind = args[10:]
         T, n = cgutils.unpack_tuple(builder, xq.shape, 2)
         ldo = cgutils.unpack_tuple(builder, out.shape, 2)[1]
         _, nrows, rb = cgutils.unpack_tuple(builder, q.shape, 3)
         gs = cgutils.unpack_tuple(builder, s.shape, 3)[2]  # scale groups per row
         ldd = cgutils.unpack_tuple(builder, xd.shape, 2)[1]
         lds = cgutils.unpack_tuple(builder, xs.shape, 2)[1]  # per 32, or per 16 for Q6
+        ldt = cgutils.unpack_tuple(builder, xsT.shape, 2)[1]
         half_n = builder.sdiv(n, _c(_i64, 2))  # where Q5 / Q6 rows' high-bit planes start
         nb = builder.sdiv(n, _c(_i64, QK))
         pairs = builder.sdiv(nb, _c(_i64, 2))
@@ -189,7 +203,7 @@ def _rows_ir(tier: Tier):
             def rows_from(r, R):
                 """Rows r..r+R-1: every activation load feeds R rows. accs[(i * T_ + t) * 2 + {0, 1}]
                 are row i, token t's block-term and min-term accumulators."""
-                bases = [builder.add(builder.mul(l, nrows), builder.add(r, _c(_i64, i))) for i in range(R)]
+                bases = [builder.add(builder.mul(l, nrows), builder.add(base, builder.add(r, _c(_i64, i)))) for i in range(R)]
                 qrow = [builder.gep(q.data, [builder.mul(bs, rb)]) for bs in bases]
                 srow = [builder.gep(s.data, [builder.mul(bs, gs)]) for bs in bases]
                 mrow = [builder.gep(m.data, [builder.mul(bs, gs)]) for bs in bases] if kd in (Q4_1, Q5, Q6) else None
@@ -292,10 +306,145 @@ def _rows_ir(tier: Tier):
                 _loop(builder, builder.add(r0, builder.mul(blocks, _c(_i64, R))), r1, [],
                       lambda r, _: rows_from(r, 1), "qmv.row")
 
+        u_buf = cgutils.alloca_once(builder, _v64i8)  # a stretch's unpacked weights, re-read as broadcasts
+
+        def body_tm(kd):
+            """TOKEN_MAJOR_MIN_T..8 tokens (T), token-major: one pass serves 8 token lanes.
+
+            Per stretch of a row, the 64 unpacked weight bytes go through u_buf, and each 8-byte
+            group k (elements 8k..8k+7) is broadcast to all 8 qword lanes (a load, no shuffle).
+            xqT[p, k] holds the 8 tokens' bytes of that group, token t in qword lane t, so one dot
+            product gives every token's two 4-element sums. The G groups' products (a scale
+            group each: 32 elements, 16 for Q6) accumulate in G int32 vectors, exactly; pairs of
+            groups then fold into one vector [group 2h: tokens 0-7 | group 2h + 1: tokens 0-7],
+            converted once and scaled by s xd in one multiply-add for all tokens."""
+            signed = kd == Q8_0 and tier.signed_q8
+            offsets = kd in (Q4_1, Q5, Q6)
+            mconst = None if offsets or signed else (-8.0 if kd == Q4_0 else -128.0)
+            has_min = offsets or mconst is not None
+            G = 4 if kd == Q6 else 2
+            vmn = _v4f32 if G == 4 else _v2f32
+            per = 8 // G  # qword groups per scale group
+            v8i64 = ir.VectorType(_i64, 8)
+            # The broadcasts must stay loads (vpbroadcastq from memory costs no shuffle): an empty
+            # asm hands back u_buf's address unseen, so LLVM cannot forward the store into
+            # register shuffles (it made each a vpermq, which shares the port the folds need).
+            launder = ir.InlineAsm(ir.FunctionType(_i64.as_pointer(), [_i64.as_pointer()]), "", "=r,0")
+            u64 = builder.bitcast(u_buf, _i64.as_pointer())
+            even = _mask(list(range(0, 16, 2)) + list(range(16, 32, 2)))
+            oddl = _mask(list(range(1, 16, 2)) + list(range(17, 32, 2)))
+            xdT_lo = _mask(list(range(8)) * 2)
+            xdT_hi = _mask(list(range(8, 16)) * 2)
+
+            def row(r):
+                wr = builder.add(builder.mul(l, nrows), builder.add(base, r))
+                qrow = builder.gep(q.data, [builder.mul(wr, rb)])
+                srow = builder.gep(s.data, [builder.mul(wr, gs)])
+                mrow = builder.gep(m.data, [builder.mul(wr, gs)]) if offsets else None
+
+                def step(p, accs, u, sv, mv):
+                    """Stretch p with unpacked weights u, its G scales sv and min factors mv."""
+                    new = list(accs)
+                    builder.store(u, u_buf)
+                    u64p = builder.call(launder, [u64])
+                    xrow = builder.gep(xqT.data, [builder.mul(p, _c(_i64, 512))])
+                    isums = []
+                    for g in range(G):
+                        acc = _c(_v16i32, [0] * 16)
+                        for k in range(g * per, (g + 1) * per):
+                            w = builder.load(builder.gep(u64p, [_c(_i64, k)]))
+                            wv = builder.shuffle_vector(builder.insert_element(ir.Constant(v8i64, ir.Undefined), w,
+                                                                               _c(_i32, 0)),
+                                                        ir.Constant(v8i64, ir.Undefined), _mask([0] * 8))
+                            xv = _load(builder, builder.gep(xrow, [_c(_i64, 64 * k)]), _v64i8)
+                            acc = dot_bytes(builder, acc, builder.bitcast(wv, _v64i8), xv, tier, signed)
+                        isums.append(acc)
+                    xdv = _load(builder, builder.gep(xd16.data, [builder.mul(p, _c(_i64, 16))]), _v16f32)
+                    for h in range(G // 2):
+                        a, b = isums[2 * h], isums[2 * h + 1]
+                        both = builder.add(builder.shuffle_vector(a, b, even), builder.shuffle_vector(a, b, oddl))
+                        f = builder.sitofp(both, _v16f32)
+                        sw = builder.shuffle_vector(sv, sv, _mask([2 * h] * 8 + [2 * h + 1] * 8))
+                        xd_h = xdv if G == 2 else builder.shuffle_vector(xdv, xdv, xdT_lo if h == 0 else xdT_hi)
+                        new[h] = builder.call(fma, [f, builder.fmul(sw, xd_h, flags=STRICT), new[h]])
+                        if has_min:
+                            xt = _load(builder, builder.gep(xsT.data, [builder.add(builder.mul(p, ldt), _c(_i64, 16 * h))]),
+                                       _v16f32)
+                            mh = builder.shuffle_vector(mv, mv, _mask([2 * h] * 8 + [2 * h + 1] * 8))
+                            new[G // 2 + h] = builder.call(fma, [mh, xt, new[G // 2 + h]])
+                    return new
+
+                def pair(p, accs):
+                    b = builder.mul(p, _c(_i64, 2))
+                    qp = builder.gep(qrow, [builder.mul(b, _c(_i64, QK if kd == Q8_0 else QK // 2))])
+                    if PREFETCH:
+                        builder.call(prefetch, [builder.bitcast(builder.gep(qp, [_c(_i64, PREFETCH)]), _i8.as_pointer()),
+                                                _c(_i32, 0), _c(_i32, 3), _c(_i32, 1)])
+                    if kd == Q8_0:
+                        v = _load(builder, qp, _v64i8)
+                        u = v if signed else builder.xor(v, flip)
+                    else:
+                        v = _load(builder, qp, _v32i8)
+                        u = unpack_q4(builder.shuffle_vector(v, v, q4_lanes))
+                        if kd in (Q5, Q6):
+                            plane = builder.gep(qrow, [builder.add(half_n, builder.mul(p, _c(_i64, 8 if kd == Q5 else 16)))])
+                            u = unpack_high(u, kd, plane)
+                    g = builder.mul(p, _c(_i64, G))
+                    sv = _load(builder, builder.gep(srow, [g]), vmn)
+                    mv = _load(builder, builder.gep(mrow, [g]), vmn) if offsets else sv
+                    return step(p, accs, u, sv, mv)
+
+                def last(accs):
+                    # the odd last block: the upper half of u is zero (and so are xqT's, xd16's
+                    # and xsT's upper halves for this stretch)
+                    b = builder.sub(nb, _c(_i64, 1))
+                    if kd == Q8_0:
+                        v = _load(builder, builder.gep(qrow, [builder.mul(b, _c(_i64, QK))]), _v32i8)
+                        v = builder.shuffle_vector(v, _c(_v32i8, [0] * 32), half)
+                        u = v if signed else builder.xor(v, flip)
+                    else:
+                        v = _load(builder, builder.gep(qrow, [builder.mul(b, _c(_i64, QK // 2))]), _v16i8)
+                        z = _c(_v16i8, [0] * 16)
+                        u = unpack_q4(builder.shuffle_vector(v, z, _mask(list(range(16)) * 2 + [16] * 32)))
+                    s1 = builder.insert_element(_c(_v2f32, [0.0] * 2), builder.load(builder.gep(srow, [b])), _c(_i32, 0))
+                    m1 = (builder.insert_element(_c(_v2f32, [0.0] * 2), builder.load(builder.gep(mrow, [b])), _c(_i32, 0))
+                          if offsets else s1)
+                    return step(pairs, accs, u, s1, m1)
+
+                n_acc = G // 2 * (2 if has_min else 1)
+                accs = _loop(builder, _c(_i64, 0), pairs, [zero16] * n_acc, pair, "qmv.tm.pair")
+                if kd not in (Q5, Q6):
+                    accs = _if(builder, odd, accs, last, "qmv.tm.last")
+
+                def fold(vs):
+                    """Token t's lanes t and 8 + t of each vector, summed: <8 x float>."""
+                    lo = [builder.shuffle_vector(v, v, _mask(range(8))) for v in vs]
+                    hi = [builder.shuffle_vector(v, v, _mask(range(8, 16))) for v in vs]
+                    if len(vs) == 2:
+                        lo = [builder.fadd(lo[0], lo[1], flags=STRICT)]
+                        hi = [builder.fadd(hi[0], hi[1], flags=STRICT)]
+                    return builder.fadd(lo[0], hi[0], flags=STRICT)
+
+                sums = fold(accs[:G // 2])
+                if has_min:
+                    mt = fold(accs[G // 2:])
+                    if mconst is not None:
+                        mt = builder.fmul(mt, _c(ir.VectorType(_f32, 8), [mconst] * 8), flags=STRICT)
+                    sums = builder.fadd(sums, mt, flags=STRICT)
+                for t in range(MAX_T):
+                    def store(vals, t=t):
+                        builder.store(builder.extract_element(sums, _c(_i32, t)),
+                                      builder.gep(out.data, [builder.add(builder.mul(_c(_i64, t), ldo), r)]))
+                        return vals
+                    _if(builder, builder.icmp_signed("<", _c(_i64, t), T), [], store, "qmv.tm.store")
+                return []
+
+            _loop(builder, r0, r1, [], lambda r, _: row(r), "qmv.tm.rows")
+
         # one specialized row loop per (T, kind), chosen once per call
         done = builder.append_basic_block("qmv.exit")
         by_t = builder.switch(T, done)
-        for T_ in range(1, PASS_T + 1):
+        for T_ in range(1, TOKEN_MAJOR_MIN_T):
             blk = builder.append_basic_block(f"qmv.t{T_}")
             by_t.add_case(_c(_i64, T_), blk)
             builder.position_at_end(blk)
@@ -306,6 +455,17 @@ def _rows_ir(tier: Tier):
                 builder.position_at_end(kb)
                 body_for(T_, kd, ROWS_AT_ONCE.get(T_, 1))
                 builder.branch(done)
+        tm = builder.append_basic_block("qmv.tm")
+        for T_ in range(TOKEN_MAJOR_MIN_T, MAX_T + 1):
+            by_t.add_case(_c(_i64, T_), tm)
+        builder.position_at_end(tm)
+        by_kind = builder.switch(kind, done)
+        for kd in (Q8_0, Q4_0, Q4_1, Q5, Q6):
+            kb = builder.append_basic_block(f"qmv.tm.k{kd}")
+            by_kind.add_case(_c(_i64, kd), kb)
+            builder.position_at_end(kb)
+            body_tm(kd)
+            builder.branch(done)
         builder.position_at_end(done)
         return context.get_dummy_value()
     return codegen
@@ -313,42 +473,96 @@ def _rows_ir(tier: Tier):
 
 def make_rows(tier: Tier):
     @intrinsic
-    def rows(typingctx, out, xq, xd, xs, q, s, m, l, r0, r1, kind):
+    def rows(typingctx, out, xq, xd, xs, xqT, xd16, xsT, q, s, m, l, r0, r1, base, kind):
         def arr(a, dtype, ndim):
             return isinstance(a, types.Array) and a.dtype == dtype and a.ndim == ndim and a.layout == "C"
         ok = (arr(out, types.float32, 2) and arr(xq, types.int8, 2) and arr(xd, types.float32, 2)
-              and arr(xs, types.float32, 2) and arr(q, types.uint8, 3) and arr(s, types.float32, 3)
-              and arr(m, types.float32, 3) and all(isinstance(v, types.Integer) for v in (l, r0, r1, kind)))
+              and arr(xs, types.float32, 2) and arr(xqT, types.int8, 2) and arr(xd16, types.float32, 2)
+              and arr(xsT, types.float32, 2) and arr(q, types.uint8, 3)
+              and arr(s, types.float32, 3) and arr(m, types.float32, 3)
+              and all(isinstance(v, types.Integer) for v in (l, r0, r1, base, kind)))
         if not ok:
             return None
         i64 = types.int64
-        return types.void(out, xq, xd, xs, q, s, m, i64, i64, i64, i64), _rows_ir(tier)
+        return types.void(out, xq, xd, xs, xqT, xd16, xsT, q, s, m, i64, i64, i64, i64, i64), _rows_ir(tier)
     return rows
 
 
 _rows = make_rows(TIER)  # the tier's row loop; tests make the others' (make_rows(isa.by_name(...)))
+_NO_I8 = np.zeros((0, 512), np.int8)  # the token-major inputs of a row-major call
+_NO_F32 = np.zeros((0, 16), np.float32)
+
+
+@kernel
+def scratch_size(n, T):
+    """Floats `linear_a8_rows` needs per task for T tokens of width n: the token-major layout
+    of their activations (`prepare`); none below TOKEN_MAJOR_MIN_T tokens."""
+    if T < TOKEN_MAJOR_MIN_T:
+        return 0
+    nst = (n // QK + 1) // 2
+    return nst * (128 + 16 + 32)
+
+
+@kernel
+def prepare(buf, xq, xd, xs, groups):
+    """xq's tokens token-major, as body_tm reads them, in buf f32 (>= scratch_size) -> (xqT,
+    xdT, xsT) for stretches p (64 elements; an odd last block's upper half is zero in all three):
+    xqT int8 (stretches, 512): byte group k (elements 8k..8k+7) of token t at 64 k + 8 t, tokens
+    past T zero; xdT (1, stretches * 16): [block 2p's xd for tokens 0-7 | block 2p + 1's];
+    xsT (stretches, groups * 8): each scale group's activation sums (xs (T, nb * groups // 2)) for
+    tokens 0-7."""
+    T = xq.shape[0]
+    n = xq.shape[1]
+    nb = xd.shape[1]
+    nst = (nb + 1) // 2
+    per = groups // 2  # sums per block
+    xqT = buf[:nst * 128].view(np.int8).reshape((nst, 512))
+    xdT = buf[nst * 128:nst * 144].reshape((1, nst * 16))
+    xsT = buf[nst * 144:nst * (144 + groups * 8)].reshape((nst, groups * 8))
+    xqT[:] = 0
+    xdT[:] = 0.0
+    xsT[:] = 0.0
+    q8 = xqT.view(np.int64)  # (nst, 64): group k of token t at 8 k + t
+    for t in range(T):
+        x8 = xq[t].view(np.int64)
+        for g in range(n // 8):
+            q8[g >> 3, (g & 7) * 8 + t] = x8[g]
+        for b in range(nb):
+            xdT[0, (b >> 1) * 16 + (b & 1) * 8 + t] = xd[t, b]
+        for g in range(nb * per):
+            p = g // groups
+            xsT[p, (g - p * groups) * 8 + t] = xs[t, g]
+    return xqT, xdT, xsT
 
 
 @kernel(parallel=True)
-def linear_a8_rows(out, xq, xd, xs, w, l, tasks):
-    """xq int8 (T, n) with block scales xd, xs f32 (T, n // 32) @ W[l].T -> out f32 (T, rows).
+def linear_a8_rows(out, xq, xd, xs, w, l, scratch, base):
+    """xq int8 (T, n) with block scales xd, xs f32 (T, n // 32) @ W[l, base:base + rows].T -> out
+    f32 (T, rows).
 
     T is 1..8, W a Q8_0, Q4_0, Q4_1, Q5 or Q6 weight (kernels/linear.py); xs holds the sums per
-    16 elements for Q6 (act8.sums16), per 32 for the others. Rows are split into `tasks`
-    contiguous ranges run in parallel (pass the thread count). Allocates nothing.
+    16 elements for Q6 (act8.sums16), per 32 for the others. Rows are split into scratch.shape[0]
+    contiguous ranges run in parallel (one per thread), each with its row of scratch f32 (tasks,
+    >= scratch_size(n)). Allocates nothing.
     """
-    # W[l] (rows, n) @ xq (T, n) -> out (T, rows)
+    # W[l] (base + rows, n) @ xq (T, n) -> out (T, rows)
     kind, q, s, m, f = w
     T = xq.shape[0]
     rows = out.shape[1]
+    tasks = scratch.shape[0]
     if T < 1 or T > MAX_T:
         raise ValueError("linear_a8_rows: xq must hold 1..8 tokens")
     if kind != Q8_0 and kind != Q4_0 and kind != Q4_1 and kind != Q5 and kind != Q6:
         raise ValueError("linear_a8_rows: weight kind must be Q8_0, Q4_0, Q4_1, Q5 or Q6")
-    if tasks < 1:
-        raise ValueError("linear_a8_rows: tasks must be at least 1")
+    if tasks < 1 or scratch.shape[1] < scratch_size(xq.shape[1], T):
+        raise ValueError("linear_a8_rows: scratch needs a row of scratch_size(n) floats per task")
+    if base < 0 or base + rows > q.shape[1]:
+        raise ValueError("linear_a8_rows: rows base..base + out.shape[1] must lie in the weight")
+    groups = 4 if kind == Q6 else 2
     for task in prange(tasks):
         r0, r1 = task * rows // tasks, (task + 1) * rows // tasks
-        for t0 in range(0, T, PASS_T):
-            t1 = min(T, t0 + PASS_T)
-            _rows(out[t0:t1], xq[t0:t1], xd[t0:t1], xs[t0:t1], q, s, m, l, r0, r1, kind)
+        if T >= TOKEN_MAJOR_MIN_T:
+            xqT, xdT, xsT = prepare(scratch[task], xq, xd, xs, groups)
+        else:
+            xqT, xdT, xsT = _NO_I8, _NO_F32, _NO_F32
+        _rows(out, xq, xd, xs, xqT, xdT, xsT, q, s, m, l, r0, r1, base, kind)

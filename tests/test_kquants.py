@@ -119,7 +119,7 @@ def test_int8_activations(kind, T):
 @pytest.mark.parametrize("kind", ["Q5_0", "Q5_K", "Q6_K", "Q3_K"])
 def test_decode_row_loop_every_tier(tier, kind):
     """Q5 and Q6 decode rows in each tier's instructions, T = 1, 3 (two rows at once, one) and 6
-    (two passes), 21 rows (an odd last row), values at their extremes in the first row."""
+    (token-major), 21 rows (an odd last row), values at their extremes in the first row."""
     rows_fn = tier_rows(runnable(tier))
     n = 256
     w, _ = weight(kind, 21, n, [5, isa.TIERS.index(tier)])

@@ -1,6 +1,7 @@
 """The 8-bit-activation decode matvec (kernels/qmatvec.py) against a NumPy twin of its formula,
-on every weight kind, token counts 1..8, odd row counts, task splits, odd block counts and a
-stacked layer l > 0; plus its distance from the plain f32 matvec of the dequantized weights."""
+on every weight kind, token counts 1..8 (the row-major loop and the token-major one), odd row
+counts, task splits, odd block counts, a row offset and a stacked layer l > 0; plus its distance
+from the plain f32 matvec of the dequantized weights."""
 import numba
 import numpy as np
 import pytest
@@ -84,6 +85,11 @@ def check(out, xq, xd, xs, w, l):
 KINDS = [Q8_0, Q4_0, Q4_1]
 
 
+def scratch(tasks, n, T=Q.MAX_T):
+    """linear_a8_rows' working rows: one per task."""
+    return np.zeros((tasks, max(1, Q.scratch_size(n, T))), np.float32)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("T", [1, 2, 3, 8])
 @pytest.mark.parametrize("n", [32, 64, 96, 576, 1536])
@@ -96,7 +102,7 @@ def test_matches_twin(kind, T, n, tasks):
     x[0, :QK] = 0  # an all-zero block: xd = 0
     xq, xd, xs = quantize_x(x)
     out = np.full((T, rows), np.nan, np.float32)
-    Q.linear_a8_rows(out, xq, xd, xs, w, l, tasks)
+    Q.linear_a8_rows(out, xq, xd, xs, w, l, scratch(tasks, n), 0)
     check(out, xq, xd, xs, w, l)
 
 
@@ -109,8 +115,47 @@ def test_every_token_count_and_layer(kind):
         for l in range(L):
             xq, xd, xs = quantize_x(rng.standard_normal((T, n)).astype(np.float32))
             out = np.zeros((T, rows), np.float32)
-            Q.linear_a8_rows(out, xq, xd, xs, w, l, 2)
+            Q.linear_a8_rows(out, xq, xd, xs, w, l, scratch(2, n), 0)
             check(out, xq, xd, xs, w, l)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_token_does_not_depend_on_the_others(kind):
+    # Within each loop (row-major below TOKEN_MAJOR_MIN_T tokens, token-major from it) a token's
+    # result is bit for bit the same whatever tokens share the call, and wherever it sits.
+    rng = np.random.default_rng([kind, 5])
+    n, rows = 96, 23
+    w = random_weight(kind, 1, rows, n, rng)
+    xq, xd, xs = quantize_x(rng.standard_normal((Q.MAX_T, n)).astype(np.float32))
+    full = np.zeros((Q.MAX_T, rows), np.float32)
+    Q.linear_a8_rows(full, xq, xd, xs, w, 0, scratch(2, n), 0)
+    first = np.zeros((1, rows), np.float32)
+    Q.linear_a8_rows(first, xq[:1], xd[:1], xs[:1], w, 0, scratch(2, n), 0)
+    for T in range(1, Q.MAX_T + 1):
+        pick = rng.permutation(Q.MAX_T)[:T]
+        out = np.zeros((T, rows), np.float32)
+        Q.linear_a8_rows(out, xq[pick], xd[pick], xs[pick], w, 0, scratch(2, n), 0)
+        for i, t in enumerate(pick):
+            if T >= Q.TOKEN_MAJOR_MIN_T:
+                np.testing.assert_array_equal(out[i], full[t])
+            elif t == 0:
+                np.testing.assert_array_equal(out[i], first[0])
+
+
+@pytest.mark.parametrize("T", [1, 3, 8])
+def test_row_offset(T):
+    # base selects the weight rows base..base + out.shape[1]: the K and V rows' residual pass
+    rng = np.random.default_rng([T, 9])
+    n, rows, base = 96, 29, 11
+    w = random_weight(Q4_1, 2, rows, n, rng)
+    xq, xd, xs = quantize_x(rng.standard_normal((T, n)).astype(np.float32))
+    whole = np.zeros((T, rows), np.float32)
+    Q.linear_a8_rows(whole, xq, xd, xs, w, 1, scratch(2, n), 0)
+    part = np.zeros((T, rows - base), np.float32)
+    Q.linear_a8_rows(part, xq, xd, xs, w, 1, scratch(2, n), base)
+    np.testing.assert_array_equal(part, whole[:, base:])
+    with pytest.raises(ValueError, match="must lie in the weight"):
+        Q.linear_a8_rows(part, xq, xd, xs, w, 1, scratch(2, n), base + 1)
 
 
 _TIER_ROWS = {}
@@ -124,9 +169,12 @@ def tier_rows(tier):
         @numba.njit(cache=False)
         def call(out, xq, xd, xs, w, l):
             kind, q, s, m, f = w
-            for t0 in range(0, xq.shape[0], Q.PASS_T):  # the row loop takes PASS_T tokens a pass
-                t1 = min(xq.shape[0], t0 + Q.PASS_T)
-                block(out[t0:t1], xq[t0:t1], xd[t0:t1], xs[t0:t1], q, s, m, l, 0, out.shape[1], kind)
+            if xq.shape[0] >= Q.TOKEN_MAJOR_MIN_T:  # the token-major loop reads a prepared layout
+                buf = np.zeros(Q.scratch_size(xq.shape[1], xq.shape[0]), np.float32)
+                xqT, xdT, xsT = Q.prepare(buf, xq, xd, xs, 4 if kind == Q.Q6 else 2)
+            else:
+                xqT, xdT, xsT = np.zeros((0, 512), np.int8), np.zeros((0, 16), np.float32), np.zeros((0, 16), np.float32)
+            block(out, xq, xd, xs, xqT, xdT, xsT, q, s, m, l, 0, out.shape[1], 0, kind)
         _TIER_ROWS[tier.name] = call
     return _TIER_ROWS[tier.name]
 
@@ -145,7 +193,7 @@ def runnable(tier):
 def test_every_tier(tier, kind, n):
     # Each tier's instructions (vpdpbusd 512 / 256, vpmaddubsw + vpmaddwd with Q8_0 signed, plain
     # IR), on an odd block count (96: 3 blocks) and the model's width, T = 1, 3 (two rows at once
-    # and one), 8 (two passes), 21 rows (an odd last row).
+    # and one), 8 (token-major), 21 rows (an odd last row).
     rows = tier_rows(runnable(tier))
     rng = np.random.default_rng([kind, n, 7])
     w = random_weight(kind, 2, 21, n, rng)
@@ -162,14 +210,14 @@ def test_every_tier_at_the_extremes(tier):
     # vpmaddubsw's int16 pair sums would saturate on q + 128 (the signed form must not), and Q4
     # nibbles 15 against -127.
     rows = tier_rows(runnable(tier))
-    n, T = 96, 2
-    for kind in KINDS:
+    n = 96
+    for kind, T in [(k, T) for k in KINDS for T in (2, Q.MAX_T)]:
         w = random_weight(kind, 1, 4, n, np.random.default_rng(1))
         q = w[1]
         q[0, 0], q[0, 1] = 0x80, 0x7F  # Q8_0: -128, 127; Q4: nibbles 0/8 and 15/7
         q[0, 2], q[0, 3] = 0xFF, 0x00
         xq = np.full((T, n), 127, np.int8)
-        xq[1, ::2] = -127
+        xq[1::2, ::2] = -127
         xd = np.full((T, n // QK), 0.01, np.float32)
         xs = (xd * xq.reshape(T, -1, QK).astype(np.float32).sum(axis=2)).astype(np.float32)
         out = np.zeros((T, 4), np.float32)
@@ -178,7 +226,7 @@ def test_every_tier_at_the_extremes(tier):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("T", [1, 4])
+@pytest.mark.parametrize("T", [1, 4, 8])
 def test_close_to_f32_matvec(kind, T):
     # Quantizing the activations to 8 bits per 32-block costs ~0.5-1% relative error.
     rng = np.random.default_rng([kind, T, 11])
@@ -187,7 +235,7 @@ def test_close_to_f32_matvec(kind, T):
     x = rng.standard_normal((T, n)).astype(np.float32)
     xq, xd, xs = quantize_x(x)
     out = np.zeros((T, rows), np.float32)
-    Q.linear_a8_rows(out, xq, xd, xs, w, 1, 2)
+    Q.linear_a8_rows(out, xq, xd, xs, w, 1, scratch(2, n), 0)
     want = x.astype(np.float64) @ dequantize(w, 1).T
     rel = np.linalg.norm(out - want) / np.linalg.norm(want)
     assert rel < 0.015, rel
@@ -197,4 +245,11 @@ def test_rejects_token_counts_outside_1_to_8():
     w = random_weight(Q4_1, 1, 4, 64, np.random.default_rng(0))
     xq, xd, xs = quantize_x(np.ones((9, 64), np.float32))
     with pytest.raises(ValueError, match="1..8 tokens"):
-        Q.linear_a8_rows(np.zeros((9, 4), np.float32), xq, xd, xs, w, 0, 1)
+        Q.linear_a8_rows(np.zeros((9, 4), np.float32), xq, xd, xs, w, 0, scratch(1, 64), 0)
+
+
+def test_rejects_a_short_scratch():
+    w = random_weight(Q4_1, 1, 4, 64, np.random.default_rng(0))
+    xq, xd, xs = quantize_x(np.ones((8, 64), np.float32))
+    with pytest.raises(ValueError, match="scratch_size"):
+        Q.linear_a8_rows(np.zeros((8, 4), np.float32), xq, xd, xs, w, 0, np.zeros((2, 8), np.float32), 0)

@@ -22,7 +22,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 import fastinfer  # noqa: E402
 from fastinfer.server import create_app  # noqa: E402
-from fastinfer.serving import Engine  # noqa: E402
+from fastinfer.serving import Engine, Request  # noqa: E402
 
 N_CTX = 384
 KEY = "sk-test"
@@ -193,6 +193,25 @@ def test_disconnect_frees_the_slot(server, engine):
     while engine.busy_slots() and time.time() < deadline:
         time.sleep(0.01)
     assert engine.busy_slots() == 0
+
+
+def test_shutdown_ends_a_running_request_with_an_error(model):
+    # Not with a finish_reason: the request did not finish (the server answers 503)
+    e = Engine(model, parallel=1, n_ctx=N_CTX)
+    events, started = [], threading.Event()
+
+    def emit(ev):
+        events.append(ev)
+        if ev[0] == "text":
+            started.set()
+    e.submit(Request(ids=model.tokenizer.encode("Once upon a time").ids, max_tokens=N_CTX // 2,
+                     params=fastinfer.SamplingParams(temperature=0.0), emit=emit))
+    try:
+        assert started.wait(120)
+    finally:
+        e.close()
+    assert events[-1][0] == "error" and events[-1][2] == 503 and "shutting down" in events[-1][1]
+    assert not any(ev[0] == "done" for ev in events)
 
 
 def test_tokenize_detokenize_and_metrics(server, model):
