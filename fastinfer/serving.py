@@ -101,6 +101,9 @@ class Engine:
         self.stats = Stats()
         self._wake = threading.Condition()
         self._stopping = False
+        # Called on the engine thread after every step (and after the final events): a consumer
+        # that buffers `emit`s hands them over here, once a step rather than once a token.
+        self.after_step: list[Callable[[], None]] = []
         self._thread = None
         if background:
             self._thread = threading.Thread(target=self.run, name="fastinfer-engine", daemon=True)
@@ -141,6 +144,7 @@ class Engine:
                 if self._stopping:
                     for r in [*self.queue, *(s.request for s in self.slots if s.request)]:
                         r.emit(("error", "the server is shutting down; the request did not finish", 503))
+                    self._after_step()
                     return
             try:
                 self._step()
@@ -150,6 +154,11 @@ class Engine:
                         s.request.emit(("error", f"{type(e).__name__}: {e}"))
                         self._release(s)
                     s.tokens = []  # what the cache holds is no longer known
+            self._after_step()
+
+    def _after_step(self) -> None:
+        for hook in self.after_step:
+            hook()
 
     def _step(self) -> None:
         for s in self.slots:
