@@ -441,31 +441,30 @@ def _rows_ir(tier: Tier):
 
             _loop(builder, r0, r1, [], lambda r, _: row(r), "qmv.tm.rows")
 
-        # one specialized row loop per (T, kind), chosen once per call
+        # one specialized row loop per (T, kind), chosen once per call: row-major per token count,
+        # one token-major loop for TOKEN_MAJOR_MIN_T..MAX_T
         done = builder.append_basic_block("qmv.exit")
         by_t = builder.switch(T, done)
+
+        def per_kind(name, body):
+            by_kind = builder.switch(kind, done)
+            for kd in (Q8_0, Q4_0, Q4_1, Q5, Q6):
+                kb = builder.append_basic_block(f"{name}.k{kd}")
+                by_kind.add_case(_c(_i64, kd), kb)
+                builder.position_at_end(kb)
+                body(kd)
+                builder.branch(done)
+
         for T_ in range(1, TOKEN_MAJOR_MIN_T):
             blk = builder.append_basic_block(f"qmv.t{T_}")
             by_t.add_case(_c(_i64, T_), blk)
             builder.position_at_end(blk)
-            by_kind = builder.switch(kind, done)
-            for kd in (Q8_0, Q4_0, Q4_1, Q5, Q6):
-                kb = builder.append_basic_block(f"qmv.t{T_}.k{kd}")
-                by_kind.add_case(_c(_i64, kd), kb)
-                builder.position_at_end(kb)
-                body_for(T_, kd, ROWS_AT_ONCE.get(T_, 1))
-                builder.branch(done)
+            per_kind(f"qmv.t{T_}", lambda kd, T_=T_: body_for(T_, kd, ROWS_AT_ONCE.get(T_, 1)))
         tm = builder.append_basic_block("qmv.tm")
         for T_ in range(TOKEN_MAJOR_MIN_T, MAX_T + 1):
             by_t.add_case(_c(_i64, T_), tm)
         builder.position_at_end(tm)
-        by_kind = builder.switch(kind, done)
-        for kd in (Q8_0, Q4_0, Q4_1, Q5, Q6):
-            kb = builder.append_basic_block(f"qmv.tm.k{kd}")
-            by_kind.add_case(_c(_i64, kd), kb)
-            builder.position_at_end(kb)
-            body_tm(kd)
-            builder.branch(done)
+        per_kind("qmv.tm", body_tm)
         builder.position_at_end(done)
         return context.get_dummy_value()
     return codegen
