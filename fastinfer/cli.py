@@ -119,6 +119,27 @@ def _parser() -> argparse.ArgumentParser:
     _attention_options(g, ["dense", "sparse"])
     _prune_options(g)
 
+    h = sub.add_parser("chat", help="an interactive chat that keeps its context between turns",
+                       description="Chat with the model in the terminal (or line by line from stdin), each reply "
+                                   "streamed. The conversation's cache is kept between turns, so a turn prefills "
+                                   "only its own tokens. Ctrl-C stops a reply and keeps the chat; Ctrl-D (end of "
+                                   "input) leaves. Commands: " + "; ".join(f"{c} {h}" for c, h in CHAT_COMMANDS) + ".")
+    _model_options(h)
+    h.add_argument("--system", default=None, help="the system message")
+    h.add_argument("-n", "--max-new-tokens", type=_positive_int, default=None,
+                   help="most tokens a reply takes (default: 256)")
+    h.add_argument("--temperature", "--temp", type=float, default=None,
+                   help="0 = greedy (default: the model's generation_config.json, else 0.8)")
+    h.add_argument("--top-k", type=int, default=None, help="0 disables (default: generation config, else 40)")
+    h.add_argument("--top-p", type=float, default=None, help="1 disables (default: generation config, else 0.95)")
+    h.add_argument("--min-p", type=float, default=None, help="0 disables (default: generation config, else 0.05)")
+    h.add_argument("--repeat-penalty", type=float, default=None, help="1 disables (default: generation config, else 1)")
+    h.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
+    h.add_argument("--ctx", type=_positive_int, default=None,
+                   help="context length (default: min(4096, model's)); when full, the oldest turns are dropped")
+    h.add_argument("-v", "--verbose", action="store_true",
+                   help="after each reply, on stderr: prompt tokens (cached, prefilled), time to first token, speed")
+
     v = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)",
                        description="Serve the model over the OpenAI API: /v1/chat/completions, /v1/completions, "
                                    "/v1/models, /health, /metrics, /tokenize, /detokenize. Up to --parallel "
@@ -331,6 +352,99 @@ def cmd_generate(args) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
+
+
+CHAT_COMMANDS = [("/reset", "forgets the conversation"), ("/save FILE", "writes it as JSON"),
+                 ("/load FILE", "continues a saved one"), ("/help", "lists these"), ("/bye", "leaves")]
+
+
+def cmd_chat(args) -> int:
+    from .chat import Conversation
+    from .sampling import SamplingParams
+    given = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                 repetition_penalty=args.repeat_penalty)
+    SamplingParams(**{k: v for k, v in given.items() if v is not None})  # bad values fail before loading
+    model = _load(args)
+    opts = {k: v for k, v in dict(given, max_new_tokens=args.max_new_tokens, seed=args.seed).items() if v is not None}
+    chat = Conversation(model, system=args.system, n_ctx=args.ctx, **opts)
+    tty = sys.stdin.isatty()
+    if tty:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        print(f"fastinfer chat: {Path(str(model.source)).name}, {chat.n_ctx} tokens of context. /help lists the commands; "
+              "Ctrl-C stops a reply, Ctrl-D leaves.", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ") if tty else sys.stdin.readline()
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        except KeyboardInterrupt:
+            print("\n(Ctrl-D or /bye leaves)", file=sys.stderr)
+            continue
+        if not tty and not line:  # end of input
+            return 0
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        if line.startswith("/"):
+            if _chat_command(chat, line) == "bye":
+                return 0
+            continue
+        try:
+            pieces = chat.say(line)
+        except ValueError as e:
+            print(f"fastinfer: {e}", file=sys.stderr)
+            continue
+        if chat.last.dropped:
+            print(f"fastinfer: the context is full: the {chat.last.dropped} oldest turn(s) were dropped",
+                  file=sys.stderr)
+        try:
+            for piece in pieces:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            pieces.close()  # the reply so far stays in the conversation
+            sys.stdout.write("\n")
+            print("(stopped)", file=sys.stderr, end="")
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        if args.verbose:
+            t = chat.last
+            rate = (t.tokens - 1) / (t.seconds - t.first_token_seconds) if t.tokens > 1 and t.seconds > t.first_token_seconds else 0.0
+            print(f"[prompt {t.prompt_tokens} tokens: {t.cached} cached, {t.prefilled} prefilled; first token "
+                  f"{1e3 * t.first_token_seconds:.0f} ms; {t.tokens} tokens, {rate:.1f} tokens/s]", file=sys.stderr)
+
+
+def _chat_command(chat, line: str) -> str | None:
+    """Run a /command of `fastinfer chat`; "bye" to leave. Problems are reported, never fatal."""
+    name, _, arg = line.strip().partition(" ")
+    arg = arg.strip()
+    try:
+        if name in ("/bye", "/exit", "/quit"):
+            return "bye"
+        if name == "/reset":
+            chat.reset()
+            print("(the conversation is cleared)", file=sys.stderr)
+        elif name in ("/save", "/load"):
+            if not arg:
+                raise ValueError(f"{name} needs a file name: {name} FILE")
+            if name == "/save":
+                chat.save(arg)
+                print(f"(saved {len(chat.messages)} messages to {arg})", file=sys.stderr)
+            else:
+                chat.load(arg)
+                print(f"(loaded {len(chat.messages)} messages from {arg})", file=sys.stderr)
+        elif name in ("/help", "/?"):
+            for c, h in CHAT_COMMANDS:
+                print(f"  {c:<12} {h}", file=sys.stderr)
+        else:
+            raise ValueError(f"unknown command {name}; /help lists them")
+    except (ValueError, OSError) as e:
+        print(f"fastinfer: {e}", file=sys.stderr)
+    return None
 
 
 def cmd_serve(args) -> int:
@@ -566,7 +680,7 @@ def cmd_eval_prune(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "serve": cmd_serve, "pull": cmd_pull, "convert": cmd_convert, "bench": cmd_bench, "info": cmd_info,
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "pull": cmd_pull, "convert": cmd_convert, "bench": cmd_bench, "info": cmd_info,
             "perplexity": cmd_perplexity, "eval-prune": cmd_eval_prune, "embed": cmd_embed}
 
 
