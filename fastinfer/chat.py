@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .generate import TextStream, TokenChooser
+from .generate import PromptLookup, TextStream, generate_ids
 
 REPLY_ROOM = 256  # tokens kept free for a reply when older turns must go (at most half the context)
 
@@ -56,6 +56,7 @@ class Conversation:
         self.options = options
         self.cached: list[int] = []  # the token ids the session's cache holds, position by position
         self.last: Turn | None = None
+        self.lookup: PromptLookup | None = None  # the last turn's drafts (prompt_lookup_num_tokens)
         self.reset()
 
     @property
@@ -147,10 +148,12 @@ class Conversation:
         if self.model.arch.trims_cache and len(self.cached) - keep > s.state.chunk:
             keep = 0  # a sliding-window model gave back cache pages further back than a chunk (State.trim)
         turn = self.last = Turn(prompt_tokens=len(ids), cached=keep, prefilled=len(ids) - keep, dropped=dropped)
-        chooser = TokenChooser(ids, min(o.max_new_tokens, s.max_seq - len(ids)), o.sampling, self.model.eos_ids,
-                               o.no_repeat_ngram_size, o.min_new_tokens)
+        lookup = PromptLookup(o.prompt_lookup) if o.prompt_lookup else None
+        tokens = generate_ids(s, ids, min(o.max_new_tokens, s.max_seq - len(ids)), o.sampling, self.model.eos_ids,
+                              o.no_repeat_ngram_size, o.min_new_tokens, lookup=lookup, cached=keep)
+        self.lookup = lookup
         out = TextStream(self.model.tokenizer, stop)
-        fed = list(ids)  # what the cache holds once each token is fed: its first s.pos entries
+        fed = list(ids)  # the prompt and the reply's tokens: the cache holds their first s.pos
         reply: list[str] = []
         t0 = time.perf_counter()
 
@@ -160,22 +163,19 @@ class Conversation:
                 if keep == 0:
                     s.reset()
                 s.pos = keep
-                logits = s.prefill(ids[keep:])
-                while True:
-                    tok = chooser.choose(logits)
+                for tok in tokens:
                     if turn.tokens == 0:
                         turn.first_token_seconds = time.perf_counter() - t0
-                    if tok is None:
-                        break
                     turn.tokens += 1
+                    fed.append(tok)
                     piece = out.push(tok)
                     if piece:
                         reply.append(piece)
                         yield piece
-                    if out.stopped or chooser.done or s.pos >= s.max_seq:
+                    if out.stopped:
                         break
-                    fed.append(tok)
-                    logits = s.decode_step(tok)
+                if turn.tokens == 0:
+                    turn.first_token_seconds = time.perf_counter() - t0
                 if not out.stopped:
                     tail = out.flush()
                     if tail:
@@ -183,6 +183,7 @@ class Conversation:
                         yield tail
                 finished = True
             finally:  # also when the reader stops early (Ctrl-C): keep what was said and cached
+                tokens.close()
                 self.cached = fed[:s.pos]
                 if finished or turn.tokens:
                     self.messages.append({"role": "assistant", "content": "".join(reply)})

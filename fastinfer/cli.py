@@ -114,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--ctx", type=_positive_int, default=None, help="context length (default: min(4096, model's))")
     g.add_argument("--json-schema", metavar="SCHEMA", default=None,
                    help="constrain the output to this JSON schema: inline JSON, @FILE, or 'object' for any JSON object")
+    g.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
+                   help="prompt-lookup decoding: draft up to N tokens (3 at most) from the text so far and check "
+                        "them in one step; the greedy output is unchanged (default: off)")
     g.add_argument("--chat", action="store_true", help="send PROMPT as a user message through the chat template")
     g.add_argument("--system", default=None, help="system message for --chat")
     _attention_options(g, ["dense", "sparse"])
@@ -137,6 +140,8 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
     h.add_argument("--ctx", type=_positive_int, default=None,
                    help="context length (default: min(4096, model's)); when full, the oldest turns are dropped")
+    h.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
+                   help="prompt-lookup decoding, as in generate (default: off)")
     h.add_argument("-v", "--verbose", action="store_true",
                    help="after each reply, on stderr: prompt tokens (cached, prefilled), time to first token, speed")
 
@@ -340,6 +345,8 @@ def cmd_generate(args) -> int:
         opts.update(prune=prune, kv_budget=args.kv_budget)
     if schema is not None:
         opts["json_schema"] = schema
+    if args.prompt_lookup is not None:
+        opts["prompt_lookup_num_tokens"] = args.prompt_lookup
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                    [{"role": "user", "content": prompt}]
@@ -365,7 +372,8 @@ def cmd_chat(args) -> int:
                  repetition_penalty=args.repeat_penalty)
     SamplingParams(**{k: v for k, v in given.items() if v is not None})  # bad values fail before loading
     model = _load(args)
-    opts = {k: v for k, v in dict(given, max_new_tokens=args.max_new_tokens, seed=args.seed).items() if v is not None}
+    opts = {k: v for k, v in dict(given, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                  prompt_lookup_num_tokens=args.prompt_lookup).items() if v is not None}
     chat = Conversation(model, system=args.system, n_ctx=args.ctx, **opts)
     tty = sys.stdin.isatty()
     if tty:
@@ -414,8 +422,11 @@ def cmd_chat(args) -> int:
         if args.verbose:
             t = chat.last
             rate = (t.tokens - 1) / (t.seconds - t.first_token_seconds) if t.tokens > 1 and t.seconds > t.first_token_seconds else 0.0
+            drafts = ""
+            if chat.lookup is not None:
+                drafts = f"; drafts: {chat.lookup.accepted} of {chat.lookup.drafted} tokens taken"
             print(f"[prompt {t.prompt_tokens} tokens: {t.cached} cached, {t.prefilled} prefilled; first token "
-                  f"{1e3 * t.first_token_seconds:.0f} ms; {t.tokens} tokens, {rate:.1f} tokens/s]", file=sys.stderr)
+                  f"{1e3 * t.first_token_seconds:.0f} ms; {t.tokens} tokens, {rate:.1f} tokens/s{drafts}]", file=sys.stderr)
 
 
 def _chat_command(chat, line: str) -> str | None:

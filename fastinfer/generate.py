@@ -20,6 +20,7 @@ class GenerationOptions:
     no_repeat_ngram_size: int = 0
     min_new_tokens: int = 0
     grammar: str | None = None  # llguidance's grammar of a JSON schema (fastinfer/structured.py)
+    prompt_lookup: int = 0  # longest draft of prompt-lookup decoding; 0: off
 
 
 class TokenChooser:
@@ -61,8 +62,10 @@ class TokenChooser:
         self.n_new += len(ff)
         return ff
 
-    def choose(self, logits: np.ndarray) -> int | None:
-        """The next token for these logits (vocab,), or None when the sequence ends with EOS."""
+    def choose(self, logits: np.ndarray, draft: int | None = None) -> int | None:
+        """The next token for these logits (vocab,), or None when the sequence ends with EOS.
+        A draft token (prompt lookup) is accepted by `sample`'s rule, which keeps the output's
+        distribution."""
         check_finite(logits)
         processed = self.ngram > 0 or (self.n_new < self.min_new and self.eos_ids)
         if processed or self.constraint is not None:
@@ -78,7 +81,7 @@ class TokenChooser:
                            no_repeat_ngram_size=self.ngram, min_new_tokens=self.min_new)
         if self.constraint is not None:
             self.constraint.mask(logits)
-        tok = sample(logits, self.params, self.rng, self.seen[:self.n_seen])
+        tok = sample(logits, self.params, self.rng, self.seen[:self.n_seen], draft)
         if tok in self.eos_ids:
             return None
         if self.constraint is not None:
@@ -96,19 +99,74 @@ def check_finite(logits: np.ndarray) -> None:
         raise ValueError("the model computed non-finite logits (its weights overflow float32 arithmetic)")
 
 
+class PromptLookup:
+    """Draft tokens for prompt-lookup decoding: where the last n tokens of the context (n = NGRAM
+    down to 2) occurred before, the tokens that followed them, latest occurrence first.
+
+    The draft length adapts: it grows by one after a draft taken whole and falls to what was
+    taken after a miss; after MISSES drafts in a row with nothing taken, drafting pauses for
+    PAUSE tokens, so that text that does not copy its context pays for few failed drafts."""
+    NGRAM = 3
+    MISSES = 2
+    PAUSE = 16
+
+    def __init__(self, max_tokens: int):
+        self.cap = min(int(max_tokens), MAX_EXACT_DRAFT)
+        self.k, self.misses, self.paused = self.cap, 0, 0
+        self.drafted = self.accepted = self.steps = 0
+
+    def draft(self, context: list[int], room: int) -> list[int]:
+        if self.paused > 0:
+            self.paused -= 1
+            return []
+        k = min(self.k, room)
+        if k < 1:
+            return []
+        n_ctx = len(context)
+        for n in range(min(self.NGRAM, n_ctx - 1), 1, -1):
+            tail = context[n_ctx - n:]
+            for start in range(n_ctx - n - 1, -1, -1):  # latest earlier occurrence first
+                if context[start:start + n] == tail:
+                    return context[start + n:start + n + k]
+        return []
+
+    def update(self, drafted: int, accepted: int) -> None:
+        self.steps += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        if accepted == drafted:
+            self.k, self.misses = min(self.cap, self.k + 1), 0
+        else:
+            self.k = max(1, accepted)
+            self.misses = self.misses + 1 if accepted == 0 else 0
+            if self.misses >= self.MISSES:
+                self.paused, self.misses = self.PAUSE, 0
+
+
+# A verification pass of up to 1 + MAX_EXACT_DRAFT tokens computes each token's logits bit for bit
+# as a one-token step does (the row-major matmul loop, attention's few-rows tile), so prompt lookup
+# changes no greedy output. Longer passes round differently (kernels/qmatvec.py token-major loop).
+MAX_EXACT_DRAFT = 3
+
+
 def generate_ids(session, prompt: Sequence[int], max_new_tokens: int, params: SamplingParams,
                  eos_ids: Sequence[int], no_repeat_ngram_size: int = 0, min_new_tokens: int = 0,
-                 constraint=None) -> Iterator[int]:
+                 constraint=None, lookup: PromptLookup | None = None, cached: int = 0) -> Iterator[int]:
     """Yield new token ids until max_new_tokens, an EOS token, the end of the context or the end
-    of a constrained value."""
+    of a constrained value. With `lookup`, drafts from the context are verified in one call.
+    The session's cache may hold the prompt's first `cached` tokens already (a chat's earlier
+    turns): only the rest is prefilled."""
     max_new_tokens = min(max_new_tokens, session.max_seq - len(prompt) + 1)  # no more fit in the context
     chooser = TokenChooser(prompt, max_new_tokens, params, eos_ids, no_repeat_ngram_size, min_new_tokens,
                            constraint)
+    if lookup is not None and constraint is None:
+        yield from _lookup_ids(session, list(prompt), chooser, lookup, cached)
+        return
     forced = chooser.take_forced(session.max_seq - len(prompt) - 1)  # a grammar's opening, say '{"name":'
     yield from forced
     if chooser.done:
         return
-    logits = session.prefill(list(prompt) + forced)
+    logits = session.prefill(list(prompt)[cached:] + forced)
     while True:
         tok = chooser.choose(logits)
         if tok is None:
@@ -122,6 +180,57 @@ def generate_ids(session, prompt: Sequence[int], max_new_tokens: int, params: Sa
         if chooser.done:
             return
         logits = session.prefill([tok] + forced) if forced else session.decode_step(tok)
+
+
+def _lookup_ids(session, context: list[int], chooser: TokenChooser, lookup: PromptLookup,
+                cached: int = 0) -> Iterator[int]:
+    """generate_ids with prompt-lookup decoding: after each token, a draft of the tokens that
+    followed the same n-gram earlier in the context goes through the model with it in one call
+    (`Session.verify`); each draft token is then checked with the logits before it, as a decode
+    step would have produced them, and the first one not chosen ends the draft (the cache is cut
+    back to the tokens taken)."""
+    logits = session.prefill(context[cached:])
+    while True:
+        tok = chooser.choose(logits)
+        if tok is None:
+            return
+        yield tok
+        context.append(tok)
+        if chooser.done or session.pos >= session.max_seq:
+            return
+        room = min(chooser.max_new_tokens - chooser.n_new - 1, session.max_seq - session.pos - 2)
+        draft = lookup.draft(context, room)
+        if not draft:
+            logits = session.decode_step(tok)
+            continue
+        start = session.pos
+        rows = session.verify([tok] + draft)  # rows[i]: the logits after tok and draft[:i]
+        taken = 0
+        for i, d in enumerate(draft):
+            t = chooser.choose(rows[i], d)
+            if t is None:
+                lookup.update(len(draft), taken)
+                return
+            if t != d:  # the model's own token, where the draft went wrong: the next step's input
+                lookup.update(len(draft), taken)
+                session.pos = start + 1 + taken
+                tok = t
+                break
+            taken += 1
+            yield t
+            context.append(t)
+            if chooser.done:
+                lookup.update(len(draft), taken)
+                return
+        else:  # the whole draft taken: the last row gives the next token
+            lookup.update(len(draft), taken)
+            logits = rows[len(draft)]
+            continue
+        yield tok
+        context.append(tok)
+        if chooser.done or session.pos >= session.max_seq:
+            return
+        logits = session.decode_step(tok)
 
 
 def generate_batch(batch, prompts: Sequence[Sequence[int]], max_new_tokens: int, params: SamplingParams,

@@ -11,7 +11,7 @@ import numpy as np
 import tokenizers
 
 from .beam import beam_search
-from .generate import GenerationOptions, TextStream, generate_batch, generate_ids
+from .generate import GenerationOptions, PromptLookup, TextStream, generate_batch, generate_ids
 from .kernels import isa
 from .kernels.attention import dense_pattern
 from .kernels.jit import compile_in_child, compile_notice, set_threads
@@ -276,7 +276,7 @@ class Model:
     def _resolve(self, n_prompt: int, max_new_tokens=None, max_length=None, temperature=None, top_k=None,
                  top_p=None, min_p=None, repetition_penalty=None, seed=None, num_beams=None, length_penalty=None,
                  early_stopping=None, no_repeat_ngram_size=None, min_new_tokens=None,
-                 json_schema=None) -> GenerationOptions:
+                 json_schema=None, prompt_lookup_num_tokens=None) -> GenerationOptions:
         gen = self.generation_defaults
         base = dict(self.ENGINE_DEFAULTS)
         if "do_sample" in gen:  # HF semantics and HF's own defaults
@@ -315,9 +315,14 @@ class Model:
                 raise ValueError("json_schema does not combine with beam search (num_beams > 1)")
             from .structured import json_schema_grammar
             grammar = json_schema_grammar(json_schema)
+        lookup = 0 if prompt_lookup_num_tokens is None else prompt_lookup_num_tokens
+        if isinstance(lookup, bool) or not isinstance(lookup, (int, np.integer)) or lookup < 0:
+            raise ValueError(f"prompt_lookup_num_tokens must be an integer >= 0; got {lookup!r:.40}")
+        if lookup and (int(o["num_beams"]) > 1 or grammar is not None):
+            raise ValueError("prompt_lookup_num_tokens does not combine with num_beams > 1 or json_schema")
         return GenerationOptions(int(max_new_tokens), params, int(o["num_beams"]), float(o["length_penalty"]),
                                  o["early_stopping"], int(o["no_repeat_ngram_size"]), int(o["min_new_tokens"]),
-                                 grammar)
+                                 grammar, int(lookup))
 
     def generate(self, prompt: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int | None = None,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
@@ -327,7 +332,8 @@ class Model:
                  early_stopping: bool | str | None = None, no_repeat_ngram_size: int | None = None,
                  min_new_tokens: int | None = None, attention: BlockSparse | None = None,
                  prune: "Prune | None" = None, kv_budget: int | None = None,
-                 json_schema: dict | str | bool | None = None) -> str | list[int]:
+                 json_schema: dict | str | bool | None = None,
+                 prompt_lookup_num_tokens: int | None = None) -> str | list[int]:
         """Continue a prompt. A str prompt returns the new text; a list of ids returns the new ids.
         A list of prompts (str or id lists) returns one result per prompt, decoded together.
 
@@ -337,6 +343,9 @@ class Model:
         attention, prune and kv_budget are session options (see `session`); prune and kv_budget
         take one greedy/sampled prompt at a time. json_schema (a JSON schema as a dict or string, or
         True for any JSON object) constrains the output to a value of that schema (llguidance).
+        prompt_lookup_num_tokens=N (HF's name) drafts up to N tokens (3 at most: see
+        generate.MAX_EXACT_DRAFT) from n-gram matches in the context and verifies them in one
+        call; the greedy output is unchanged, and sampling keeps its distribution.
         """
         kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                   repetition_penalty=repetition_penalty, seed=seed, max_length=max_length, num_beams=num_beams,
@@ -344,6 +353,8 @@ class Model:
                   no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new_tokens)
         if json_schema is not None:
             kw["json_schema"] = json_schema
+        if prompt_lookup_num_tokens is not None:
+            kw["prompt_lookup_num_tokens"] = prompt_lookup_num_tokens
         self._decoder_only("generate")
         kw.update({k: v for k, v in (("attention", attention), ("prune", prune), ("kv_budget", kv_budget))
                    if v is not None})
@@ -377,8 +388,8 @@ class Model:
         texts = all(isinstance(p, str) for p in prompts)
         if not texts and not all(isinstance(p, (list, tuple, np.ndarray)) for p in prompts):
             raise ValueError("a batch must be a list of str prompts or a list of token-id lists")
-        if kw.get("json_schema") is not None:
-            raise ValueError("json_schema applies to one prompt at a time, not to a batch")
+        if kw.get("json_schema") is not None or kw.get("prompt_lookup_num_tokens"):
+            raise ValueError("json_schema and prompt_lookup_num_tokens apply to one prompt at a time, not to a batch")
         ids = [self._check_ids(self.encode(p) if texts else p, self.n_ctx - 1) for p in prompts]
         opts = [self._resolve(len(i), **kw) for i in ids]
         if opts[0].num_beams > 1:  # beam search keeps its own caches: one prompt after another
@@ -415,9 +426,15 @@ class Model:
         if o.grammar is not None:
             from .structured import JsonConstraint
             constraint = JsonConstraint(self, o.grammar)
+        lookup = None
+        if o.prompt_lookup:
+            if sess and ("prune" in sess or "kv_budget" in sess):
+                raise ValueError("prompt_lookup_num_tokens does not combine with prune or kv_budget")
+            lookup = PromptLookup(o.prompt_lookup)
+        self.last_lookup = lookup  # its acceptance counts, for `fastinfer bench` and the curious
         return generate_ids(self.session(**(sess or {})), ids, o.max_new_tokens, o.sampling, self.eos_ids,
                             no_repeat_ngram_size=o.no_repeat_ngram_size, min_new_tokens=o.min_new_tokens,
-                            constraint=constraint)
+                            constraint=constraint, lookup=lookup)
 
     def stream(self, prompt: str, stop: Sequence[str] | str | None = None, **options: Any) -> Iterator[str]:
         """Yield the continuation of a text prompt piece by piece, as tokens are decoded.
@@ -573,6 +590,15 @@ class Session:
         self._one[0] = self.model._check_token(token)
         self._run(self._one, False, self._dense_pattern if self._dense_last else self._pattern)
         return self.state.logits[0]
+
+    def verify(self, ids: Sequence[int]) -> np.ndarray:
+        """Add a few ids (at most the prefill chunk); return a view of the logits at each, (len(ids),
+        vocab), valid until the next call: a draft's check in prompt-lookup decoding."""
+        ids = self._take(ids)
+        if len(ids) > self.state.chunk or self._pruning is not None:
+            raise ValueError("verify takes at most a chunk of ids, without prune or kv_budget")
+        self._run(ids, True, self._dense_pattern if self._dense_last else self._pattern)
+        return self.state.logits[:len(ids)]
 
     def reset(self) -> None:
         self.pos = 0

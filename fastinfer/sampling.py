@@ -40,13 +40,36 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
     logits[seen] = np.where(v > 0, v / penalty, v * penalty)
 
 
-def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator, seen: np.ndarray) -> int:
-    """Pick a token id from logits (vocab,). `seen` holds the ids the penalty applies to."""
+def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator, seen: np.ndarray,
+           draft: int | None = None) -> int:
+    """Pick a token id from logits (vocab,). `seen` holds the ids the penalty applies to.
+
+    With a draft token (prompt-lookup decoding), the standard speculative rule for a draft that
+    is certain: accept it with its probability p(draft), else sample from p without it,
+    renormalized. The token then has distribution p, as without a draft. Greedy takes the argmax
+    either way."""
     if p.repetition_penalty != 1.0:
         logits = logits.copy()
         apply_repetition_penalty(logits, np.unique(seen), p.repetition_penalty)
     if p.temperature == 0:
         return int(np.argmax(logits))
+    cand, probs = _distribution(logits, p)
+    if draft is not None:
+        at = np.flatnonzero(cand == draft)
+        pd = float(probs[at[0]]) if at.size else 0.0
+        if rng.random() < pd:
+            return int(draft)
+        if at.size:
+            if pd >= 1.0:  # cannot happen after a rejection; guards the renormalization
+                return int(draft)
+            cand, probs = np.delete(cand, at[0]), np.delete(probs, at[0])
+            probs = probs / probs.sum()
+    return int(cand[min(int(np.searchsorted(np.cumsum(probs), rng.random(), side="right")), len(probs) - 1)])
+
+
+def _distribution(logits: np.ndarray, p: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+    """The candidates and their probabilities after temperature, top-k, top-p and min-p (sorted,
+    most likely first)."""
     # Work on the top-k candidates only: sorting 50k logits per token is the slow part otherwise.
     if 0 < p.top_k < logits.shape[0]:
         cand = np.argpartition(logits, -p.top_k)[-p.top_k:]
@@ -62,5 +85,4 @@ def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator, seen
         keep = min(keep, int(np.searchsorted(np.cumsum(probs), p.top_p)) + 1)
     if p.min_p > 0:
         keep = min(keep, max(1, int(np.count_nonzero(probs >= p.min_p * probs[0]))))
-    probs = probs[:keep] / probs[:keep].sum()
-    return int(cand[min(int(np.searchsorted(np.cumsum(probs), rng.random(), side="right")), keep - 1)])
+    return cand[:keep], probs[:keep] / probs[:keep].sum()

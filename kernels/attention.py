@@ -214,7 +214,7 @@ def _gemm(c, co, ldc, a, ao, ars, aks, b, bo, ldb, m, cols, n, accumulate):
 
 @kernel
 def _gemm_few(c, ldc, a, lda, b, bo, ldb, m, cols, n):
-    """c[i ldc + j] += sum_k a[i lda + k] b[bo + k ldb + j] for i < m <= 8, j < cols (a multiple
+    """c[i ldc + j] += sum_k a[i lda + k] b[bo + k ldb + j] for i < m, j < cols (a multiple
     of NV * VW), k < n: decoding's O (rows, hd) += P (rows, keys) V (keys, hd), in blocks of
     exactly the rows there are (at most 4 at a time)."""
     for j0 in range(0, cols, NV * VW):
@@ -236,6 +236,7 @@ def _gemm_few(c, ldc, a, lda, b, bo, ldb, m, cols, n):
 # decoding's scores: a few query rows against key rows, 8 keys at a time
 # ----------------------------------------------------------------------------------------------
 
+FEW_TOKENS = 4  # query tokens that still take `_tile_few`, whatever their heads (see _attend)
 SJ = 8  # keys per step of `_scores`: SR rows x SJ keys accumulators in registers
 SR = 3  # query rows per call at most
 
@@ -587,7 +588,7 @@ def dot4(k, q0, q1, q2, q3):
 
 @kernel
 def _tile_few(kc, vc, j0, n, rows, lo, hi, qs, s, o, mx, den, bits):
-    """`_tile` for at most 8 rows (decoding), where rows along the vector lanes would leave most
+    """`_tile` for a few rows (decoding, FEW_TOKENS tokens), where rows along the vector lanes would leave most
     lanes idle: everything runs along head_dim or the keys instead (`few_scores`, the softmax
     along each row, O += P V), with qs, o (rows, hd) and s (rows, KT) flat."""
     hd = kc.shape[1]
@@ -647,8 +648,11 @@ def _attend(out, q, kc, vc, t0, m, kv, group, p0, window, pattern, buf, ka, kz, 
     block, n_global, n_local, stride = pattern
     hd = q.shape[2]
     used = m * group
-    few = used <= 8      # decoding: rows along head_dim instead (`_tile_few`)
-    R = 8 if few else -(-used // VW) * VW
+    # Decoding, and chunks of up to FEW_TOKENS tokens (a draft's verification): rows along
+    # head_dim instead (`_tile_few`). Each row's arithmetic there does not depend on how many
+    # rows there are, so a token's attention is then bit for bit what it is decoded alone.
+    few = used <= 8 or m <= FEW_TOKENS
+    R = -(-used // 8) * 8 if few else -(-used // VW) * VW
     Rmax = _rows(group)
     qt = buf[:hd * R]                               # Q^T (hd, R) scaled by 1/sqrt(hd); Q (R, hd) if few
     ot = buf[hd * Rmax:hd * Rmax + hd * R]          # O^T (hd, R); O (R, hd) if few
@@ -766,7 +770,7 @@ def _decode_split(out, q, k_cache, v_cache, l, base, slot, window, pattern, scra
                 out[0, h, i] *= inv
 
 
-@kernel(parallel=True)
+@kernel
 def attention(out, q, k_cache, v_cache, l, starts, slots, window, pattern, scratch):
     """Grouped-query causal attention of each token over its own stretch of the cache.
 
@@ -779,12 +783,33 @@ def attention(out, q, k_cache, v_cache, l, starts, slots, window, pattern, scrat
     """
     T, H, hd = q.shape
     KV = k_cache.shape[1]
-    group = H // KV
-    if T == 1:
-        pieces = _decode_pieces(slots[0] - starts[0] + 1, KV, scratch.shape[0])  # a scratch row per thread
-        if pieces > 1:
-            _decode_split(out, q, k_cache, v_cache, l, starts[0], slots[0], window, pattern, scratch, pieces)
+    if T <= FEW_TOKENS:
+        # A decode step over many keys splits them into pieces (flash-decoding). A few tokens at
+        # once (a prompt-lookup draft's check) take exactly the path each would take alone, so
+        # their results are bit for bit their decode steps'.
+        split = False
+        for t in range(T):
+            if _decode_pieces(slots[t] - starts[t] + 1, KV, scratch.shape[0]) > 1:  # a scratch row per thread
+                split = True
+        if split:
+            for t in range(T):
+                pieces = _decode_pieces(slots[t] - starts[t] + 1, KV, scratch.shape[0])
+                if pieces > 1:
+                    _decode_split(out[t:t + 1], q[t:t + 1], k_cache, v_cache, l, starts[t], slots[t], window,
+                                  pattern, scratch, pieces)
+                else:
+                    _attention_rows(out[t:t + 1], q[t:t + 1], k_cache, v_cache, l, starts[t:t + 1],
+                                    slots[t:t + 1], window, pattern, scratch)
             return
+    _attention_rows(out, q, k_cache, v_cache, l, starts, slots, window, pattern, scratch)
+
+
+@kernel(parallel=True)
+def _attention_rows(out, q, k_cache, v_cache, l, starts, slots, window, pattern, scratch):
+    # `attention` without a split: groups of up to QT tokens x a kv head, one task each
+    T, H, hd = q.shape
+    KV = k_cache.shape[1]
+    group = H // KV
     block = pattern[0]
     groups = (T + QT - 1) // QT
     for task in prange(groups * KV):

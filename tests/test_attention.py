@@ -467,3 +467,22 @@ def test_attention_option_errors(tmp_path, tok):
             model.session(attention=bad)
         with pytest.raises(ValueError, match="attention must be None"):
             model.generate("hello", max_new_tokens=2, attention=bad)
+
+
+@pytest.mark.parametrize("H,KV", [(9, 3), (4, 1), (6, 6)])
+@pytest.mark.parametrize("window", [0, 5])
+@pytest.mark.parametrize("pos0", [40, 1500])
+def test_a_few_tokens_attend_bit_for_bit_as_each_alone(H, KV, window, pos0):
+    # Up to FEW_TOKENS tokens (a prompt-lookup draft's check) a token's attention does not depend
+    # on the tokens beside it, also where a decode step splits its keys (pos0 1500): prompt lookup
+    # then changes no greedy output.
+    rng = np.random.default_rng([H, KV, window, pos0])
+    hd = 64
+    k_cache, v_cache = filled_caches(rng, 1, KV, pos0 + 8, hd, 0, pos0 + A.FEW_TOKENS)
+    for T in range(2, A.FEW_TOKENS + 1):
+        q = rng.standard_normal((T, H, hd)).astype(np.float32)
+        many = run(q, k_cache, v_cache, 0, pos0, window)
+        for t in range(T):
+            one = run(q[t:t + 1], k_cache, v_cache, 0, pos0 + t, window)
+            np.testing.assert_array_equal(many[t], one[0])
+        assert_close(many, q, k_cache, v_cache, 0, pos0, window)

@@ -174,3 +174,38 @@ def test_half_float_kv_cache(auto, smollm2_gguf):
     assert half.generate("The capital of France is", max_new_tokens=4, temperature=0).startswith(" Paris")
     with pytest.raises(ValueError, match="kv_type"):
         fastinfer.load(smollm2_gguf, kv_type="f8")
+
+
+def test_a_few_tokens_at_once_give_each_its_decode_step_logits(default):
+    # With 8-bit activations: a call of up to 1 + MAX_EXACT_DRAFT tokens (prompt lookup's check)
+    # computes every token's logits bit for bit as a one-token step does.
+    from fastinfer.generate import MAX_EXACT_DRAFT
+    ids = default.encode("The quick brown fox jumps over the lazy dog, and then the fox jumps again over the dog.")
+    s = default.session(n_ctx=64)
+    s.prefill(ids[:6])
+    one = [s.decode_step(t).copy() for t in ids[6:18]]
+    for k in range(2, MAX_EXACT_DRAFT + 2):
+        s = default.session(n_ctx=64)
+        s.prefill(ids[:6])
+        many = []
+        for a in range(6, 18, k):
+            many.extend(s.verify(ids[a:min(a + k, 18)]).copy())
+        for a, b in zip(one, many):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("task", ["copy", "story"])
+def test_prompt_lookup_keeps_greedy_output(default, task):
+    text = ("Mr. Bennet was so odd a mixture of quick parts, sarcastic humour, reserve, and caprice, "
+            "that the experience of three and twenty years had been insufficient to make his wife "
+            "understand his character.")
+    content = f"Repeat this exactly:\n\n{text}" if task == "copy" else "Write a short story about a robot."
+    ids = default.tokenizer.encode(default.apply_chat_template([{"role": "user", "content": content}]),
+                                   add_special_tokens=False).ids
+    plain = default.generate(ids, max_new_tokens=60, temperature=0)
+    fast = default.generate(ids, max_new_tokens=60, temperature=0, prompt_lookup_num_tokens=3)
+    assert fast == plain
+    assert default.last_lookup.accepted > 0  # drafts were taken, not just tried
+    assert "".join(default.stream_chat([{"role": "user", "content": content}], max_new_tokens=30, temperature=0,
+                                       prompt_lookup_num_tokens=3)) == \
+        default.chat([{"role": "user", "content": content}], max_new_tokens=30, temperature=0)
