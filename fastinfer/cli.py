@@ -77,6 +77,15 @@ def _block_sparse(args):
         raise ValueError(f"--{name.replace('_', '-')}: {str(e).split(' ', 2)[2]}") from None
 
 
+def _sampling_options(p) -> None:
+    p.add_argument("--temperature", "--temp", type=float, default=None,
+                   help="0 = greedy (default: the model's generation_config.json, else 0.8)")
+    p.add_argument("--top-k", type=int, default=None, help="0 disables (default: generation config, else 40)")
+    p.add_argument("--top-p", type=float, default=None, help="1 disables (default: generation config, else 0.95)")
+    p.add_argument("--min-p", type=float, default=None, help="0 disables (default: generation config, else 0.05)")
+    p.add_argument("--repeat-penalty", type=float, default=None, help="1 disables (default: generation config, else 1)")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with a usage error as one line on stderr and exit code 1, like every other error."""
 
@@ -94,12 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", metavar="PROMPT", help="the prompt text, or - to read it from stdin")
     _model_options(g)
     g.add_argument("-n", "--max-new-tokens", type=_positive_int, default=None, help="tokens to generate (default: 256)")
-    g.add_argument("--temperature", "--temp", type=float, default=None,
-                   help="0 = greedy (default: the model's generation_config.json, else 0.8)")
-    g.add_argument("--top-k", type=int, default=None, help="0 disables (default: generation config, else 40)")
-    g.add_argument("--top-p", type=float, default=None, help="1 disables (default: generation config, else 0.95)")
-    g.add_argument("--min-p", type=float, default=None, help="0 disables (default: generation config, else 0.05)")
-    g.add_argument("--repeat-penalty", type=float, default=None, help="1 disables (default: generation config, else 1)")
+    _sampling_options(g)
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
     g.add_argument("--max-length", type=_positive_int, default=None,
                    help="HF's bound: prompt plus new tokens (instead of -n)")
@@ -131,12 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--system", default=None, help="the system message")
     h.add_argument("-n", "--max-new-tokens", type=_positive_int, default=None,
                    help="most tokens a reply takes (default: 256)")
-    h.add_argument("--temperature", "--temp", type=float, default=None,
-                   help="0 = greedy (default: the model's generation_config.json, else 0.8)")
-    h.add_argument("--top-k", type=int, default=None, help="0 disables (default: generation config, else 40)")
-    h.add_argument("--top-p", type=float, default=None, help="1 disables (default: generation config, else 0.95)")
-    h.add_argument("--min-p", type=float, default=None, help="0 disables (default: generation config, else 0.05)")
-    h.add_argument("--repeat-penalty", type=float, default=None, help="1 disables (default: generation config, else 1)")
+    _sampling_options(h)
     h.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
     h.add_argument("--ctx", type=_positive_int, default=None,
                    help="context length (default: min(4096, model's)); when full, the oldest turns are dropped")
