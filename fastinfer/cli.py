@@ -186,6 +186,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("-b", "--batch", type=_positive_int, default=1,
                    help="tg decodes this many sequences together and reports their total tokens/s (default: 1)")
     _attention_options(b, ["dense", "sparse", "both"])
+    b.add_argument("--prompt-lookup", type=_positive_int, default=None, metavar="N",
+                   help="instead of pp/tg: prompt-lookup decoding with drafts of up to N tokens against plain "
+                        "decoding, -n tokens on a built-in set of input-grounded and open-ended chat prompts: "
+                        "decode speed, drafts taken, identical output")
     b.add_argument("--json", action="store_true", help="end with one JSON line of the results")
 
     i = sub.add_parser("info", help="the CPU, its ISA tier, threads and the kernel cache",
@@ -520,6 +524,8 @@ def cmd_bench(args) -> int:
     model = _load(args)
     if model.is_encoder:
         return _bench_encoder(model, args)
+    if args.prompt_lookup is not None:
+        return _bench_prompt_lookup(model, args)
     if max(args.n_prompt, 1 + args.n_gen) > model.n_ctx:  # beyond the default context: load for it
         args.ctx = max(args.n_prompt, 1 + args.n_gen)
         model = _load(args)
@@ -563,6 +569,19 @@ def cmd_bench(args) -> int:
         ratio = np.array(pp["sparse"]) / np.array(pp["dense"])
         sd = ratio.std(ddof=1) if len(ratio) > 1 else 0.0
         print(f"prefill speedup, sparse over dense: {ratio.mean():.2f} ± {sd:.2f}×")
+    if args.json:
+        print(json.dumps(res))
+    return 0
+
+
+def _bench_prompt_lookup(model, args) -> int:
+    from .lookup_bench import builtin_prompts, measure, table
+    rows = measure(model, builtin_prompts(), args.n_gen, args.prompt_lookup, args.repetitions)
+    res = {"model": str(model.source), "activations": model.activations, "threads": model.threads,
+           "prompt_lookup": args.prompt_lookup, "tokens": args.n_gen, **_machine(), "prompts": rows}
+    print(f"{res['cpu']}, ISA tier {res['isa']}; {model.source}, {args.n_gen} greedy tokens a prompt, "
+          f"{args.repetitions} alternating runs each")
+    print(table(rows))
     if args.json:
         print(json.dumps(res))
     return 0

@@ -137,3 +137,17 @@ def test_drafts_under_sampling_stay_reproducible_with_a_seed():
     a = list(generate_ids(_Markov(), prompt, 40, p, [1], lookup=PromptLookup(3)))
     b = list(generate_ids(_Markov(), prompt, 40, p, [1], lookup=PromptLookup(3)))
     assert a == b and len(a) == 40
+
+
+def test_bench_mode_reports_identical_outputs(smollm2_gguf):
+    import json
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "fastinfer", "bench", "--model", str(smollm2_gguf), "--prompt-lookup", "3",
+                        "-n", "24", "-r", "1", "--json"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["prompt_lookup"] == 3 and {p["set"] for p in res["prompts"]} == {"grounded", "open"}
+    assert all(p["identical"] for p in res["prompts"])
+    assert sum(p["taken"] for p in res["prompts"]) > 0
+    assert "| grounded | copy |" in r.stdout
