@@ -128,37 +128,46 @@ def test_cli_reads_turns_from_stdin(smollm2_gguf, tmp_path):
     assert [m["role"] for m in json.loads(saved.read_text())["messages"]] == ["user", "assistant"]
 
 
-def _read_until(fd, text, seconds=120):
-    """Read the pty until `text` shows up; returns everything read."""
-    out, end = "", time.time() + seconds
-    while text not in out:
-        if time.time() > end:
-            raise AssertionError(f"no {text!r} in {out[-500:]!r}")
-        ready, _, _ = select.select([fd], [], [], 0.5)
-        if ready:
-            try:
-                out += os.read(fd, 4096).decode(errors="replace")
-            except OSError:  # the child closed the terminal
-                raise AssertionError(f"the chat ended before {text!r}: {out[-500:]!r}") from None
-    return out
+class _Terminal:
+    """The master side of a pty: `expect` reads until `text` shows up after what earlier calls
+    matched (a read can bring the next prompt along with the text asked for)."""
+
+    def __init__(self, fd):
+        self.fd, self.out, self.at = fd, "", 0
+
+    def expect(self, text, seconds=120):
+        end = time.time() + seconds
+        while text not in self.out[self.at:]:
+            if time.time() > end:
+                raise AssertionError(f"no {text!r} in {self.out[self.at:][-500:]!r}")
+            ready, _, _ = select.select([self.fd], [], [], 0.5)
+            if ready:
+                try:
+                    self.out += os.read(self.fd, 4096).decode(errors="replace")
+                except OSError:  # the child closed the terminal
+                    raise AssertionError(f"the chat ended before {text!r}: {self.out[-500:]!r}") from None
+        self.at = self.out.index(text, self.at) + len(text)
 
 
 def test_cli_in_a_terminal_ctrl_c_stops_a_reply_and_ctrl_d_leaves(smollm2_gguf):
     master, slave = pty.openpty()
     p = subprocess.Popen(_cli(smollm2_gguf, "-n", "400"), stdin=slave, stdout=slave, stderr=slave, close_fds=True)
     os.close(slave)
+    term = _Terminal(master)
     try:
-        _read_until(master, ">>> ")
+        term.expect(">>> ")
         os.write(master, b"Tell me a long story about a dragon.\n")
-        _read_until(master, " ")  # the reply has begun
+        term.expect("dragon.")  # the terminal's echo of the line
+        term.expect(" ")  # the reply has begun
         time.sleep(0.3)
         p.send_signal(signal.SIGINT)  # Ctrl-C
-        _read_until(master, "(stopped)")
-        _read_until(master, ">>> ")
+        term.expect("(stopped)")
+        term.expect(">>> ")
         assert p.poll() is None  # the chat goes on
         os.write(master, (FRANCE + "\n").encode())
-        _read_until(master, "Paris")
-        _read_until(master, ">>> ")
+        term.expect("France.")  # the echo
+        term.expect("Paris")
+        term.expect(">>> ")
         os.write(master, b"\x04")  # Ctrl-D
         assert p.wait(60) == 0
     finally:
