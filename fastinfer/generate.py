@@ -189,48 +189,37 @@ def _lookup_ids(session, context: list[int], chooser: TokenChooser, lookup: Prom
     (`Session.verify`); each draft token is then checked with the logits before it, as a decode
     step would have produced them, and the first one not chosen ends the draft (the cache is cut
     back to the tokens taken)."""
-    logits = session.prefill(context[cached:])
-    while True:
-        tok = chooser.choose(logits)
-        if tok is None:
-            return
+    tok = chooser.choose(session.prefill(context[cached:]))
+    corrected = False  # tok replaces a refused draft token: it goes through a plain step
+    while tok is not None:  # tok: chosen, not yet fed
         yield tok
         context.append(tok)
         if chooser.done or session.pos >= session.max_seq:
             return
         room = min(chooser.max_new_tokens - chooser.n_new - 1, session.max_seq - session.pos - 2)
-        draft = lookup.draft(context, room)
+        draft = [] if corrected else lookup.draft(context, room)
+        corrected = False
         if not draft:
-            logits = session.decode_step(tok)
+            tok = chooser.choose(session.decode_step(tok))
             continue
         start = session.pos
         rows = session.verify([tok] + draft)  # rows[i]: the logits after tok and draft[:i]
         taken = 0
-        for i, d in enumerate(draft):
-            t = chooser.choose(rows[i], d)
-            if t is None:
-                lookup.update(len(draft), taken)
-                return
-            if t != d:  # the model's own token, where the draft went wrong: the next step's input
-                lookup.update(len(draft), taken)
-                session.pos = start + 1 + taken
-                tok = t
+        for d in draft:
+            tok = chooser.choose(rows[taken], d)
+            if tok != d:  # the model's own token (or EOS) where the draft went wrong
                 break
             taken += 1
-            yield t
-            context.append(t)
+            yield d
+            context.append(d)
             if chooser.done:
                 lookup.update(len(draft), taken)
                 return
         else:  # the whole draft taken: the last row gives the next token
-            lookup.update(len(draft), taken)
-            logits = rows[len(draft)]
-            continue
-        yield tok
-        context.append(tok)
-        if chooser.done or session.pos >= session.max_seq:
-            return
-        logits = session.decode_step(tok)
+            tok = chooser.choose(rows[taken])
+        corrected = taken < len(draft)
+        lookup.update(len(draft), taken)
+        session.pos = start + 1 + taken  # the cache keeps tok and the draft tokens taken
 
 
 def generate_batch(batch, prompts: Sequence[Sequence[int]], max_new_tokens: int, params: SamplingParams,

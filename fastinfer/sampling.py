@@ -59,9 +59,7 @@ def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator, seen
         pd = float(probs[at[0]]) if at.size else 0.0
         if rng.random() < pd:
             return int(draft)
-        if at.size:
-            if pd >= 1.0:  # cannot happen after a rejection; guards the renormalization
-                return int(draft)
+        if at.size:  # rejected, so pd < 1: the rest has mass to renormalize
             cand, probs = np.delete(cand, at[0]), np.delete(probs, at[0])
             probs = probs / probs.sum()
     return int(cand[min(int(np.searchsorted(np.cumsum(probs), rng.random(), side="right")), len(probs) - 1)])

@@ -284,11 +284,12 @@ def dequant_matrix(out, w, l):
 
 # -- 8-bit activations (kernels/act8.py) over the block formats -------------------------------------
 @kernel
-def _a8(out, xq, xd, xs, w, l, scratch):
+def _a8(out, xq, xd, xs, w, l, base, scratch):
+    # out (T, rows) from the weight rows base..base + rows: the row loop for a few tokens, tiles beyond
     if xq.shape[0] <= ROWS_PATH_MAX_T:
-        QV.linear_a8_rows(out, xq, xd, xs, w, l, scratch, 0)
+        QV.linear_a8_rows(out, xq, xd, xs, w, l, scratch, base)
     else:
-        QG.linear_a8_tiles(out, xq, xd, xs, w, l, 0, scratch)
+        QG.linear_a8_tiles(out, xq, xd, xs, w, l, base, scratch)
 
 
 def needs_float_path(kinds) -> bool:
@@ -346,7 +347,7 @@ def linear_act(out, x, w, l, lin, res_rows, floats):
         A8.sums16(xs16[:T], xq[:T], xd[:T])
         xs = xs16
     if res_rows == 0:
-        _a8(out, xq, xd, xs, w, l, scratch)
+        _a8(out, xq, xd, xs, w, l, 0, scratch)
         return
     rows = out.shape[1]
     lo = rows - res_rows
@@ -357,23 +358,17 @@ def linear_act(out, x, w, l, lin, res_rows, floats):
         A8.sums16(xs16[T:], xq[T:], xd[T:])
     if P < QV.TOKEN_MAJOR_MIN_T:  # both inputs in one row-major pass over the weights, every row
         o2 = o2_buf[:P * rows].reshape((P, rows))
-        _a8(o2, xq, xd, xs, w, l, scratch)
+        _a8(o2, xq, xd, xs, w, l, 0, scratch)
         for t in range(T):
             for r in range(lo):
                 out[t, r] = o2[t, r]
             for r in range(lo, rows):
                 out[t, r] = o2[t, r] + o2[T + t, r]
         return
-    if T <= ROWS_PATH_MAX_T:  # the residual over its own rows (its tokens would change the row loop)
-        QV.linear_a8_rows(out, xq[:T], xd[:T], xs[:T], w, l, scratch, 0)
-        o2 = o2_buf[:T * res_rows].reshape((T, res_rows))
-        QV.linear_a8_rows(o2, xq[T:], xd[T:], xs[T:], w, l, scratch, lo)
-        for t in range(T):
-            _add_residual(out[t], o2[t], lo)
-        return
-    QG.linear_a8_tiles(out, xq[:T], xd[:T], xs[:T], w, l, 0, scratch)
+    # else the residual over its own rows (riding along, its tokens would change the row loop)
+    _a8(out, xq[:T], xd[:T], xs[:T], w, l, 0, scratch)
     o2 = o2_buf[:T * res_rows].reshape((T, res_rows))
-    QG.linear_a8_tiles(o2, xq[T:], xd[T:], xs[T:], w, l, lo, scratch)
+    _a8(o2, xq[T:], xd[T:], xs[T:], w, l, lo, scratch)
     if T >= A8.PARALLEL_MIN_T:
         _add_residual_many(out, o2, lo)
     else:

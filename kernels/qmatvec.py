@@ -191,6 +191,34 @@ def _rows_ir(tier: Tier):
             w = builder.bitcast(builder.lshr(w, q6_shift), _v64i8)
             return builder.or_(v64, builder.shl(builder.and_(w, _c(_v64i8, [3] * 64)), _c(_v64i8, [4] * 64)))
 
+        def stretch_weights(qrow, p, kd, signed):
+            """Stretch p (64 elements) of a packed row as 64 unsigned bytes in element order (Q8_0
+            signed on the vpmaddubsw tiers); its bytes PREFETCH ahead are prefetched."""
+            b = builder.mul(p, _c(_i64, 2))
+            qp = builder.gep(qrow, [builder.mul(b, _c(_i64, QK if kd == Q8_0 else QK // 2))])
+            if PREFETCH:
+                builder.call(prefetch, [builder.bitcast(builder.gep(qp, [_c(_i64, PREFETCH)]), _i8.as_pointer()),
+                                        _c(_i32, 0), _c(_i32, 3), _c(_i32, 1)])
+            if kd == Q8_0:
+                v = _load(builder, qp, _v64i8)
+                return v if signed else builder.xor(v, flip)
+            v = _load(builder, qp, _v32i8)
+            u = unpack_q4(builder.shuffle_vector(v, v, q4_lanes))
+            if kd in (Q5, Q6):
+                plane = builder.gep(qrow, [builder.add(half_n, builder.mul(p, _c(_i64, 8 if kd == Q5 else 16)))])
+                u = unpack_high(u, kd, plane)
+            return u
+
+        def last_weights(qrow, b, kd, signed):
+            """An odd last block b (Q8_0, Q4_0, Q4_1) as the lower half of a stretch, the upper zero."""
+            if kd == Q8_0:
+                v = _load(builder, builder.gep(qrow, [builder.mul(b, _c(_i64, QK))]), _v32i8)
+                v = builder.shuffle_vector(v, _c(_v32i8, [0] * 32), half)
+                return v if signed else builder.xor(v, flip)
+            v = _load(builder, builder.gep(qrow, [builder.mul(b, _c(_i64, QK // 2))]), _v16i8)
+            z = _c(_v16i8, [0] * 16)
+            return unpack_q4(builder.shuffle_vector(v, z, _mask(list(range(16)) * 2 + [16] * 32)))
+
         def body_for(T_, kd, R):
             signed = kd == Q8_0 and tier.signed_q8  # 8-bit weights enter signed: no +128 to undo
             mn_const = {Q4_0: -8.0, Q8_0: 0.0 if signed else -128.0}.get(kd)
@@ -246,20 +274,7 @@ def _rows_ir(tier: Tier):
                     b = builder.mul(p, _c(_i64, 2))
                     us, s2s, mn2s = [], [], []
                     for i in range(R):
-                        qp = builder.gep(qrow[i], [builder.mul(b, _c(_i64, QK if kd == Q8_0 else QK // 2))])
-                        if PREFETCH:
-                            builder.call(prefetch, [builder.bitcast(builder.gep(qp, [_c(_i64, PREFETCH)]), _i8.as_pointer()),
-                                                    _c(_i32, 0), _c(_i32, 3), _c(_i32, 1)])
-                        if kd == Q8_0:
-                            v = _load(builder, qp, _v64i8)
-                            us.append(v if signed else builder.xor(v, flip))
-                        else:
-                            v = _load(builder, qp, _v32i8)
-                            u = unpack_q4(builder.shuffle_vector(v, v, q4_lanes))
-                            if kd in (Q5, Q6):
-                                plane = builder.gep(qrow[i], [builder.add(half_n, builder.mul(p, _c(_i64, 8 if kd == Q5 else 16)))])
-                                u = unpack_high(u, kd, plane)
-                            us.append(u)
+                        us.append(stretch_weights(qrow[i], p, kd, signed))
                         g = builder.mul(b, _c(_i64, 2)) if per16 else b
                         s2s.append(_load(builder, builder.gep(srow[i], [g]), vmn))
                         if kd in (Q4_1, Q5, Q6):
@@ -272,14 +287,7 @@ def _rows_ir(tier: Tier):
                     b = builder.sub(nb, _c(_i64, 1))
                     us, s1s, mn1s = [], [], []
                     for i in range(R):
-                        if kd == Q8_0:
-                            v = _load(builder, builder.gep(qrow[i], [builder.mul(b, _c(_i64, QK))]), _v32i8)
-                            v = builder.shuffle_vector(v, _c(_v32i8, [0] * 32), half)
-                            us.append(v if signed else builder.xor(v, flip))
-                        else:
-                            v = _load(builder, builder.gep(qrow[i], [builder.mul(b, _c(_i64, QK // 2))]), _v16i8)
-                            z = _c(_v16i8, [0] * 16)
-                            us.append(unpack_q4(builder.shuffle_vector(v, z, _mask(list(range(16)) * 2 + [16] * 32))))
+                        us.append(last_weights(qrow[i], b, kd, signed))
                         s1s.append(builder.load(builder.gep(srow[i], [b])))
                         mn1s.append(builder.load(builder.gep(mrow[i], [b])) if kd == Q4_1
                                     else builder.fmul(s1s[i], _c(_f32, mn_const), flags=STRICT))
@@ -375,20 +383,7 @@ def _rows_ir(tier: Tier):
                     return new
 
                 def pair(p, accs):
-                    b = builder.mul(p, _c(_i64, 2))
-                    qp = builder.gep(qrow, [builder.mul(b, _c(_i64, QK if kd == Q8_0 else QK // 2))])
-                    if PREFETCH:
-                        builder.call(prefetch, [builder.bitcast(builder.gep(qp, [_c(_i64, PREFETCH)]), _i8.as_pointer()),
-                                                _c(_i32, 0), _c(_i32, 3), _c(_i32, 1)])
-                    if kd == Q8_0:
-                        v = _load(builder, qp, _v64i8)
-                        u = v if signed else builder.xor(v, flip)
-                    else:
-                        v = _load(builder, qp, _v32i8)
-                        u = unpack_q4(builder.shuffle_vector(v, v, q4_lanes))
-                        if kd in (Q5, Q6):
-                            plane = builder.gep(qrow, [builder.add(half_n, builder.mul(p, _c(_i64, 8 if kd == Q5 else 16)))])
-                            u = unpack_high(u, kd, plane)
+                    u = stretch_weights(qrow, p, kd, signed)
                     g = builder.mul(p, _c(_i64, G))
                     sv = _load(builder, builder.gep(srow, [g]), vmn)
                     mv = _load(builder, builder.gep(mrow, [g]), vmn) if offsets else sv
@@ -398,14 +393,7 @@ def _rows_ir(tier: Tier):
                     # the odd last block: the upper half of u is zero (and so are xqT's, xd16's
                     # and xsT's upper halves for this stretch)
                     b = builder.sub(nb, _c(_i64, 1))
-                    if kd == Q8_0:
-                        v = _load(builder, builder.gep(qrow, [builder.mul(b, _c(_i64, QK))]), _v32i8)
-                        v = builder.shuffle_vector(v, _c(_v32i8, [0] * 32), half)
-                        u = v if signed else builder.xor(v, flip)
-                    else:
-                        v = _load(builder, builder.gep(qrow, [builder.mul(b, _c(_i64, QK // 2))]), _v16i8)
-                        z = _c(_v16i8, [0] * 16)
-                        u = unpack_q4(builder.shuffle_vector(v, z, _mask(list(range(16)) * 2 + [16] * 32)))
+                    u = last_weights(qrow, b, kd, signed)
                     s1 = builder.insert_element(_c(_v2f32, [0.0] * 2), builder.load(builder.gep(srow, [b])), _c(_i32, 0))
                     m1 = (builder.insert_element(_c(_v2f32, [0.0] * 2), builder.load(builder.gep(mrow, [b])), _c(_i32, 0))
                           if offsets else s1)
