@@ -24,6 +24,17 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _count(text: str) -> int:
+    """An integer >= 0 (0: off)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
 def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", metavar="SRC",
                    help="a .gguf file, an HF checkpoint directory, or a model name: smollm2-135m-instruct "
@@ -118,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--ctx", type=_positive_int, default=None, help="context length (default: min(4096, model's))")
     g.add_argument("--json-schema", metavar="SCHEMA", default=None,
                    help="constrain the output to this JSON schema: inline JSON, @FILE, or 'object' for any JSON object")
-    g.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
+    g.add_argument("--prompt-lookup", type=_count, default=None, metavar="N",
                    help="prompt-lookup decoding: draft up to N tokens (3 at most) from the text so far and check "
                         "them in one step; the greedy output is unchanged (default: off)")
     g.add_argument("--chat", action="store_true", help="send PROMPT as a user message through the chat template")
@@ -139,7 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
     h.add_argument("--ctx", type=_positive_int, default=None,
                    help="context length (default: min(4096, model's)); when full, the oldest turns are dropped")
-    h.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
+    h.add_argument("--prompt-lookup", type=_count, default=None, metavar="N",
                    help="prompt-lookup decoding, as in generate (default: off)")
     h.add_argument("-v", "--verbose", action="store_true",
                    help="after each reply, on stderr: prompt tokens (cached, prefilled), time to first token, speed")
