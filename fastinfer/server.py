@@ -37,7 +37,7 @@ MAX_N = 8  # choices per request
 _HARMLESS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "model"}
 _SAMPLING = {"temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repetition_penalty", "seed",
              "presence_penalty", "frequency_penalty", "logit_bias", "stop", "max_tokens", "stream",
-             "stream_options", "n", "cache_prompt", "logprobs"}
+             "stream_options", "n", "cache_prompt", "logprobs", "prompt_lookup_num_tokens"}
 _CHAT = _SAMPLING | {"messages", "max_completion_tokens", "response_format", "top_logprobs"}
 _COMPLETION = _SAMPLING | {"prompt", "echo", "response_format"}
 
@@ -54,9 +54,10 @@ class APIError(Exception):
 
 
 def create_app(engine: Engine | None, model_name: str, api_key: str | None = None,
-               max_tokens_limit: int | None = None, model=None) -> FastAPI:
+               max_tokens_limit: int | None = None, model=None, prompt_lookup: int = 0) -> FastAPI:
     """The app over a decoder's `engine`, or an encoder's `model` (embeddings only). Either may be
-    set later (`app.state.engine`, `app.state.model`): /health says 503 until then."""
+    set later (`app.state.engine`, `app.state.model`): /health says 503 until then. prompt_lookup
+    is the draft length of requests that do not set prompt_lookup_num_tokens (0: off)."""
     app = FastAPI(title="fastinfer", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
     app.state.model = engine.model if engine is not None else model
@@ -115,6 +116,10 @@ def create_app(engine: Engine | None, model_name: str, api_key: str | None = Non
              st.cached_tokens),
             ("fastinfer_generated_tokens_total", "counter", "generated tokens", st.generated_tokens),
             ("fastinfer_decode_tokens_per_second", "gauge", "generated tokens per second of decode steps", rate),
+            ("fastinfer_lookup_drafted_tokens_total", "counter", "prompt lookup: tokens drafted",
+             st.drafted_tokens),
+            ("fastinfer_lookup_accepted_tokens_total", "counter", "prompt lookup: drafted tokens taken",
+             st.accepted_tokens),
             ("fastinfer_queue_length", "gauge", "requests waiting for a slot", len(e.queue)),
             ("fastinfer_busy_slots", "gauge", "slots serving a request", e.busy_slots()),
             ("fastinfer_slots", "gauge", "slots", e.parallel),
@@ -234,7 +239,7 @@ def create_app(engine: Engine | None, model_name: str, api_key: str | None = Non
         if max_tokens_limit is not None and limit > max_tokens_limit:
             raise APIError(400, f"max_tokens {limit} is above this server's limit of {max_tokens_limit}",
                            param="max_tokens")
-        base = _request(e, body, ids, min(limit, room), chat)
+        base = _request(e, body, ids, min(limit, room), chat, prompt_lookup)
         box = mailbox(e)
         events: asyncio.Queue = asyncio.Queue()
         reqs = []
@@ -257,8 +262,14 @@ def create_app(engine: Engine | None, model_name: str, api_key: str | None = Non
 
         def usage() -> dict:
             done = sum(r.completion_tokens for r in reqs)
-            return {"prompt_tokens": len(ids), "completion_tokens": done, "total_tokens": len(ids) + done,
-                    "prompt_tokens_details": {"cached_tokens": reqs[0].cached_tokens}}
+            out = {"prompt_tokens": len(ids), "completion_tokens": done, "total_tokens": len(ids) + done,
+                   "prompt_tokens_details": {"cached_tokens": reqs[0].cached_tokens}}
+            if base.lookup:  # prompt lookup's drafts, in OpenAI's fields for predicted tokens
+                taken = sum(r.accepted_tokens for r in reqs)
+                out["completion_tokens_details"] = {
+                    "accepted_prediction_tokens": taken,
+                    "rejected_prediction_tokens": sum(r.drafted_tokens for r in reqs) - taken}
+            return out
 
         def logprobs(entries: list) -> dict | None:
             if base.logprobs is None:
@@ -498,7 +509,7 @@ def _logprobs_option(body: dict, chat: bool) -> int | None:
     return k
 
 
-def _request(e: Engine, body: dict, ids: list[int], limit: int, chat: bool) -> Request:
+def _request(e: Engine, body: dict, ids: list[int], limit: int, chat: bool, lookup: int = 0) -> Request:
     """The engine request for a completion body, every option checked (OpenAI's defaults)."""
     stop = body.get("stop")
     if stop is None:
@@ -538,8 +549,12 @@ def _request(e: Engine, body: dict, ids: list[int], limit: int, chat: bool) -> R
     cache = body.get("cache_prompt", True)
     if not isinstance(cache, bool):
         raise APIError(400, f"cache_prompt must be true or false; got {cache!r:.40}", param="cache_prompt")
+    lookup = body.get("prompt_lookup_num_tokens", lookup)
+    if isinstance(lookup, bool) or not isinstance(lookup, int) or lookup < 0:
+        raise APIError(400, f"prompt_lookup_num_tokens must be an integer >= 0; got {lookup!r:.40}",
+                       param="prompt_lookup_num_tokens")
     return Request(ids=list(ids), max_tokens=limit, params=params, emit=lambda ev: None, stop=stop,
-                   cache_prompt=cache, grammar=grammar, logprobs=_logprobs_option(body, chat),
+                   cache_prompt=cache, grammar=grammar, logprobs=_logprobs_option(body, chat), lookup=lookup,
                    presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
                    frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
                    logit_bias=logit_bias)
@@ -547,7 +562,7 @@ def _request(e: Engine, body: dict, ids: list[int], limit: int, chat: bool) -> R
 
 def serve(model_source: str | None, host: str = "127.0.0.1", port: int = 8000, parallel: int = 4,
           n_ctx: int | None = None, api_key: str | None = None, threads: int | None = None,
-          max_tokens: int | None = None, **load_options: Any) -> None:
+          max_tokens: int | None = None, prompt_lookup: int = 0, **load_options: Any) -> None:
     """Run the server until SIGINT/SIGTERM. It listens at once; /health says 503 until the model is loaded.
 
     HTTP is answered on a helper thread; this thread loads the model and runs the engine, so that
@@ -561,7 +576,8 @@ def serve(model_source: str | None, host: str = "127.0.0.1", port: int = 8000, p
     path = resolve(model_source)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
-    app = create_app(None, path.stem if path.is_file() else path.name, api_key, max_tokens)
+    app = create_app(None, path.stem if path.is_file() else path.name, api_key, max_tokens,
+                     prompt_lookup=prompt_lookup)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                            timeout_graceful_shutdown=5))
     http = threading.Thread(target=server.run, name="fastinfer-http", daemon=True)

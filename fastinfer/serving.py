@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .generate import TextStream, TokenChooser
+from .generate import PromptLookup, TextStream, TokenChooser
 from .model import Batch, Model
 from .sampling import SamplingParams
 
@@ -44,9 +44,12 @@ class Request:
     cache_prompt: bool = True  # reuse a prefix held in a slot's cache (see Engine._reusable)
     grammar: str | None = None  # output constrained to a JSON schema (fastinfer/structured.py)
     logprobs: int | None = None  # with each token: its log-probability and this many alternatives
+    lookup: int = 0  # prompt-lookup decoding: drafts of up to this many tokens (see Engine._lookup_step)
     # Filled in by the engine:
     cached_tokens: int = 0
     completion_tokens: int = 0
+    drafted_tokens: int = 0   # prompt lookup: tokens drafted, and of them taken
+    accepted_tokens: int = 0
     cancelled: bool = False
 
     def cancel(self) -> None:
@@ -64,6 +67,8 @@ class _Slot:
     chooser: TokenChooser | None = None
     stream: TextStream | None = None
     counts: dict[int, int] = field(default_factory=dict)  # generated token -> times, for the penalties
+    lookup: PromptLookup | None = None
+    corrected: bool = False  # pending replaces a refused draft token: it goes through a plain step
 
 
 @dataclass
@@ -75,6 +80,8 @@ class Stats:
     generated_tokens: int = 0
     decode_steps: int = 0
     decode_seconds: float = 0.0
+    drafted_tokens: int = 0   # prompt lookup
+    accepted_tokens: int = 0
 
 
 class Engine:
@@ -169,6 +176,8 @@ class Engine:
         if prefilling:
             self._prefill_chunk(prefilling[0])
         decoding = [s for s in self.slots if s.request is not None and not s.todo and s.pending is not None]
+        if len(decoding) == 1 and decoding[0].lookup is not None and self._lookup_step(decoding[0]):
+            return
         if decoding:
             t0 = time.perf_counter()
             logits = self.batch.decode([s.index for s in decoding], [s.pending for s in decoding])
@@ -225,6 +234,8 @@ class Engine:
             from .structured import JsonConstraint
             constraint = JsonConstraint(self.model, r.grammar)
         s.chooser = TokenChooser(r.ids, r.max_tokens, r.params, self.model.eos_ids, constraint=constraint)
+        s.lookup = PromptLookup(r.lookup) if r.lookup > 0 and constraint is None else None
+        s.corrected = False
         s.stream = TextStream(self.model.tokenizer, list(r.stop))
         r.cached_tokens = keep
         # A grammar's opening ('{"name":') is fed with the prompt, not sampled a token at a time.
@@ -248,8 +259,11 @@ class Engine:
 
     def _next(self, s: _Slot, logits: np.ndarray) -> None:
         """Sample slot s's next token from logits (vocab,), hand over its text, or finish."""
+        self._chosen(s, s.chooser.choose(self._adjusted(s, logits)), logits)
+
+    def _adjusted(self, s: _Slot, logits: np.ndarray) -> np.ndarray:
+        """logits with the request's logit bias and presence/frequency penalties applied."""
         r = s.request
-        raw = logits
         if r.logit_bias or ((r.presence_penalty or r.frequency_penalty) and s.counts):
             logits = np.array(logits, dtype=np.float32)
             for tok, bias in r.logit_bias.items():
@@ -258,7 +272,10 @@ class Engine:
                 toks = np.fromiter(s.counts, np.int64, len(s.counts))
                 n = np.fromiter(s.counts.values(), np.float32, len(s.counts))
                 logits[toks] -= r.frequency_penalty * n + r.presence_penalty
-        tok = s.chooser.choose(logits)
+        return logits
+
+    def _chosen(self, s: _Slot, tok: int | None, raw: np.ndarray) -> None:
+        """Hand over tok, chosen from raw's row, and leave it pending (or finish)."""
         if tok is None:
             return self._finish(s, "stop")
         self._emit(s, tok, raw)
@@ -273,6 +290,54 @@ class Engine:
             s.todo = [tok] + forced
         else:
             s.pending = tok
+
+    def _lookup_step(self, s: _Slot) -> bool:
+        """Prompt-lookup decoding for a slot that decodes alone (with others, the batched step
+        already shares each weight read): its pending token and a draft of the tokens that
+        followed the same n-gram earlier in its context go through the model in one call
+        (`Session.verify`), and each draft token is checked against the logits before it by the
+        request's own rule, as `generate._lookup_ids` does. Up to MAX_EXACT_DRAFT tokens, each
+        row is bit for bit a decode step's, so the output is unchanged. False if there is no draft:
+        the plain step follows."""
+        r, tok = s.request, s.pending
+        room = min(r.max_tokens - s.chooser.n_new - 1, self.n_ctx - len(s.tokens) - 3)
+        draft = [] if s.corrected else s.lookup.draft(s.tokens + [tok], room)
+        s.corrected = False
+        if not draft:
+            return False
+        session = self.batch.sessions[s.index]
+        start = session.pos
+        t0 = time.perf_counter()
+        rows = session.verify([tok] + draft)  # rows[i]: the logits after tok and draft[:i]
+        self.stats.decode_seconds += time.perf_counter() - t0
+        self.stats.decode_steps += 1
+        s.tokens.append(tok)
+        s.pending = None
+        taken, chosen, finished = 0, None, False
+        for d in draft:
+            chosen = s.chooser.choose(self._adjusted(s, rows[taken]), d)
+            if chosen != d:  # the model's own token (or EOS) where the draft went wrong
+                break
+            s.tokens.append(d)
+            taken += 1
+            self._emit(s, d, rows[taken - 1])
+            if s.stream.stopped or s.chooser.finished or s.chooser.done:
+                finished = True
+                self._finish(s, "length" if s.chooser.done and not (s.stream.stopped or s.chooser.finished)
+                             else "stop")
+                break
+        else:  # the whole draft taken: the last row gives the next token
+            chosen = s.chooser.choose(self._adjusted(s, rows[taken]))
+        session.pos = start + 1 + taken  # the cache keeps tok and the draft tokens taken
+        s.lookup.update(len(draft), taken)
+        r.drafted_tokens += len(draft)
+        r.accepted_tokens += taken
+        self.stats.drafted_tokens += len(draft)
+        self.stats.accepted_tokens += taken
+        if not finished:
+            s.corrected = taken < len(draft)
+            self._chosen(s, chosen, rows[taken])
+        return True
 
     def _forced(self, s: _Slot, room: int) -> list[int]:
         # Not with logprobs: a forced token's log-probability would need the step it skips.

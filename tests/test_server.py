@@ -159,6 +159,7 @@ def test_stop_string_and_seeded_sampling(client):
     (dict(max_tokens=301), "max_tokens"),
     (dict(max_tokens=0), "max_tokens"),
     (dict(stop=["a", "b", "c", "d", "e"]), "stop"),
+    (dict(extra_body={"prompt_lookup_num_tokens": -1}), "prompt_lookup_num_tokens"),
 ])
 def test_bad_parameters_are_400_with_a_message(client, kw, param):
     with pytest.raises(openai.BadRequestError) as e:
@@ -212,6 +213,40 @@ def test_shutdown_ends_a_running_request_with_an_error(model):
         e.close()
     assert events[-1][0] == "error" and events[-1][2] == 503 and "shutting down" in events[-1][1]
     assert not any(ev[0] == "done" for ev in events)
+
+
+COPY = ("Repeat this text exactly, word for word: The old lighthouse keeper climbed the spiral stairs every "
+        "evening at dusk. He lit the great lamp, wound the clockwork that turned it, and wrote the weather in "
+        "his logbook before the first ships passed the rocks.")
+
+
+def _metric(server, name: str) -> float:
+    text = httpx.get(server.url + "/metrics", headers={"authorization": f"Bearer {KEY}"}).text
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(frequency_penalty=0.5, logprobs=True, top_logprobs=2)])
+def test_prompt_lookup_same_text_with_drafts_taken(client, server, model, kw):
+    """Prompt-lookup decoding on a request that copies its prompt: the same greedy text as plain
+    decoding (the Python API's, and the server's own without drafts, with penalties and logprobs),
+    drafts taken, counted in usage (OpenAI's predicted-token fields) and /metrics."""
+    messages = [{"role": "user", "content": COPY}]
+    drafted = _metric(server, "fastinfer_lookup_drafted_tokens_total")
+    args = dict(model="smollm2", messages=messages, max_tokens=60, temperature=0, **kw)
+    plain = client.chat.completions.create(**args)
+    got = client.chat.completions.create(**args, extra_body={"prompt_lookup_num_tokens": 3})
+    assert got.choices[0].message.content == plain.choices[0].message.content
+    if not kw:
+        assert plain.choices[0].message.content == _solo(model, messages, 60)
+        assert plain.usage.completion_tokens_details is None
+    else:
+        assert [(t.token, t.logprob) for t in got.choices[0].logprobs.content] == \
+            [(t.token, t.logprob) for t in plain.choices[0].logprobs.content]
+    details = got.usage.completion_tokens_details
+    assert details.accepted_prediction_tokens >= 10, details
+    assert got.usage.completion_tokens == plain.usage.completion_tokens
+    assert _metric(server, "fastinfer_lookup_drafted_tokens_total") == \
+        drafted + details.accepted_prediction_tokens + details.rejected_prediction_tokens
 
 
 def test_tokenize_detokenize_and_metrics(server, model):
