@@ -11,6 +11,11 @@ and the earlier turns), and only the rest is prefilled. A reply cut short (a sto
 generator closed) stays in the conversation as far as it got. When the conversation and room for
 a reply no longer fit the context, the oldest turns are dropped (the system message stays) and
 `last.dropped` says how many; then the cache is reused only up to the first dropped turn.
+
+With kv_budget=N (Llama-family models), no layer's cache holds more than N rows: the least
+attended rows of earlier turns are evicted as the chat grows (fastinfer/prune.py), so memory and
+time per token stay flat up to n_ctx positions, at some cost in what the model recalls; turns are
+dropped only when the positions run out.
 """
 from __future__ import annotations
 
@@ -45,12 +50,17 @@ class Conversation:
     """A chat with `model` over one Session of n_ctx tokens (default: the model's context).
 
     options are generate's sampling and length options (temperature, top_p, max_new_tokens,
-    seed, stop, ...), the defaults for every turn; `say` takes the same to override them."""
+    seed, stop, ...), the defaults for every turn; `say` takes the same to override them.
+    kv_budget=N caps every layer's cache at N rows (see above)."""
 
-    def __init__(self, model, system: str | None = None, n_ctx: int | None = None, **options: Any):
+    def __init__(self, model, system: str | None = None, n_ctx: int | None = None, kv_budget: int | None = None,
+                 **options: Any):
         model._decoder_only("chat")
+        if kv_budget is not None and options.get("prompt_lookup_num_tokens"):
+            raise ValueError("prompt_lookup_num_tokens does not combine with kv_budget")
         self.model = model
-        self.session = model.session(n_ctx=n_ctx or model.n_ctx)
+        self.session = model.session(n_ctx=n_ctx or model.n_ctx, kv_budget=kv_budget)
+        self.kv_budget = kv_budget
         self.system = system
         self.messages: list[dict[str, str]] = []
         self.options = options
@@ -73,6 +83,8 @@ class Conversation:
         if not isinstance(text, str) or not text.strip():
             raise ValueError("the message is empty")
         opts = {**self.options, **options}
+        if self.kv_budget is not None and opts.get("prompt_lookup_num_tokens"):
+            raise ValueError("prompt_lookup_num_tokens does not combine with kv_budget")
         stop = opts.pop("stop", None)
         stop = [stop] if isinstance(stop, str) else list(stop or ())
         before = list(self.messages)  # a refused message changes nothing, dropped turns included
@@ -160,9 +172,7 @@ class Conversation:
         def pieces():
             finished = False
             try:
-                if keep == 0:
-                    s.reset()
-                s.pos = keep
+                s.rewind(keep)
                 for tok in tokens:
                     if turn.tokens == 0:
                         turn.first_token_seconds = time.perf_counter() - t0

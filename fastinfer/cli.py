@@ -152,6 +152,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="context length (default: min(4096, model's)); when full, the oldest turns are dropped")
     h.add_argument("--prompt-lookup", type=_count, default=None, metavar="N",
                    help="prompt-lookup decoding, as in generate (default: off)")
+    h.add_argument("--kv-budget", type=int, default=None, metavar="N",
+                   help="cap every layer's KV cache at N rows, evicting the least attended rows of earlier turns "
+                        "(flat memory and speed as the chat grows; Llama-family models); turns are dropped only "
+                        "when --ctx positions run out")
     h.add_argument("-v", "--verbose", action="store_true",
                    help="after each reply, on stderr: prompt tokens (cached, prefilled), time to first token, speed")
 
@@ -388,18 +392,24 @@ def cmd_chat(args) -> int:
     given = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                  repetition_penalty=args.repeat_penalty)
     SamplingParams(**{k: v for k, v in given.items() if v is not None})  # bad values fail before loading
+    if args.kv_budget is not None:
+        from .prune import check_options
+        check_options(None, None, args.kv_budget)
+        if args.prompt_lookup:
+            raise ValueError("--prompt-lookup does not combine with --kv-budget")
     model = _load(args)
     opts = {k: v for k, v in dict(given, max_new_tokens=args.max_new_tokens, seed=args.seed,
                                   prompt_lookup_num_tokens=args.prompt_lookup).items() if v is not None}
-    chat = Conversation(model, system=args.system, n_ctx=args.ctx, **opts)
+    chat = Conversation(model, system=args.system, n_ctx=args.ctx, kv_budget=args.kv_budget, **opts)
     tty = sys.stdin.isatty()
     if tty:
         try:
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
-        print(f"fastinfer chat: {Path(str(model.source)).name}, {chat.n_ctx} tokens of context. /help lists the commands; "
-              "Ctrl-C stops a reply, Ctrl-D leaves.", file=sys.stderr)
+        budget = "" if args.kv_budget is None else f" (cache capped at {args.kv_budget} rows per layer)"
+        print(f"fastinfer chat: {Path(str(model.source)).name}, {chat.n_ctx} tokens of context{budget}. /help lists the "
+              "commands; Ctrl-C stops a reply, Ctrl-D leaves.", file=sys.stderr)
     while True:
         try:
             line = input(">>> ") if tty else sys.stdin.readline()
@@ -442,6 +452,8 @@ def cmd_chat(args) -> int:
             drafts = ""
             if chat.lookup is not None:
                 drafts = f"; drafts: {chat.lookup.accepted} of {chat.lookup.drafted} tokens taken"
+            if chat.kv_budget is not None:
+                drafts += f"; cache: {int(chat.session._pruning.fill.max())} of {chat.session.pos} positions held"
             print(f"[prompt {t.prompt_tokens} tokens: {t.cached} cached, {t.prefilled} prefilled; first token "
                   f"{1e3 * t.first_token_seconds:.0f} ms; {t.tokens} tokens, {rate:.1f} tokens/s{drafts}]", file=sys.stderr)
 

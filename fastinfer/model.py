@@ -600,6 +600,20 @@ class Session:
         self._run(ids, True, self._dense_pattern if self._dense_last else self._pattern)
         return self.state.logits[:len(ids)]
 
+    def rewind(self, pos: int) -> None:
+        """Keep the cache's first pos positions and forget the rest (a chat's turn after an
+        edit, a draft refused); the next call continues at pos."""
+        if not 0 <= pos <= self.pos:
+            raise ValueError(f"cannot rewind to position {pos}: the session holds {self.pos}")
+        if pos == 0:
+            return self.reset()
+        if self.model.arch.trims_cache and self.pos - pos > self.state.chunk:
+            raise ValueError(f"a sliding-window cache keeps one chunk ({self.state.chunk} positions) behind its "
+                             f"window: cannot rewind {self.pos - pos}")
+        if self._pruning is not None:
+            self._pruning.rewind(self.state, pos)
+        self.pos = pos
+
     def reset(self) -> None:
         self.pos = 0
         if self.model.arch.trims_cache:

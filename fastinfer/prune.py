@@ -127,6 +127,17 @@ class Pruning:
         state.ring_pos[:] = -1
         self.kept = None
 
+    def rewind(self, state, pos: int) -> None:
+        """Forget every row and ring query of positions pos and later. A layer's rows stay in
+        position order (append_rows adds at the end, evict compacts in order), so they are its
+        last rows."""
+        for l in range(len(self.fill)):
+            n = int(self.fill[l])
+            self.fill[l] = np.searchsorted(self.row_pos[l, :n], pos)
+            self.row_pos[l, self.fill[l]:n] = -1
+        state.ring_pos[state.ring_pos >= pos] = -1
+        self.kept = None
+
     # -- one compiled call over a layer range ---------------------------------------------------
     def run_chunk(self, session, ids: np.ndarray, positions: np.ndarray, virtual: int, all_logits: bool,
                   l0: int, l1: int) -> None:

@@ -77,6 +77,44 @@ def test_a_full_context_drops_the_oldest_turns(model):
     assert chat.messages[-1]["role"] == "assistant"  # the refused message left nothing behind
 
 
+def test_rewind_under_eviction_equals_never_having_gone_on(model):
+    # A cache capped at 256 rows holds 248 after a 280-token prompt (an eviction made room for its
+    # last chunk). Going on by 8 tokens, rewinding them and feeding 8 others must compute exactly
+    # what a session fed the prompt and then those 8 computes (the 8 never needed an eviction).
+    text = model.tokenizer.encode(" ".join(f"item {i} is {i * i}." for i in range(200))).ids
+    prompt, detour, then = text[:280], text[280:288], text[300:308]
+    a = model.session(n_ctx=1024, kv_budget=256)
+    a.prefill(prompt)
+    fill, rows = a._pruning.fill.copy(), a._pruning.row_pos.copy()
+    assert fill.max() < len(prompt)  # rows were evicted
+    a.prefill(detour)
+    assert (a._pruning.fill == fill + len(detour)).all()  # no eviction on the detour
+    a.rewind(len(prompt))
+    assert (a._pruning.fill == fill).all()
+    assert all((a._pruning.row_pos[l, :n] == rows[l, :n]).all() for l, n in enumerate(fill))
+    got = a.prefill(then)
+    b = model.session(n_ctx=1024, kv_budget=256)
+    b.prefill(prompt)
+    assert np.array_equal(got, b.prefill(then))
+    with pytest.raises(ValueError, match="cannot rewind"):
+        a.rewind(a.pos + 1)
+
+
+def test_a_chat_under_a_kv_budget_goes_past_it_without_dropping_turns(model):
+    chat = Conversation(model, system="Answer briefly.", kv_budget=128, temperature=0, max_new_tokens=48)
+    asked = [FRANCE, "Describe a sunrise in two sentences.", "Why do cats purr?", "Give advice to a new programmer.",
+             "What is a rainbow?", GERMANY]
+    replies = ["".join(chat.say(q)) for q in asked]
+    assert chat.session.pos > 2 * 128 and chat.session._pruning.fill.max() <= 128
+    assert chat.last.dropped == 0 and [m["content"] for m in chat.messages if m["role"] == "user"] == asked
+    assert chat.last.cached > chat.last.prefilled  # the earlier turns' rows are reused, not recomputed
+    assert "Paris" in replies[0] and "Berlin" in replies[-1]
+    with pytest.raises(ValueError, match="kv_budget"):
+        Conversation(model, kv_budget=128, prompt_lookup_num_tokens=2)
+    with pytest.raises(ValueError, match="kv_budget must be"):
+        Conversation(model, kv_budget=16)
+
+
 def test_save_and_load(model, tmp_path):
     chat = Conversation(model, system="Be kind.", temperature=0, max_new_tokens=8)
     "".join(chat.say(FRANCE))
@@ -126,6 +164,13 @@ def test_cli_reads_turns_from_stdin(smollm2_gguf, tmp_path):
     assert len(stats) == 2 and " 0 cached" in stats[0] and " 0 cached" not in stats[1]
     assert "unknown command /nope" in r.stderr
     assert [m["role"] for m in json.loads(saved.read_text())["messages"]] == ["user", "assistant"]
+
+
+@pytest.mark.parametrize("extra, message", [(["--kv-budget", "16"], "kv_budget must be"),
+                                            (["--kv-budget", "128", "--prompt-lookup", "2"], "does not combine")])
+def test_cli_bad_kv_budget_is_one_line(smollm2_gguf, extra, message):
+    r = subprocess.run(_cli(smollm2_gguf, *extra), input=f"{FRANCE}\n", capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 class _Terminal:
