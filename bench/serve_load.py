@@ -9,6 +9,7 @@ another (prompts cycle through a fixed list, greedy, --max-tokens each); with --
 drops a stream after a few chunks with probability P. Reported per engine and concurrency:
 requests/s, generated tokens/s (all clients together), time to first token and inter-token latency
 p50/p99, errors, the server's RSS at start and end and its peak, and (fastinfer) busy slots after.
+Also the CPU the load generator and the server used, in % of one core (the two share the cores).
 One JSON line per run; --out appends them to a file.
 """
 import argparse
@@ -71,7 +72,98 @@ def start(engine: str, args, port: int) -> subprocess.Popen:
     raise SystemExit(f"{engine} server did not come up")
 
 
+class _Connection:
+    """A minimal HTTP/1.1 keep-alive client for streamed POSTs: the load generator shares the
+    server's two cores, and httpx's per-chunk work (h11 parsing, decoding, its async machinery)
+    took ~9% of a core at 8 streams. This reads the chunked body and splits it into lines, no more."""
+
+    def __init__(self, url: str):
+        host, _, port = url.removeprefix("http://").partition(":")
+        self.host, self.port = host, int(port or 80)
+        self.reader = self.writer = None
+
+    async def post_lines(self, path: str, body: dict):
+        """(status, async iterator of the response's lines)."""
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        data = json.dumps(body).encode()
+        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        return status, self._lines(b"chunked" in head.lower())
+
+    async def _lines(self, chunked: bool):
+        if not chunked:  # an error body with a Content-Length: read no more of it, start over
+            self.close()
+            return
+        tail = b""
+        while True:
+            size = int((await self.reader.readuntil(b"\r\n"))[:-2], 16)
+            piece = await self.reader.readexactly(size + 2)
+            if size == 0:
+                return
+            tail += piece[:-2]
+            *lines, tail = tail.split(b"\n")
+            for line in lines:
+                yield line.decode()
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
 async def client(url: str, stop_at: float, args, rng: random.Random, out: dict) -> None:
+    conn = _Connection(url)
+    k = rng.randrange(len(PROMPTS))
+    while time.perf_counter() < stop_at:
+        body = {"model": "m", "messages": [{"role": "user", "content": PROMPTS[k % len(PROMPTS)]}],
+                "max_tokens": args.max_tokens, "temperature": 0, "stream": True}
+        k += 1
+        drop_after = rng.randint(2, 20) if rng.random() < args.disconnect else None
+        t0 = time.perf_counter()
+        first, last, chunks, finished = None, None, 0, False
+        try:
+            status, lines = await conn.post_lines("/v1/chat/completions", body)
+            if status != 200:
+                out["errors"] += 1
+                conn.close()
+                continue
+            async for line in lines:
+                if line == "data: [DONE]":
+                    finished = True
+                if not line.startswith("data: ") or finished:
+                    continue
+                d = json.loads(line[6:])
+                if "error" in d:
+                    out["errors"] += 1
+                    break
+                if d["choices"] and d["choices"][0]["delta"].get("content"):
+                    now = time.perf_counter()
+                    if first is None:
+                        first = now
+                        out["ttft"].append(now - t0)
+                    else:
+                        out["itl"].append(now - last)
+                    last = now
+                    chunks += 1
+                    if drop_after is not None and chunks >= drop_after:
+                        out["dropped"] += 1
+                        break
+            if not finished:  # dropped or cut: the connection goes with the stream
+                conn.close()
+            if drop_after is None or chunks < drop_after:
+                out["requests"] += 1 if finished else 0
+                out["errors"] += 0 if finished else 1
+            out["tokens"] += chunks
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            out["errors"] += 1
+            conn.close()
+    conn.close()
+
+
+async def client_httpx(url: str, stop_at: float, args, rng: random.Random, out: dict) -> None:
     async with httpx.AsyncClient(timeout=300) as http:
         k = rng.randrange(len(PROMPTS))
         while time.perf_counter() < stop_at:
@@ -117,9 +209,21 @@ async def load(url: str, clients: int, args) -> dict:
     out = {"requests": 0, "tokens": 0, "errors": 0, "dropped": 0, "ttft": [], "itl": []}
     t0 = time.perf_counter()
     stop_at = t0 + args.duration
-    await asyncio.gather(*(client(url, stop_at, args, random.Random(i), out) for i in range(clients)))
+    run = client_httpx if args.client == "httpx" else client
+    cpu0, server0 = os.times(), _cpu_seconds(args.server_pid)
+    await asyncio.gather(*(run(url, stop_at, args, random.Random(i), out) for i in range(clients)))
     out["seconds"] = time.perf_counter() - t0
+    cpu1 = os.times()
+    out["client_cpu"] = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / out["seconds"]
+    out["server_cpu"] = (_cpu_seconds(args.server_pid) - server0) / out["seconds"]
     return out
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process pid, all its threads."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def pct(xs: list, q: float) -> float | None:
@@ -143,11 +247,14 @@ def main() -> None:
     ap.add_argument("--disconnect", type=float, default=0.0, help="chance a client drops its stream early")
     ap.add_argument("--llama-python", default=os.environ.get("LLAMA_PYTHON", sys.executable),
                     help="the Python that has llama-cpp-python[server]")
+    ap.add_argument("--client", choices=["raw", "httpx"], default="raw",
+                    help="raw: a minimal HTTP/1.1 reader (default; least CPU taken from the server); httpx")
     ap.add_argument("--out", default=None, help="append the JSON lines to this file")
     args = ap.parse_args()
     for engine in args.engines.split(","):
         port = _free_port()
         p = start(engine, args, port)
+        args.server_pid = p.pid
         url = f"http://127.0.0.1:{port}"
         try:
             warm = argparse.Namespace(**{**vars(args), "duration": args.warmup})
@@ -162,7 +269,9 @@ def main() -> None:
                        "itl_ms_p50": pct(r["itl"], 0.5), "itl_ms_p99": pct(r["itl"], 0.99),
                        "errors": r["errors"], "dropped": r["dropped"], "rss_mib_start": round(rss0, 1),
                        "rss_mib_end": round(_status_mib(p.pid, "VmRSS"), 1), "rss_mib_peak": round(_status_mib(p.pid, "VmHWM"), 1),
-                       "max_tokens": args.max_tokens, "threads": args.threads}
+                       "max_tokens": args.max_tokens, "threads": args.threads, "client": args.client,
+                       "client_cpu_pct": round(100 * r["client_cpu"], 1),
+                       "server_cpu_pct": round(100 * r["server_cpu"], 1)}
                 if engine == "fastinfer":
                     time.sleep(0.5)
                     metrics = httpx.get(url + "/metrics").text
