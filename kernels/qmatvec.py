@@ -25,8 +25,8 @@ and on AVX-512 they share a port with it: 8 tokens cost 5.3x one. From TOKEN_MAJ
 the loop is token-major instead: the activations are laid out (`prepare`) so that each 8-byte
 weight group, broadcast from memory to 8 qword lanes, meets the 8 tokens' bytes of that group in
 one vpdpbusd. A scale group's products then sum in int32 for all tokens at once, and one convert
-and one multiply-add per stretch serve them all: 8 tokens cost ~0.7x what the row-major loop
-took for them. The two loops round differently (the integer sums are the same, the float
+and one multiply-add per stretch serve them all; two rows go together (TM_ROWS), sharing each
+load of the tokens' bytes. 8 tokens cost ~0.6x what the row-major loop took for them. The two loops round differently (the integer sums are the same, the float
 grouping is not), so a token's result can differ in the last bits between a call of <= 4 tokens
 and one of 5..8; within each, a token's result does not depend on the others.
 
@@ -56,6 +56,10 @@ TOKEN_MAJOR_MIN_T = 5  # from 5 tokens one token-major row loop (body_tm in _row
 # overlap their accumulator chains (measured ~5-10% at T = 1, 2; nothing at T >= 4, where
 # 2 x T accumulators start to crowd the 32 registers).
 ROWS_AT_ONCE = {1: 2, 2: 2}
+# Rows the token-major loop takes at a time: each load of the tokens' bytes of a weight group
+# then feeds two rows' dot products (30 x (3072 x 576) Q4_1, 8 tokens, one thread: 6.3 ms with one
+# row, 5.3 with two; three or four rows did no better; bench/qmatvec.py --tokens 8).
+TM_ROWS = 2
 # Each row's weight bytes are prefetched this far ahead (a few rows on; a prefetch past the end
 # never faults): where the hardware prefetcher alone cannot keep a core's stream busy, the decode
 # matmuls ran 1.2-1.4x faster with it; 1 and 8 KB did no better.
@@ -314,12 +318,13 @@ def _rows_ir(tier: Tier):
                 _loop(builder, builder.add(r0, builder.mul(blocks, _c(_i64, R))), r1, [],
                       lambda r, _: rows_from(r, 1), "qmv.row")
 
-        u_buf = cgutils.alloca_once(builder, _v64i8)  # a stretch's unpacked weights, re-read as broadcasts
+        # a stretch's unpacked weights per row, re-read as broadcasts
+        u_bufs = [cgutils.alloca_once(builder, _v64i8) for _ in range(TM_ROWS)]
 
         def body_tm(kd):
             """TOKEN_MAJOR_MIN_T..8 tokens (T), token-major: one pass serves 8 token lanes.
 
-            Per stretch of a row, the 64 unpacked weight bytes go through u_buf, and each 8-byte
+            Per stretch of a row, the 64 unpacked weight bytes go through its u_buf, and each 8-byte
             group k (elements 8k..8k+7) is broadcast to all 8 qword lanes (a load, no shuffle).
             xqT[p, k] holds the 8 tokens' bytes of that group, token t in qword lane t, so one dot
             product gives every token's two 4-element sums. The G groups' products (a scale
@@ -335,72 +340,84 @@ def _rows_ir(tier: Tier):
             per = 8 // G  # qword groups per scale group
             v8i64 = ir.VectorType(_i64, 8)
             # The broadcasts must stay loads (vpbroadcastq from memory costs no shuffle): an empty
-            # asm hands back u_buf's address unseen, so LLVM cannot forward the store into
+            # asm hands back a u_buf's address unseen, so LLVM cannot forward the store into
             # register shuffles (it made each a vpermq, which shares the port the folds need).
             launder = ir.InlineAsm(ir.FunctionType(_i64.as_pointer(), [_i64.as_pointer()]), "", "=r,0")
-            u64 = builder.bitcast(u_buf, _i64.as_pointer())
+            u64s = [builder.bitcast(u, _i64.as_pointer()) for u in u_bufs]
             even = _mask(list(range(0, 16, 2)) + list(range(16, 32, 2)))
             oddl = _mask(list(range(1, 16, 2)) + list(range(17, 32, 2)))
             xdT_lo = _mask(list(range(8)) * 2)
             xdT_hi = _mask(list(range(8, 16)) * 2)
 
-            def row(r):
-                wr = builder.add(builder.mul(l, nrows), builder.add(base, r))
-                qrow = builder.gep(q.data, [builder.mul(wr, rb)])
-                srow = builder.gep(s.data, [builder.mul(wr, gs)])
-                mrow = builder.gep(m.data, [builder.mul(wr, gs)]) if offsets else None
+            def rows_from(r, R):
+                """Rows r..r+R-1 together: each token-major activation load feeds R rows'
+                products. accs[i * n_acc + j]: row i's j-th accumulator."""
+                wrs = [builder.add(builder.mul(l, nrows), builder.add(base, builder.add(r, _c(_i64, i))))
+                       for i in range(R)]
+                qrow = [builder.gep(q.data, [builder.mul(wr, rb)]) for wr in wrs]
+                srow = [builder.gep(s.data, [builder.mul(wr, gs)]) for wr in wrs]
+                mrow = [builder.gep(m.data, [builder.mul(wr, gs)]) for wr in wrs] if offsets else None
 
-                def step(p, accs, u, sv, mv):
-                    """Stretch p with unpacked weights u, its G scales sv and min factors mv."""
+                def step(p, accs, us, svs, mvs):
+                    """Stretch p with row i's unpacked weights us[i], its G scales svs[i] and min
+                    factors mvs[i]."""
                     new = list(accs)
-                    builder.store(u, u_buf)
-                    u64p = builder.call(launder, [u64])
+                    u64ps = []
+                    for i in range(R):
+                        builder.store(us[i], u_bufs[i])
+                        u64ps.append(builder.call(launder, [u64s[i]]))
                     xrow = builder.gep(xqT.data, [builder.mul(p, _c(_i64, 512))])
-                    isums = []
+                    isums = [[] for _ in range(R)]
                     for g in range(G):
-                        acc = _c(_v16i32, [0] * 16)
+                        acc = [_c(_v16i32, [0] * 16)] * R
                         for k in range(g * per, (g + 1) * per):
-                            w = builder.load(builder.gep(u64p, [_c(_i64, k)]))
-                            wv = builder.shuffle_vector(builder.insert_element(ir.Constant(v8i64, ir.Undefined), w,
-                                                                               _c(_i32, 0)),
-                                                        ir.Constant(v8i64, ir.Undefined), _mask([0] * 8))
                             xv = _load(builder, builder.gep(xrow, [_c(_i64, 64 * k)]), _v64i8)
-                            acc = dot_bytes(builder, acc, builder.bitcast(wv, _v64i8), xv, tier, signed)
-                        isums.append(acc)
+                            for i in range(R):
+                                w = builder.load(builder.gep(u64ps[i], [_c(_i64, k)]))
+                                wv = builder.shuffle_vector(builder.insert_element(ir.Constant(v8i64, ir.Undefined), w,
+                                                                                   _c(_i32, 0)),
+                                                            ir.Constant(v8i64, ir.Undefined), _mask([0] * 8))
+                                acc[i] = dot_bytes(builder, acc[i], builder.bitcast(wv, _v64i8), xv, tier, signed)
+                        for i in range(R):
+                            isums[i].append(acc[i])
                     xdv = _load(builder, builder.gep(xd16.data, [builder.mul(p, _c(_i64, 16))]), _v16f32)
                     for h in range(G // 2):
-                        a, b = isums[2 * h], isums[2 * h + 1]
-                        both = builder.add(builder.shuffle_vector(a, b, even), builder.shuffle_vector(a, b, oddl))
-                        f = builder.sitofp(both, _v16f32)
-                        sw = builder.shuffle_vector(sv, sv, _mask([2 * h] * 8 + [2 * h + 1] * 8))
                         xd_h = xdv if G == 2 else builder.shuffle_vector(xdv, xdv, xdT_lo if h == 0 else xdT_hi)
-                        new[h] = builder.call(fma, [f, builder.fmul(sw, xd_h, flags=STRICT), new[h]])
-                        if has_min:
-                            xt = _load(builder, builder.gep(xsT.data, [builder.add(builder.mul(p, ldt), _c(_i64, 16 * h))]),
-                                       _v16f32)
-                            mh = builder.shuffle_vector(mv, mv, _mask([2 * h] * 8 + [2 * h + 1] * 8))
-                            new[G // 2 + h] = builder.call(fma, [mh, xt, new[G // 2 + h]])
+                        xt = (_load(builder, builder.gep(xsT.data, [builder.add(builder.mul(p, ldt), _c(_i64, 16 * h))]),
+                                    _v16f32) if has_min else None)
+                        for i in range(R):
+                            a, b = isums[i][2 * h], isums[i][2 * h + 1]
+                            both = builder.add(builder.shuffle_vector(a, b, even), builder.shuffle_vector(a, b, oddl))
+                            f = builder.sitofp(both, _v16f32)
+                            sw = builder.shuffle_vector(svs[i], svs[i], _mask([2 * h] * 8 + [2 * h + 1] * 8))
+                            j = i * n_acc + h
+                            new[j] = builder.call(fma, [f, builder.fmul(sw, xd_h, flags=STRICT), new[j]])
+                            if has_min:
+                                mh = builder.shuffle_vector(mvs[i], mvs[i], _mask([2 * h] * 8 + [2 * h + 1] * 8))
+                                new[j + G // 2] = builder.call(fma, [mh, xt, new[j + G // 2]])
                     return new
 
                 def pair(p, accs):
-                    u = stretch_weights(qrow, p, kd, signed)
                     g = builder.mul(p, _c(_i64, G))
-                    sv = _load(builder, builder.gep(srow, [g]), vmn)
-                    mv = _load(builder, builder.gep(mrow, [g]), vmn) if offsets else sv
-                    return step(p, accs, u, sv, mv)
+                    us = [stretch_weights(qrow[i], p, kd, signed) for i in range(R)]
+                    svs = [_load(builder, builder.gep(srow[i], [g]), vmn) for i in range(R)]
+                    mvs = [_load(builder, builder.gep(mrow[i], [g]), vmn) for i in range(R)] if offsets else svs
+                    return step(p, accs, us, svs, mvs)
 
                 def last(accs):
                     # the odd last block: the upper half of u is zero (and so are xqT's, xd16's
                     # and xsT's upper halves for this stretch)
                     b = builder.sub(nb, _c(_i64, 1))
-                    u = last_weights(qrow, b, kd, signed)
-                    s1 = builder.insert_element(_c(_v2f32, [0.0] * 2), builder.load(builder.gep(srow, [b])), _c(_i32, 0))
-                    m1 = (builder.insert_element(_c(_v2f32, [0.0] * 2), builder.load(builder.gep(mrow, [b])), _c(_i32, 0))
-                          if offsets else s1)
-                    return step(pairs, accs, u, s1, m1)
+                    us = [last_weights(qrow[i], b, kd, signed) for i in range(R)]
 
-                n_acc = G // 2 * (2 if has_min else 1)
-                accs = _loop(builder, _c(_i64, 0), pairs, [zero16] * n_acc, pair, "qmv.tm.pair")
+                    def one(row_ptr):
+                        return builder.insert_element(_c(_v2f32, [0.0] * 2), builder.load(builder.gep(row_ptr, [b])),
+                                                      _c(_i32, 0))
+                    s1 = [one(srow[i]) for i in range(R)]
+                    m1 = [one(mrow[i]) for i in range(R)] if offsets else s1
+                    return step(pairs, accs, us, s1, m1)
+
+                accs = _loop(builder, _c(_i64, 0), pairs, [zero16] * (n_acc * R), pair, "qmv.tm.pair")
                 if kd not in (Q5, Q6):
                     accs = _if(builder, odd, accs, last, "qmv.tm.last")
 
@@ -413,21 +430,31 @@ def _rows_ir(tier: Tier):
                         hi = [builder.fadd(hi[0], hi[1], flags=STRICT)]
                     return builder.fadd(lo[0], hi[0], flags=STRICT)
 
-                sums = fold(accs[:G // 2])
-                if has_min:
-                    mt = fold(accs[G // 2:])
-                    if mconst is not None:
-                        mt = builder.fmul(mt, _c(ir.VectorType(_f32, 8), [mconst] * 8), flags=STRICT)
-                    sums = builder.fadd(sums, mt, flags=STRICT)
-                for t in range(MAX_T):
-                    def store(vals, t=t):
-                        builder.store(builder.extract_element(sums, _c(_i32, t)),
-                                      builder.gep(out.data, [builder.add(builder.mul(_c(_i64, t), ldo), r)]))
-                        return vals
-                    _if(builder, builder.icmp_signed("<", _c(_i64, t), T), [], store, "qmv.tm.store")
+                for i in range(R):
+                    mine = accs[i * n_acc:(i + 1) * n_acc]
+                    sums = fold(mine[:G // 2])
+                    if has_min:
+                        mt = fold(mine[G // 2:])
+                        if mconst is not None:
+                            mt = builder.fmul(mt, _c(ir.VectorType(_f32, 8), [mconst] * 8), flags=STRICT)
+                        sums = builder.fadd(sums, mt, flags=STRICT)
+                    ri = builder.add(r, _c(_i64, i))
+                    for t in range(MAX_T):
+                        def store(vals, t=t, sums=sums, ri=ri):
+                            builder.store(builder.extract_element(sums, _c(_i32, t)),
+                                          builder.gep(out.data, [builder.add(builder.mul(_c(_i64, t), ldo), ri)]))
+                            return vals
+                        _if(builder, builder.icmp_signed("<", _c(_i64, t), T), [], store, "qmv.tm.store")
                 return []
 
-            _loop(builder, r0, r1, [], lambda r, _: row(r), "qmv.tm.rows")
+            n_acc = G // 2 * (2 if has_min else 1)
+            R = TM_ROWS
+            blocks = builder.sdiv(builder.sub(r1, r0), _c(_i64, R))
+            _loop(builder, _c(_i64, 0), blocks, [],
+                  lambda i, _: rows_from(builder.add(r0, builder.mul(i, _c(_i64, R))), R), "qmv.tm.rows")
+            if R > 1:
+                _loop(builder, builder.add(r0, builder.mul(blocks, _c(_i64, R))), r1, [],
+                      lambda r, _: rows_from(r, 1), "qmv.tm.row")
 
         # one specialized row loop per (T, kind), chosen once per call: row-major per token count,
         # one token-major loop for TOKEN_MAJOR_MIN_T..MAX_T
