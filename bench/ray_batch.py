@@ -1,0 +1,156 @@
+"""Batch generation over a fixed set of prompts: Ray Data actors against one process.
+
+    python bench/ray_batch.py single --batch-sizes 8,16,32        # Model.generate(list) in one process
+    python bench/ray_batch.py ray --actors 2 --threads 1 --batch-size 16
+    python bench/ray_batch.py ray --actors 1 --threads 2 --batch-size 16
+
+Both run the same --prompts prompts (built from fixed subjects and openings), greedy, --max-tokens
+each, and report generated tokens per second as mean ± std over --repeat runs after one warm-up
+run. `single` loads the model once (threads = all cores) and decodes the prompts in batches of
+each --batch-sizes. `ray` starts a local cluster of --cpus CPUs and runs a whole
+`map_batches(Predictor, ...)` pass per repetition, new actors each time, so a run's wall time
+includes starting the actors and loading the model; `span` is the time from the first batch's
+start to the last batch's end inside the actors, without that start-up. One JSON line per
+repetition; --out appends them to a file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+SUBJECTS = ["the ocean", "a small village", "the history of Rome", "machine learning", "a lost dog",
+            "the moon landing", "bread baking", "a rainy afternoon", "chess strategy", "volcanoes",
+            "the printing press", "a city at night", "honey bees", "the violin", "desert travel",
+            "a mountain lake", "electric cars", "ancient Egypt", "a winter market", "the human heart",
+            "coral reefs", "a train journey", "photosynthesis", "a chess club", "the first computers"]
+OPENINGS = ["Write a short story about {}.", "Explain {} to a child.", "Here is an essay about {}:",
+            "Describe {} in detail.", "Five facts about {}:", "A poem about {}:",
+            "The most surprising thing about {} is", "Once upon a time, {}"]
+
+
+def prompts(n: int) -> list[str]:
+    every = [o.format(s) for o in OPENINGS for s in SUBJECTS]
+    return [every[i % len(every)] for i in range(n)]
+
+
+def summary(label: str, runs: list[dict], key: str = "tokens_per_s") -> str:
+    xs = [r[key] for r in runs]
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{label}: {statistics.mean(xs):.1f} ± {sd:.1f} {key.replace('_per_s', '/s')} over {len(xs)} runs"
+
+
+def emit(row: dict, out: str | None) -> None:
+    print(json.dumps(row), flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def run_single(args) -> None:
+    import fastinfer
+    from fastinfer.kernels import isa
+    model = fastinfer.load(args.model, threads=args.threads)
+    ps = prompts(args.prompts)
+    ids = [model.encode(p) for p in ps]
+    model.generate(ids[:2], max_new_tokens=4, temperature=0)  # JIT / page-cache warm-up
+    for bs in (int(b) for b in args.batch_sizes.split(",")):
+        runs = []
+        for rep in range(args.repeat + 1):
+            t0 = time.perf_counter()
+            tokens = 0
+            for k in range(0, len(ids), bs):
+                tokens += sum(len(o) for o in model.generate(ids[k:k + bs], max_new_tokens=args.max_tokens,
+                                                             temperature=0))
+            seconds = time.perf_counter() - t0
+            row = {"bench": "single", "batch_size": bs, "threads": model.threads, "rep": rep, "prompts": len(ids),
+                   "tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 2),
+                   "tier": isa.TIER.name}
+            if rep:  # the first run of each batch size is a warm-up
+                runs.append(row)
+            emit({**row, "warmup": rep == 0}, args.out)
+        print(summary(f"single process, threads {model.threads}, batch {bs}", runs), file=sys.stderr)
+
+
+def run_ray(args) -> None:
+    import ray
+    import ray.data
+
+    from fastinfer.kernels import isa
+    from fastinfer.ray import Predictor
+
+    class Timed(Predictor):
+        """Predictor plus each batch's start and end (wall clock, comparable across processes)."""
+        def __call__(self, batch):
+            t0 = time.time()
+            out = super().__call__(batch)
+            return {**out, "t0": [t0] * len(out["output"]), "t1": [time.time()] * len(out["output"])}
+
+    # Ray starts its workers at nice 15 unless told otherwise; at 15 every wake-up of the raylet,
+    # the GCS or the driver preempts a kernel thread and stalls its whole OpenMP team.
+    os.environ["RAY_worker_niceness"] = str(args.worker_niceness)
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ps = prompts(args.prompts)
+    source = ray.data.from_items([{"prompt": p} for p in ps]).repartition(
+        target_num_rows_per_block=args.batch_size).materialize()
+    runs = []
+    for rep in range(args.repeat + 1):
+        # The previous run's actors give their CPUs back asynchronously: a new pool started before
+        # they do waits, and its wall time would count the wait.
+        deadline = time.time() + 120
+        while ray.available_resources().get("CPU", 0) < args.cpus and time.time() < deadline:
+            time.sleep(0.2)
+        t0 = time.perf_counter()
+        ds = source.map_batches(Timed, batch_size=args.batch_size, num_cpus=args.threads,
+                                compute=ray.data.ActorPoolStrategy(size=args.actors, max_tasks_in_flight_per_actor=1),
+                                fn_constructor_kwargs=dict(model=args.model, threads=args.threads,
+                                                           max_tokens=args.max_tokens, temperature=0))
+        tokens, first, last = 0, float("inf"), 0.0
+        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+            tokens += int(batch["output_tokens"].sum())
+            first, last = min(first, float(batch["t0"].min())), max(last, float(batch["t1"].max()))
+        seconds = time.perf_counter() - t0
+        span = last - first
+        row = {"bench": "ray", "worker_niceness": args.worker_niceness, "actors": args.actors, "threads": args.threads, "batch_size": args.batch_size,
+               "rep": rep, "prompts": len(ps), "tokens": tokens, "seconds": round(seconds, 3),
+               "tokens_per_s": round(tokens / seconds, 2), "span": round(span, 3),
+               "span_tokens_per_s": round(tokens / span, 2), "tier": isa.TIER.name}
+        if rep:
+            runs.append(row)
+        emit({**row, "warmup": rep == 0}, args.out)
+    label = (f"ray data, {args.actors} actors x {args.threads} threads, batch {args.batch_size}, "
+             f"worker niceness {args.worker_niceness}")
+    print(summary(label, runs), file=sys.stderr)
+    print(summary(label + " (span, without actor start-up)", runs, "span_tokens_per_s"), file=sys.stderr)
+    ray.shutdown()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("mode", choices=["single", "ray"])
+    ap.add_argument("-m", "--model", default=None, help="default: SmolLM2-135M-Instruct")
+    ap.add_argument("--prompts", type=int, default=200)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--repeat", type=int, default=3, help="measured runs, after one warm-up run")
+    ap.add_argument("--batch-sizes", default="8,16,32", help="single: comma-separated batch sizes")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="single: kernel threads (default: all cores); ray: CPUs and threads per actor (default 1)")
+    ap.add_argument("--actors", type=int, default=2, help="ray: actors")
+    ap.add_argument("--batch-size", type=int, default=16, help="ray: prompts per batch")
+    ap.add_argument("--cpus", type=int, default=os.cpu_count(), help="ray: the local cluster's CPUs")
+    ap.add_argument("--worker-niceness", type=int, default=15, help="ray: the workers' nice value (Ray's default: 15)")
+    ap.add_argument("--out", default=None, help="append the JSON lines to this file")
+    args = ap.parse_args()
+    if args.mode == "single":
+        run_single(args)
+    else:
+        args.threads = args.threads or 1
+        run_ray(args)
+
+
+if __name__ == "__main__":
+    main()
