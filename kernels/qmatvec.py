@@ -17,8 +17,8 @@ natural element order, then for each token does one vpdpbusd into a zeroed int32
 0-7 hold the first block, 8-15 the second), converts it to float and multiplies-adds it with
 [s xd of block 0 x8, s xd of block 1 x8] into a float accumulator, reduced once per row. The min
 term accumulates in a 2-float vector alongside; an odd last block runs the same step on a
-zero-filled upper half. At T <= 2 two rows go together (ROWS_AT_ONCE). Every stretch prefetches
-the weight bytes PREFETCH ahead.
+zero-filled upper half. Two rows go together (ROWS_AT_ONCE; Q8_0 rows only at T <= 2). Every
+stretch prefetches the weight bytes PREFETCH ahead.
 
 That costs a convert and two float operations per token per stretch beside its one dot product,
 and on AVX-512 they share a port with it: 8 tokens cost 5.3x one. From TOKEN_MAJOR_MIN_T tokens
@@ -53,9 +53,11 @@ TOKEN_MAJOR_MIN_T = 5  # from 5 tokens one token-major row loop (body_tm in _row
 # the same for 5 to 8; below, row-major: 4 tokens took 2.6 ms there against 3.5 token-major (30 x
 # 3072 x 576 Q4_1, bench/qmatvec.py)
 # Rows the row loop takes at a time, by token count: two rows share each activation load and
-# overlap their accumulator chains (measured ~5-10% at T = 1, 2; nothing at T >= 4, where
-# 2 x T accumulators start to crowd the 32 registers).
-ROWS_AT_ONCE = {1: 2, 2: 2}
+# overlap their accumulator chains. At 1-2 tokens that gave ~5-10%; at 3-4 tokens 7-12% for the
+# 4-bit kinds (30 x (3072 x 576) Q4_1, one thread: 4.9 -> 4.6 ms at 4 tokens, 4.1 -> 3.6 at 3)
+# but 6% less for Q8_0, whose 64-byte rows leave fewer registers (bench/qmatvec.py --tokens T).
+ROWS_AT_ONCE = {1: 2, 2: 2, 3: 2, 4: 2}
+ROWS_AT_ONCE_Q8 = {1: 2, 2: 2}
 # Rows the token-major loop takes at a time: each load of the tokens' bytes of a weight group
 # then feeds two rows' dot products (30 x (3072 x 576) Q4_1, 8 tokens, one thread: 6.3 ms with one
 # row, 5.3 with two; three or four rows did no better; bench/qmatvec.py --tokens 8).
@@ -474,7 +476,8 @@ def _rows_ir(tier: Tier):
             blk = builder.append_basic_block(f"qmv.t{T_}")
             by_t.add_case(_c(_i64, T_), blk)
             builder.position_at_end(blk)
-            per_kind(f"qmv.t{T_}", lambda kd, T_=T_: body_for(T_, kd, ROWS_AT_ONCE.get(T_, 1)))
+            per_kind(f"qmv.t{T_}", lambda kd, T_=T_: body_for(T_, kd, (ROWS_AT_ONCE_Q8 if kd == Q8_0
+                                                                        else ROWS_AT_ONCE).get(T_, 1)))
         tm = builder.append_basic_block("qmv.tm")
         for T_ in range(TOKEN_MAJOR_MIN_T, MAX_T + 1):
             by_t.add_case(_c(_i64, T_), tm)
