@@ -18,7 +18,6 @@ import json
 import os
 import random
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -114,16 +113,66 @@ class _Connection:
         self.reader = self.writer = None
 
 
-async def client(url: str, stop_at: float, args, rng: random.Random, out: dict) -> None:
-    conn = _Connection(url)
+class _Stream:
+    """One streamed request as a client sees it: time to first token, the gaps between content
+    chunks, a drop after `drop_after` chunks (None: read to the end), and how it ended."""
+
+    def __init__(self, out: dict, drop_after: int | None):
+        self.out, self.drop_after = out, drop_after
+        self.t0, self.last, self.chunks = time.perf_counter(), None, 0
+        self.done = self.failed = False
+
+    @property
+    def dropped(self) -> bool:
+        return self.drop_after is not None and self.chunks >= self.drop_after
+
+    def line(self, line: str) -> bool:
+        """Take one line of the response; False when the client stops reading (an error event,
+        the drop). After `data: [DONE]` the rest is ignored."""
+        if line == "data: [DONE]":
+            self.done = True
+        if self.done or not line.startswith("data: "):
+            return True
+        d = json.loads(line[6:])
+        if "error" in d:
+            self.failed = True
+            return False
+        if d["choices"] and d["choices"][0]["delta"].get("content"):
+            now = time.perf_counter()
+            if self.last is None:
+                self.out["ttft"].append(now - self.t0)
+            else:
+                self.out["itl"].append(now - self.last)
+            self.last = now
+            self.chunks += 1
+        return not self.dropped
+
+    def end(self) -> None:
+        self.out["tokens"] += self.chunks
+        if self.dropped:
+            self.out["dropped"] += 1
+        elif self.done:
+            self.out["requests"] += 1
+        else:  # an error event, or the stream cut short
+            self.out["errors"] += 1
+
+
+def _requests(args, rng: random.Random):
+    """(body, drop_after) of a client's requests, prompts cycling from a random one."""
     k = rng.randrange(len(PROMPTS))
-    while time.perf_counter() < stop_at:
+    while True:
         body = {"model": "m", "messages": [{"role": "user", "content": PROMPTS[k % len(PROMPTS)]}],
                 "max_tokens": args.max_tokens, "temperature": 0, "stream": True}
         k += 1
-        drop_after = rng.randint(2, 20) if rng.random() < args.disconnect else None
-        t0 = time.perf_counter()
-        first, last, chunks, finished = None, None, 0, False
+        yield body, rng.randint(2, 20) if rng.random() < args.disconnect else None
+
+
+async def client(url: str, stop_at: float, args, rng: random.Random, out: dict) -> None:
+    conn = _Connection(url)
+    for body, drop_after in _requests(args, rng):
+        if time.perf_counter() >= stop_at:
+            break
+        s = _Stream(out, drop_after)
         try:
             status, lines = await conn.post_lines("/v1/chat/completions", body)
             if status != 200:
@@ -131,32 +180,11 @@ async def client(url: str, stop_at: float, args, rng: random.Random, out: dict) 
                 conn.close()
                 continue
             async for line in lines:
-                if line == "data: [DONE]":
-                    finished = True
-                if not line.startswith("data: ") or finished:
-                    continue
-                d = json.loads(line[6:])
-                if "error" in d:
-                    out["errors"] += 1
+                if not s.line(line):
                     break
-                if d["choices"] and d["choices"][0]["delta"].get("content"):
-                    now = time.perf_counter()
-                    if first is None:
-                        first = now
-                        out["ttft"].append(now - t0)
-                    else:
-                        out["itl"].append(now - last)
-                    last = now
-                    chunks += 1
-                    if drop_after is not None and chunks >= drop_after:
-                        out["dropped"] += 1
-                        break
-            if not finished:  # dropped or cut: the connection goes with the stream
+            if not s.done:  # dropped or cut: the connection goes with the stream
                 conn.close()
-            if drop_after is None or chunks < drop_after:
-                out["requests"] += 1 if finished else 0
-                out["errors"] += 0 if finished else 1
-            out["tokens"] += chunks
+            s.end()
         except (OSError, asyncio.IncompleteReadError, ValueError):
             out["errors"] += 1
             conn.close()
@@ -165,14 +193,10 @@ async def client(url: str, stop_at: float, args, rng: random.Random, out: dict) 
 
 async def client_httpx(url: str, stop_at: float, args, rng: random.Random, out: dict) -> None:
     async with httpx.AsyncClient(timeout=300) as http:
-        k = rng.randrange(len(PROMPTS))
-        while time.perf_counter() < stop_at:
-            body = {"model": "m", "messages": [{"role": "user", "content": PROMPTS[k % len(PROMPTS)]}],
-                    "max_tokens": args.max_tokens, "temperature": 0, "stream": True}
-            k += 1
-            drop_after = rng.randint(2, 20) if rng.random() < args.disconnect else None
-            t0 = time.perf_counter()
-            first, last, chunks = None, None, 0
+        for body, drop_after in _requests(args, rng):
+            if time.perf_counter() >= stop_at:
+                break
+            s = _Stream(out, drop_after)
             try:
                 async with http.stream("POST", url + "/v1/chat/completions", json=body) as r:
                     if r.status_code != 200:
@@ -180,27 +204,9 @@ async def client_httpx(url: str, stop_at: float, args, rng: random.Random, out: 
                         await r.aread()
                         continue
                     async for line in r.aiter_lines():
-                        if not line.startswith("data: ") or line == "data: [DONE]":
-                            continue
-                        d = json.loads(line[6:])
-                        if "error" in d:
-                            out["errors"] += 1
+                        if not s.line(line):
                             break
-                        if d["choices"] and d["choices"][0]["delta"].get("content"):
-                            now = time.perf_counter()
-                            if first is None:
-                                first = now
-                                out["ttft"].append(now - t0)
-                            else:
-                                out["itl"].append(now - last)
-                            last = now
-                            chunks += 1
-                            if drop_after is not None and chunks >= drop_after:
-                                out["dropped"] += 1
-                                break
-                if drop_after is None or chunks < drop_after:
-                    out["requests"] += 1
-                out["tokens"] += chunks
+                s.end()
             except (httpx.HTTPError, json.JSONDecodeError):
                 out["errors"] += 1
 

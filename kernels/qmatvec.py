@@ -139,6 +139,16 @@ def _join(builder, init, pre, new, end):
     return out
 
 
+def _rows_by(builder, r0, r1, R, rows_from, name):
+    """rows_from(r, R) for r = r0, r0 + R, ... while R rows fit, then rows_from(r, 1) for the rest."""
+    blocks = builder.sdiv(builder.sub(r1, r0), _c(_i64, R))
+    _loop(builder, _c(_i64, 0), blocks, [], lambda i, _: rows_from(builder.add(r0, builder.mul(i, _c(_i64, R))), R),
+          name + ".rows")
+    if R > 1:
+        _loop(builder, builder.add(r0, builder.mul(blocks, _c(_i64, R))), r1, [], lambda r, _: rows_from(r, 1),
+              name + ".row")
+
+
 def _hsum(builder, v):
     """Horizontal sum of a float vector (power-of-two length) by halving."""
     n = v.type.count
@@ -313,12 +323,7 @@ def _rows_ir(tier: Tier):
                         builder.store(total, builder.gep(out.data, [builder.add(builder.mul(_c(_i64, t), ldo), ri)]))
                 return []
 
-            blocks = builder.sdiv(builder.sub(r1, r0), _c(_i64, R))
-            _loop(builder, _c(_i64, 0), blocks, [],
-                  lambda i, _: rows_from(builder.add(r0, builder.mul(i, _c(_i64, R))), R), "qmv.rows")
-            if R > 1:
-                _loop(builder, builder.add(r0, builder.mul(blocks, _c(_i64, R))), r1, [],
-                      lambda r, _: rows_from(r, 1), "qmv.row")
+            _rows_by(builder, r0, r1, R, rows_from, "qmv")
 
         # a stretch's unpacked weights per row, re-read as broadcasts
         u_bufs = [cgutils.alloca_once(builder, _v64i8) for _ in range(TM_ROWS)]
@@ -450,13 +455,7 @@ def _rows_ir(tier: Tier):
                 return []
 
             n_acc = G // 2 * (2 if has_min else 1)
-            R = TM_ROWS
-            blocks = builder.sdiv(builder.sub(r1, r0), _c(_i64, R))
-            _loop(builder, _c(_i64, 0), blocks, [],
-                  lambda i, _: rows_from(builder.add(r0, builder.mul(i, _c(_i64, R))), R), "qmv.tm.rows")
-            if R > 1:
-                _loop(builder, builder.add(r0, builder.mul(blocks, _c(_i64, R))), r1, [],
-                      lambda r, _: rows_from(r, 1), "qmv.tm.row")
+            _rows_by(builder, r0, r1, TM_ROWS, rows_from, "qmv.tm")
 
         # one specialized row loop per (T, kind), chosen once per call: row-major per token count,
         # one token-major loop for TOKEN_MAJOR_MIN_T..MAX_T
