@@ -243,8 +243,8 @@ class Engine:
         s.todo.extend(forced)
         for tok in forced:
             self._emit(s, tok, None)
-        if s.stream.stopped or s.chooser.done:
-            self._finish(s, "length" if s.chooser.done and not (s.stream.stopped or s.chooser.finished) else "stop")
+        if (reason := self._ended(s)) is not None:
+            self._finish(s, reason)
         self.stats.prompt_tokens += len(r.ids)
         self.stats.cached_tokens += keep
 
@@ -282,14 +282,23 @@ class Engine:
         forced = [] if s.stream.stopped else self._forced(s, self.n_ctx - len(s.tokens) - 2)
         for f in forced:
             self._emit(s, f, None)
-        if s.stream.stopped or s.chooser.finished:
-            return self._finish(s, "stop")
-        if s.chooser.done or len(s.tokens) + 1 + len(forced) >= self.n_ctx:
-            return self._finish(s, "length")
+        if (reason := self._ended(s, len(s.tokens) + 1 + len(forced) >= self.n_ctx)) is not None:
+            return self._finish(s, reason)
         if forced:  # fed together, through the prefill path, which then samples the next token
             s.todo = [tok] + forced
         else:
             s.pending = tok
+
+    @staticmethod
+    def _ended(s: _Slot, full: bool = False) -> str | None:
+        """Why slot s's request ends after the tokens handed over so far: "stop" (a stop string,
+        EOS, the end of a constrained value), "length" (max_tokens, or `full`: no room left in
+        the context), or None."""
+        if s.stream.stopped or s.chooser.finished:
+            return "stop"
+        if s.chooser.done or full:
+            return "length"
+        return None
 
     def _lookup_step(self, s: _Slot) -> bool:
         """Prompt-lookup decoding for a slot that decodes alone (with others, the batched step
@@ -321,10 +330,9 @@ class Engine:
             s.tokens.append(d)
             taken += 1
             self._emit(s, d, rows[taken - 1])
-            if s.stream.stopped or s.chooser.finished or s.chooser.done:
+            if (reason := self._ended(s)) is not None:
                 finished = True
-                self._finish(s, "length" if s.chooser.done and not (s.stream.stopped or s.chooser.finished)
-                             else "stop")
+                self._finish(s, reason)
                 break
         else:  # the whole draft taken: the last row gives the next token
             chosen = s.chooser.choose(self._adjusted(s, rows[taken]))
