@@ -160,7 +160,7 @@ class Conversation:
         if self.model.arch.trims_cache and len(self.cached) - keep > s.state.chunk:
             keep = 0  # a sliding-window model gave back cache pages further back than a chunk (State.trim)
         turn = self.last = Turn(prompt_tokens=len(ids), cached=keep, prefilled=len(ids) - keep, dropped=dropped)
-        lookup = PromptLookup(o.prompt_lookup) if o.prompt_lookup else None
+        lookup = PromptLookup(o.prompt_lookup, self.model.exact_draft) if o.prompt_lookup else None
         tokens = generate_ids(s, ids, min(o.max_new_tokens, s.max_seq - len(ids)), o.sampling, self.model.eos_ids,
                               o.no_repeat_ngram_size, o.min_new_tokens, lookup=lookup, cached=keep)
         self.lookup = lookup

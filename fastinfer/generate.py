@@ -110,8 +110,10 @@ class PromptLookup:
     MISSES = 2
     PAUSE = 16
 
-    def __init__(self, max_tokens: int):
-        self.cap = min(int(max_tokens), MAX_EXACT_DRAFT)
+    def __init__(self, max_tokens: int, exact: int = None):
+        """Drafts of up to max_tokens, and never more than `exact` (the model's `exact_draft`:
+        the longest draft its verification computes bit for bit as decode steps)."""
+        self.cap = min(int(max_tokens), MAX_EXACT_DRAFT if exact is None else exact)
         self.k, self.misses, self.paused = self.cap, 0, 0
         self.drafted = self.accepted = self.steps = 0
 
@@ -147,6 +149,9 @@ class PromptLookup:
 # as a one-token step does (the row-major matmul loop, attention's few-rows tile), so prompt lookup
 # changes no greedy output. Longer passes round differently (kernels/qmatvec.py token-major loop).
 MAX_EXACT_DRAFT = 3
+# A model whose matmuls all read 16-row tiles (kernels/qtile.py: every token's arithmetic the same
+# for 1 to 8 tokens; attention's few-rows tile holds up to 8) verifies drafts this long exactly.
+TILED_EXACT_DRAFT = 7
 
 
 def generate_ids(session, prompt: Sequence[int], max_new_tokens: int, params: SamplingParams,

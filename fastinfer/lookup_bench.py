@@ -50,7 +50,7 @@ def builtin_prompts() -> dict[str, list[tuple[str, str]]]:
 def _run(model, ids: list[int], n: int, lookup: int) -> tuple[list[int], float, PromptLookup | None]:
     """(tokens, seconds after the first token, the lookup's counts) for one greedy run."""
     s = model.session(n_ctx=min(model.n_ctx, len(ids) + n + 8))
-    lk = PromptLookup(lookup) if lookup else None
+    lk = PromptLookup(lookup, model.exact_draft) if lookup else None
     params = model._resolve(len(ids), max_new_tokens=n, temperature=0).sampling
     out, t1 = [], None
     for tok in generate_ids(s, ids, n, params, model.eos_ids, lookup=lk):

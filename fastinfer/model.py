@@ -10,6 +10,7 @@ import numba
 import numpy as np
 import tokenizers
 
+from . import generate
 from .beam import beam_search
 from .generate import GenerationOptions, PromptLookup, TextStream, generate_batch, generate_ids
 from .kernels import isa
@@ -20,6 +21,8 @@ from .sampling import SamplingParams
 from .sparse import BlockSparse, check_attention
 from .weights.checkpoint import check_dtype, open_checkpoint
 from .weights.fetch import default_model
+from .kernels.formats import UNTILED
+from .weights.tensors import QMatrix, tile_all
 
 PREFILL_CHUNK = 256  # tokens per compiled prefill call; bounds the scratch and logits buffers. Each call
                      # dequantizes every weight once: 256 prefills 512 tokens 1.2-1.3x faster than 64
@@ -128,6 +131,11 @@ class Model:
         ckpt.tensors.clear()  # what build did not take is not needed
         _trim_heap()
         self.activations = _resolve_activations(activations, self.arch, self.weights)
+        self.exact_draft = generate.MAX_EXACT_DRAFT  # the longest draft verified bit for bit
+        if self.activations == "int8":  # the decode matvec reads Q8_0 / Q4_0 / Q4_1 in 16-row tiles
+            tile_all(self.weights)
+            if all(v.kind in UNTILED for v in vars(self.weights).values() if isinstance(v, QMatrix)):
+                self.exact_draft = generate.TILED_EXACT_DRAFT
         self.config = self.args
         self.tokenizer: tokenizers.Tokenizer = ckpt.tokenizer
         self.bos_id, self.eos_ids = ckpt.bos_id, list(ckpt.eos_ids)
@@ -343,8 +351,8 @@ class Model:
         attention, prune and kv_budget are session options (see `session`); prune and kv_budget
         take one greedy/sampled prompt at a time. json_schema (a JSON schema as a dict or string, or
         True for any JSON object) constrains the output to a value of that schema (llguidance).
-        prompt_lookup_num_tokens=N (HF's name) drafts up to N tokens (3 at most: see
-        generate.MAX_EXACT_DRAFT) from n-gram matches in the context and verifies them in one
+        prompt_lookup_num_tokens=N (HF's name) drafts up to N tokens (at most `exact_draft`: 7 where
+        every matmul reads tiles, else 3) from n-gram matches in the context and verifies them in one
         call; the greedy output is unchanged, and sampling keeps its distribution.
         """
         kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -430,7 +438,7 @@ class Model:
         if o.prompt_lookup:
             if sess and ("prune" in sess or "kv_budget" in sess):
                 raise ValueError("prompt_lookup_num_tokens does not combine with prune or kv_budget")
-            lookup = PromptLookup(o.prompt_lookup)
+            lookup = PromptLookup(o.prompt_lookup, self.exact_draft)
         self.last_lookup = lookup  # its acceptance counts, for `fastinfer bench` and the curious
         return generate_ids(self.session(**(sess or {})), ids, o.max_new_tokens, o.sampling, self.eos_ids,
                             no_repeat_ngram_size=o.no_repeat_ngram_size, min_new_tokens=o.min_new_tokens,

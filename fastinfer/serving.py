@@ -234,7 +234,7 @@ class Engine:
             from .structured import JsonConstraint
             constraint = JsonConstraint(self.model, r.grammar)
         s.chooser = TokenChooser(r.ids, r.max_tokens, r.params, self.model.eos_ids, constraint=constraint)
-        s.lookup = PromptLookup(r.lookup) if r.lookup > 0 and constraint is None else None
+        s.lookup = PromptLookup(r.lookup, self.model.exact_draft) if r.lookup > 0 and constraint is None else None
         s.corrected = False
         s.stream = TextStream(self.model.tokenizer, list(r.stop))
         r.cached_tokens = keep
@@ -305,7 +305,7 @@ class Engine:
         already shares each weight read): its pending token and a draft of the tokens that
         followed the same n-gram earlier in its context go through the model in one call
         (`Session.verify`), and each draft token is checked against the logits before it by the
-        request's own rule, as `generate._lookup_ids` does. Up to MAX_EXACT_DRAFT tokens, each
+        request's own rule, as `generate._lookup_ids` does. Up to the model's exact_draft tokens, each
         row is bit for bit a decode step's, so the output is unchanged. False if there is no draft:
         the plain step follows."""
         r, tok = s.request, s.pending

@@ -236,7 +236,7 @@ def _gemm_few(c, ldc, a, lda, b, bo, ldb, m, cols, n):
 # decoding's scores: a few query rows against key rows, 8 keys at a time
 # ----------------------------------------------------------------------------------------------
 
-FEW_TOKENS = 4  # query tokens that still take `_tile_few`, whatever their heads (see _attend)
+FEW_TOKENS = 8  # query tokens that still take `_tile_few`, whatever their heads (see _attend)
 SJ = 8  # keys per step of `_scores`: SR rows x SJ keys accumulators in registers
 SR = 3  # query rows per call at most
 
@@ -638,20 +638,21 @@ def _tile_few(kc, vc, j0, n, rows, lo, hi, qs, s, o, mx, den, bits):
 
 
 @kernel
-def _attend(out, q, kc, vc, t0, m, kv, group, p0, window, pattern, buf, ka, kz, part):
+def _attend(out, q, kc, vc, t0, m, kv, group, p0, window, pattern, buf, ka, kz, part, few_ok):
     """Tokens t0..t0+m-1 (one sequence, one query block, positions p0..) over the cache kc, vc
     (slots of that sequence from its start, hd) of kv head kv, for the `group` query heads that
     read it: row c is head kv * group + c // m, token t0 + c % m. -> out[t, h].
 
     Only keys ka <= j < kz count (a piece of a split decode step). With part.size > 0 the result
-    stays unnormalized in part: the rows' running max, their sums, then O (rows, hd)."""
+    stays unnormalized in part: the rows' running max, their sums, then O (rows, hd).
+    few_ok: up to FEW_TOKENS tokens may take the few-rows tile (see `_attention_rows`)."""
     block, n_global, n_local, stride = pattern
     hd = q.shape[2]
     used = m * group
     # Decoding, and chunks of up to FEW_TOKENS tokens (a draft's verification): rows along
     # head_dim instead (`_tile_few`). Each row's arithmetic there does not depend on how many
     # rows there are, so a token's attention is then bit for bit what it is decoded alone.
-    few = used <= 8 or m <= FEW_TOKENS
+    few = few_ok and m <= FEW_TOKENS
     R = -(-used // 8) * 8 if few else -(-used // VW) * VW
     Rmax = _rows(group)
     qt = buf[:hd * R]                               # Q^T (hd, R) scaled by 1/sqrt(hd); Q (R, hd) if few
@@ -746,7 +747,7 @@ def _decode_split(out, q, k_cache, v_cache, l, base, slot, window, pattern, scra
         p = task % pieces
         part = scratch[0, tail + task * size:tail + (task + 1) * size]
         _attend(out, q, k_cache[l, kv, base:], v_cache[l, kv, base:], 0, 1, kv, group, n_keys - 1, window,
-                pattern, scratch[get_thread_id()], p * per, min(n_keys, (p + 1) * per), part)
+                pattern, scratch[get_thread_id()], p * per, min(n_keys, (p + 1) * per), part, True)
     for kv in range(KV):
         for c in range(group):
             best = -np.inf
@@ -829,6 +830,12 @@ def _attention_rows(out, q, k_cache, v_cache, l, starts, slots, window, pattern,
             while (e < g1 and starts[e] == base and slots[e] == slots[e - 1] + 1
                    and (slots[e] - base) // block == qb):
                 e += 1
+            # The few-rows tile takes a call of up to FEW_TOKENS tokens (decoding, a draft's
+            # check), or a sequence's every token in a longer call (batched decoding). A prefill's
+            # last group of a few tokens does not: then a prompt's rows come out the same however
+            # it is cut into chunks longer than FEW_TOKENS (a server's reused prefix).
+            whole = (t == 0 or starts[t - 1] != base) and (e == T or starts[e] != base)
             _attend(out, q, k_cache[l, kv, base:], v_cache[l, kv, base:], t, e - t, kv, group,
-                    slots[t] - base, window, pattern, buf, 0, slots[e - 1] - base + 1, buf[:0])
+                    slots[t] - base, window, pattern, buf, 0, slots[e - 1] - base + 1, buf[:0],
+                    T <= FEW_TOKENS or whole)
             t = e

@@ -31,10 +31,11 @@ from . import act8 as A8
 from . import gemm as G
 from . import qgemm as QG
 from . import qmatvec as QV
+from . import qtile as QT
 from .jit import kernel
 
-from .formats import (BF16, BLOCK_KINDS, F16, F32, GROUP, KIND_NAMES, Q4_0, Q4_1, Q5, Q6, Q8_0, QK,  # noqa: F401
-                      STRETCH, row_bytes)  # (re-exported)
+from .formats import (BF16, BLOCK_KINDS, F16, F32, GROUP, KIND_NAMES, Q4_0, Q4_0T, Q4_1, Q4_1T, Q5, Q6,  # noqa: F401
+                      Q8_0, Q8_0T, QK, STRETCH, TILED, UNTILED, row_bytes)  # (re-exported)
 
 ROWS_PER_TASK = 48  # weight rows one thread takes at a time in prefill: three 16-row panels
 
@@ -74,6 +75,8 @@ def dequant_row(dst, w, l, r):
             dst[i] = sr[i >> 5] * np.float32(np.int8(qr[i]))
     elif kind == Q5 or kind == Q6:
         _dequant_q56(dst, kind, q[l, r], s[l, r], m[l, r])
+    elif kind == Q8_0T or kind == Q4_0T or kind == Q4_1T:
+        QT.dequant_row(dst, kind, q, s, m, l, r)
     else:  # Q4_0, Q4_1
         qr = q[l, r]
         for b in range(n // QK):
@@ -262,7 +265,8 @@ def linear(out, x, w, l, scratch):
     nothing.
     """
     kind = w[0]
-    if x.shape[0] <= ROWS_PATH_MAX_T and kind != F16 and kind != BF16:
+    tiled = kind == Q8_0T or kind == Q4_0T or kind == Q4_1T  # read row by row through dequant_row
+    if x.shape[0] <= ROWS_PATH_MAX_T and kind != F16 and kind != BF16 and not tiled:
         _linear_rows(out, x, w, l, scratch)
     else:
         _linear_tiles(out, x, w, l, scratch)
@@ -285,8 +289,12 @@ def dequant_matrix(out, w, l):
 # -- 8-bit activations (kernels/act8.py) over the block formats -------------------------------------
 @kernel
 def _a8(out, xq, xd, xs, w, l, base, scratch):
-    # out (T, rows) from the weight rows base..base + rows: the row loop for a few tokens, tiles beyond
-    if xq.shape[0] <= ROWS_PATH_MAX_T:
+    # out (T, rows) from the weight rows base..base + rows: the row loop for a few tokens (over
+    # tiled weights the tiles' loop), the prefill's tiles beyond
+    kind = w[0]
+    if (kind == Q8_0T or kind == Q4_0T or kind == Q4_1T) and xq.shape[0] <= QT.MAX_T:
+        QT.linear_a8_tiled(out, xq, xd, xs, w, l, base, scratch.shape[0])
+    elif xq.shape[0] <= ROWS_PATH_MAX_T:
         QV.linear_a8_rows(out, xq, xd, xs, w, l, scratch, base)
     else:
         QG.linear_a8_tiles(out, xq, xd, xs, w, l, base, scratch)
@@ -332,7 +340,8 @@ def linear_act(out, x, w, l, lin, res_rows, floats):
     kind = w[0]
     T, n = x.shape
     if floats is not None:
-        if xq_buf.shape[0] == 0 or not (kind == Q8_0 or kind == Q4_0 or kind == Q4_1 or kind == Q5 or kind == Q6):
+        if xq_buf.shape[0] == 0 or not (kind == Q8_0 or kind == Q4_0 or kind == Q4_1 or kind == Q5 or kind == Q6
+                                        or kind == Q8_0T or kind == Q4_0T or kind == Q4_1T):
             linear(out, x, w, l, scratch)
             return
     nb = n // QK
@@ -356,7 +365,8 @@ def linear_act(out, x, w, l, lin, res_rows, floats):
     A8.quantize(xq[T:], xd[T:], xs32[T:], xr)
     if kind == Q6:
         A8.sums16(xs16[T:], xq[T:], xd[T:])
-    if P < QV.TOKEN_MAJOR_MIN_T:  # both inputs in one row-major pass over the weights, every row
+    tiled = kind == Q8_0T or kind == Q4_0T or kind == Q4_1T
+    if P < QV.TOKEN_MAJOR_MIN_T or (tiled and P <= QT.MAX_T):  # both inputs in one pass over the weights, every row
         o2 = o2_buf[:P * rows].reshape((P, rows))
         _a8(o2, xq, xd, xs, w, l, 0, scratch)
         for t in range(T):

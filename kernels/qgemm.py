@@ -30,7 +30,8 @@ from numba import get_thread_id, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .formats import Q4_0, Q4_1, Q5, Q6, Q8_0, QK
+from . import qtile as QT
+from .formats import Q4_0, Q4_0T, Q4_1, Q4_1T, Q5, Q6, Q8_0, Q8_0T, QK
 from .jit import kernel
 from .isa import TIER, Tier
 from .simd import counted_loop, dot_bytes, pair_sums, widen_pairs
@@ -252,7 +253,7 @@ def _tops(q4, l, r, h, k):
 @kernel
 def panel_mode(kind):
     """The register block's mode for a panel of this kind (see make_micro)."""
-    if kind == Q8_0 and SIGNED_Q8:
+    if (kind == Q8_0 or kind == Q8_0T) and SIGNED_Q8:
         return 1
     if kind == Q6:
         return 3
@@ -268,6 +269,9 @@ def pack_panel(panel, sc, w, l, r0, nr, NRp, signed_q8):
     sc f32 (n // 32 * 2 * NRp,): [b][d of NRp rows, mn of NRp rows].
     """
     kind, q, s, m, f = w
+    if kind == Q8_0T or kind == Q4_0T or kind == Q4_1T:  # a tiled weight (kernels/qtile.py), tiled for this tier's signedness
+        QT.pack_panel(panel, sc, w, l, r0, nr, NRp)
+        return
     n = panel.shape[0] // NRp  # panel: n bytes per row
     ng = sc.shape[0] // (2 * NRp)  # scale groups (n // 32, or n // 16 for Q6)
     p4 = panel.view(np.uint32)

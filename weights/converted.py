@@ -32,7 +32,7 @@ from .scratch import remove_stale, scratch_dir
 from .tensors import _NO_F32, _NO_U8, QMatrix
 
 FORMAT, FORMAT_VERSION = "fastinfer", 2  # 2: Q/K/V and gate/up stored joined
-_KIND_BY_NAME = {v: k for k, v in K.KIND_NAMES.items()}
+_KIND_BY_NAME = {v: k for k, v in K.KIND_NAMES.items() if k not in K.UNTILED}  # tiles exist in memory only
 
 
 def is_converted(d: Path) -> bool:

@@ -55,6 +55,30 @@ class QMatrix:
         return self.q.nbytes + self.s.nbytes + self.m.nbytes + self.f.nbytes
 
 
+def tiled(w: QMatrix) -> QMatrix:
+    """w in the 16-row tiles of the decode matvec (kernels/qtile.py) if its format tiles (Q8_0,
+    Q4_0, Q4_1), else w itself. The tiles hold the same values in the same number of bytes."""
+    if w.kind not in K.TILED:
+        return w
+    from fastinfer.kernels import qtile
+    qt, st, mt = qtile.repack(w.kind, w.q, w.s, w.m)
+    return QMatrix(K.TILED[w.kind], qt, st, mt, _NO_F32, w.rows, w.cols)
+
+
+def tile_all(weights) -> None:
+    """Every QMatrix field of a model's weights dataclass replaced by `tiled`: one repacked copy
+    for fields that share a matrix (a tied output), and one matrix at a time, so that each
+    untiled copy can go before the next is made."""
+    groups: dict[int, list[str]] = {}
+    for name, v in vars(weights).items():
+        if isinstance(v, QMatrix):
+            groups.setdefault(id(v), []).append(name)
+    for names in groups.values():
+        t = tiled(getattr(weights, names[0]))
+        for name in names:
+            setattr(weights, name, t)
+
+
 def from_f32(a: np.ndarray) -> QMatrix:
     a = np.ascontiguousarray(a, dtype=np.float32)
     rows, cols = a.shape
