@@ -23,25 +23,51 @@ def test_draft_follows_the_latest_earlier_ngram():
     ctx = [5, 6, 7, 8, 9, 1, 6, 7, 2, 3, 4, 6, 7]
     assert lk.draft(ctx, 10) == [2, 3, 4]      # [6, 7] last seen before at 6..7, then 2 3 4
     assert lk.draft(ctx + [2], 10) == [3, 4, 6]  # [6, 7, 2] (three tokens) wins
-    assert lk.draft(ctx, 2) == [2, 3]           # no more than the room
-    assert lk.draft([1, 2, 3, 4], 5) == []      # nothing repeats
+    assert lk.draft(ctx + [2], 2) == [3, 4]     # no more than the room
+    assert PromptLookup(3).draft([1, 2, 3, 4], 5) == []  # nothing repeats
     assert PromptLookup(10).cap == MAX_EXACT_DRAFT
+    assert PromptLookup(10, exact=7).cap == 7 and PromptLookup(5, exact=7).cap == 5
+
+
+def _scan(context, k, ngram):
+    """The draft by definition: the longest tail n-gram (ngram down to 2) seen earlier with a token
+    after it, its latest such occurrence, and up to k tokens that followed."""
+    for n in range(min(ngram, len(context) - 1), 1, -1):
+        tail = context[len(context) - n:]
+        for start in range(len(context) - n - 1, -1, -1):
+            if context[start:start + n] == tail:
+                return context[start + n:start + n + k]
+    return []
+
+
+def test_indexed_drafts_equal_a_scan_of_the_context():
+    # The n-gram index, grown token by token (and rebuilt for a context it has not seen grow),
+    # against scanning the whole context each time.
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        ctx = list(rng.integers(0, 6, 80))
+        lk = PromptLookup(7, exact=7)
+        lk.k = 7
+        for end in range(1, len(ctx) + 1):
+            assert lk.draft(ctx[:end], 7) == _scan(ctx[:end], 7, PromptLookup.NGRAM)
+        assert lk.draft(ctx[:10], 7) == _scan(ctx[:10], 7, PromptLookup.NGRAM)
 
 
 def test_draft_length_adapts_and_pauses():
-    lk = PromptLookup(3)
-    lk.update(3, 3)
-    assert lk.k == 3
-    lk.update(3, 1)
+    lk = PromptLookup(7, exact=7)
+    assert lk.k == PromptLookup.START
+    lk.update(3, 3)  # taken whole: longer
+    assert lk.k == min(7, PromptLookup.START + PromptLookup.GROW)
+    lk.update(lk.k, 1)  # a miss: what was taken
     assert lk.k == 1
     lk.update(1, 1)
-    assert lk.k == 2
-    lk.update(2, 0)
-    lk.update(1, 0)  # two misses in a row: drafting pauses
+    assert lk.k == 1 + PromptLookup.GROW
+    for _ in range(PromptLookup.MISSES):  # misses in a row with nothing taken: drafting pauses
+        lk.update(1, 0)
     ctx = [1, 2, 3, 1, 2]
     assert all(lk.draft(ctx, 5) == [] for _ in range(PromptLookup.PAUSE))
     assert lk.draft(ctx, 5) == [3]
-    assert (lk.drafted, lk.accepted, lk.steps) == (10, 5, 5)
+    assert (lk.steps, lk.accepted) == (3 + PromptLookup.MISSES, 5)
 
 
 @pytest.mark.parametrize("params", [SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0),
