@@ -167,3 +167,20 @@ def test_prefill_reads_tiles_exactly(kind):
         QG.linear_a8_tiles(a, xq, xd, xs, w, 1, base, scratch)
         QG.linear_a8_tiles(b, xq, xd, xs, wt, 1, base, scratch)
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_decode_rows_equal_the_prefill_gemms(kind):
+    # The tile loop and the prefill GEMM do the same arithmetic per token and row (exact int32
+    # block sums, then per block one scale and one offset multiply-add in order): a token's
+    # decode-step products are bit for bit its prefill products.
+    rng = np.random.default_rng([kind, 6])
+    n, rows, T = 576, 40, 8
+    wt = tile(random_weight(kind, 1, rows, n, rng))
+    xq, xd, xs = quantize_x(rng.standard_normal((T, n)).astype(np.float32))
+    scratch = np.zeros((numba.get_num_threads(), QG.scratch_size(n)), np.float32)
+    gemm = np.zeros((T, rows), np.float32)
+    QG.linear_a8_tiles(gemm, xq, xd, xs, wt, 0, 0, scratch)
+    dec = np.zeros((T, rows), np.float32)
+    QT.linear_a8_tiled(dec, xq, xd, xs, wt, 0, 0, 2)
+    np.testing.assert_array_equal(dec, gemm)
