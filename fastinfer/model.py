@@ -21,8 +21,7 @@ from .sampling import SamplingParams
 from .sparse import BlockSparse, check_attention
 from .weights.checkpoint import check_dtype, open_checkpoint
 from .weights.fetch import default_model
-from .kernels.formats import UNTILED
-from .weights.tensors import QMatrix, tile_all
+from .weights.tensors import tile_all
 
 PREFILL_CHUNK = 256  # tokens per compiled prefill call; bounds the scratch and logits buffers. Each call
                      # dequantizes every weight once: 256 prefills 512 tokens 1.2-1.3x faster than 64
@@ -133,8 +132,7 @@ class Model:
         self.activations = _resolve_activations(activations, self.arch, self.weights)
         self.exact_draft = generate.MAX_EXACT_DRAFT  # the longest draft verified bit for bit
         if self.activations == "int8":  # the decode matvec reads Q8_0 / Q4_0 / Q4_1 in 16-row tiles
-            tile_all(self.weights)
-            if all(v.kind in UNTILED for v in vars(self.weights).values() if isinstance(v, QMatrix)):
+            if tile_all(self.weights):
                 self.exact_draft = generate.TILED_EXACT_DRAFT
         self.config = self.args
         self.tokenizer: tokenizers.Tokenizer = ckpt.tokenizer

@@ -75,7 +75,7 @@ def dequant_row(dst, w, l, r):
             dst[i] = sr[i >> 5] * np.float32(np.int8(qr[i]))
     elif kind == Q5 or kind == Q6:
         _dequant_q56(dst, kind, q[l, r], s[l, r], m[l, r])
-    elif kind == Q8_0T or kind == Q4_0T or kind == Q4_1T:
+    elif QT.is_tiled(kind):
         QT.dequant_row(dst, kind, q, s, m, l, r)
     else:  # Q4_0, Q4_1
         qr = q[l, r]
@@ -265,7 +265,7 @@ def linear(out, x, w, l, scratch):
     nothing.
     """
     kind = w[0]
-    tiled = kind == Q8_0T or kind == Q4_0T or kind == Q4_1T  # read row by row through dequant_row
+    tiled = QT.is_tiled(kind)  # read row by row through dequant_row
     if x.shape[0] <= ROWS_PATH_MAX_T and kind != F16 and kind != BF16 and not tiled:
         _linear_rows(out, x, w, l, scratch)
     else:
@@ -292,7 +292,7 @@ def _a8(out, xq, xd, xs, w, l, base, scratch):
     # out (T, rows) from the weight rows base..base + rows: the row loop for a few tokens (over
     # tiled weights the tiles' loop), the prefill's tiles beyond
     kind = w[0]
-    if (kind == Q8_0T or kind == Q4_0T or kind == Q4_1T) and xq.shape[0] <= QT.MAX_T:
+    if QT.is_tiled(kind) and xq.shape[0] <= QT.MAX_T:
         QT.linear_a8_tiled(out, xq, xd, xs, w, l, base, scratch.shape[0])
     elif xq.shape[0] <= ROWS_PATH_MAX_T:
         QV.linear_a8_rows(out, xq, xd, xs, w, l, scratch, base)
@@ -341,7 +341,7 @@ def linear_act(out, x, w, l, lin, res_rows, floats):
     T, n = x.shape
     if floats is not None:
         if xq_buf.shape[0] == 0 or not (kind == Q8_0 or kind == Q4_0 or kind == Q4_1 or kind == Q5 or kind == Q6
-                                        or kind == Q8_0T or kind == Q4_0T or kind == Q4_1T):
+                                        or QT.is_tiled(kind)):
             linear(out, x, w, l, scratch)
             return
     nb = n // QK
@@ -365,8 +365,7 @@ def linear_act(out, x, w, l, lin, res_rows, floats):
     A8.quantize(xq[T:], xd[T:], xs32[T:], xr)
     if kind == Q6:
         A8.sums16(xs16[T:], xq[T:], xd[T:])
-    tiled = kind == Q8_0T or kind == Q4_0T or kind == Q4_1T
-    if P < QV.TOKEN_MAJOR_MIN_T or (tiled and P <= QT.MAX_T):  # both inputs in one pass over the weights, every row
+    if P < QV.TOKEN_MAJOR_MIN_T or (QT.is_tiled(kind) and P <= QT.MAX_T):  # both inputs in one pass over the weights, every row
         o2 = o2_buf[:P * rows].reshape((P, rows))
         _a8(o2, xq, xd, xs, w, l, 0, scratch)
         for t in range(T):

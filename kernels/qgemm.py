@@ -31,7 +31,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import qtile as QT
-from .formats import Q4_0, Q4_0T, Q4_1, Q4_1T, Q5, Q6, Q8_0, Q8_0T, QK
+from .formats import Q4_0, Q4_1, Q5, Q6, Q8_0, Q8_0T, QK
 from .jit import kernel
 from .isa import TIER, Tier
 from .simd import counted_loop, dot_bytes, pair_sums, widen_pairs
@@ -269,7 +269,7 @@ def pack_panel(panel, sc, w, l, r0, nr, NRp, signed_q8):
     sc f32 (n // 32 * 2 * NRp,): [b][d of NRp rows, mn of NRp rows].
     """
     kind, q, s, m, f = w
-    if kind == Q8_0T or kind == Q4_0T or kind == Q4_1T:  # a tiled weight (kernels/qtile.py), tiled for this tier's signedness
+    if QT.is_tiled(kind):  # a tiled weight (kernels/qtile.py), tiled for this tier's signedness
         QT.pack_panel(panel, sc, w, l, r0, nr, NRp)
         return
     n = panel.shape[0] // NRp  # panel: n bytes per row

@@ -37,7 +37,7 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .formats import Q4_0, Q4_0T, Q4_1, Q4_1T, Q8_0, Q8_0T, QK, TILED, UNTILED
+from .formats import Q4_0, Q4_0T, Q4_1, Q4_1T, Q8_0, Q8_0T, QK, TILED
 from .isa import TIER, Tier
 from .jit import kernel
 from .qmatvec import MAX_T, PREFETCH, STRICT, _c, _if, _load, _loop
@@ -56,6 +56,15 @@ def block_bytes(kind: int) -> int:
     return TILE * (QK if kind == Q8_0 else QK // 2)
 
 
+SIGNED_Q8 = TIER.signed_q8  # how `repack` stores Q8_0 by default, and what the readers below expect
+
+
+@kernel(inline=True)
+def is_tiled(kind):
+    """Whether a weight kind is one of the tiled ones."""
+    return kind == Q8_0T or kind == Q4_0T or kind == Q4_1T
+
+
 def repack(kind: int, q: np.ndarray, s: np.ndarray, m: np.ndarray, signed_q8: bool | None = None):
     """A stacked Q8_0 / Q4_0 / Q4_1 weight (q uint8 (L, rows, row_bytes), s, m f32 (L, rows,
     cols // 32)) -> (qt uint8 (L, tiles, blocks * block_bytes), st, mt f32 (L, tiles, blocks * 16)),
@@ -63,34 +72,50 @@ def repack(kind: int, q: np.ndarray, s: np.ndarray, m: np.ndarray, signed_q8: bo
     signed_q8 (default: the running tier's choice)."""
     if kind not in KINDS:
         raise ValueError(f"repack: weight kind {kind} has no tiled layout (Q8_0, Q4_0, Q4_1 do)")
-    if signed_q8 is None:
-        signed_q8 = TIER.signed_q8
     L, rows, _ = q.shape
     nb = s.shape[2]
     tiles = -(-rows // TILE)
-    pad = tiles * TILE - rows
-    if kind == Q8_0:
-        v = q.reshape(L, rows, nb, QK)
-        if not signed_q8:
-            v = v ^ np.uint8(0x80)
-        v = np.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)), constant_values=0 if signed_q8 else 0x80)
-        # (L, tiles, r, b, c, j) -> (L, tiles, b, c, r, j)
-        v = v.reshape(L, tiles, TILE, nb, 8, 4).transpose(0, 1, 3, 4, 2, 5)
-        qt = np.ascontiguousarray(v).reshape(L, tiles, nb * block_bytes(kind))
-    else:
-        packed = q.reshape(L, rows, nb, QK // 2)
-        vals = np.concatenate([packed & 15, packed >> 4], axis=3)  # value j at index j (ggml order)
-        vals = np.pad(vals, ((0, 0), (0, pad), (0, 0), (0, 0)))
-        # value 8c + 4h + j of row r -> vector c, byte 4r + j, nibble h
-        v = vals.reshape(L, tiles, TILE, nb, 4, 2, 4).transpose(0, 1, 3, 4, 2, 5, 6)
-        qt = np.ascontiguousarray(v[..., 0, :] | (v[..., 1, :] << 4)).reshape(L, tiles, nb * block_bytes(kind))
+    qt = np.empty((L, tiles, nb * block_bytes(kind)), np.uint8)
+    st = np.empty((L, tiles, nb * TILE), np.float32)
+    mt = np.empty((L, tiles, nb * TILE), np.float32) if kind == Q4_1 else np.zeros((0, 0, 0), np.float32)
+    flip = 0 if (SIGNED_Q8 if signed_q8 is None else signed_q8) else 0x80
+    _repack(qt, st, mt, q, s, m, kind == Q8_0, flip)
+    return qt, st, mt
 
-    def per_block(a):
-        a = np.pad(a, ((0, 0), (0, pad), (0, 0)))
-        return np.ascontiguousarray(a.reshape(L, tiles, TILE, nb).transpose(0, 1, 3, 2)).reshape(L, tiles, nb * TILE)
-    st = per_block(s.astype(np.float32))
-    mt = per_block(m.astype(np.float32)) if kind == Q4_1 else np.zeros((0, 0, 0), np.float32)
-    return qt.astype(np.uint8, copy=False), st, mt
+
+@kernel(parallel=True)
+def _repack(qt, st, mt, q, s, m, q8, flip):
+    """`repack`'s layout, written tile by tile: qt byte (b, c, 4 r + j) of tile g is value 4c + j
+    (Q8_0, its byte XOR flip) or, for Q4, values 8c + j and 8c + 4 + j as low and high nibble
+    (ggml's byte p holds values p and p + 16) of row 16 g + r in block b; rows past the weight's
+    are zero (Q8_0: flip, the zero value)."""
+    L, tiles, tb = qt.shape
+    rows = q.shape[1]
+    nb = st.shape[2] // TILE
+    bb = tb // nb
+    for lg in prange(L * tiles):
+        l, g = lg // tiles, lg % tiles
+        for r in range(TILE):
+            row = g * TILE + r
+            inside = row < rows
+            for b in range(nb):
+                st[l, g, b * TILE + r] = s[l, row, b] if inside else np.float32(0.0)
+                if mt.shape[0] > 0:
+                    mt[l, g, b * TILE + r] = m[l, row, b] if inside else np.float32(0.0)
+                for c in range(bb // 64):
+                    at = b * bb + 64 * c + 4 * r
+                    for j in range(4):
+                        if q8:
+                            v = q[l, row, b * QK + 4 * c + j] ^ np.uint8(flip) if inside else np.uint8(flip)
+                        elif inside:
+                            lo, hi = 8 * c + j, 8 * c + 4 + j  # values; byte p holds p and p + 16
+                            p = q[l, row, b * (QK // 2) + (lo & 15)]
+                            ph = q[l, row, b * (QK // 2) + (hi & 15)]
+                            v = ((p >> np.uint8(4 * (lo >> 4))) & np.uint8(15)) | \
+                                (((ph >> np.uint8(4 * (hi >> 4))) & np.uint8(15)) << np.uint8(4))
+                        else:
+                            v = np.uint8(0)
+                        qt[l, g, at + j] = v
 
 
 def chunk(tier: Tier) -> int:
@@ -263,7 +288,7 @@ def linear_a8_tiled(out, xq, xd, xs, w, l, base, tasks):
     rows = out.shape[1]
     if T < 1 or T > MAX_T:
         raise ValueError("linear_a8_tiled: xq must hold 1..8 tokens")
-    if kind != Q8_0T and kind != Q4_0T and kind != Q4_1T:
+    if not is_tiled(kind):
         raise ValueError("linear_a8_tiled: weight kind must be a tiled Q8_0, Q4_0 or Q4_1")
     if st.shape[2] * QK != xq.shape[1] * TILE or base < 0 or base + rows > qt.shape[1] * TILE:
         raise ValueError("linear_a8_tiled: the weight's shape does not match out, xq and base")
@@ -275,8 +300,6 @@ def linear_a8_tiled(out, xq, xd, xs, w, l, base, tasks):
             e = min(T, c + CHUNK)
             _tiles(out[c:e], xq[c:e], xd[c:e], xs[c:e], qt, st, mt, l, g0, g1, base, kind)
 
-
-SIGNED_Q8 = TIER.signed_q8  # how `repack` stores Q8_0 by default, and what the readers below expect
 
 
 @kernel

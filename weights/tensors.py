@@ -60,15 +60,14 @@ def tiled(w: QMatrix) -> QMatrix:
     Q4_0, Q4_1), else w itself. The tiles hold the same values in the same number of bytes."""
     if w.kind not in K.TILED:
         return w
-    from fastinfer.kernels import qtile
-    qt, st, mt = qtile.repack(w.kind, w.q, w.s, w.m)
+    qt, st, mt = K.QT.repack(w.kind, w.q, w.s, w.m)
     return QMatrix(K.TILED[w.kind], qt, st, mt, _NO_F32, w.rows, w.cols)
 
 
-def tile_all(weights) -> None:
+def tile_all(weights) -> bool:
     """Every QMatrix field of a model's weights dataclass replaced by `tiled`: one repacked copy
     for fields that share a matrix (a tied output), and one matrix at a time, so that each
-    untiled copy can go before the next is made."""
+    untiled copy can go before the next is made. Returns whether every matrix is now tiled."""
     groups: dict[int, list[str]] = {}
     for name, v in vars(weights).items():
         if isinstance(v, QMatrix):
@@ -77,6 +76,7 @@ def tile_all(weights) -> None:
         t = tiled(getattr(weights, names[0]))
         for name in names:
             setattr(weights, name, t)
+    return all(getattr(weights, names[0]).kind in K.UNTILED for names in groups.values())
 
 
 def from_f32(a: np.ndarray) -> QMatrix:
