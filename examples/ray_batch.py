@@ -6,7 +6,7 @@
 
 The input is JSON Lines (.jsonl, .json) or Parquet (.parquet) with a `prompt` column (--column);
 the output (format by its extension) holds every input column plus `output`, `prompt_tokens`,
-`output_tokens` and `finish_reason`, in input order. It is written under a temporary name in the
+`output_tokens` and `finish_reason` (and `error` with --on-error record), in input order. It is written under a temporary name in the
 output's directory and renamed at the end: an interrupted run leaves no partial file.
 Needs `pip install 'fastinfer[ray]'`.
 """
@@ -51,6 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--temperature", type=float, default=None,
                     help="0 is greedy (default: the model's generation defaults)")
     ap.add_argument("--seed", type=int, default=None, help="random seed: the same output for a prompt in any batch")
+    ap.add_argument("--on-error", choices=("fail", "record"), default="fail",
+                    help="a prompt that cannot run (not text, empty, longer than the context): 'fail' stops the "
+                         "run and names it; 'record' writes its row with finish_reason \"error\" and the reason "
+                         "in an 'error' column, and goes on (default: %(default)s)")
     ap.add_argument("--address", default=None,
                     help="Ray cluster to join ('auto', or host:port of the head); default: RAY_ADDRESS, "
                          "else a new local cluster")
@@ -119,14 +123,14 @@ def generate(ds, args: argparse.Namespace):
         Predictor, batch_size=args.batch_size, compute=pool, num_cpus=args.threads,
         fn_constructor_kwargs=dict(model=args.model, threads=args.threads, max_tokens=args.max_tokens,
                                    temperature=args.temperature, seed=args.seed, chat=args.chat,
-                                   column=args.column))
+                                   column=args.column, on_error="raise" if args.on_error == "fail" else "record"))
 
 
 def write(ds, dst: Path) -> dict:
     """Stream the results into a temporary file beside dst, then rename it to dst. Returns counts."""
     import pyarrow.parquet as pq
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    counts = {"rows": 0, "prompt_tokens": 0, "output_tokens": 0}
+    counts = {"rows": 0, "prompt_tokens": 0, "output_tokens": 0, "errors": 0}
     writer = None
     try:
         with open(fd, "wb") as out:
@@ -134,6 +138,7 @@ def write(ds, dst: Path) -> dict:
                 counts["rows"] += table.num_rows
                 counts["prompt_tokens"] += sum(table.column("prompt_tokens").to_pylist())
                 counts["output_tokens"] += sum(table.column("output_tokens").to_pylist())
+                counts["errors"] += table.column("finish_reason").to_pylist().count("error")
                 if FORMATS[dst.suffix.lower()] == "jsonl":
                     out.writelines((json.dumps(row, ensure_ascii=False) + "\n").encode() for row in table.to_pylist())
                     continue
@@ -215,7 +220,9 @@ def main(argv=None) -> int:
                 print(f"{r['prompt']!r} -> {r['output']!r}")
         rate = counts["output_tokens"] / counts["seconds"]
         print(f"ray_batch: {counts['rows']} prompts, {counts['output_tokens']} tokens generated in "
-              f"{counts['seconds']:.1f} s ({rate:.1f} tokens/s) -> {args.output}", file=sys.stderr)
+              f"{counts['seconds']:.1f} s ({rate:.1f} tokens/s) -> {args.output}"
+              + (f"; {counts['errors']} could not run (finish_reason \"error\")" if counts["errors"] else ""),
+              file=sys.stderr)
         return 0
     except KeyboardInterrupt:
         return 130

@@ -196,14 +196,22 @@ class Predictor:
     `output` (text), `prompt_tokens`, `output_tokens` and `finish_reason` ("stop": the model
     ended it; "length": max_tokens reached). With chat=True each prompt is a user message sent
     through the model's chat template. threads defaults to the actor's CPUs (`num_cpus`).
+
+    A prompt that cannot run (not a string, empty, or as long as the context) fails the batch,
+    and so the job, with a ValueError naming it (on_error="raise"); with on_error="record" the
+    row gets finish_reason "error", an empty output and its reason in an `error` column (empty
+    for the other rows, which generate as usual), so one bad row in a million does not cost the
+    run.
     """
 
     def __init__(self, model: str | None = None, *, threads: int | None = None, max_tokens: int = 128,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  min_p: float | None = None, seed: int | None = None, chat: bool = False, column: str = "prompt",
-                 n_ctx: int | None = None, **load_options: Any):
+                 n_ctx: int | None = None, on_error: str = "raise", **load_options: Any):
         from . import load
-        self.column, self.chat = column, chat
+        if on_error not in ("raise", "record"):
+            raise ValueError(f"on_error must be 'raise' or 'record'; got {on_error!r:.40}")
+        self.column, self.chat, self.on_error = column, chat, on_error
         self.options = dict(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             min_p=min_p, seed=seed)
         self.max_tokens = max_tokens
@@ -217,29 +225,48 @@ class Predictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.column not in batch:
             raise ValueError(f"the dataset has no {self.column!r} column; it has {', '.join(batch) or 'none'}")
-        ids = [self._encode(p) for p in batch[self.column]]
-        for p, i in zip(batch[self.column], ids):
-            if not i or len(i) >= self.model.n_ctx:
-                raise ValueError(f"the prompt {p[:40]!r}{'...' if len(p) > 40 else ''} is {len(i)} tokens; "
-                                 f"a prompt needs 1 to {self.model.n_ctx - 1} (the context holds {self.model.n_ctx})")
-        if not ids:
-            outs = []
-        else:
-            outs = self._kernels.submit(self.model.generate, ids, **self.options).result()
-        return {**batch,
-                "output": np.array([self.model.decode(o) for o in outs], dtype=object),
-                "prompt_tokens": np.array([len(i) for i in ids], dtype=np.int64),
-                "output_tokens": np.array([len(o) for o in outs], dtype=np.int64),
-                "finish_reason": np.array(["length" if len(o) >= self.max_tokens else "stop" for o in outs],
-                                          dtype=object)}
+        prompts = batch[self.column]
+        ids: list[list[int] | None] = []
+        errors: list[str] = []
+        for p in prompts:
+            try:
+                ids.append(self._encode(p))
+                errors.append("")
+            except ValueError as e:
+                if self.on_error == "raise":
+                    raise
+                ids.append(None)
+                errors.append(str(e))
+        good = [i for i in ids if i is not None]
+        outs = iter(self._kernels.submit(self.model.generate, good, **self.options).result() if good else [])
+        texts, reasons, counts = [], [], []
+        for i in ids:
+            o = None if i is None else next(outs)
+            texts.append("" if o is None else self.model.decode(o))
+            reasons.append("error" if o is None else "length" if len(o) >= self.max_tokens else "stop")
+            counts.append(0 if o is None else len(o))
+        result = {**batch,
+                  "output": np.array(texts, dtype=object),
+                  "prompt_tokens": np.array([0 if i is None else len(i) for i in ids], dtype=np.int64),
+                  "output_tokens": np.array(counts, dtype=np.int64),
+                  "finish_reason": np.array(reasons, dtype=object)}
+        if self.on_error == "record":
+            result["error"] = np.array(errors, dtype=object)
+        return result
 
     def _encode(self, prompt) -> list[int]:
+        """The prompt's ids; a ValueError naming it when it cannot run."""
         if not isinstance(prompt, str):
             raise ValueError(f"the {self.column!r} column must hold strings; found {type(prompt).__name__}")
         if self.chat:
             text = self.model.apply_chat_template([{"role": "user", "content": prompt}])
-            return self.model.tokenizer.encode(text, add_special_tokens=False).ids
-        return self.model.encode(prompt)
+            ids = self.model.tokenizer.encode(text, add_special_tokens=False).ids
+        else:
+            ids = self.model.encode(prompt)
+        if not ids or len(ids) >= self.model.n_ctx:
+            raise ValueError(f"the prompt {prompt[:40]!r}{'...' if len(prompt) > 40 else ''} is {len(ids)} tokens; "
+                             f"a prompt needs 1 to {self.model.n_ctx - 1} (the context holds {self.model.n_ctx})")
+        return ids
 
     def __del__(self):
         if hasattr(self, "_kernels"):

@@ -118,6 +118,25 @@ def test_predictor_names_a_missing_column(tiny):
         p({"text": np.array(["hello"], dtype=object)})
 
 
+def test_predictor_records_bad_rows_and_generates_the_rest(tiny, model):
+    """on_error="record": the rows that cannot run say why; the others are what they would be in
+    a batch of their own (the reference: the Python API, greedy, in this process)."""
+    good = PROMPTS[:3]
+    batch = {"prompt": np.array([good[0], "", "x y z " * 200, good[1], None, good[2]], dtype=object)}
+    out = Predictor(str(tiny), threads=1, max_tokens=MAX_TOKENS, temperature=0, on_error="record")(batch)
+    assert list(out["finish_reason"][[1, 2, 4]]) == ["error"] * 3
+    assert "is 0 tokens" in out["error"][1] and "the context holds" in out["error"][2]
+    assert "must hold strings; found NoneType" in out["error"][4]
+    assert list(out["output"][[1, 2, 4]]) == [""] * 3 and list(out["output_tokens"][[1, 2, 4]]) == [0] * 3
+    outs = model.generate([model.encode(p) for p in good], max_new_tokens=MAX_TOKENS, temperature=0)
+    assert list(out["output"][[0, 3, 5]]) == [model.decode(o) for o in outs]
+    assert list(out["error"][[0, 3, 5]]) == [""] * 3
+    with pytest.raises(ValueError, match="the context holds"):  # the default: the batch fails
+        Predictor(str(tiny), threads=1, max_tokens=2)({"prompt": batch["prompt"][:3]})
+    with pytest.raises(ValueError, match="on_error must be 'raise' or 'record'"):
+        Predictor(str(tiny), threads=1, on_error="skip")
+
+
 def test_app_options_are_checked(tiny):
     """What `serve run fastinfer.ray:app_builder key=value ...` passes: strings, typed here."""
     deployment = app_builder({"model": str(tiny), "num_cpus": "2", "min_replicas": "1", "max_replicas": "3"})
@@ -217,6 +236,20 @@ def test_batch_example_failure_keeps_the_old_output(cluster, tiny, tmp_path):
     assert last.startswith("ray_batch: ") and "context" in last, r.stderr[-2000:]
     assert dst.read_text() == "old\n"
     assert sorted(os.listdir(tmp_path)) == ["outputs.jsonl", "prompts.parquet"]
+
+
+def test_batch_example_records_a_prompt_too_long(cluster, tiny, model, tmp_path):
+    src, dst = tmp_path / "prompts.jsonl", tmp_path / "outputs.jsonl"
+    prompts = PROMPTS[:3] + ["x y z " * 200]
+    src.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    r = _batch_example(cluster, src, dst, "--model", tiny, "--batch-size", 2, "-n", 4, "--temperature", 0,
+                       "--on-error", "record")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "1 could not run" in r.stderr.strip().splitlines()[-1]
+    rows = [json.loads(line) for line in dst.read_text().splitlines()]
+    assert [x["finish_reason"] for x in rows][3] == "error" and "the context holds" in rows[3]["error"]
+    assert [x["output"] for x in rows[:3]] == [model.decode(_alone(model, model.encode(p), 4)) for p in PROMPTS[:3]]
+    assert [x["error"] for x in rows[:3]] == [""] * 3
 
 
 # ----------------------------------------------------------------------------------------------
