@@ -61,7 +61,7 @@ def test_info_names_cpu_tier_threads_and_cache():
 
 
 def test_forced_tier_holds_numba_to_it():
-    lower = [t for t in isa.TIERS[isa.TIERS.index(isa.BEST) + 1:]]
+    lower = [t for t in isa.TIERS[isa.TIERS.index(isa.BEST) + 1:] if not isa.missing(t)]
     if not lower:
         pytest.skip("the generic tier has none below it")
     for tier in lower:
@@ -78,18 +78,23 @@ def test_forced_tier_holds_numba_to_it():
 @pytest.mark.parametrize("asked,msg", [
     ("sse9", "FASTINFER_ISA='sse9' is not a tier; choose one of avx512-vnni, avx512, avx-vnni, avx2, generic"),
     ("avx512-vnni", "FASTINFER_ISA=avx512-vnni: this CPU cannot run it (it lacks avx512f, avx512bw, avx512vl, "
-                    "avx512vnni); it runs avx2 and the tiers below it"),
+                    "avx512vnni); it runs avx2, generic"),
+    # AMD Zen 4: AVX-512 VNNI but not its VEX form, so the tier below the best is not runnable either
+    ("avx-vnni", "FASTINFER_ISA=avx-vnni: this CPU cannot run it (it lacks avxvnni); it runs avx512-vnni, "
+                 "avx512, avx2, generic"),
 ])
 def test_a_tier_the_cpu_cannot_run_is_refused(asked, msg):
-    # an AVX2-only target (NUMBA_CPU_FEATURES, as a user restricting Numba would set it): refused
-    # with one line naming what is missing, exit 1, before anything compiles
+    # a target restricted with NUMBA_CPU_FEATURES, as a user would (AVX2 only; or Zen 4's set):
+    # refused with one line naming what is missing, exit 1, before anything compiles
     if not isa._x86():
         pytest.skip("x86 only")
-    r = _cli("info", FASTINFER_ISA=asked, NUMBA_CPU_FEATURES="+avx,+avx2,+fma,+f16c,+sse4.2")
+    features = "+avx,+avx2,+fma,+f16c,+sse4.2"
+    if asked == "avx-vnni":
+        features += ",+avx512f,+avx512bw,+avx512vl,+avx512vnni,-avxvnni"
+    r = _cli("info", FASTINFER_ISA=asked, NUMBA_CPU_FEATURES=features)
     assert r.returncode == 1
     assert r.stderr.strip() == f"fastinfer: error: {msg}", r.stderr
-    r = _run("import fastinfer; fastinfer.load('nowhere.gguf')", FASTINFER_ISA=asked,
-             NUMBA_CPU_FEATURES="+avx,+avx2,+fma,+f16c,+sse4.2")
+    r = _run("import fastinfer; fastinfer.load('nowhere.gguf')", FASTINFER_ISA=asked, NUMBA_CPU_FEATURES=features)
     assert r.returncode == 1 and f"ValueError: {msg}" in r.stderr
 
 

@@ -264,10 +264,16 @@ def test_tokenize_detokenize_and_metrics(server, model):
         assert f"\n{name} " in text
 
 
-def test_cli_serve_health_then_sigint(smollm2_gguf):
+def test_cli_serve_health_then_sigint(smollm2_gguf, tmp_path):
+    """`fastinfer serve` as users start it (the CLI's main), stopped by Ctrl-C: exit 0. Its stderr
+    goes to a file (a pipe nobody reads could fill and block it), and SIGUSR1 makes it print every
+    thread's stack there, so a server that does not stop shows where it is stuck."""
     port = _free_port()
-    p = subprocess.Popen([sys.executable, "-m", "fastinfer", "serve", "--model", str(smollm2_gguf), "--port", str(port),
-                          "--parallel", "2", "--ctx", "256"], stderr=subprocess.PIPE, text=True)
+    code = ("import faulthandler, signal, sys; faulthandler.register(signal.SIGUSR1); "
+            "from fastinfer.cli import main; sys.exit(main(sys.argv[1:]))")
+    err = open(tmp_path / "stderr.txt", "w+")
+    p = subprocess.Popen([sys.executable, "-c", code, "serve", "--model", str(smollm2_gguf), "--port", str(port),
+                          "--parallel", "2", "--ctx", "256"], stderr=err, text=True)
     try:
         deadline, status = time.time() + 120, None
         while time.time() < deadline:
@@ -283,10 +289,18 @@ def test_cli_serve_health_then_sigint(smollm2_gguf):
                        json={"prompt": "The capital of France is", "max_tokens": 3, "temperature": 0})
         assert json.loads(r.text)["choices"][0]["text"].startswith(" Paris")
         p.send_signal(signal.SIGINT)
-        assert p.wait(20) == 0
+        try:
+            rc = p.wait(60)
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGUSR1)
+            time.sleep(2)
+            err.seek(0)
+            pytest.fail("the server did not stop within 60 s of SIGINT; its stderr:\n" + err.read()[-6000:])
+        assert rc == 0
     finally:
         if p.poll() is None:
             p.kill()
+        err.close()
 
 
 def test_cli_serve_bad_model_is_one_line(tmp_path):
