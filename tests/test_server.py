@@ -130,7 +130,29 @@ def test_concurrent_requests_each_equal_their_solo_run(client, model):
         return "".join(c.choices[0].delta.content or "" for c in r if c.choices)
     with ThreadPoolExecutor(len(QUESTIONS)) as pool:
         got = list(pool.map(ask, QUESTIONS))
-    assert got == [_solo(model, [{"role": "user", "content": q}], 24) for q in QUESTIONS]
+    for q, text in zip(QUESTIONS, got):
+        _equal_up_to_a_near_tie(model, [{"role": "user", "content": q}], 24, text)
+
+
+def _equal_up_to_a_near_tie(model, messages, n, text, gap=0.05):
+    """text is the greedy continuation `_solo` computes, or leaves it where two tokens were within
+    `gap` of each other in its logits: a cached prompt prefix, or a kernel compiled in this process
+    rather than loaded from the cache, sums in another order, and such a near-tie can go either way."""
+    ids = model.tokenizer.encode(model.apply_chat_template(messages), add_special_tokens=False).ids
+    s = model.session()
+    logits = s.prefill(ids)
+    out = []
+    for _ in range(n):
+        tok = int(np.argmax(logits))
+        if tok in model.eos_ids:
+            break
+        if not text.startswith(model.decode(out + [tok]).rstrip("\ufffd")):  # (a character's first bytes)
+            top2 = np.sort(logits)[-2:]
+            assert top2[1] - top2[0] < gap, (model.decode(out + [tok]), text)
+            return
+        out.append(tok)
+        logits = s.decode_step(tok)
+    assert text == model.decode(out)
 
 
 def test_second_turn_reuses_the_cache(client, engine):
