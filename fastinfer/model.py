@@ -16,6 +16,7 @@ from .generate import GenerationOptions, PromptLookup, TextStream, generate_batc
 from .kernels import isa
 from .kernels.attention import dense_pattern
 from .kernels.jit import compile_in_child, compile_notice, set_threads
+from .kernels.linear import needs_float_path, needs_row_loops
 from .models import DEFAULT_KV_TYPE, KV_TYPES, architecture
 from .sampling import SamplingParams
 from .sparse import BlockSparse, check_attention
@@ -143,8 +144,13 @@ class Model:
         self._w = self.weights.args()
         self.is_encoder = self.arch.encoder  # FNet: forward and embed only
         kv = "" if kv_type == "f32" else f"-kv-{kv_type}"
-        floats = "-floats" if self.activations == "int8" and self.arch.float_matmuls(self.weights) else ""
-        self._compile_tag = f"{self.args.arch}-forward-{self.activations}{floats}{kv}-{isa.TIER.name}"
+        self._float_path = self._row_loops = True
+        if self.activations == "int8":  # leave out of the compiled graph the matmul paths no weight takes
+            kinds = self.arch.matmul_kinds(self.weights)
+            self._float_path, self._row_loops = needs_float_path(kinds), needs_row_loops(kinds)
+        paths = ("-floats" if self.activations == "int8" and self._float_path else "") + \
+            ("-rows" if self.activations == "int8" and self._row_loops else "")
+        self._compile_tag = f"{self.args.arch}-forward-{self.activations}{paths}{kv}-{isa.TIER.name}"
         self._rebuild = None if rebuild is None else (
             f"import fastinfer; m = fastinfer.load({rebuild[0]!r}, dtype={rebuild[1]!r}, threads={threads}, "
             f"n_ctx={n_ctx}, activations={self.activations!r}, kv_type={kv_type!r})")
@@ -161,7 +167,7 @@ class Model:
         """The architecture's run-time state (KV cache, scratch) for one or more sequences."""
         if self.activations == "int8":
             options["act8"] = True
-            options["float_path"] = self.arch.float_matmuls(self.weights)
+            options["float_path"], options["row_loops"] = self._float_path, self._row_loops
         return self.arch.State(self.args, max_seq, chunk, self.threads, kv_type=self.kv_type, **options)
 
     # -- forward passes ----------------------------------------------------------------------

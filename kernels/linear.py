@@ -288,22 +288,33 @@ def dequant_matrix(out, w, l):
 
 # -- 8-bit activations (kernels/act8.py) over the block formats -------------------------------------
 @kernel
-def _a8(out, xq, xd, xs, w, l, base, scratch):
+def _a8(out, xq, xd, xs, w, l, base, scratch, row_loops):
     # out (T, rows) from the weight rows base..base + rows: the row loop for a few tokens (over
-    # tiled weights the tiles' loop), the prefill's tiles beyond
+    # tiled weights the tiles' loop), the prefill's tiles beyond. row_loops None: no weight needs
+    # the row loop (`needs_row_loops`), and Numba leaves it out of the compiled graph (the
+    # prefill's tiles would compute any T correctly, only slower).
     kind = w[0]
     if QT.is_tiled(kind) and xq.shape[0] <= QT.MAX_T:
         QT.linear_a8_tiled(out, xq, xd, xs, w, l, base, scratch.shape[0])
-    elif xq.shape[0] <= ROWS_PATH_MAX_T:
-        QV.linear_a8_rows(out, xq, xd, xs, w, l, scratch, base)
-    else:
-        QG.linear_a8_tiles(out, xq, xd, xs, w, l, base, scratch)
+        return
+    if row_loops is not None:
+        if xq.shape[0] <= ROWS_PATH_MAX_T:
+            QV.linear_a8_rows(out, xq, xd, xs, w, l, scratch, base)
+            return
+    QG.linear_a8_tiles(out, xq, xd, xs, w, l, base, scratch)
 
 
 def needs_float_path(kinds) -> bool:
     """Whether weights of these kinds need `linear_act`'s float path compiled alongside the
     integer one (a float format)."""
     return any(k not in BLOCK_KINDS for k in kinds)
+
+
+def needs_row_loops(kinds) -> bool:
+    """Whether weights of these kinds need the decode row loops of 8-bit activations
+    (kernels/qmatvec.py) compiled: a block format left untiled (Q5, Q6, or a matrix whose rows
+    do not fill the 16-row tiles). A quarter of the graph's compile time when none does."""
+    return any(k in BLOCK_KINDS and k not in UNTILED for k in kinds)
 
 
 @kernel(inline=True)
@@ -324,7 +335,7 @@ def linear_act(out, x, w, l, lin, res_rows, floats):
     """`linear`, with 8-bit activations over block-format weights when lin carries their buffers.
 
     lin = (scratch, xq int8 (2 T_max n_max,), xd, xs f32 (2 T_max n_max // 32,), xr f32
-    (T_max n_max,), o2 f32 (2 T_max rows2,), xs16 f32 (2 T_max n_max // 16,)) from
+    (T_max n_max,), o2 f32 (2 T_max rows2,), xs16 f32 (2 T_max n_max // 16,), row_loops) from
     `act_buffers`; empty xq buffers (or a float weight format) mean f32 activations. res_rows > 0
     quantizes what the 8-bit pass leaves, x - xd xq, as a second 8-bit input and adds its product
     to the last res_rows output rows: about 15 bits per activation for those rows (the K and V
@@ -336,7 +347,7 @@ def linear_act(out, x, w, l, lin, res_rows, floats):
     (`needs_float_path`). Numba prunes `floats is not None` by type, so then the float path
     (`linear`, a third of the first run's compile time) is never compiled.
     """
-    scratch, xq_buf, xd_buf, xs_buf, xr_buf, o2_buf, xs16_buf = lin
+    scratch, xq_buf, xd_buf, xs_buf, xr_buf, o2_buf, xs16_buf, row_loops = lin
     kind = w[0]
     T, n = x.shape
     if floats is not None:
@@ -356,7 +367,7 @@ def linear_act(out, x, w, l, lin, res_rows, floats):
         A8.sums16(xs16[:T], xq[:T], xd[:T])
         xs = xs16
     if res_rows == 0:
-        _a8(out, xq, xd, xs, w, l, 0, scratch)
+        _a8(out, xq, xd, xs, w, l, 0, scratch, row_loops)
         return
     rows = out.shape[1]
     lo = rows - res_rows
@@ -367,7 +378,7 @@ def linear_act(out, x, w, l, lin, res_rows, floats):
         A8.sums16(xs16[T:], xq[T:], xd[T:])
     if P < QV.TOKEN_MAJOR_MIN_T or (QT.is_tiled(kind) and P <= QT.MAX_T):  # both inputs in one pass over the weights, every row
         o2 = o2_buf[:P * rows].reshape((P, rows))
-        _a8(o2, xq, xd, xs, w, l, 0, scratch)
+        _a8(o2, xq, xd, xs, w, l, 0, scratch, row_loops)
         for t in range(T):
             for r in range(lo):
                 out[t, r] = o2[t, r]
@@ -375,9 +386,9 @@ def linear_act(out, x, w, l, lin, res_rows, floats):
                 out[t, r] = o2[t, r] + o2[T + t, r]
         return
     # else the residual over its own rows (riding along, its tokens would change the row loop)
-    _a8(out, xq[:T], xd[:T], xs[:T], w, l, 0, scratch)
+    _a8(out, xq[:T], xd[:T], xs[:T], w, l, 0, scratch, row_loops)
     o2 = o2_buf[:T * res_rows].reshape((T, res_rows))
-    _a8(o2, xq[T:], xd[T:], xs[T:], w, l, lo, scratch)
+    _a8(o2, xq[T:], xd[T:], xs[T:], w, l, lo, scratch, row_loops)
     if T >= A8.PARALLEL_MIN_T:
         _add_residual_many(out, o2, lo)
     else:
@@ -385,10 +396,11 @@ def linear_act(out, x, w, l, lin, res_rows, floats):
             _add_residual(out[t], o2[t], lo)
 
 
-def act_buffers(t_max: int, n_max: int, rows2: int, on: bool) -> tuple:
-    """(xq, xd, xs, xr, o2, xs16) for `linear_act`: sized for t_max tokens of width <= n_max, two
-    passes over matrices of up to rows2 rows; or empty (off)."""
+def act_buffers(t_max: int, n_max: int, rows2: int, on: bool, row_loops: bool = True) -> tuple:
+    """(xq, xd, xs, xr, o2, xs16, row_loops) for `linear_act`: sized for t_max tokens of width <=
+    n_max, two passes over matrices of up to rows2 rows; or empty (off). row_loops: False when no
+    weight needs the decode row loops (`needs_row_loops`), which then are not compiled."""
     size = t_max * n_max if on else 0
     return (np.zeros(2 * size, np.int8), np.zeros(2 * size // QK, np.float32), np.zeros(2 * size // QK, np.float32),
             np.zeros(size, np.float32), np.zeros(2 * t_max * rows2 if on else 0, np.float32),
-            np.zeros(2 * size // 16, np.float32))
+            np.zeros(2 * size // 16, np.float32), True if row_loops else None)

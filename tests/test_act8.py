@@ -134,12 +134,13 @@ T_MAX, N_MAX = 64, 576  # the buffers are sized like a model's: for its widest i
 
 
 def lin_buffers(on: bool = True) -> tuple:
-    """(scratch, xq, xd, xs, xr, o2, xs16), filled with garbage a kernel must not read before writing."""
-    xq, xd, xs, xr, o2, xs16 = L.act_buffers(T_MAX, N_MAX, ROWS2_MAX, on)
+    """(scratch, xq, xd, xs, xr, o2, xs16, row_loops), filled with garbage a kernel must not read
+    before writing."""
+    xq, xd, xs, xr, o2, xs16, rows = L.act_buffers(T_MAX, N_MAX, ROWS2_MAX, on)
     xq[:] = 99
     for a in (xd, xs, xr, o2, xs16):
         a[:] = np.nan
-    return np.full((THREADS, L.scratch_size(N_MAX)), np.nan, np.float32), xq, xd, xs, xr, o2, xs16
+    return np.full((THREADS, L.scratch_size(N_MAX)), np.nan, np.float32), xq, xd, xs, xr, o2, xs16, rows
 
 
 def packed_weight(fmt: str, rows: int, n: int, rng) -> np.ndarray:
@@ -453,4 +454,14 @@ def test_float_path_left_out_only_when_every_matmul_is_blocks(tiny):
     f = fastinfer.load(paths["F32"], activations="int8")
     assert f.session().state.floats is True
     from fastinfer.models import llama
-    assert not llama.has_float_matmuls(q.weights) and llama.has_float_matmuls(f.weights)
+    assert not L.needs_float_path(llama.matmul_kinds(q.weights)) and L.needs_float_path(llama.matmul_kinds(f.weights))
+
+
+def test_row_loops_left_out_only_when_every_block_matrix_is_tiled(tiny):
+    """The decode row loops of 8-bit activations are compiled only for a block format the 16-row
+    tiles do not take (Q5, Q6, or a block matrix left untiled); a float matrix needs none."""
+    paths, _ = tiny
+    assert fastinfer.load(paths["Q4_1"], activations="int8").session().state.act[-1] is None
+    assert L.needs_row_loops([L.Q4_1T, L.Q8_0T, L.F32]) is False
+    for kind in (L.Q5, L.Q6, L.Q4_1, L.Q8_0, L.Q4_0):
+        assert L.needs_row_loops([L.Q4_1T, kind]) is True

@@ -25,7 +25,7 @@ class Architecture:
 
     Model (fastinfer/model.py) calls:
         build(ckpt, max_seq) -> (args, weights)      weights.args() is the tuple `run` takes
-        State(args, max_seq, chunk, threads, act8=, float_path=, kv_type=)   decoders
+        State(args, max_seq, chunk, threads, act8=, float_path=, row_loops=, kv_type=)   decoders
         run(args, w, st, ids, positions, starts, slots, pattern, all_logits, **options)   decoders
         run(args, w, ids, threads, head)                                      encoders
     Capabilities, declared rather than probed:
@@ -33,7 +33,8 @@ class Architecture:
         act8           State(act8=True): matmul inputs quantized to 8 bits
         research       run(..., spectral=, pruned=): pruning, eviction and the spectral filter
         spectral_args  (args, keep, layers) -> run's spectral option
-        float_matmuls  weights -> whether act8 still needs the float matmul path compiled
+        matmul_kinds   weights -> the matmul weights' formats, from which act8 decides which
+                       matmul paths to compile (float, decode row loops)
         derived        Weights fields rebuilt from the config at load (convert does not store them)
         trims_cache    State.trim(base, pos) / State.reset(base): memory no query reads again
     Files (for architectures whose names live in their own module; None: the reader's own tables):
@@ -52,7 +53,7 @@ class Architecture:
     act8: bool = False
     research: bool = False
     spectral_args: Callable | None = None
-    float_matmuls: Callable[[Any], bool] | None = None
+    matmul_kinds: Callable[[Any], list] | None = None
     derived: tuple = ()
     trims_cache: bool = False
     hf_types: tuple = ()

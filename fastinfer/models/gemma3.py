@@ -315,9 +315,9 @@ def _rope_args(args: ModelArgs, theta: float, scaling: dict | None):
                     vocab_size=1, rope_theta=theta, rope_scaling=scaling)
 
 
-def float_matmuls(w: Weights) -> bool:
-    """Whether 8-bit activations still need the float matmul path compiled (kernels/linear.py)."""
-    return L.needs_float_path(m.kind for m in (w.wq, w.wk, w.wv, w.wo, w.w13, w.w2, w.output))
+def matmul_kinds(w: Weights) -> list[int]:
+    """The formats of the matmuls' weights (which matmul paths the graph compiles, kernels/linear.py)."""
+    return [m.kind for m in (w.wq, w.wk, w.wv, w.wo, w.w13, w.w2, w.output)]
 
 
 # -- run-time state ----------------------------------------------------------------------------------
@@ -325,7 +325,7 @@ class State:
     """One or more sequences' KV cache and scratch, allocated once."""
 
     def __init__(self, args: ModelArgs, max_seq: int, chunk: int, threads: int, act8: bool = False,
-                 float_path: bool = True, *, kv_type: str):
+                 float_path: bool = True, row_loops: bool = True, *, kv_type: str):
         hd, qd, kvd = args.head_dim, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
         self.max_seq, self.chunk = max_seq, chunk
         self.k_cache = lazy_zeros((args.n_layers, args.n_kv_heads, max_seq, hd), KV_TYPES[kv_type])
@@ -341,7 +341,8 @@ class State:
         self.logits = lazy_zeros((chunk, args.vocab_size))
         widest = max(args.dim, qd, args.hidden_dim)
         self.lin_scratch = np.zeros((threads, L.scratch_size(widest)), np.float32)
-        self.act = L.act_buffers(chunk, widest, max(kvd, qd, args.dim, 2 * args.hidden_dim), act8)
+        self.act = L.act_buffers(chunk, widest, max(kvd, qd, args.dim, 2 * args.hidden_dim), act8,
+                                  row_loops)
         self.floats = None if act8 and not float_path else True
         group = args.n_heads // args.n_kv_heads
         self.att_scratch = np.zeros((threads, A.scratch_size(hd, group)), np.float32)
@@ -447,7 +448,7 @@ def run(args: ModelArgs, w: tuple, st: tuple, ids: np.ndarray, positions: np.nda
 
 ARCH = Architecture(
     name="gemma3", ModelArgs=ModelArgs, build=build, State=State, run=run, act8=True,
-    float_matmuls=float_matmuls, derived=DERIVED, trims_cache=True,
+    matmul_kinds=matmul_kinds, derived=DERIVED, trims_cache=True,
     hf_types=HF_TYPES, hf_config=hf_config, hf_layer_names=HF_LAYER_NAMES, hf_global_names=HF_GLOBAL_NAMES,
     hf_norms=(*_NORMS, "norm"), gguf_arch=GGUF_ARCH, gguf_config=gguf_config, gguf_layer_names=GGUF_LAYER_NAMES,
     gguf_global_names=GGUF_GLOBAL_NAMES)

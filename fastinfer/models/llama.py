@@ -188,10 +188,9 @@ def _check_rope_scaling(sc: dict | None, source: str, half: int) -> None:
         raise ValueError(f"{source}: RoPE scaling low_freq_factor must be below high_freq_factor")
 
 
-def has_float_matmuls(w: Weights) -> bool:
-    """Whether any matmul needs the float path beside 8-bit activations (kernels/linear.py
-    needs_float_path: a float format, or Q6's prefill)."""
-    return L.needs_float_path(m.kind for m in (w.wqkv, w.wo, w.w13, w.w2, w.output))
+def matmul_kinds(w: Weights) -> list[int]:
+    """The formats of the matmuls' weights (which matmul paths the graph compiles, kernels/linear.py)."""
+    return [m.kind for m in (w.wqkv, w.wo, w.w13, w.w2, w.output)]
 
 
 def _windows(args: ModelArgs) -> np.ndarray:
@@ -254,7 +253,7 @@ class State:
     """Everything one sequence needs at run time, allocated once: KV cache and scratch buffers."""
 
     def __init__(self, args: ModelArgs, max_seq: int, chunk: int, threads: int, ring: int = 0,
-                 act8: bool = False, float_path: bool = True, *, kv_type: str):
+                 act8: bool = False, float_path: bool = True, row_loops: bool = True, *, kv_type: str):
         qd, kvd = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
         self.max_seq, self.chunk = max_seq, chunk
         # Mapped lazily, so a long context costs memory only as it fills.
@@ -275,7 +274,7 @@ class State:
         widest = max(args.dim, qd, args.hidden_dim)  # the widest input a matmul reads
         self.lin_scratch = np.zeros((threads, L.scratch_size(widest)), np.float32)
         # 8-bit activations (act8): each matmul's input quantized in 32-blocks, (chunk, widest) at most
-        self.act = L.act_buffers(chunk, widest, qd + 2 * kvd, act8)
+        self.act = L.act_buffers(chunk, widest, qd + 2 * kvd, act8, row_loops)
         # None: every matrix is 8/4-bit blocks and runs on integers, so the float matmul path is
         # left out of the compiled graph (kernels/linear.py linear_act)
         self.floats = None if act8 and not float_path else True
@@ -411,4 +410,4 @@ def _spectral_off(n_layers: int, dim: int) -> tuple:
 
 
 ARCH = Architecture(name="llama", ModelArgs=ModelArgs, build=build, State=State, run=run, act8=True, research=True,
-                    spectral_args=spectral_args, float_matmuls=has_float_matmuls, derived=("cos", "sin", "windows"))
+                    spectral_args=spectral_args, matmul_kinds=matmul_kinds, derived=("cos", "sin", "windows"))
