@@ -1,13 +1,16 @@
 """Batch generation over a fixed set of prompts: Ray Data actors against one process.
 
     python bench/ray_batch.py single --batch-sizes 8,16,32        # Model.generate(list) in one process
+    python bench/ray_batch.py program --batch-sizes 200           # the same as a whole program per run
     python bench/ray_batch.py ray --actors 2 --threads 1 --batch-size 16
     python bench/ray_batch.py ray --actors 1 --threads 2 --batch-size 16
 
 Both run the same --prompts prompts (built from fixed subjects and openings), greedy, --max-tokens
 each, and report generated tokens per second as mean ± std over --repeat runs after one warm-up
 run. `single` loads the model once (threads = all cores) and decodes the prompts in batches of
-each --batch-sizes. `ray` starts a local cluster of --cpus CPUs and runs a whole
+each --batch-sizes. `program` runs `single` as a whole new Python process per repetition (start,
+import, load the model, generate, exit), the end-to-end cost of a one-process batch job to set
+beside Ray's whole pass. `ray` starts a local cluster of --cpus CPUs and runs a whole
 `map_batches(Predictor, ...)` pass per repetition, new actors each time, so a run's wall time
 includes starting the actors and loading the model; `span` is the time from the first batch's
 start to the last batch's end inside the actors, without that start-up. One JSON line per
@@ -75,6 +78,32 @@ def run_single(args) -> None:
         print(summary(f"single process, threads {model.threads}, batch {bs}", runs), file=sys.stderr)
 
 
+def run_program(args) -> None:
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    threads = "None" if args.threads is None else int(args.threads)
+    for bs in (int(b) for b in args.batch_sizes.split(",")):
+        code = (f"import sys; sys.path.insert(0, {here!r}); import fastinfer; from ray_batch import prompts; "
+                f"m = fastinfer.load({args.model!r}, threads={threads}); "
+                f"ids = [m.encode(p) for p in prompts({args.prompts})]; "
+                f"print(m.threads, sum(len(o) for k in range(0, len(ids), {bs}) "
+                f"for o in m.generate(ids[k:k + {bs}], max_new_tokens={args.max_tokens}, temperature=0)))")
+        runs = []
+        for rep in range(args.repeat + 1):
+            t0 = time.perf_counter()
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            seconds = time.perf_counter() - t0
+            if done.returncode != 0:
+                sys.exit(done.stderr)
+            n_threads, tokens = map(int, done.stdout.split()[-2:])
+            row = {"bench": "program", "batch_size": bs, "threads": n_threads, "rep": rep, "prompts": args.prompts,
+                   "tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 2)}
+            if rep:
+                runs.append(row)
+            emit({**row, "warmup": rep == 0}, args.out)
+        print(summary(f"one program per run, threads {n_threads}, batch {bs}", runs), file=sys.stderr)
+
+
 def run_ray(args) -> None:
     import ray
     import ray.data
@@ -131,14 +160,14 @@ def run_ray(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("mode", choices=["single", "ray"])
+    ap.add_argument("mode", choices=["single", "program", "ray"])
     ap.add_argument("-m", "--model", default=None, help="default: SmolLM2-135M-Instruct")
     ap.add_argument("--prompts", type=int, default=200)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3, help="measured runs, after one warm-up run")
-    ap.add_argument("--batch-sizes", default="8,16,32", help="single: comma-separated batch sizes")
+    ap.add_argument("--batch-sizes", default="8,16,32", help="single, program: comma-separated batch sizes")
     ap.add_argument("--threads", type=int, default=None,
-                    help="single: kernel threads (default: all cores); ray: CPUs and threads per actor (default 1)")
+                    help="single, program: kernel threads (default: all cores); ray: CPUs and threads per actor (default 1)")
     ap.add_argument("--actors", type=int, default=2, help="ray: actors")
     ap.add_argument("--batch-size", type=int, default=16, help="ray: prompts per batch")
     ap.add_argument("--cpus", type=int, default=os.cpu_count(), help="ray: the local cluster's CPUs")
@@ -147,6 +176,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.mode == "single":
         run_single(args)
+    elif args.mode == "program":
+        run_program(args)
     else:
         args.threads = args.threads or 1
         run_ray(args)

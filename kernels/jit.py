@@ -214,8 +214,8 @@ def compile_notice(tag: str):
     t0 = time.perf_counter()
     if first:
         from .isa import TIER
-        print(f"fastinfer: compiling kernels for {TIER.name} (first run on this machine, about a minute)...",
-              file=sys.stderr, flush=True)
+        print(f"fastinfer: compiling kernels for {TIER.name} (first run on this machine: one to three "
+              f"minutes)...", file=sys.stderr, flush=True)
     yield first
     if first:
         try:
