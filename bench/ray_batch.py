@@ -2,6 +2,7 @@
 
     python bench/ray_batch.py single --batch-sizes 8,16,32        # Model.generate(list) in one process
     python bench/ray_batch.py program --batch-sizes 200           # the same as a whole program per run
+    python bench/ray_batch.py versus --threads 2 --batch-size 200  # program and Ray pass, alternating
     python bench/ray_batch.py ray --actors 2 --threads 1 --batch-size 16
     python bench/ray_batch.py ray --actors 1 --threads 2 --batch-size 16
 
@@ -10,7 +11,9 @@ each, and report generated tokens per second as mean ± std over --repeat runs a
 run. `single` loads the model once (threads = all cores) and decodes the prompts in batches of
 each --batch-sizes. `program` runs `single` as a whole new Python process per repetition (start,
 import, load the model, generate, exit), the end-to-end cost of a one-process batch job to set
-beside Ray's whole pass. `ray` starts a local cluster of --cpus CPUs and runs a whole
+beside Ray's whole pass; `versus` alternates one such program and one Ray Data pass (--actors
+actors of --threads threads, workers at --worker-niceness) in one run, as this VM's speed drifts.
+`ray` starts a local cluster of --cpus CPUs and runs a whole
 `map_batches(Predictor, ...)` pass per repetition, new actors each time, so a run's wall time
 includes starting the actors and loading the model; `span` is the time from the first batch's
 start to the last batch's end inside the actors, without that start-up. One JSON line per
@@ -79,29 +82,39 @@ def run_single(args) -> None:
 
 
 def run_program(args) -> None:
-    import subprocess
-    here = os.path.dirname(os.path.abspath(__file__))
-    threads = "None" if args.threads is None else int(args.threads)
     for bs in (int(b) for b in args.batch_sizes.split(",")):
-        code = (f"import sys; sys.path.insert(0, {here!r}); import fastinfer; from ray_batch import prompts; "
-                f"m = fastinfer.load({args.model!r}, threads={threads}); "
-                f"ids = [m.encode(p) for p in prompts({args.prompts})]; "
-                f"print(m.threads, sum(len(o) for k in range(0, len(ids), {bs}) "
-                f"for o in m.generate(ids[k:k + {bs}], max_new_tokens={args.max_tokens}, temperature=0)))")
-        runs = []
+        code, runs = _program_code(args, bs), []
         for rep in range(args.repeat + 1):
-            t0 = time.perf_counter()
-            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-            seconds = time.perf_counter() - t0
-            if done.returncode != 0:
-                sys.exit(done.stderr)
-            n_threads, tokens = map(int, done.stdout.split()[-2:])
+            n_threads, tokens, seconds = _program_once(code)
             row = {"bench": "program", "batch_size": bs, "threads": n_threads, "rep": rep, "prompts": args.prompts,
                    "tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 2)}
             if rep:
                 runs.append(row)
             emit({**row, "warmup": rep == 0}, args.out)
         print(summary(f"one program per run, threads {n_threads}, batch {bs}", runs), file=sys.stderr)
+
+
+def _program_code(args, bs: int) -> str:
+    """Python for one whole one-process batch job; prints its threads and generated tokens."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    threads = "None" if args.threads is None else int(args.threads)
+    return (f"import sys; sys.path.insert(0, {here!r}); import fastinfer; from ray_batch import prompts; "
+            f"m = fastinfer.load({args.model!r}, threads={threads}); "
+            f"ids = [m.encode(p) for p in prompts({args.prompts})]; "
+            f"print(m.threads, sum(len(o) for k in range(0, len(ids), {bs}) "
+            f"for o in m.generate(ids[k:k + {bs}], max_new_tokens={args.max_tokens}, temperature=0)))")
+
+
+def _program_once(code: str) -> tuple[int, int, float]:
+    """(threads, tokens, seconds) of one program run, in a new process."""
+    import subprocess
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if done.returncode != 0:
+        sys.exit(done.stderr)
+    threads, tokens = map(int, done.stdout.split()[-2:])
+    return threads, tokens, seconds
 
 
 def run_ray(args) -> None:
@@ -126,8 +139,18 @@ def run_ray(args) -> None:
     ps = prompts(args.prompts)
     source = ray.data.from_items([{"prompt": p} for p in ps]).repartition(
         target_num_rows_per_block=args.batch_size).materialize()
-    runs = []
+    runs, programs = [], []
+    versus = args.mode == "versus"
+    code = _program_code(argparse.Namespace(**{**vars(args), "threads": args.cpus}), args.batch_size * args.actors)
     for rep in range(args.repeat + 1):
+        if versus:  # the one-process program on the same cores, just before this pass
+            n_threads, tokens, seconds = _program_once(code)
+            row = {"bench": "program", "batch_size": args.batch_size * args.actors, "threads": n_threads, "rep": rep,
+                   "prompts": len(ps), "tokens": tokens, "seconds": round(seconds, 3),
+                   "tokens_per_s": round(tokens / seconds, 2)}
+            if rep:
+                programs.append(row)
+            emit({**row, "warmup": rep == 0}, args.out)
         # The previous run's actors give their CPUs back asynchronously: a new pool started before
         # they do waits, and its wall time would count the wait.
         deadline = time.time() + 120
@@ -153,14 +176,22 @@ def run_ray(args) -> None:
         emit({**row, "warmup": rep == 0}, args.out)
     label = (f"ray data, {args.actors} actors x {args.threads} threads, batch {args.batch_size}, "
              f"worker niceness {args.worker_niceness}")
+    if versus:
+        print(summary(f"one program per run, threads {args.cpus}, batch {args.batch_size * args.actors}", programs),
+              file=sys.stderr)
     print(summary(label, runs), file=sys.stderr)
     print(summary(label + " (span, without actor start-up)", runs, "span_tokens_per_s"), file=sys.stderr)
+    base = statistics.mean(r["tokens_per_s"] for r in programs) if versus else 0
+    if base > 0:
+        print(f"ray whole pass / program: {statistics.mean(r['tokens_per_s'] for r in runs) / base:.2f}; "
+              f"decoding / program: {statistics.mean(r['span_tokens_per_s'] for r in runs) / base:.2f}",
+              file=sys.stderr)
     ray.shutdown()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("mode", choices=["single", "program", "ray"])
+    ap.add_argument("mode", choices=["single", "program", "ray", "versus"])
     ap.add_argument("-m", "--model", default=None, help="default: SmolLM2-135M-Instruct")
     ap.add_argument("--prompts", type=int, default=200)
     ap.add_argument("--max-tokens", type=int, default=32)
