@@ -145,11 +145,11 @@ class Model:
         self.is_encoder = self.arch.encoder  # FNet: forward and embed only
         kv = "" if kv_type == "f32" else f"-kv-{kv_type}"
         self._float_path = self._row_loops = True
+        paths = ""
         if self.activations == "int8":  # leave out of the compiled graph the matmul paths no weight takes
             kinds = self.arch.matmul_kinds(self.weights)
             self._float_path, self._row_loops = needs_float_path(kinds), needs_row_loops(kinds)
-        paths = ("-floats" if self.activations == "int8" and self._float_path else "") + \
-            ("-rows" if self.activations == "int8" and self._row_loops else "")
+            paths = "-floats" * self._float_path + "-rows" * self._row_loops
         self._compile_tag = f"{self.args.arch}-forward-{self.activations}{paths}{kv}-{isa.TIER.name}"
         self._rebuild = None if rebuild is None else (
             f"import fastinfer; m = fastinfer.load({rebuild[0]!r}, dtype={rebuild[1]!r}, threads={threads}, "

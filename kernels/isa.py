@@ -129,11 +129,11 @@ def _resolve() -> tuple[Tier, Tier, str | None]:
         return best, best, str(e)
     # The tiers are not a chain: an AVX-512 CPU may lack AVX-VNNI (AMD Zen 4 has the EVEX form
     # only), so a tier below the best can still be one this CPU cannot run.
-    lacks = [f for f in tier.needs if not features.get(f, False)] if _x86() else ["x86-64"] * bool(tier.needs)
+    lacks = missing(tier)
     if lacks:
-        below = [t.name for t in TIERS[TIERS.index(best):] if all(features.get(f, False) for f in t.needs)]
+        runs = [t.name for t in TIERS[TIERS.index(best):] if not missing(t)]
         return best, best, (f"FASTINFER_ISA={tier.name}: this CPU cannot run it (it lacks "
-                            f"{', '.join(lacks)}); it runs {', '.join(below)}")
+                            f"{', '.join(lacks)}); it runs {', '.join(runs)}")
     if tier is not best:
         # hold Numba's code generation to the tier too (must happen before its target exists)
         # (the switched-off features go last: LLVM reads the list in order, and a later "+x" would

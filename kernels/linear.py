@@ -312,8 +312,8 @@ def needs_float_path(kinds) -> bool:
 
 def needs_row_loops(kinds) -> bool:
     """Whether weights of these kinds need the decode row loops of 8-bit activations
-    (kernels/qmatvec.py) compiled: a block format left untiled (Q5, Q6, or a matrix whose rows
-    do not fill the 16-row tiles). A quarter of the graph's compile time when none does."""
+    (kernels/qmatvec.py) compiled: a block format the 16-row tiles do not take (Q5, Q6), or one
+    left untiled. A quarter of the graph's compile time when none does."""
     return any(k in BLOCK_KINDS and k not in UNTILED for k in kinds)
 
 
