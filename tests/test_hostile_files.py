@@ -149,6 +149,23 @@ def test_invalid_utf8_string(tmp_path, seeds):
     _refused(_gguf(tmp_path, seeds["Q8_0"], edit), r"is not UTF-8")
 
 
+def test_invalid_utf8_in_a_string_array(tmp_path, seeds):
+    def edit(g):
+        _kv(g, "tokenizer.ggml.tokens")["value"][1][7] = b"ab\xff"
+    _refused(_gguf(tmp_path, seeds["Q8_0"], edit), r"the string at byte \d+ is not UTF-8")
+
+
+def test_string_in_an_array_longer_than_the_file(tmp_path, seeds):
+    b = bytearray(pack_gguf(parse_gguf(seeds["Q8_0"])))
+    key = b"tokenizer.ggml.tokens"
+    at = b.index(key) + len(key) + 4 + 4 + 8  # past the key, its type, the element type and the count
+    at += 8 + int.from_bytes(b[at:at + 8], "little")  # past the first token: the second's length
+    b[at:at + 8] = (len(b) * 2).to_bytes(8, "little")
+    path = tmp_path / "long.gguf"
+    path.write_bytes(bytes(b))
+    _refused(str(path), r"a string of \d+ bytes at byte \d+ runs past the end of the file")
+
+
 def test_huge_string_array_count_is_refused_before_reading(tmp_path, seeds):
     def edit(g):
         _kv(g, "tokenizer.ggml.merges")["count"] = 1 << 40

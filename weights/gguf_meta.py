@@ -101,6 +101,9 @@ MAX_STRING_ARRAY = 1 << 21
 _MAX_NESTING = 2
 
 
+_U64 = struct.Struct("<Q")
+
+
 class _Cursor:
     def __init__(self, buf: memoryview):
         self.buf, self.pos = buf, 0
@@ -124,6 +127,25 @@ class _Cursor:
         self.pos += n
         return s
 
+    def strings(self, count: int) -> list[str]:
+        """`count` strings in a row (a vocabulary, its merges): `string` in one tight loop."""
+        unpack, buf, pos, end = _U64.unpack_from, self.buf, self.pos, len(self.buf)
+        out: list[str] = []
+        append = out.append
+        for _ in range(count):
+            (n,) = unpack(buf, pos)
+            pos += 8
+            if n > end - pos:
+                self.pos = pos
+                self._need(n, f"a string of {n} bytes")
+            try:
+                append(str(buf[pos:pos + n], "utf-8"))
+            except UnicodeDecodeError:
+                raise ValueError(f"the string at byte {pos} is not UTF-8") from None
+            pos += n
+        self.pos = pos
+        return out
+
     def name(self, what: str) -> str:
         """A key or tensor name: UTF-8 without control characters (they would garble messages)."""
         s = self.string()
@@ -142,7 +164,7 @@ class _Cursor:
                 self._need(8 * count, f"an array of {count} strings")
                 if count > MAX_STRING_ARRAY:
                     raise ValueError(f"an array of {count} strings (at most {MAX_STRING_ARRAY} are read)")
-                return [self.string() for _ in range(count)]
+                return self.strings(count)
             if etype == _ARRAY:
                 if depth >= _MAX_NESTING:
                     raise ValueError(f"arrays nested deeper than {_MAX_NESTING}")
