@@ -26,6 +26,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--replicas", type=int, default=None, help="a fixed number of replicas (default: 1)")
     ap.add_argument("--min-replicas", type=int, default=None, help="autoscale: at least this many replicas")
     ap.add_argument("--max-replicas", type=int, default=None, help="autoscale: at most this many replicas")
+    ap.add_argument("--upscale-delay", type=float, default=None, metavar="S",
+                    help="autoscale: seconds of load above the target before a replica is added (Serve: 30)")
+    ap.add_argument("--downscale-delay", type=float, default=None, metavar="S",
+                    help="autoscale: seconds of load below the target before a replica is removed (Serve: 600)")
     ap.add_argument("--num-cpus", type=float, default=2,
                     help="CPUs each replica reserves; its kernels run on that many threads (default: %(default)s)")
     ap.add_argument("--parallel", type=int, default=4,
@@ -53,7 +57,8 @@ def deploy(args: argparse.Namespace):
     from fastinfer.ray import openai_app
     app = openai_app(args.model, num_cpus=args.num_cpus, parallel=args.parallel, n_ctx=args.ctx,
                      api_key=args.api_key, max_tokens=args.max_tokens, num_replicas=args.replicas,
-                     min_replicas=args.min_replicas, max_replicas=args.max_replicas)
+                     min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                     upscale_delay_s=args.upscale_delay, downscale_delay_s=args.downscale_delay)
     serve.start(http_options={"host": args.host, "port": args.port})
     return serve.run(app, name="fastinfer", route_prefix="/")
 

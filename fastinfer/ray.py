@@ -121,14 +121,17 @@ class OpenAIServer:
 def openai_app(model: str | None = None, *, num_cpus: float = 1, parallel: int = 4, n_ctx: int | None = None,
                api_key: str | None = None, max_tokens: int | None = None, num_replicas: int | None = None,
                min_replicas: int | None = None, max_replicas: int | None = None, name: str = "fastinfer",
+               upscale_delay_s: float | None = None, downscale_delay_s: float | None = None,
                **load_options: Any):
     """A Ray Serve application of the OpenAI-compatible server: routes and streaming as
     `fastinfer serve`, one engine of `parallel` slots per replica.
 
     Each replica reserves `num_cpus` CPUs and runs its kernels on that many threads (at least 1).
     `num_replicas` fixes the count; `min_replicas`/`max_replicas` autoscale between them on
-    ongoing requests, aiming at `parallel` per replica (a full engine). load_options go to
-    `fastinfer.load` (dtype, activations, kv_type). Run it with `serve.run(app)`.
+    ongoing requests, aiming at `parallel` per replica (a full engine); `upscale_delay_s` and
+    `downscale_delay_s` set how long the load must stay above or below that before a replica is
+    added or removed (Serve's defaults: 30 s and 600 s). load_options go to `fastinfer.load`
+    (dtype, activations, kv_type). Run it with `serve.run(app)`.
     """
     serve = _serve()
     for key, v in (("parallel", parallel), ("num_replicas", num_replicas), ("min_replicas", min_replicas),
@@ -137,16 +140,23 @@ def openai_app(model: str | None = None, *, num_cpus: float = 1, parallel: int =
             raise ValueError(f"{key} must be an integer >= {0 if key == 'min_replicas' else 1}; got {v!r:.40}")
     if isinstance(num_cpus, bool) or not isinstance(num_cpus, (int, float)) or not num_cpus > 0:
         raise ValueError(f"num_cpus must be a number > 0; got {num_cpus!r:.40}")
+    delays = {k: v for k, v in (("upscale_delay_s", upscale_delay_s), ("downscale_delay_s", downscale_delay_s))
+              if v is not None}
+    for key, v in delays.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+            raise ValueError(f"{key} must be a number >= 0; got {v!r:.40}")
     autoscale = min_replicas is not None or max_replicas is not None
     if autoscale and num_replicas is not None:
         raise ValueError("give num_replicas (a fixed count) or min_replicas/max_replicas (autoscaling), not both")
+    if delays and not autoscale:
+        raise ValueError(f"{' and '.join(delays)} apply to autoscaling: give min_replicas/max_replicas too")
     if autoscale:
         lo = 1 if min_replicas is None else min_replicas
         hi = max(lo, 1) if max_replicas is None else max_replicas
         if hi < max(lo, 1):
             raise ValueError(f"max_replicas ({hi}) must be at least min_replicas ({lo}) and 1")
         scaling = {"autoscaling_config": {"min_replicas": lo, "max_replicas": hi,
-                                          "target_ongoing_requests": parallel}}
+                                          "target_ongoing_requests": parallel, **delays}}
     else:
         scaling = {"num_replicas": 1 if num_replicas is None else num_replicas}
     deployment = serve.deployment(
@@ -162,7 +172,8 @@ def openai_app(model: str | None = None, *, num_cpus: float = 1, parallel: int =
 
 # `serve run fastinfer.ray:app_builder model=... num_cpus=2 max_replicas=4` passes strings.
 _BUILDER_TYPES = {"model": str, "num_cpus": float, "parallel": int, "n_ctx": int, "api_key": str, "max_tokens": int,
-                  "num_replicas": int, "min_replicas": int, "max_replicas": int, "name": str, "dtype": str,
+                  "num_replicas": int, "min_replicas": int, "max_replicas": int, "name": str,
+                  "upscale_delay_s": float, "downscale_delay_s": float, "dtype": str,
                   "activations": str, "kv_type": str}
 
 

@@ -149,6 +149,12 @@ def test_app_options_are_checked(tiny):
         openai_app(str(tiny), num_replicas=2, max_replicas=3)
     with pytest.raises(ValueError, match="num_cpus must be a number > 0"):
         openai_app(str(tiny), num_cpus=0)
+    assert type(app_builder({"max_replicas": "2", "upscale_delay_s": "5", "downscale_delay_s": "60"})).__name__ == \
+        "Application"
+    with pytest.raises(ValueError, match="upscale_delay_s apply to autoscaling"):
+        openai_app(str(tiny), upscale_delay_s=5)
+    with pytest.raises(ValueError, match="downscale_delay_s must be a number >= 0"):
+        openai_app(str(tiny), max_replicas=2, downscale_delay_s=-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,3 +306,58 @@ class TestServe:
         assert [i for i, c in enumerate(chunks) if c.choices[0].finish_reason] == [len(chunks) - 1]
         pieces = [c.choices[0].delta.content for c in chunks if c.choices[0].delta.content]
         assert len(pieces) > 1 and "".join(pieces) == whole
+
+
+def test_serve_autoscales_with_the_load(cluster, tiny):
+    """min 1 and max 2 replicas of 1 CPU, one request each: while 4 clients keep requests in flight,
+    Serve adds the second replica (the cluster's other CPU), both answer, and once the clients stop
+    it goes back to one."""
+    import threading
+    import time
+
+    from ray import serve
+
+    def running() -> int:
+        return serve.status().applications["fastinfer"].deployments["fastinfer"].replica_states.get("RUNNING", 0)
+
+    def wait_for(replicas: int, seconds: float = 90) -> None:
+        deadline = time.monotonic() + seconds
+        while running() != replicas:
+            assert time.monotonic() < deadline, f"{running()} replicas running after {seconds} s; expected {replicas}"
+            time.sleep(0.25)
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        handle = serve.run(openai_app(str(tiny), num_cpus=1, parallel=1, n_ctx=128, min_replicas=1, max_replicas=2,
+                                      upscale_delay_s=0.5, downscale_delay_s=1),
+                           name="fastinfer", route_prefix="/")
+        assert running() == 1
+        stop, pids, failures = threading.Event(), set(), []
+
+        def client() -> None:
+            c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+            try:
+                while not stop.is_set():
+                    r = c.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=100, temperature=0)
+                    assert r.choices[0].text or r.choices[0].finish_reason == "stop"
+            except Exception as e:  # handed to the test thread
+                failures.append(e)
+
+        clients = [threading.Thread(target=client) for _ in range(4)]
+        for t in clients:
+            t.start()
+        try:
+            wait_for(2)
+            deadline = time.monotonic() + 30
+            while len(pids) < 2 and time.monotonic() < deadline:  # requests through the handle reach both
+                pids.add(handle.info.remote().result()["pid"])
+        finally:
+            stop.set()
+            for t in clients:
+                t.join(timeout=120)
+        assert not failures, failures[0]
+        assert len(pids) == 2
+        wait_for(1)
+    finally:
+        serve.shutdown()
