@@ -2,20 +2,22 @@
 
     python bench/ray_batch.py single --batch-sizes 8,16,32        # Model.generate(list) in one process
     python bench/ray_batch.py program --batch-sizes 200           # the same as a whole program per run
-    python bench/ray_batch.py versus --threads 2 --batch-size 200  # program and Ray pass, alternating
+    python bench/ray_batch.py versus --threads 2 --batch-size 200  # loaded, program, Ray, alternating
     python bench/ray_batch.py ray --actors 2 --threads 1 --batch-size 16
     python bench/ray_batch.py ray --actors 1 --threads 2 --batch-size 16
+    python bench/ray_batch.py ray --nodes 2 --actors 2 --threads 1 --batch-size 100
 
 Both run the same --prompts prompts (built from fixed subjects and openings), greedy, --max-tokens
 each, and report generated tokens per second as mean ± std over --repeat runs after one warm-up
 run. `single` loads the model once (threads = all cores) and decodes the prompts in batches of
 each --batch-sizes. `program` runs `single` as a whole new Python process per repetition (start,
 import, load the model, generate, exit), the end-to-end cost of a one-process batch job to set
-beside Ray's whole pass; `versus` alternates one such program and one Ray Data pass (--actors
-actors of --threads threads, workers at --worker-niceness) in one run, as this VM's speed drifts.
-`ray` starts a local cluster of --cpus CPUs and runs a whole
-`map_batches(Predictor, ...)` pass per repetition, new actors each time, so a run's wall time
-includes starting the actors and loading the model; `span` is the time from the first batch's
+beside Ray's whole pass; `versus` alternates a process that holds the model (the batch alone),
+one such program and one Ray Data pass (--actors actors of --threads threads, workers at
+--worker-niceness) in one run, as this VM's speed drifts.
+`ray` starts a local cluster of --cpus CPUs (split among --nodes raylets on this host, as on a
+multi-node cluster) and runs a whole `map_batches(Predictor, ...)` pass per repetition, new actors
+each time, so a run's wall time includes starting the actors and loading the model; `span` is the time from the first batch's
 start to the last batch's end inside the actors, without that start-up. One JSON line per
 repetition; --out appends them to a file.
 """
@@ -117,6 +119,39 @@ def _program_once(code: str) -> tuple[int, int, float]:
     return threads, tokens, seconds
 
 
+class _Loaded:
+    """A process that holds the model (threads = the cluster's CPUs) and, on each request, decodes
+    the prompts in batches of `bs` and reports its tokens and seconds: the best single-process run,
+    set beside each Ray pass in `versus` (idle, blocked on its stdin, while Ray runs)."""
+
+    def __init__(self, args, bs: int):
+        import subprocess
+        here = os.path.dirname(os.path.abspath(__file__))
+        code = (f"import sys, time; sys.path.insert(0, {here!r}); import fastinfer; from ray_batch import prompts\n"
+                f"m = fastinfer.load({args.model!r}, threads={int(args.cpus)})\n"
+                f"ids = [m.encode(p) for p in prompts({args.prompts})]\n"
+                f"m.generate(ids[:2], max_new_tokens=4, temperature=0)\n"
+                f"print(m.threads, flush=True)\n"
+                f"for _ in sys.stdin:\n"
+                f"    t0 = time.perf_counter()\n"
+                f"    n = sum(len(o) for k in range(0, len(ids), {bs}) "
+                f"for o in m.generate(ids[k:k + {bs}], max_new_tokens={args.max_tokens}, temperature=0))\n"
+                f"    print(n, time.perf_counter() - t0, flush=True)\n")
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+        self.threads = int(self.proc.stdout.readline())
+
+    def run(self) -> tuple[int, float]:
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        tokens, seconds = self.proc.stdout.readline().split()
+        return int(tokens), float(seconds)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
 def run_ray(args) -> None:
     import ray
     import ray.data
@@ -134,16 +169,36 @@ def run_ray(args) -> None:
     # Ray starts its workers at nice 15 unless told otherwise; at 15 every wake-up of the raylet,
     # the GCS or the driver preempts a kernel thread and stalls its whole OpenMP team.
     os.environ["RAY_worker_niceness"] = str(args.worker_niceness)
-    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    nodes = None
+    if args.nodes > 1:  # raylets of their own on this host, as on a multi-node cluster
+        from ray.cluster_utils import Cluster
+        if args.cpus % args.nodes:
+            sys.exit(f"--cpus {args.cpus} does not divide among {args.nodes} nodes")
+        nodes = Cluster(initialize_head=True,
+                        head_node_args={"num_cpus": args.cpus // args.nodes, "include_dashboard": False})
+        for _ in range(args.nodes - 1):
+            nodes.add_node(num_cpus=args.cpus // args.nodes)
+        nodes.wait_for_nodes()
+        ray.init(address=nodes.address, log_to_driver=False)
+    else:
+        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     ps = prompts(args.prompts)
     source = ray.data.from_items([{"prompt": p} for p in ps]).repartition(
         target_num_rows_per_block=args.batch_size).materialize()
-    runs, programs = [], []
+    runs, programs, loaded_runs = [], [], []
     versus = args.mode == "versus"
     code = _program_code(argparse.Namespace(**{**vars(args), "threads": args.cpus}), args.batch_size * args.actors)
+    loaded = _Loaded(args, args.batch_size * args.actors) if versus else None
     for rep in range(args.repeat + 1):
-        if versus:  # the one-process program on the same cores, just before this pass
+        if versus:  # the model already loaded in one process, then the one-process program, on the same cores
+            tokens, seconds = loaded.run()
+            row = {"bench": "loaded", "batch_size": args.batch_size * args.actors, "threads": loaded.threads,
+                   "rep": rep, "prompts": len(ps), "tokens": tokens, "seconds": round(seconds, 3),
+                   "tokens_per_s": round(tokens / seconds, 2)}
+            if rep:
+                loaded_runs.append(row)
+            emit({**row, "warmup": rep == 0}, args.out)
             n_threads, tokens, seconds = _program_once(code)
             row = {"bench": "program", "batch_size": args.batch_size * args.actors, "threads": n_threads, "rep": rep,
                    "prompts": len(ps), "tokens": tokens, "seconds": round(seconds, 3),
@@ -167,26 +222,33 @@ def run_ray(args) -> None:
             first, last = min(first, float(batch["t0"].min())), max(last, float(batch["t1"].max()))
         seconds = time.perf_counter() - t0
         span = last - first
-        row = {"bench": "ray", "worker_niceness": args.worker_niceness, "actors": args.actors, "threads": args.threads, "batch_size": args.batch_size,
+        row = {"bench": "ray", "nodes": args.nodes, "worker_niceness": args.worker_niceness, "actors": args.actors,
+               "threads": args.threads, "batch_size": args.batch_size,
                "rep": rep, "prompts": len(ps), "tokens": tokens, "seconds": round(seconds, 3),
                "tokens_per_s": round(tokens / seconds, 2), "span": round(span, 3),
                "span_tokens_per_s": round(tokens / span, 2), "tier": isa.TIER.name}
         if rep:
             runs.append(row)
         emit({**row, "warmup": rep == 0}, args.out)
-    label = (f"ray data, {args.actors} actors x {args.threads} threads, batch {args.batch_size}, "
+    label = (f"ray data, {args.nodes} node(s), {args.actors} actors x {args.threads} threads, batch {args.batch_size}, "
              f"worker niceness {args.worker_niceness}")
     if versus:
+        loaded.close()
+        print(summary(f"one process, model loaded, threads {args.cpus}, batch {args.batch_size * args.actors}",
+                      loaded_runs), file=sys.stderr)
         print(summary(f"one program per run, threads {args.cpus}, batch {args.batch_size * args.actors}", programs),
               file=sys.stderr)
     print(summary(label, runs), file=sys.stderr)
     print(summary(label + " (span, without actor start-up)", runs, "span_tokens_per_s"), file=sys.stderr)
-    base = statistics.mean(r["tokens_per_s"] for r in programs) if versus else 0
-    if base > 0:
-        print(f"ray whole pass / program: {statistics.mean(r['tokens_per_s'] for r in runs) / base:.2f}; "
-              f"decoding / program: {statistics.mean(r['span_tokens_per_s'] for r in runs) / base:.2f}",
-              file=sys.stderr)
+    if versus:
+        whole, span = (statistics.mean(r[k] for r in runs) for k in ("tokens_per_s", "span_tokens_per_s"))
+        for name, base in (("program", programs), ("loaded process", loaded_runs)):
+            base = statistics.mean(r["tokens_per_s"] for r in base)
+            print(f"ray whole pass / {name}: {whole / base:.2f}; decoding / {name}: {span / base:.2f}",
+                  file=sys.stderr)
     ray.shutdown()
+    if nodes is not None:
+        nodes.shutdown()
 
 
 def main() -> None:
@@ -202,6 +264,8 @@ def main() -> None:
     ap.add_argument("--actors", type=int, default=2, help="ray: actors")
     ap.add_argument("--batch-size", type=int, default=16, help="ray: prompts per batch")
     ap.add_argument("--cpus", type=int, default=os.cpu_count(), help="ray: the local cluster's CPUs")
+    ap.add_argument("--nodes", type=int, default=1,
+                    help="ray: split the cluster's CPUs among this many nodes (raylets) on this host")
     ap.add_argument("--worker-niceness", type=int, default=15, help="ray: the workers' nice value (Ray's default: 15)")
     ap.add_argument("--out", default=None, help="append the JSON lines to this file")
     args = ap.parse_args()

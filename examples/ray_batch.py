@@ -166,8 +166,12 @@ def run(args: argparse.Namespace) -> dict:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
     elif not ray.is_initialized():
         ray.init(address=args.address, logging_level=logging.WARNING)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
     if args.concurrency is None:
-        args.concurrency = max(1, int(ray.cluster_resources().get("CPU", 1)) // args.threads)
+        args.concurrency = max(1, cpus // args.threads)
+    nodes = sum(1 for n in ray.nodes() if n["Alive"])
+    print(f"ray_batch: {args.concurrency} actors x {args.threads} threads on a cluster of {nodes} "
+          f"node{'s' * (nodes != 1)}, {cpus} CPUs", file=sys.stderr)
     DataContext.get_current().execution_options.preserve_order = True  # output line i is input line i
     t0 = time.perf_counter()
     counts = write(generate(read(src, args.batch_size), args), dst)

@@ -109,7 +109,9 @@ def main(argv=None) -> int:
         if args.smoke:
             smoke(args)
             return 0
-        print(f"ray_serve: serving {path.name} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", file=sys.stderr)
+        nodes = sum(1 for n in ray.nodes() if n["Alive"])
+        print(f"ray_serve: serving {path.name} on http://{args.host}:{args.port}/v1 from a cluster of {nodes} "
+              f"node{'s' * (nodes != 1)} (Ctrl-C stops)", file=sys.stderr)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

@@ -89,6 +89,56 @@ def test_batch_example_smoke(tiny):
 
 
 # ----------------------------------------------------------------------------------------------
+# Two nodes (two raylets on this host, one CPU each): the examples join a running cluster with
+# --address, as on a real multi-node cluster
+# ----------------------------------------------------------------------------------------------
+
+def test_examples_on_a_two_node_cluster(tiny, model, tmp_path):
+    """Ray Data's two 1-CPU actors and Serve's two 1-CPU replicas can only be placed one per node;
+    every output must still equal its prompt decoded alone in this process."""
+    import signal
+    import time
+
+    from ray.cluster_utils import Cluster
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    serving = None
+    try:
+        nodes.add_node(num_cpus=1)
+        nodes.wait_for_nodes()
+        src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+        src.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:6]))
+        r = subprocess.run([sys.executable, str(EXAMPLES / "ray_batch.py"), str(src), str(dst), "--model", str(tiny),
+                            "--address", nodes.address, "--threads", "1", "--batch-size", "3", "-n", str(MAX_TOKENS),
+                            "--temperature", "0"], capture_output=True, text=True, timeout=300, env=_env())
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "ray_batch: 2 actors x 1 threads on a cluster of 2 nodes, 2 CPUs" in r.stderr
+        rows = [json.loads(line) for line in dst.read_text().splitlines()]
+        assert [row["output"] for row in rows] == [model.decode(_alone(model, model.encode(p))) for p in PROMPTS[:6]]
+
+        port = _free_port()
+        serving = subprocess.Popen([sys.executable, str(EXAMPLES / "ray_serve.py"), "--model", str(tiny),
+                                    "--address", nodes.address, "--replicas", "2", "--num-cpus", "1", "--parallel", "2",
+                                    "--ctx", "128", "--port", str(port)],
+                                   stderr=subprocess.PIPE, text=True, env=_env())
+        deadline = time.monotonic() + 240
+        for line in serving.stderr:  # "serving ..." once both replicas are up
+            if "ray_serve: serving" in line or time.monotonic() > deadline:
+                break
+        assert "ray_serve: serving" in line and "from a cluster of 2 nodes" in line, line
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+        for q in QUESTIONS * 2:  # Serve's router spreads requests over both replicas
+            r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": q}],
+                                               max_tokens=MAX_TOKENS, temperature=0)
+            assert r.choices[0].message.content == model.decode(_alone(model, _chat_ids(model, q)))
+        serving.send_signal(signal.SIGINT)
+        assert serving.wait(timeout=120) == 0
+    finally:
+        if serving is not None and serving.poll() is None:
+            serving.kill()
+        nodes.shutdown()
+
+
+# ----------------------------------------------------------------------------------------------
 # Bad input to the batch example: one line on stderr, exit 1, before any cluster starts
 # ----------------------------------------------------------------------------------------------
 
