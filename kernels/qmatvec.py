@@ -71,7 +71,7 @@ PREFETCH = 4096
 # contract, ...) to each float instruction that has none, the intrinsic's included, and LLVM then
 # reordered the row sums differently in different compiles of the same kernel: the prange body
 # compiled on its own and its copy inside the caller came out a last bit apart, which 8-bit
-# activations turn into different logits (tests/test_jit_cache.py). nsz alone reorders nothing.
+# activations turn into different logits (tests/test_isa.py, a cold cache). nsz alone reorders nothing.
 STRICT = ("nsz",)
 
 _i8, _i32, _i64, _f32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
