@@ -149,7 +149,8 @@ def openai_app(model: str | None = None, *, num_cpus: float = 1, parallel: int =
     if autoscale and num_replicas is not None:
         raise ValueError("give num_replicas (a fixed count) or min_replicas/max_replicas (autoscaling), not both")
     if delays and not autoscale:
-        raise ValueError(f"{' and '.join(delays)} apply to autoscaling: give min_replicas/max_replicas too")
+        raise ValueError(f"{' and '.join(delays)} appl{'y' if len(delays) > 1 else 'ies'} to autoscaling: "
+                         "give min_replicas/max_replicas too")
     if autoscale:
         lo = 1 if min_replicas is None else min_replicas
         hi = max(lo, 1) if max_replicas is None else max_replicas

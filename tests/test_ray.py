@@ -201,7 +201,7 @@ def test_app_options_are_checked(tiny):
         openai_app(str(tiny), num_cpus=0)
     assert type(app_builder({"max_replicas": "2", "upscale_delay_s": "5", "downscale_delay_s": "60"})).__name__ == \
         "Application"
-    with pytest.raises(ValueError, match="upscale_delay_s apply to autoscaling"):
+    with pytest.raises(ValueError, match="upscale_delay_s applies to autoscaling"):
         openai_app(str(tiny), upscale_delay_s=5)
     with pytest.raises(ValueError, match="downscale_delay_s must be a number >= 0"):
         openai_app(str(tiny), max_replicas=2, downscale_delay_s=-1)
