@@ -104,7 +104,9 @@ class PromptLookup:
     down to 2) occurred before, the tokens that followed them, latest occurrence first.
 
     The draft length adapts: it starts at START, grows by GROW after a draft taken whole and falls
-    to what was taken after a miss; after MISSES drafts in a row with nothing taken, drafting
+    to what was taken, but not below START, after a miss (text that copies its context misses at
+    its seams - a changed indentation, the end of a quotation - and goes on copying after them, so
+    a draft of 1 would only ramp up again); after MISSES drafts in a row with nothing taken, drafting
     pauses for PAUSE tokens, so that text that does not copy its context pays for few failed
     drafts. (A check of 2-4 tokens costs 1.1-1.4 decode steps and one of 8 about 1.9, on the
     default model: long drafts only where short ones were taken whole.)
@@ -158,7 +160,7 @@ class PromptLookup:
         if accepted == drafted:
             self.k, self.misses = min(self.cap, self.k + self.GROW), 0
         else:
-            self.k = max(1, accepted)
+            self.k = max(min(self.cap, self.START), accepted)
             self.misses = self.misses + 1 if accepted == 0 else 0
             if self.misses >= self.MISSES:
                 self.paused, self.misses = self.PAUSE, 0

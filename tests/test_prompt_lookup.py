@@ -58,16 +58,19 @@ def test_draft_length_adapts_and_pauses():
     assert lk.k == PromptLookup.START
     lk.update(3, 3)  # taken whole: longer
     assert lk.k == min(7, PromptLookup.START + PromptLookup.GROW)
-    lk.update(lk.k, 1)  # a miss: what was taken
-    assert lk.k == 1
-    lk.update(1, 1)
-    assert lk.k == 1 + PromptLookup.GROW
+    lk.update(lk.k, 4)  # a miss after 4 taken: what was taken
+    assert lk.k == 4
+    lk.update(4, 1)  # a miss after 1 taken: not below START (copying goes on past a seam)
+    assert lk.k == PromptLookup.START
+    lk.update(lk.k, lk.k)
+    assert lk.k == PromptLookup.START + PromptLookup.GROW
     for _ in range(PromptLookup.MISSES):  # misses in a row with nothing taken: drafting pauses
         lk.update(1, 0)
+    assert lk.k == PromptLookup.START
     ctx = [1, 2, 3, 1, 2]
     assert all(lk.draft(ctx, 5) == [] for _ in range(PromptLookup.PAUSE))
-    assert lk.draft(ctx, 5) == [3]
-    assert (lk.steps, lk.accepted) == (3 + PromptLookup.MISSES, 5)
+    assert lk.draft(ctx, 5) == [3, 1, 2][:PromptLookup.START]  # what followed the latest [1, 2]
+    assert (lk.steps, lk.accepted) == (4 + PromptLookup.MISSES, 3 + 4 + 1 + PromptLookup.START)
 
 
 @pytest.mark.parametrize("params", [SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0),
