@@ -118,17 +118,10 @@ class _Cursor:
             raise ValueError(f"{what} at byte {self.pos} runs past the end of the file (truncated?)")
 
     def string(self) -> str:
-        n = self.take("Q")
-        self._need(n, f"a string of {n} bytes")
-        try:
-            s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8")
-        except UnicodeDecodeError:
-            raise ValueError(f"the string at byte {self.pos} is not UTF-8") from None
-        self.pos += n
-        return s
+        return self.strings(1)[0]
 
     def strings(self, count: int) -> list[str]:
-        """`count` strings in a row (a vocabulary, its merges): `string` in one tight loop."""
+        """`count` strings in a row (a vocabulary, its merges), each its uint64 length and UTF-8 bytes."""
         unpack, buf, pos, end = _U64.unpack_from, self.buf, self.pos, len(self.buf)
         out: list[str] = []
         append = out.append
