@@ -77,9 +77,9 @@ def scratch_size(head_dim: int, group: int) -> int:
     """Per-thread scratch floats `attention` needs for query heads sharing a kv head in `group`s:
     Q^T, O^T (hd, rows), S^T (KT, rows), five row vectors, KT exponents, a K and a V tile
     (KT, hd) widened from a half-float cache, and (used in row 0 only) the pieces of a split
-    decode step."""
+    decode step, for up to FEW_TOKENS tokens."""
     R = _rows(group)
-    return R * (2 * head_dim + KT + 5) + KT + 2 * KT * head_dim + SPLIT_MAX * (2 + head_dim) * group
+    return R * (2 * head_dim + KT + 5) + KT + 2 * KT * head_dim + SPLIT_MAX * FEW_TOKENS * (2 + head_dim) * group
 
 
 def dense_pattern(slots_total: int) -> tuple[int, int, int, int]:
@@ -731,44 +731,76 @@ def _decode_pieces(n_keys, KV, threads):
 
 @kernel(parallel=True)
 def _decode_split(out, q, k_cache, v_cache, l, base, slot, window, pattern, scratch, pieces):
-    # One token (decoding), its keys cut into `pieces` contiguous ranges per kv head so that all
+    # m = len(q) tokens at slots slot..slot+m-1 of one sequence from base (a decode step, or a
+    # draft's check), their keys cut into `pieces` contiguous ranges per kv head so that all
     # threads work (a step has only KV tasks otherwise). Each piece leaves its rows' running max,
     # sum and unnormalized output in the tail of scratch row 0 (flash-decoding); then they merge.
-    H, hd = q.shape[1], q.shape[2]
+    # The pieces are those of the first token's decode step: the caller checks that they are every
+    # token's (`_split_alike`), so each token's result is bit for bit its decode step's, the keys a
+    # later token adds being masked out for the earlier ones.
+    m, H, hd = q.shape
     KV = k_cache.shape[1]
     group = H // KV
     n_keys = slot - base + 1
-    size = (2 + hd) * group
-    tail = scratch.shape[1] - SPLIT_MAX * size
-    per = -(-n_keys // pieces)
-    per = -(-per // KT) * KT                         # whole tiles
+    size = (2 + hd) * group * m
+    tail = scratch.shape[1] - SPLIT_MAX * FEW_TOKENS * (2 + hd) * group
+    per = _piece_keys(n_keys, pieces)
     for task in prange(KV * pieces):
         kv = task // pieces
         p = task % pieces
         part = scratch[0, tail + task * size:tail + (task + 1) * size]
-        _attend(out, q, k_cache[l, kv, base:], v_cache[l, kv, base:], 0, 1, kv, group, n_keys - 1, window,
-                pattern, scratch[get_thread_id()], p * per, min(n_keys, (p + 1) * per), part, True)
+        _attend(out, q, k_cache[l, kv, base:], v_cache[l, kv, base:], 0, m, kv, group, n_keys - 1, window,
+                pattern, scratch[get_thread_id()], p * per, min(n_keys + m - 1, (p + 1) * per), part, True)
+    used = group * m
     for kv in range(KV):
-        for c in range(group):
+        for c in range(used):  # row c: head kv * group + c // m, token c % m
             best = -np.inf
             for p in range(pieces):
                 best = max(best, scratch[0, tail + (kv * pieces + p) * size + c])
-            h = kv * group + c
+            t = c % m
+            h = kv * group + c // m
             for i in range(hd):
-                out[0, h, i] = 0.0
+                out[t, h, i] = 0.0
             den = np.float32(0.0)
             for p in range(pieces):
                 part = scratch[0, tail + (kv * pieces + p) * size:tail + (kv * pieces + p + 1) * size]
                 if part[c] == -np.inf:   # no key of this piece is visible
                     continue
                 w = np.exp(part[c] - best)
-                den += part[group + c] * w
-                o = 2 * group + c * hd
+                den += part[used + c] * w
+                o = 2 * used + c * hd
                 for i in range(hd):
-                    out[0, h, i] += part[o + i] * w
+                    out[t, h, i] += part[o + i] * w
             inv = np.float32(1.0) / den
             for i in range(hd):
-                out[0, h, i] *= inv
+                out[t, h, i] *= inv
+
+
+@kernel
+def _piece_keys(n_keys, pieces):
+    """Keys per piece of a split decode step: whole tiles."""
+    per = -(-n_keys // pieces)
+    return -(-per // KT) * KT
+
+
+@kernel
+def _split_alike(starts, slots, window, pattern, KV, threads):
+    """Pieces (> 1) that split tokens 0..T-1's keys as each one's decode step does, or 0: one
+    sequence at consecutive slots, one query block, a window that hides no key, and the same
+    pieces of the same length for every token."""
+    T = slots.shape[0]
+    base = starts[0]
+    n0 = slots[0] - base + 1
+    pieces = _decode_pieces(n0, KV, threads)
+    if pieces < 2:
+        return 0
+    for t in range(T):
+        n = slots[t] - base + 1
+        if (starts[t] != base or slots[t] != slots[0] + t or (n - 1) // pattern[0] != (n0 - 1) // pattern[0]
+                or (window > 0 and n > window) or _decode_pieces(n, KV, threads) != pieces
+                or _piece_keys(n, pieces) != _piece_keys(n0, pieces)):
+            return 0
+    return pieces
 
 
 @kernel
@@ -787,7 +819,12 @@ def attention(out, q, k_cache, v_cache, l, starts, slots, window, pattern, scrat
     if T <= FEW_TOKENS:
         # A decode step over many keys splits them into pieces (flash-decoding). A few tokens at
         # once (a prompt-lookup draft's check) take exactly the path each would take alone, so
-        # their results are bit for bit their decode steps'.
+        # their results are bit for bit their decode steps': together when their pieces are
+        # alike (each key read once for all of them), else one by one.
+        pieces = _split_alike(starts, slots, window, pattern, KV, scratch.shape[0])
+        if pieces > 1:
+            _decode_split(out, q, k_cache, v_cache, l, starts[0], slots[0], window, pattern, scratch, pieces)
+            return
         split = False
         for t in range(T):
             if _decode_pieces(slots[t] - starts[t] + 1, KV, scratch.shape[0]) > 1:  # a scratch row per thread
@@ -812,14 +849,18 @@ def _attention_rows(out, q, k_cache, v_cache, l, starts, slots, window, pattern,
     KV = k_cache.shape[1]
     group = H // KV
     block = pattern[0]
-    groups = (T + QT - 1) // QT
+    # A few tokens (a draft's check) in two groups: twice as many tasks as kv heads to share out
+    # (3 kv heads on 2 threads would leave one idle a third of the time); each key tile is then
+    # read twice, from cache.
+    qt = QT if T > FEW_TOKENS else (T + 1) // 2
+    groups = (T + qt - 1) // qt
     for task in prange(groups * KV):
         # Later tokens see more keys: order the groups first, last, second, second to last...
         # so that the even split of the tasks over threads gives each a similar share of work.
         i = task // KV
         g = i // 2 if i % 2 == 0 else groups - 1 - i // 2
-        g0 = g * QT
-        g1 = min(T, g0 + QT)
+        g0 = g * qt
+        g1 = min(T, g0 + qt)
         kv = task % KV
         buf = scratch[get_thread_id()]
         t = g0

@@ -471,15 +471,21 @@ def test_attention_option_errors(tmp_path, tok):
 
 @pytest.mark.parametrize("H,KV", [(9, 3), (4, 1), (6, 6)])
 @pytest.mark.parametrize("window", [0, 5])
-@pytest.mark.parametrize("pos0", [40, 1500])
+@pytest.mark.parametrize("pos0", [40, 1500, 1532])
 def test_a_few_tokens_attend_bit_for_bit_as_each_alone(H, KV, window, pos0):
     # Up to FEW_TOKENS tokens (a prompt-lookup draft's check) a token's attention does not depend
-    # on the tokens beside it, also where a decode step splits its keys (pos0 1500): prompt lookup
-    # then changes no greedy output.
+    # on the tokens beside it, also where a decode step splits its keys: prompt lookup then
+    # changes no greedy output. At pos0 1500 the tokens' keys are cut into the same pieces and
+    # go through one split call together; at 1532 the pieces of the later tokens are longer
+    # (whole tiles of a third of 1,537 keys and more), so those calls take each token alone.
     rng = np.random.default_rng([H, KV, window, pos0])
     hd = 64
     k_cache, v_cache = filled_caches(rng, 1, KV, pos0 + 8, hd, 0, pos0 + A.FEW_TOKENS)
     for T in range(2, A.FEW_TOKENS + 1):
+        slots = np.arange(pos0, pos0 + T, dtype=np.int64)
+        together = A._split_alike(np.zeros(T, np.int64), slots, window, A.dense_pattern(pos0 + 8), KV, THREADS)
+        if THREADS == 2 and window == 0 and KV == 3:
+            assert (together > 1) == (pos0 == 1500 or pos0 == 1532 and T <= 4), (pos0, T, together)
         q = rng.standard_normal((T, H, hd)).astype(np.float32)
         many = run(q, k_cache, v_cache, 0, pos0, window)
         for t in range(T):
