@@ -3,7 +3,9 @@
 Each prompt is a chat turn; plain and prompt-lookup runs alternate (fresh sessions, greedy), and
 decode speed is (tokens - 1) / (time after the first token), the prefill being the same either
 way. A run reports both speeds, the draft tokens taken out of those drafted, and whether the two
-outputs are the same token for token.
+outputs are the same token for token, and how much of the output copies the prompt (the share of
+its tokens inside a 4-gram that occurs in the prompt): where the model does not copy, there is
+nothing for prompt lookup to take.
 """
 from __future__ import annotations
 
@@ -64,6 +66,16 @@ def builtin_prompts() -> dict[str, list[tuple[str, str]]]:
     }
 
 
+def copied_share(prompt: list[int], out: list[int], n: int = 4) -> float:
+    """The share of out's tokens that lie inside an n-gram of out which also occurs in prompt."""
+    grams = {tuple(prompt[i:i + n]) for i in range(len(prompt) - n + 1)}
+    inside = [False] * len(out)
+    for i in range(len(out) - n + 1):
+        if tuple(out[i:i + n]) in grams:
+            inside[i:i + n] = [True] * n
+    return sum(inside) / len(out) if out else 0.0
+
+
 def _run(model, ids: list[int], n: int, lookup: int) -> tuple[list[int], float, PromptLookup | None]:
     """(tokens, seconds after the first token, the lookup's counts) for one greedy run."""
     s = model.session(n_ctx=min(model.n_ctx, len(ids) + n + 8))
@@ -79,14 +91,15 @@ def _run(model, ids: list[int], n: int, lookup: int) -> tuple[list[int], float, 
 
 def measure(model, prompts: dict[str, list[tuple[str, str]]], n: int, lookup: int, reps: int) -> list[dict]:
     """One record per prompt: set, name, prompt tokens, plain and lookup decode tokens/s (mean and
-    std over reps), their ratio, draft tokens taken and drafted (last run), identical outputs."""
+    std over reps), their ratio, draft tokens taken and drafted (last run), identical outputs and
+    the share of the output copied from the prompt."""
     _run(model, model.encode("Hello there"), 8, lookup)  # warm-up: compiles the verification call
     rows = []
     for group, items in prompts.items():
         for name, content in items:
             ids = model.tokenizer.encode(model.apply_chat_template([{"role": "user", "content": content}]),
                                          add_special_tokens=False).ids
-            plain, fast, same, lk = [], [], True, None
+            plain, fast, same, lk, a = [], [], True, None, []
             for _ in range(reps):
                 a, ta, _ = _run(model, ids, n, 0)
                 b, tb, lk = _run(model, ids, n, lookup)
@@ -98,15 +111,15 @@ def measure(model, prompts: dict[str, list[tuple[str, str]]], n: int, lookup: in
             rows.append({"set": group, "prompt": name, "prompt_tokens": len(ids),
                          "plain": {"mean": mp, "std": sd(plain)}, "lookup": {"mean": mf, "std": sd(fast)},
                          "ratio": mf / mp if mp else 0.0, "taken": lk.accepted, "drafted": lk.drafted,
-                         "identical": same})
+                         "identical": same, "copied": copied_share(ids, a)})
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| set | prompt | prompt tokens | plain tok/s | lookup tok/s | ratio | draft tokens taken | identical |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]
+    lines = ["| set | prompt | prompt tokens | copied from it | plain tok/s | lookup tok/s | ratio | draft tokens taken "
+             "| identical |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['set']} | {r['prompt']} | {r['prompt_tokens']} | {r['plain']['mean']:.1f} ± "
+        lines.append(f"| {r['set']} | {r['prompt']} | {r['prompt_tokens']} | {r['copied']:.0%} | {r['plain']['mean']:.1f} ± "
                      f"{r['plain']['std']:.1f} | {r['lookup']['mean']:.1f} ± {r['lookup']['std']:.1f} | "
                      f"{r['ratio']:.2f}x | {r['taken']}/{r['drafted']} | {'yes' if r['identical'] else 'NO'} |")
     for group in dict.fromkeys(r["set"] for r in rows):

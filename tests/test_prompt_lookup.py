@@ -168,6 +168,15 @@ def test_drafts_under_sampling_stay_reproducible_with_a_seed():
     assert a == b and len(a) == 40
 
 
+def test_copied_share_counts_the_tokens_inside_ngrams_of_the_prompt():
+    from fastinfer.lookup_bench import copied_share
+    prompt = [1, 2, 3, 4, 5, 6, 7]
+    assert copied_share(prompt, [9, 2, 3, 4, 5, 8]) == 4 / 6      # one 4-gram of the prompt
+    assert copied_share(prompt, [2, 3, 4, 9, 5, 6, 7]) == 0.0      # 3-grams only
+    assert copied_share(prompt, [3, 4, 5, 6, 7, 1, 2, 3, 4]) == 1.0  # two overlapping stretches
+    assert copied_share(prompt, []) == 0.0
+
+
 def test_bench_mode_reports_identical_outputs(smollm2_gguf):
     import json
     import subprocess
@@ -179,4 +188,5 @@ def test_bench_mode_reports_identical_outputs(smollm2_gguf):
     assert res["prompt_lookup"] == 3 and {p["set"] for p in res["prompts"]} == {"grounded", "open"}
     assert all(p["identical"] for p in res["prompts"])
     assert sum(p["taken"] for p in res["prompts"]) > 0
+    assert all(0.0 <= p["copied"] <= 1.0 for p in res["prompts"])
     assert "| grounded | copy |" in r.stdout
