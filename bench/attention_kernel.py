@@ -3,7 +3,7 @@ this tree's `fastinfer.kernels.attention` against an earlier version of it, in o
 
     prefill 512    256 queries at positions 256..511 of a 512-slot cache (pp512's second chunk)
     prefill 4096   256 queries at positions 3840..4095 of a 4096-slot cache
-    decode         1 query at position 100 or 800 (past 512 keys a step splits them into pieces)
+    decode         1 query at position 100, 800 or 2000 (past 512 keys a step splits them into pieces)
     check          a prompt-lookup draft's check: 4 or 8 queries at positions 150, 400 or 800
 
 Dense pattern, random q and cache. The earlier version is read from git (`--baseline`, default the
@@ -33,8 +33,9 @@ ROOT = Path(__file__).resolve().parent.parent
 BASELINE = "64f15e160d4d2c24dbb04c7e8c20280aa9121e86"  # kernels/attention.py before this rewrite
 H, KV, HD = 9, 3, 64
 CASES = [("prefill 512", 256, 256, 512), ("prefill 4096", 256, 3840, 4096), ("decode @100", 1, 100, 128),
-         ("decode @800", 1, 800, 816), ("check 8 @150", 8, 150, 160), ("check 4 @400", 4, 400, 416),
-         ("check 8 @400", 8, 400, 416), ("check 4 @800", 4, 800, 816), ("check 8 @800", 8, 800, 816)]
+         ("decode @800", 1, 800, 816), ("decode @2000", 1, 2000, 2016), ("check 8 @150", 8, 150, 160),
+         ("check 4 @400", 4, 400, 416), ("check 8 @400", 8, 400, 416), ("check 4 @800", 4, 800, 816),
+         ("check 8 @800", 8, 800, 816)]
 
 
 def load_baseline(rev: str):

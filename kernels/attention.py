@@ -723,10 +723,17 @@ def _attend(out, q, kc, vc, t0, m, kv, group, p0, window, pattern, buf, ka, kz, 
 
 @kernel
 def _decode_pieces(n_keys, KV, threads):
-    """How many pieces to cut one decode step's keys into, per kv head: enough tasks for every
-    thread (4 each, for balance), at least SPLIT_MIN keys per piece, SPLIT_MAX pieces in all."""
-    want = -(-4 * threads // KV)
-    return max(1, min(want, n_keys // SPLIT_MIN, SPLIT_MAX // KV))
+    """How many pieces to cut one decode step's keys into, per kv head: up to 4 tasks a thread, at
+    least SPLIT_MIN keys per piece, SPLIT_MAX pieces in all; of those, the fewest pieces whose
+    tasks keep the busiest thread's share of the keys smallest (3 kv heads on 2 threads: 2 pieces,
+    6 tasks of half the keys, where 3 pieces would leave one thread 5 of 9 tasks)."""
+    most = max(1, min(-(-4 * threads // KV), n_keys // SPLIT_MIN, SPLIT_MAX // KV))
+    best = 1
+    for p in range(2, most + 1):
+        # the busiest thread's keys, in units of n_keys / (p * best): rounds of tasks times their size
+        if -(-KV * p // threads) * best < -(-KV * best // threads) * p:
+            best = p
+    return best
 
 
 @kernel(parallel=True)

@@ -8,6 +8,7 @@ moves its weight by the same relative amount, so the bound grows with the score 
 """
 from __future__ import annotations
 
+import math
 import zlib
 
 import numba
@@ -141,7 +142,8 @@ def test_decode_rows(H, KV, T, hd, pos0, window, cache):
 def test_split_decode_step(H, KV, pos0, window, pattern, cache):
     """A decode step over many keys is cut into pieces that threads share (flash-decoding); the
     merged result is the twin's."""
-    assert A._decode_pieces(pos0 + 1, KV, THREADS) > 1 or THREADS == 1
+    if KV == 3:  # where 2 threads share 3 kv heads, the keys are split (see the next test)
+        assert A._decode_pieces(pos0 + 1, KV, THREADS) > 1 or THREADS == 1
     rng = rng_for("split", H, KV, pos0, window, pattern)
     hd = 64
     k_cache, v_cache = filled_caches(rng, 1, KV, pos0 + 9, hd, 0, pos0 + 1)
@@ -151,6 +153,20 @@ def test_split_decode_step(H, KV, pos0, window, pattern, cache):
     q = (3 * rng.standard_normal((1, H, hd))).astype(np.float32)
     got = run(q, k_cache, v_cache, 0, pos0, window=window, pattern=pattern)
     assert_close(got, q, kf, vf, 0, pos0, window=window, pattern=pattern, score_scale=3.0)
+
+
+@pytest.mark.parametrize("KV", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("threads", [1, 2, 3, 4, 8])
+def test_decode_pieces_keep_the_busiest_thread_least_loaded(KV, threads):
+    """A decode step's pieces: at least SPLIT_MIN keys each, at most 4 tasks a thread; among those,
+    the busiest thread reads the fewest keys (rounds of tasks times the keys of one), the fewest
+    pieces on a tie."""
+    for n_keys in (100, 511, 512, 800, 1100, 2000, 9000):
+        allowed = range(1, max(1, min(-(-4 * threads // KV), n_keys // A.SPLIT_MIN, A.SPLIT_MAX // KV)) + 1)
+        load = {p: math.ceil(KV * p / threads) / p for p in allowed}
+        got = A._decode_pieces(n_keys, KV, threads)
+        assert got == min(allowed, key=lambda p: (load[p], p)), (n_keys, got, load)
+    assert A._decode_pieces(800, 3, 2) == 2  # 6 tasks of 400 keys, not 9 of 267 (5 on one thread)
 
 
 def test_store_kv_rounds_to_nearest_half():
