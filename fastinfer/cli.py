@@ -203,7 +203,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-lookup", type=_positive_int, default=None, metavar="N",
                    help="instead of pp/tg: prompt-lookup decoding with drafts of up to N tokens against plain "
                         "decoding, -n tokens on a built-in set of input-grounded and open-ended chat prompts: "
-                        "decode speed, drafts taken, identical output")
+                        "decode speed, drafts taken, identical output, and the share of each output copied "
+                        "from its prompt")
     b.add_argument("--json", action="store_true", help="end with one JSON line of the results")
 
     i = sub.add_parser("info", help="the CPU, its ISA tier, threads and the kernel cache",
