@@ -24,11 +24,12 @@ def main() -> None:
     args = ap.parse_args()
     model = fastinfer.load(args.model, threads=args.threads)
     ids = model.encode("It is a truth universally acknowledged. " * 200)
+    room = min(len(ids), model.n_ctx) - max(args.sizes)
+    if max(args.positions) > room or min(args.positions) < 1 or min(args.sizes) < 2:
+        raise SystemExit(f"check_cost: positions must lie in 1..{room} and sizes be at least 2")
     print("| position | decode step | " + " | ".join(str(n) for n in args.sizes) + " |")
     print("|---:|---:|" + "---:|" * len(args.sizes))
     for pos in args.positions:
-        if pos + max(args.sizes) > min(len(ids), model.n_ctx):
-            raise SystemExit(f"check_cost: position {pos} does not fit")
         s = model.session(n_ctx=pos + max(args.sizes))
         s.prefill(ids[:pos])
         times = {n: [] for n in [1] + args.sizes}
