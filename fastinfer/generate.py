@@ -108,8 +108,8 @@ class PromptLookup:
     its seams - a changed indentation, the end of a quotation - and goes on copying after them, so
     a draft of 1 would only ramp up again); after MISSES drafts in a row with nothing taken, drafting
     pauses for PAUSE tokens, so that text that does not copy its context pays for few failed
-    drafts. (A check of 2-4 tokens costs 1.1-1.4 decode steps and one of 8 about 1.9, on the
-    default model: long drafts only where short ones were taken whole.)
+    drafts. (On the default model a check of 2-4 tokens costs 1.1-1.8 decode steps and one of 8
+    1.8-2.9, more at longer contexts: long drafts only where short ones were taken whole.)
 
     The n-grams seen are indexed as the context grows, so a draft costs a few dictionary lookups
     however long the context is."""

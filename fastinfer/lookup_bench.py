@@ -116,11 +116,12 @@ def measure(model, prompts: dict[str, list[tuple[str, str]]], n: int, lookup: in
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| set | prompt | prompt tokens | copied from it | plain tok/s | lookup tok/s | ratio | draft tokens taken "
-             "| identical |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| set | prompt | prompt tokens | copied from it | plain tok/s | lookup tok/s | ratio "
+             "| draft tokens taken | identical |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['set']} | {r['prompt']} | {r['prompt_tokens']} | {r['copied']:.0%} | {r['plain']['mean']:.1f} ± "
-                     f"{r['plain']['std']:.1f} | {r['lookup']['mean']:.1f} ± {r['lookup']['std']:.1f} | "
+        lines.append(f"| {r['set']} | {r['prompt']} | {r['prompt_tokens']} | {r['copied']:.0%} | "
+                     f"{r['plain']['mean']:.1f} ± {r['plain']['std']:.1f} | "
+                     f"{r['lookup']['mean']:.1f} ± {r['lookup']['std']:.1f} | "
                      f"{r['ratio']:.2f}x | {r['taken']}/{r['drafted']} | {'yes' if r['identical'] else 'NO'} |")
     for group in dict.fromkeys(r["set"] for r in rows):
         rs = [r["ratio"] for r in rows if r["set"] == group]
